@@ -1,0 +1,476 @@
+//! The resource types, in their Kubernetes form.
+//!
+//! Every struct denies unknown fields: a misspelt field is an error, never
+//! silently ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub const API_TRELLIS: &str = "trellis.dev/v1alpha1";
+pub const API_GATEWAY: &str = "gateway.networking.k8s.io/v1";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The kinds Trellis knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Mesh,
+    Service,
+    Workload,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Mesh, Kind::Service, Kind::Workload, Kind::HttpRoute];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Mesh => "Mesh",
+            Kind::Service => "Service",
+            Kind::Workload => "Workload",
+            Kind::HttpRoute => "HTTPRoute",
+        }
+    }
+
+    /// The apiVersion this kind is written with.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::HttpRoute => API_GATEWAY,
+            _ => API_TRELLIS,
+        }
+    }
+
+    /// Whether resources of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Mesh)
+    }
+
+    /// Parses a kind as users type it on the command line: any case,
+    /// singular, plural or short name (`svc`, `route`).
+    pub fn parse_loose(s: &str) -> Option<Kind> {
+        match s.to_ascii_lowercase().as_str() {
+            "mesh" | "meshes" => Some(Kind::Mesh),
+            "service" | "services" | "svc" => Some(Kind::Service),
+            "workload" | "workloads" | "wl" => Some(Kind::Workload),
+            "httproute" | "httproutes" | "route" | "routes" => Some(Kind::HttpRoute),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// One resource: `apiVersion`, `kind`, `metadata` and a typed `spec`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    Mesh(MeshSpec),
+    Service(ServiceSpec),
+    Workload(WorkloadSpec),
+    HttpRoute(HttpRouteSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Mesh(_) => Kind::Mesh,
+            Spec::Service(_) => Kind::Service,
+            Spec::Workload(_) => Kind::Workload,
+            Spec::HttpRoute(_) => Kind::HttpRoute,
+        }
+    }
+}
+
+/// Identifies a resource in the store.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind.namespaced() {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        } else {
+            write!(f, "{} {}", self.kind, self.name)
+        }
+    }
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    pub fn key(&self) -> ResourceKey {
+        let namespace = if self.kind().namespaced() {
+            self.metadata.namespace.clone()
+        } else {
+            String::new()
+        };
+        ResourceKey {
+            kind: self.kind(),
+            namespace,
+            name: self.metadata.name.clone(),
+        }
+    }
+
+    pub fn as_service(&self) -> Option<&ServiceSpec> {
+        match &self.spec {
+            Spec::Service(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_workload(&self) -> Option<&WorkloadSpec> {
+        match &self.spec {
+            Spec::Workload(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_route(&self) -> Option<&HttpRouteSpec> {
+        match &self.spec {
+            Spec::HttpRoute(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_mesh(&self) -> Option<&MeshSpec> {
+        match &self.spec {
+            Spec::Mesh(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Mesh
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSpec {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    #[serde(default)]
+    pub default_policy: DefaultPolicy,
+    #[serde(default = "default_ttl", rename = "certificateTTL")]
+    pub certificate_ttl: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+impl Default for MeshSpec {
+    fn default() -> Self {
+        MeshSpec {
+            trust_domain: default_trust_domain(),
+            mtls: MtlsMode::default(),
+            default_policy: DefaultPolicy::default(),
+            certificate_ttl: default_ttl(),
+            tracing: None,
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "trellis.local".to_string()
+}
+
+fn default_ttl() -> String {
+    "24h".to_string()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+    Disabled,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// Share of new traces that are sampled, 0.0 to 1.0.
+    #[serde(default)]
+    pub sampling: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+}
+
+// ---------------------------------------------------------------- Service
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// The workload's port; omitted: the workload's own `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// Omitted: detected per connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+// ---------------------------------------------------------------- Workload
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Omitted: the `app` label, else the workload's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// The program and its arguments. `${PORT}` is expanded.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The port the app listens on; in process mode each replica gets a free
+    /// port instead, in `$PORT`.
+    #[serde(default = "default_app_port")]
+    pub port: u16,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_app_port() -> u16 {
+    8080
+}
+
+// ---------------------------------------------------------------- HTTPRoute
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RouteTimeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RouteRetry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathMatch {
+    #[serde(default, rename = "type")]
+    pub match_type: PathMatchType,
+    #[serde(default = "root_path")]
+    pub value: String,
+}
+
+fn root_path() -> String {
+    "/".to_string()
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+/// A header or query parameter match.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderMatch {
+    #[serde(default, rename = "type")]
+    pub match_type: ValueMatchType,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueMatchType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+}
+
+/// Gateway API filters. Only header modifiers run in this release; the rest
+/// are refused at apply until traffic management lands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteFilter {
+    #[serde(rename = "type")]
+    pub filter_type: FilterType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header_modifier: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header_modifier: Option<HeaderModifier>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterType {
+    RequestHeaderModifier,
+    ResponseHeaderModifier,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderModifier {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    /// Whole request, retries included (Gateway API duration, e.g. `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Each try to a backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRetry {
+    /// Status codes that are retried (idempotent requests only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    /// Retries after the first try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+}
