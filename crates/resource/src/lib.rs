@@ -3,5 +3,15 @@
 //! the validation that decides whether an apply is accepted whole.
 #![forbid(unsafe_code)]
 
+pub mod duration;
+pub mod load;
 pub mod types;
+mod wire;
+
+pub use duration::parse_duration;
+pub use load::{
+    load_path, load_path_with_sources, parse_documents, parse_documents_with_sources, to_yaml,
+    LoadError, ResourceError, Source,
+};
 pub use types::*;
+pub use wire::ResourceSeed;
