@@ -1,0 +1,110 @@
+//! The admin server: `/metrics`, `/ready`, `/live`, `/config`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::http::{full, serve_connection, text_response};
+use crate::inputs::Inputs;
+use crate::Body;
+
+pub struct Admin {
+    listener: TcpListener,
+    inputs: Arc<Inputs>,
+}
+
+impl Admin {
+    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Admin> {
+        let listener = crate::bind(inputs.cfg.admin_addr, "admin", "--admin-addr").await?;
+        Ok(Admin { listener, inputs })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let inputs = self.inputs.clone();
+                    tokio::spawn(serve_connection(tcp, move |req| {
+                        let inputs = inputs.clone();
+                        async move { handle(&inputs, req) }
+                    }));
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = Response::new(full(inputs.metrics.encode()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        "/live" => text_response(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if inputs.discovery.is_loaded() {
+                text_response(StatusCode::OK, "ready\n")
+            } else {
+                text_response(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first config\n")
+            }
+        }
+        "/config" => {
+            let mut r = Response::new(full(config_json(inputs).to_string()));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
+        _ => text_response(StatusCode::NOT_FOUND, "admin paths: /metrics /ready /live /config\n"),
+    }
+}
+
+/// The config this proxy runs, with its version, as JSON.
+pub fn config_json(inputs: &Inputs) -> serde_json::Value {
+    let snap = inputs.discovery.snapshot();
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
+    let mut services: Vec<_> = snap
+        .raw
+        .services
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "service": parse(&s.service_json),
+                "routes": s.routes_json.iter().map(|r| parse(r)).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                    "address": e.address, "instance": e.instance, "workload": e.workload,
+                    "namespace": e.namespace, "identity": e.identity,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    services.sort_by_key(|s| format!("{}/{}", s["namespace"], s["name"]));
+    serde_json::json!({
+        "version": snap.version,
+        "workload": inputs.cfg.workload,
+        "namespace": inputs.cfg.namespace,
+        "controlPlane": {
+            "address": inputs.discovery.control_plane(),
+            "connected": inputs.discovery.is_connected(),
+            "lastError": inputs.discovery.last_error(),
+        },
+        "mesh": parse(&snap.raw.mesh_json),
+        "services": services,
+        "missing": snap.raw.missing,
+    })
+}

@@ -1,0 +1,369 @@
+//! The proxy's side of the proxy API: registration, on-demand subscription,
+//! config updates (acked or nacked, never half-applied), traffic reports,
+//! reconnection with backoff, and the on-disk cache of the last good config.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prost::Message;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_api::v1::proxy_api_client::ProxyApiClient;
+use trellis_api::v1::{control_message, proxy_message, Ack, Config, ProxyMessage, Register, Subscribe};
+
+use crate::metrics::Metrics;
+use crate::snapshot::{ServiceState, Snapshot, SvcKey};
+
+const CACHE_FILE: &str = "config.pb";
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a request waits for the control plane to answer a subscription.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the proxy tells the control plane about itself.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub instance: String,
+    pub workload: String,
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub service_account: String,
+    pub inbound_addr: String,
+    pub admin_addr: String,
+    pub app_port: u16,
+    pub token: String,
+}
+
+pub enum Lookup {
+    Found(Arc<ServiceState>),
+    /// The control plane says there is no such service.
+    Missing,
+    /// No answer: the control plane is away and the cache does not know it.
+    Unavailable(String),
+}
+
+pub struct Discovery {
+    snapshot: ArcSwap<Snapshot>,
+    /// Whether a config (from the control plane or the cache) is loaded.
+    loaded: AtomicBool,
+    connected: AtomicBool,
+    last_error: Mutex<String>,
+    subs: Mutex<HashSet<SvcKey>>,
+    sub_tx: mpsc::UnboundedSender<SvcKey>,
+    applied: watch::Sender<u64>,
+    cache_dir: Option<PathBuf>,
+    control_plane: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Discovery {
+    /// Loads the cache, then connects in the background.
+    pub fn start(
+        control_plane: &str,
+        id: Identity,
+        cache_dir: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Discovery> {
+        let url = if control_plane.contains("://") {
+            control_plane.to_string()
+        } else {
+            format!("http://{control_plane}")
+        };
+        let (sub_tx, sub_rx) = mpsc::unbounded_channel();
+        let d = Arc::new(Discovery {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            loaded: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+            subs: Mutex::new(HashSet::new()),
+            sub_tx,
+            applied: watch::channel(0).0,
+            cache_dir,
+            control_plane: url,
+            metrics,
+        });
+        d.load_cache();
+        tokio::spawn(d.clone().run(id, sub_rx, shutdown));
+        d
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn control_plane(&self) -> &str {
+        &self.control_plane
+    }
+
+    /// Waits until a config is loaded, or gives up after `timeout`.
+    pub async fn wait_loaded(&self, timeout: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        let wait = async {
+            while !self.is_loaded() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.is_loaded()
+    }
+
+    /// Finds a service, subscribing to it on first use.
+    pub async fn resolve(&self, key: &SvcKey) -> Lookup {
+        let mut rx = self.applied.subscribe();
+        if let Some(found) = self.lookup_now(key) {
+            return found;
+        }
+        let newly = self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+        if newly {
+            let _ = self.sub_tx.send(key.clone());
+        }
+        let wait = async {
+            loop {
+                if let Some(found) = self.lookup_now(key) {
+                    return found;
+                }
+                if rx.changed().await.is_err() {
+                    return Lookup::Unavailable("proxy is shutting down".into());
+                }
+            }
+        };
+        match tokio::time::timeout(RESOLVE_TIMEOUT, wait).await {
+            Ok(found) => found,
+            Err(_) if self.is_connected() => {
+                Lookup::Unavailable(format!("the control plane did not answer for service {key} in time"))
+            }
+            Err(_) => Lookup::Unavailable(format!(
+                "service {key} is not in this proxy's cached config and the control plane ({}) is unreachable: {}",
+                self.control_plane,
+                self.last_error()
+            )),
+        }
+    }
+
+    fn lookup_now(&self, key: &SvcKey) -> Option<Lookup> {
+        let snap = self.snapshot.load();
+        if let Some(s) = snap.service(key) {
+            return Some(Lookup::Found(s.clone()));
+        }
+        if snap.missing.contains(key) {
+            return Some(Lookup::Missing);
+        }
+        None
+    }
+
+    fn load_cache(&self) {
+        let Some(dir) = &self.cache_dir else { return };
+        let path = dir.join(CACHE_FILE);
+        let Ok(bytes) = std::fs::read(&path) else { return };
+        let config = match Config::decode(bytes.as_slice()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable config cache");
+                return;
+            }
+        };
+        match Snapshot::build(config, &Snapshot::default()) {
+            Ok(snap) => {
+                tracing::info!(version = snap.version, path = %path.display(), "starting from cached config");
+                self.subs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(snap.known());
+                self.install(snap);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring invalid config cache"),
+        }
+    }
+
+    fn install(&self, snap: Snapshot) {
+        let version = snap.version;
+        self.snapshot.store(Arc::new(snap));
+        self.loaded.store(true, Ordering::Release);
+        self.applied.send_replace(version);
+    }
+
+    /// Applies a config whole, or rejects it and keeps the running one.
+    fn apply(&self, config: Config) -> Ack {
+        let version = config.version;
+        let encoded = config.encode_to_vec();
+        match Snapshot::build(config, &self.snapshot.load()) {
+            Ok(snap) => {
+                self.install(snap);
+                self.write_cache(&encoded);
+                tracing::debug!(version, "config applied");
+                Ack {
+                    version,
+                    accepted: true,
+                    error: String::new(),
+                }
+            }
+            Err(error) => {
+                self.metrics.config_rejections.inc();
+                tracing::warn!(version, %error, "config rejected; keeping the running config");
+                Ack {
+                    version,
+                    accepted: false,
+                    error,
+                }
+            }
+        }
+    }
+
+    fn write_cache(&self, encoded: &[u8]) {
+        let Some(dir) = &self.cache_dir else { return };
+        // Write then rename, so a crash never leaves half a cache.
+        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
+        let res = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, encoded))
+            .and_then(|_| std::fs::rename(&tmp, dir.join(CACHE_FILE)));
+        if let Err(e) = res {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot write the config cache");
+        }
+    }
+
+    fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        id: Identity,
+        mut sub_rx: mpsc::UnboundedReceiver<SvcKey>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            let connects = self.metrics.control_plane_connects.get();
+            let result = self.session(&id, &mut sub_rx, &mut shutdown).await;
+            if self.metrics.control_plane_connects.get() > connects {
+                // The last session got through: start the backoff over.
+                backoff = Duration::from_millis(100);
+                failures = 0;
+            }
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    self.connected.store(false, Ordering::Release);
+                    // Wake resolvers so they notice the control plane is gone.
+                    self.applied.send_modify(|_| {});
+                    if failures == 0 || failures.is_power_of_two() {
+                        tracing::warn!(control_plane = %self.control_plane, error = %e, "control plane unreachable; serving the last config and retrying");
+                    }
+                    self.set_error(e);
+                    failures += 1;
+                }
+            }
+            let jitter = rand::rng().random_range(0.5..1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection to the control plane; returns Ok on shutdown.
+    async fn session(
+        &self,
+        id: &Identity,
+        sub_rx: &mut mpsc::UnboundedReceiver<SvcKey>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.control_plane.clone())
+            .map_err(|e| format!("bad control plane address {}: {e}", self.control_plane))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+        let mut client = ProxyApiClient::new(channel);
+        let (tx, rx) = mpsc::channel::<ProxyMessage>(256);
+        let subscriptions: Vec<String> = self
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        let register = Register {
+            instance: id.instance.clone(),
+            workload: id.workload.clone(),
+            namespace: id.namespace.clone(),
+            labels: id.labels.clone().into_iter().collect(),
+            service_account: id.service_account.clone(),
+            inbound_addr: id.inbound_addr.clone(),
+            admin_addr: id.admin_addr.clone(),
+            app_port: id.app_port as u32,
+            subscriptions,
+            running_version: self.snapshot.load().version,
+            token: id.token.clone(),
+        };
+        let send = |tx: &mpsc::Sender<ProxyMessage>, msg| tx.try_send(ProxyMessage { msg: Some(msg) });
+        send(&tx, proxy_message::Msg::Register(register)).map_err(|e| e.to_string())?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("stream: {}", e.message()))?
+            .into_inner();
+        self.metrics.control_plane_connects.inc();
+        let mut stats = tokio::time::interval(STATS_INTERVAL);
+        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        if let Some(control_message::Msg::Config(config)) = m.msg {
+                            let ack = self.apply(config);
+                            if first {
+                                tracing::info!(control_plane = %self.control_plane, version = ack.version, "connected to the control plane");
+                                first = false;
+                                self.connected.store(true, Ordering::Release);
+                                self.set_error(String::new());
+                            }
+                            send(&tx, proxy_message::Msg::Ack(ack)).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Ok(None) => return Err("the control plane closed the stream".into()),
+                    Err(status) => return Err(format!("stream: {}", status.message())),
+                },
+                Some(key) = sub_rx.recv() => {
+                    let mut services = vec![key.to_string()];
+                    while let Ok(k) = sub_rx.try_recv() {
+                        services.push(k.to_string());
+                    }
+                    send(&tx, proxy_message::Msg::Subscribe(Subscribe { services })).map_err(|e| e.to_string())?;
+                }
+                _ = stats.tick() => {
+                    if let Some(report) = self.metrics.take_report(STATS_INTERVAL) {
+                        if send(&tx, proxy_message::Msg::Stats(report)).is_err() {
+                            self.metrics.stats_dropped.inc();
+                        }
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+}

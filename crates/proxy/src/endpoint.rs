@@ -1,0 +1,116 @@
+//! One endpoint of a service: a peer proxy's inbound listener, its load
+//! figures and the HTTP/2 connection this proxy keeps to it.
+//!
+//! Endpoints outlive config versions: a new config reuses the `Endpoint` of
+//! an address it still lists, so load figures and connections carry over.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::balance::Load;
+use crate::error::ProxyError;
+use crate::Body;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub instance: String,
+    pub workload: String,
+    pub namespace: String,
+    pub identity: String,
+    pub labels: BTreeMap<String, String>,
+    pub load: Arc<Load>,
+    h2: ArcSwapOption<SendRequest<Body>>,
+    // Serialises connection set-up so a burst opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, ep: &trellis_api::v1::Endpoint) -> Self {
+        Endpoint {
+            addr,
+            instance: ep.instance.clone(),
+            workload: ep.workload.clone(),
+            namespace: ep.namespace.clone(),
+            identity: ep.identity.clone(),
+            labels: ep.labels.clone().into_iter().collect(),
+            load: Arc::new(Load::default()),
+            h2: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether the peer describes the same endpoint (so it can be reused).
+    pub fn same_as(&self, ep: &trellis_api::v1::Endpoint) -> bool {
+        self.instance == ep.instance && self.identity == ep.identity && self.workload == ep.workload
+    }
+
+    /// A ready HTTP/2 connection to the peer, made on first use and shared
+    /// by every request to this endpoint.
+    pub async fn h2(&self) -> Result<SendRequest<Body>, ProxyError> {
+        if let Some(tx) = self.h2.load().as_deref() {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(tx) = self.h2.load().as_deref() {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let tcp = connect(self.addr).await?;
+        let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .adaptive_window(true)
+            .handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "connection to peer closed");
+            }
+        });
+        self.h2.store(Some(Arc::new(tx.clone())));
+        Ok(tx)
+    }
+}
+
+/// Opens a TCP connection with a bounded wait and Nagle off.
+pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProxyError::upstream_connect(addr, "connect timed out"))?
+        .map_err(|e| ProxyError::upstream_connect(addr, e))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    pub fn endpoint(addr: &str) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            addr.parse().unwrap(),
+            &trellis_api::v1::Endpoint {
+                address: addr.into(),
+                instance: addr.into(),
+                workload: "w".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            },
+        ))
+    }
+}

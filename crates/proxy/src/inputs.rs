@@ -1,0 +1,86 @@
+//! What both traffic directions share: config, discovery, metrics and the
+//! HTTP clients.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::config::ProxyConfig;
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::Body;
+
+pub struct Inputs {
+    pub cfg: ProxyConfig,
+    pub discovery: Arc<Discovery>,
+    pub metrics: Arc<Metrics>,
+    /// To the local app over HTTP/1.1, pooled.
+    pub app_http1: Client<AppConnector, Body>,
+    /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2 callers.
+    pub app_http2: Client<AppConnector, Body>,
+    /// To addresses outside the mesh.
+    pub egress: Client<HttpConnector, Body>,
+    pub app_addr: SocketAddr,
+}
+
+impl Inputs {
+    pub fn new(cfg: ProxyConfig, discovery: Arc<Discovery>, metrics: Arc<Metrics>) -> Arc<Inputs> {
+        let app_addr: SocketAddr = ([127, 0, 0, 1], cfg.app_port).into();
+        let connector = AppConnector(app_addr);
+        let app_http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .set_host(true)
+            .build(connector.clone());
+        let app_http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(crate::endpoint::CONNECT_TIMEOUT));
+        let egress = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(http);
+        Arc::new(Inputs {
+            cfg,
+            discovery,
+            metrics,
+            app_http1,
+            app_http2,
+            egress,
+            app_addr,
+        })
+    }
+}
+
+/// Connects to the local app whatever the request's authority says, so the
+/// app sees the `Host` its caller used.
+#[derive(Clone)]
+pub struct AppConnector(pub SocketAddr);
+
+impl tower::Service<http::Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}

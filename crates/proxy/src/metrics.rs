@@ -1,0 +1,300 @@
+//! Metrics: the SPEC's Prometheus families for `/metrics`, and the traffic
+//! figures reported to the control plane for `trellis stat`.
+//!
+//! Both are fed from one call per request (`Metrics::record_request`), so
+//! the two views never disagree.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use trellis_api::v1::{StatEntry, StatsReport};
+use trellis_api::LATENCY_BUCKETS_MS;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::inbound => "inbound",
+            Direction::outbound => "outbound",
+        }
+    }
+}
+
+/// Who talks to whom; the labels shared by every traffic metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Peers {
+    pub direction: Direction,
+    pub source_namespace: String,
+    pub source_workload: String,
+    pub destination_namespace: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    pub route: String,
+    pub status_code: u16,
+    pub tls: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    pub route: String,
+    pub tls: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    pub tls: bool,
+}
+
+/// Figures accumulated since the last report to the control plane.
+#[derive(Default)]
+struct StatCell {
+    requests: u64,
+    failures: u64,
+    tls: u64,
+    buckets: Vec<u64>,
+}
+
+type StatKey = (Peers, String);
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<DurationLabels, Histogram>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    // Held only to add to a map entry, never across an await.
+    stats: Mutex<HashMap<StatKey, StatCell>>,
+    pub config_rejections: Counter,
+    pub control_plane_connects: Counter,
+    pub stats_dropped: Counter,
+    in_flight: AtomicU64,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_MS.iter().map(|ms| ms / 1000.0))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let durations =
+            Family::<DurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let config_rejections = Counter::default();
+        let control_plane_connects = Counter::default();
+        let stats_dropped = Counter::default();
+        registry.register("trellis_requests", "HTTP requests handled", requests.clone());
+        registry.register(
+            "trellis_request_duration_seconds",
+            "Time from request to response headers",
+            durations.clone(),
+        );
+        registry.register("trellis_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("trellis_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        registry.register("trellis_tcp_sent_bytes", "Bytes sent to the peer of a TCP connection", tcp_sent.clone());
+        registry.register(
+            "trellis_tcp_received_bytes",
+            "Bytes received from the peer of a TCP connection",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "trellis_proxy_config_rejections",
+            "Configs from the control plane that this proxy refused",
+            config_rejections.clone(),
+        );
+        registry.register(
+            "trellis_proxy_control_plane_connects",
+            "Connections made to the control plane",
+            control_plane_connects.clone(),
+        );
+        registry.register(
+            "trellis_proxy_stats_reports_dropped",
+            "Traffic reports dropped because the control plane was away",
+            stats_dropped.clone(),
+        );
+        registry.register_collector(Box::new(crate::process::ProcessCollector));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            durations,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            stats: Mutex::new(HashMap::new()),
+            config_rejections,
+            control_plane_connects,
+            stats_dropped,
+            in_flight: AtomicU64::new(0),
+        })
+    }
+
+    /// Records one finished request. `status` is 0 when no response came.
+    pub fn record_request(&self, peers: &Peers, route: &str, status: u16, tls: bool, elapsed: Duration) {
+        let route = route.to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                peers: peers.clone(),
+                route: route.clone(),
+                status_code: status,
+                tls,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&DurationLabels {
+                peers: peers.clone(),
+                route: route.clone(),
+                tls,
+            })
+            .observe(elapsed.as_secs_f64());
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let cell = stats.entry((peers.clone(), route)).or_default();
+        if cell.buckets.is_empty() {
+            cell.buckets = vec![0; LATENCY_BUCKETS_MS.len() + 1];
+        }
+        cell.requests += 1;
+        if status == 0 || status >= 500 {
+            cell.failures += 1;
+        }
+        if tls {
+            cell.tls += 1;
+        }
+        cell.buckets[bucket] += 1;
+    }
+
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        self.tcp_opened.get_or_create(labels).inc();
+    }
+
+    pub fn tcp_closed(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_sent.get_or_create(labels).inc_by(sent);
+        self.tcp_received.get_or_create(labels).inc_by(received);
+    }
+
+    /// Takes the figures since the last call, for the control plane.
+    pub fn take_report(&self, interval: Duration) -> Option<StatsReport> {
+        let taken = std::mem::take(&mut *self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        if taken.is_empty() {
+            return None;
+        }
+        let entries = taken
+            .into_iter()
+            .map(|((p, route), cell)| StatEntry {
+                direction: p.direction.as_str().to_string(),
+                source_namespace: p.source_namespace,
+                source_workload: p.source_workload,
+                destination_namespace: p.destination_namespace,
+                destination_service: p.destination_service,
+                destination_workload: p.destination_workload,
+                route,
+                requests: cell.requests,
+                failures: cell.failures,
+                tls_requests: cell.tls,
+                latency_buckets: cell.buckets,
+            })
+            .collect();
+        Some(StatsReport {
+            interval_seconds: interval.as_secs_f64(),
+            entries,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn in_flight(&self) -> &AtomicU64 {
+        &self.in_flight
+    }
+
+    pub fn in_flight_now(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request as in flight until dropped (graceful drain waits on it).
+pub struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    pub fn new(m: &Arc<Metrics>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(m.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers() -> Peers {
+        Peers {
+            direction: Direction::outbound,
+            source_namespace: "default".into(),
+            source_workload: "frontend".into(),
+            destination_namespace: "default".into(),
+            destination_service: "catalog".into(),
+            destination_workload: "catalog-v1".into(),
+        }
+    }
+
+    #[test]
+    fn report_holds_deltas_and_metrics_hold_totals() {
+        let m = Metrics::new();
+        m.record_request(&peers(), "split", 200, false, Duration::from_millis(3));
+        m.record_request(&peers(), "split", 503, false, Duration::from_millis(30));
+        let r = m.take_report(Duration::from_secs(2)).unwrap();
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!(r.entries[0].requests, 2);
+        assert_eq!(r.entries[0].failures, 1);
+        assert_eq!(r.entries[0].latency_buckets.iter().sum::<u64>(), 2);
+        assert!(m.take_report(Duration::from_secs(2)).is_none(), "a report empties the table");
+        let text = m.encode();
+        assert!(text.contains("trellis_requests_total{direction=\"outbound\""), "{text}");
+        assert!(text.contains("status_code=\"503\""));
+        assert!(text.contains("trellis_request_duration_seconds_bucket"));
+    }
+}

@@ -1,0 +1,549 @@
+//! Outbound: what the local app calls. An explicit HTTP proxy (absolute-form
+//! requests and CONNECT) on the outbound address, plus `--upstream`
+//! listeners bound to one service each. Requests are routed by HTTPRoute,
+//! balanced over endpoints and carried to the peer proxy over HTTP/2.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::HOST;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::balance::pick;
+use crate::detect::{detect, Protocol, PEER_TCP_PREAMBLE};
+use crate::discovery::Lookup;
+use crate::endpoint::{connect, Endpoint};
+use crate::error::{ProxyError, Source};
+use crate::http::{
+    absolute_uri, boxed, empty, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop, DESTINATION,
+    ORIG_PROTO, SOURCE,
+};
+use crate::inputs::Inputs;
+use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
+use crate::route::{modify_headers, Rule};
+use crate::snapshot::{ServiceState, SvcKey};
+use crate::Body;
+
+/// How long a client of an `--upstream` listener may stay silent before its
+/// connection is taken as opaque TCP (server-speaks-first protocols).
+const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Where a request or connection is headed: the name the app used.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A name an app used, mapped to a mesh service.
+#[derive(Debug, PartialEq)]
+pub enum Name {
+    /// `NAME`, `NAME.NS.svc[.<trustDomain>]`: a mesh name, or an error.
+    Mesh(SvcKey),
+    /// `NAME.NS`: a mesh service if one exists, else a host outside.
+    Maybe(SvcKey),
+    /// An IP address or a name that cannot be a mesh service.
+    External,
+}
+
+pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return Name::External;
+    }
+    let host = host.trim_end_matches('.');
+    let labels: Vec<&str> = host.split('.').collect();
+    match labels.as_slice() {
+        [name] => Name::Mesh(SvcKey::new(namespace, name)),
+        [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
+        [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
+        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => Name::Mesh(SvcKey::new(ns, name)),
+        _ => Name::External,
+    }
+}
+
+pub struct Outbound {
+    listener: TcpListener,
+    upstreams: Vec<(TcpListener, Target)>,
+    inputs: Arc<Inputs>,
+}
+
+impl Outbound {
+    /// Binds the outbound listener and every `--upstream` listener.
+    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Outbound> {
+        let listener = crate::bind(inputs.cfg.outbound_addr, "outbound", "--outbound-addr").await?;
+        let mut upstreams = Vec::new();
+        for u in &inputs.cfg.upstreams {
+            let l = crate::bind(u.listen, "upstream", "--upstream").await?;
+            upstreams.push((
+                l,
+                Target {
+                    host: u.service.clone(),
+                    port: u.port,
+                },
+            ));
+        }
+        Ok(Outbound {
+            listener,
+            upstreams,
+            inputs,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn upstream_addrs(&self) -> Vec<SocketAddr> {
+        self.upstreams
+            .iter()
+            .map(|(l, _)| l.local_addr().expect("bound listener has an address"))
+            .collect()
+    }
+
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        for (listener, target) in self.upstreams {
+            let inputs = self.inputs.clone();
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((tcp, _)) = accepted else { continue };
+                            let _ = tcp.set_nodelay(true);
+                            tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone()));
+                        }
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            });
+        }
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let _ = tcp.set_nodelay(true);
+                    let inputs = self.inputs.clone();
+                    tokio::spawn(serve_connection(tcp, move |req| handle(inputs.clone(), req, None)));
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// A connection bound for one service: HTTP is served and routed, anything
+/// else is carried as opaque TCP.
+async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, io) = match detect(io, DETECT_TIMEOUT).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during detection");
+            return;
+        }
+    };
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_connection(io, move |req| handle(inputs.clone(), req, Some(target.clone()))).await
+        }
+        Protocol::PeerTcp | Protocol::Opaque => tcp_to(inputs, io, target).await,
+    }
+}
+
+/// Handles one request from the app.
+async fn handle(inputs: Arc<Inputs>, req: Request<Incoming>, fixed: Option<Target>) -> Response<Body> {
+    let _in_flight = InFlight::new(&inputs.metrics);
+    if req.method() == Method::CONNECT {
+        return connect_tunnel(inputs, req);
+    }
+    let target = match fixed.or_else(|| target_of(&req)) {
+        Some(t) => t,
+        None => {
+            return ProxyError::bad_request(
+                "the outbound proxy needs an absolute-form request (GET http://service:port/path) or a Host header",
+            )
+            .into_response()
+        }
+    };
+    let snap = inputs.discovery.snapshot();
+    let name = classify(&target.host, &inputs.cfg.namespace, &snap.mesh.trust_domain);
+    drop(snap);
+    let key = match &name {
+        Name::Mesh(k) | Name::Maybe(k) => k.clone(),
+        Name::External => return egress(inputs, req, &target).await,
+    };
+    match inputs.discovery.resolve(&key).await {
+        Lookup::Found(svc) => to_service(inputs, req, &target, svc).await,
+        Lookup::Missing if matches!(name, Name::Maybe(_)) => egress(inputs, req, &target).await,
+        Lookup::Missing => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Source::Downstream,
+            format!("no service {key} in the mesh: apply a Service named {} in namespace {}", key.name, key.namespace),
+        )
+        .into_response(),
+        Lookup::Unavailable(msg) => {
+            ProxyError::new(StatusCode::SERVICE_UNAVAILABLE, Source::Internal, msg).into_response()
+        }
+    }
+}
+
+fn target_of<B>(req: &Request<B>) -> Option<Target> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(HOST)?.to_str().ok().map(str::to_string))?;
+    parse_authority(&authority)
+}
+
+fn parse_authority(authority: &str) -> Option<Target> {
+    let a: http::uri::Authority = authority.parse().ok()?;
+    Some(Target {
+        host: a.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+        port: a.port_u16().unwrap_or(80),
+    })
+}
+
+/// CONNECT host:port — answer 200, then treat the tunnel like an
+/// `--upstream` connection to that target.
+fn connect_tunnel(inputs: Arc<Inputs>, req: Request<Incoming>) -> Response<Body> {
+    let Some(target) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
+        return ProxyError::bad_request("CONNECT needs host:port").into_response();
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => serve_fixed(inputs, hyper_util::rt::TokioIo::new(upgraded), target).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(empty())
+}
+
+fn peers(inputs: &Inputs, key: &SvcKey, ep: Option<&Endpoint>) -> Peers {
+    Peers {
+        direction: Direction::outbound,
+        source_namespace: inputs.cfg.namespace.clone(),
+        source_workload: inputs.cfg.workload.clone(),
+        destination_namespace: key.namespace.clone(),
+        destination_service: key.name.clone(),
+        destination_workload: ep.map(|e| e.workload.clone()).unwrap_or_default(),
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// Routes a request to a mesh service and forwards it to one of its endpoints.
+async fn to_service(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target, svc: Arc<ServiceState>) -> Response<Body> {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let rule = svc.routes.find(&req, &path);
+    let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
+    let backend = match rule {
+        None => svc.clone(),
+        Some(rule) => match rule.pick_backend() {
+            None => {
+                return ProxyError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Source::Internal,
+                    format!("route {} has no backend with weight above zero", rule.route),
+                )
+                .into_response()
+            }
+            Some(k) if *k == svc.key => svc.clone(),
+            Some(k) => match inputs.discovery.resolve(k).await {
+                Lookup::Found(b) => b,
+                _ => {
+                    return ProxyError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Source::Internal,
+                        format!("route {} names service {k}, which is not in the mesh", rule.route),
+                    )
+                    .into_response()
+                }
+            },
+        },
+    };
+    let request_timeout = rule.and_then(|r| r.request_timeout);
+    let forward = forward(&inputs, req, target, &svc, &backend, rule);
+    let result = match request_timeout {
+        Some(t) => tokio::time::timeout(t, forward)
+            .await
+            .unwrap_or_else(|_| (Err(ProxyError::timeout("request")), None)),
+        None => forward.await,
+    };
+    let (result, ep) = result;
+    let mut resp = result.unwrap_or_else(|e| {
+        tracing::debug!(service = %backend.key, error = %e, "request failed");
+        e.into_response()
+    });
+    if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
+        modify_headers(resp.headers_mut(), m);
+    }
+    let status = resp.status().as_u16();
+    inputs.metrics.record_request(
+        &peers(&inputs, &backend.key, ep.as_deref()),
+        &route_name,
+        status,
+        false,
+        started.elapsed(),
+    );
+    resp
+}
+
+type Forwarded = (Result<Response<Body>, ProxyError>, Option<Arc<Endpoint>>);
+
+/// Tries endpoints of `backend`: connect failures move on to another
+/// endpoint whatever the request; listed status codes are retried for
+/// idempotent requests without a body.
+async fn forward(
+    inputs: &Inputs,
+    req: Request<Incoming>,
+    target: &Target,
+    svc: &ServiceState,
+    backend: &ServiceState,
+    rule: Option<&Rule>,
+) -> Forwarded {
+    if backend.endpoints.is_empty() {
+        let e = ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Source::Upstream,
+            format!("service {} has no endpoints: is a workload with its labels running?", backend.key),
+        );
+        return (Err(e), None);
+    }
+    if is_upgrade(&req) {
+        let ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
+        let Some(ep) = ep else { return (Err(ProxyError::upstream("no endpoint")), None) };
+        return (forward_upgrade(req, ep.addr).await, Some(ep));
+    }
+    let (mut parts, body) = req.into_parts();
+    let replayable = body.is_end_stream();
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let max_tries = 1 + retry.map(|r| r.attempts).unwrap_or(0).max(1) as usize;
+    let status_retry_ok = replayable && is_idempotent(&parts.method);
+    let authority = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| target.authority());
+    let uri = match absolute_uri(&authority, &parts.uri) {
+        Ok(u) => u,
+        Err(e) => return (Err(e), None),
+    };
+    let orig_version = parts.version;
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.remove(HOST);
+    for h in crate::http::INTERNAL {
+        parts.headers.remove(h);
+    }
+    if orig_version < Version::HTTP_2 {
+        parts.headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    if let Ok(v) = HeaderValue::try_from(format!("{}/{}", inputs.cfg.namespace, inputs.cfg.workload)) {
+        parts.headers.insert(SOURCE, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(svc.key.to_string()) {
+        parts.headers.insert(DESTINATION, v);
+    }
+    if let Some(m) = rule.and_then(|r| r.request_headers.as_ref()) {
+        modify_headers(&mut parts.headers, m);
+    }
+    let mut body = Some(boxed(body));
+    let mut last: Forwarded = (Err(ProxyError::upstream("no attempt made")), None);
+    let mut tried: Option<SocketAddr> = None;
+    for attempt in 0..max_tries {
+        if attempt > 0 {
+            if let Some(r) = retry {
+                tokio::time::sleep(r.backoff.mul_f64(rand::random::<f64>() + 0.5)).await;
+            }
+        }
+        // Prefer an endpoint that has not just failed.
+        let mut ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
+        if backend.endpoints.len() > 1 && ep.as_ref().map(|e| Some(e.addr) == tried).unwrap_or(false) {
+            ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
+        }
+        let Some(ep) = ep else { break };
+        tried = Some(ep.addr);
+        let guard = ep.load.start();
+        let conn = match ep.h2().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was sent: any request may go to another endpoint.
+                last = (Err(e), Some(ep));
+                continue;
+            }
+        };
+        let try_body = if replayable {
+            empty()
+        } else {
+            match body.take() {
+                Some(b) => b,
+                None => break,
+            }
+        };
+        let mut upstream_req = Request::new(try_body);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri.clone();
+        *upstream_req.version_mut() = Version::HTTP_2;
+        *upstream_req.headers_mut() = parts.headers.clone();
+        let mut conn = conn;
+        let send = conn.send_request(upstream_req);
+        let result = match rule.and_then(|r| r.backend_timeout) {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r.map_err(ProxyError::upstream),
+                Err(_) => Err(ProxyError::timeout("backend request")),
+            },
+            None => send.await.map_err(ProxyError::upstream),
+        };
+        match result {
+            Ok(resp) => {
+                let code = resp.status().as_u16();
+                let retryable = retry.is_some_and(|r| r.codes.contains(&code)) && status_retry_ok;
+                if retryable && attempt + 1 < max_tries {
+                    drop(guard);
+                    last = (Ok(resp.map(boxed)), Some(ep));
+                    continue;
+                }
+                guard.finish();
+                return (Ok(resp.map(boxed)), Some(ep));
+            }
+            Err(e) => {
+                let can_retry = replayable && is_idempotent(&parts.method);
+                last = (Err(e), Some(ep));
+                if !can_retry {
+                    break;
+                }
+            }
+        }
+    }
+    last
+}
+
+/// A request for a host outside the mesh goes there directly.
+async fn egress(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target) -> Response<Body> {
+    let started = Instant::now();
+    let key = SvcKey::new("", &target.host);
+    let result = if is_upgrade(&req) {
+        match tokio::net::lookup_host(target.authority()).await.ok().and_then(|mut a| a.next()) {
+            Some(addr) => forward_upgrade(req, addr).await,
+            None => Err(ProxyError::upstream(format!("cannot resolve {}", target.host))),
+        }
+    } else {
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        match absolute_uri(&target.authority(), &parts.uri) {
+            Ok(uri) => {
+                parts.uri = uri;
+                parts.version = Version::HTTP_11;
+                inputs
+                    .egress
+                    .request(Request::from_parts(parts, boxed(body)))
+                    .await
+                    .map(|r| r.map(boxed))
+                    .map_err(ProxyError::upstream)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let resp = result.unwrap_or_else(ProxyError::into_response);
+    inputs
+        .metrics
+        .record_request(&peers(&inputs, &key, None), "", resp.status().as_u16(), false, started.elapsed());
+    resp
+}
+
+/// Opaque TCP to a service (or, outside the mesh, straight to the target).
+async fn tcp_to<S>(inputs: Arc<Inputs>, mut io: S, target: Target)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let trust_domain = inputs.discovery.snapshot().mesh.trust_domain.clone();
+    let name = classify(&target.host, &inputs.cfg.namespace, &trust_domain);
+    let svc = match &name {
+        Name::Mesh(k) | Name::Maybe(k) => match inputs.discovery.resolve(k).await {
+            Lookup::Found(s) => Some(s),
+            Lookup::Missing if matches!(name, Name::Maybe(_)) => None,
+            other => {
+                let why = match other {
+                    Lookup::Unavailable(m) => m,
+                    _ => format!("no service {k} in the mesh"),
+                };
+                tracing::warn!(target = %target.authority(), "closing TCP connection: {why}");
+                return;
+            }
+        },
+        Name::External => None,
+    };
+    let (mut upstream, key, ep) = match svc {
+        Some(svc) => {
+            let Some(ep) = pick(svc.algorithm, &svc.endpoints, &svc.rr).cloned() else {
+                tracing::warn!(service = %svc.key, "closing TCP connection: the service has no endpoints");
+                return;
+            };
+            let mut up = match connect(ep.addr).await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::warn!(service = %svc.key, error = %e, "closing TCP connection");
+                    return;
+                }
+            };
+            if up.write_all(PEER_TCP_PREAMBLE).await.is_err() {
+                return;
+            }
+            (up, svc.key.clone(), Some(ep))
+        }
+        None => {
+            let addr = tokio::net::lookup_host(target.authority()).await.ok().and_then(|mut a| a.next());
+            let Some(addr) = addr else { return };
+            match connect(addr).await {
+                Ok(up) => (up, SvcKey::new("", &target.host), None),
+                Err(_) => return,
+            }
+        }
+    };
+    let labels = TcpLabels {
+        peers: peers(&inputs, &key, ep.as_deref()),
+        tls: false,
+    };
+    inputs.metrics.tcp_opened(&labels);
+    let (sent, received) = tokio::io::copy_bidirectional(&mut io, &mut upstream)
+        .await
+        .unwrap_or((0, 0));
+    inputs.metrics.tcp_closed(&labels, sent, received);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_services() {
+        let td = "trellis.local";
+        assert_eq!(classify("catalog", "shop", td), Name::Mesh(SvcKey::new("shop", "catalog")));
+        assert_eq!(classify("catalog.prod", "shop", td), Name::Maybe(SvcKey::new("prod", "catalog")));
+        assert_eq!(classify("catalog.prod.svc", "shop", td), Name::Mesh(SvcKey::new("prod", "catalog")));
+        assert_eq!(
+            classify("catalog.prod.svc.trellis.local", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(classify("catalog.prod.svc.other.domain", "shop", td), Name::External);
+        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
+        assert_eq!(classify("www.example.com", "shop", td), Name::External);
+    }
+}

@@ -1,0 +1,148 @@
+//! The config a proxy runs: an immutable snapshot built from a control-plane
+//! `Config`, swapped atomically and read without locks on the hot path.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use trellis_api::v1::Config;
+use trellis_resource::{MeshSpec, Resource, ServiceSpec};
+
+use crate::balance::Algorithm;
+use crate::endpoint::Endpoint;
+use crate::route::RouteTable;
+
+/// A service's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SvcKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        SvcKey {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Parses the `namespace/name` form of the proxy API.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, name) = s.split_once('/')?;
+        Some(SvcKey::new(ns, name))
+    }
+}
+
+impl fmt::Display for SvcKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Service annotation that chooses the load balancer.
+pub const LB_ANNOTATION: &str = "trellis.dev/load-balancer";
+
+pub struct ServiceState {
+    pub key: SvcKey,
+    pub spec: ServiceSpec,
+    pub routes: RouteTable,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub algorithm: Algorithm,
+    pub rr: AtomicUsize,
+}
+
+#[derive(Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub mesh: MeshSpec,
+    pub services: HashMap<SvcKey, Arc<ServiceState>>,
+    pub missing: HashSet<SvcKey>,
+    /// The config as received, for the cache and `/config`.
+    pub raw: Config,
+}
+
+impl Snapshot {
+    pub fn service(&self, key: &SvcKey) -> Option<&Arc<ServiceState>> {
+        self.services.get(key)
+    }
+
+    /// Builds a snapshot, reusing the endpoints of `prev` that are still
+    /// listed. Any error rejects the whole config.
+    pub fn build(config: Config, prev: &Snapshot) -> Result<Snapshot, String> {
+        let mesh: MeshSpec = if config.mesh_json.trim().is_empty() {
+            MeshSpec::default()
+        } else {
+            serde_json::from_str(&config.mesh_json).map_err(|e| format!("mesh: {e}"))?
+        };
+        let mut services = HashMap::new();
+        for sc in &config.services {
+            let key = SvcKey::new(&sc.namespace, &sc.name);
+            let res: Resource =
+                serde_json::from_str(&sc.service_json).map_err(|e| format!("service {key}: {e}"))?;
+            let spec = res
+                .as_service()
+                .cloned()
+                .ok_or_else(|| format!("service {key}: not a Service resource"))?;
+            let mut routes = sc
+                .routes_json
+                .iter()
+                .map(|r| serde_json::from_str::<Resource>(r).map_err(|e| format!("service {key}: route: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            routes.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            let routes = RouteTable::compile(&routes).map_err(|e| format!("service {key}: route: {e}"))?;
+            let old = prev.services.get(&key);
+            let mut endpoints = Vec::with_capacity(sc.endpoints.len());
+            for ep in &sc.endpoints {
+                let addr: SocketAddr = ep
+                    .address
+                    .parse()
+                    .map_err(|_| format!("service {key}: endpoint address {:?} is not IP:PORT", ep.address))?;
+                let reused = old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr && e.same_as(ep)));
+                endpoints.push(match reused {
+                    Some(e) => e.clone(),
+                    None => Arc::new(Endpoint::new(addr, ep)),
+                });
+            }
+            // Until TrafficPolicy lands, a Service annotation picks the balancer.
+            let algorithm = match res.metadata.annotations.get(LB_ANNOTATION).map(String::as_str) {
+                None | Some("peak-ewma") => Algorithm::PeakEwma,
+                Some("round-robin") => Algorithm::RoundRobin,
+                Some(other) => {
+                    return Err(format!(
+                        "service {key}: annotation {LB_ANNOTATION}: unknown load balancer {other:?} (use peak-ewma or round-robin)"
+                    ))
+                }
+            };
+            services.insert(
+                key.clone(),
+                Arc::new(ServiceState {
+                    key,
+                    spec,
+                    routes,
+                    endpoints,
+                    algorithm,
+                    rr: AtomicUsize::new(0),
+                }),
+            );
+        }
+        let missing = config.missing.iter().filter_map(|s| SvcKey::parse(s)).collect();
+        Ok(Snapshot {
+            version: config.version,
+            mesh,
+            services,
+            missing,
+            raw: config,
+        })
+    }
+
+    /// Every service this snapshot knows of or knows to be missing: what a
+    /// proxy restarted from its cache subscribes to again.
+    pub fn known(&self) -> Vec<SvcKey> {
+        self.services.keys().chain(self.missing.iter()).cloned().collect()
+    }
+}
