@@ -1,8 +1,32 @@
 //! The Trellis control plane.
+//!
+//! It owns the resource store, serves the HTTP API (apply, get, delete,
+//! stat, dashboard, metrics) and the gRPC proxy API, through which every
+//! proxy registers, follows the services its app calls and reports
+//! traffic. `ControlPlane::start` runs all of it inside the caller's tokio
+//! runtime; `trellis control` and `trellis up` both use it.
 #![forbid(unsafe_code)]
+
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod stats;
+pub mod store;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+use trellis_api::v1::proxy_api_server::ProxyApiServer;
+
+pub use store::{RedbStore, Store, StoreError, StoreEvent};
 
 /// Configuration of `trellis control`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -22,5 +46,169 @@ impl ControlConfig {
             http_addr: ([127, 0, 0, 1], 15080).into(),
             grpc_addr: ([127, 0, 0, 1], 15010).into(),
         }
+    }
+}
+
+/// The store's file inside the data dir.
+pub const STORE_FILE: &str = "store.redb";
+
+/// HTTP/2 pings on idle proxy streams: a proxy that died without closing
+/// its connection (host lost, cable pulled) is found within about
+/// interval + timeout, and its endpoints are withdrawn.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for servers to finish before cutting them off.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("port {port} is taken: is another control plane running? use {flag} to pick another address")]
+    PortTaken { port: u16, flag: &'static str },
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Xds(#[from] xds::XdsError),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// Where the HTTP API listens (the actual port when 0 was asked).
+    pub http_addr: SocketAddr,
+    /// Where the gRPC proxy API listens.
+    pub grpc_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    xds: xds::XdsHandle,
+    actor: JoinHandle<()>,
+    servers: Vec<(&'static str, oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr)
+            .finish()
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::PortTaken {
+                port: addr.port(),
+                flag,
+            }
+        } else {
+            StartError::Bind { addr, flag, source }
+        }
+    })
+}
+
+impl ControlPlane {
+    /// Opens the store, binds both listeners and starts serving. Returns
+    /// once both ports accept connections.
+    pub async fn start(cfg: ControlConfig) -> anyhow::Result<ControlPlane> {
+        info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting control plane");
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        // Bind first: a taken port is the likelier mistake, and says more
+        // than a store held by the other process.
+        let http_listener = bind(cfg.http_addr, "--http-addr").await?;
+        let grpc_listener = bind(cfg.grpc_addr, "--grpc-addr").await?;
+        let http_addr = http_listener.local_addr()?;
+        let grpc_addr = grpc_listener.local_addr()?;
+
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(cfg.data_dir.join(STORE_FILE)).await?);
+        let metrics = Arc::new(metrics::Metrics::new());
+        let stats = Arc::new(stats::Stats::new());
+        let (xds, actor) = xds::start(store.clone(), metrics.clone()).await?;
+
+        let mut servers = Vec::new();
+
+        let (tx, rx) = oneshot::channel::<()>();
+        let service = ProxyApiServer::new(xds::ProxyApiService::new(&xds, stats.clone()));
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+                let _ = rx.await;
+            });
+        let task = tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                warn!(error = %e, "proxy API server failed");
+            }
+        });
+        servers.push(("proxy API", tx, task));
+
+        let (tx, rx) = oneshot::channel::<()>();
+        let state = http::AppState::new(store.clone(), xds.clone(), stats, metrics, http_addr);
+        let app = http::router(state);
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(http_listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(e) = serve.await {
+                warn!(error = %e, "HTTP API server failed");
+            }
+        });
+        servers.push(("HTTP API", tx, task));
+
+        info!(%http_addr, %grpc_addr, data_dir = %cfg.data_dir.display(), "control plane ready");
+        Ok(ControlPlane {
+            http_addr,
+            grpc_addr,
+            store,
+            xds,
+            actor,
+            servers,
+        })
+    }
+
+    /// The resource store, for tests and embedders.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Stops serving, closes every proxy stream and closes the store.
+    pub async fn shutdown(self) {
+        info!("control plane shutting down");
+        // End the proxy streams first: graceful server shutdown waits for
+        // open streams, and these never end by themselves.
+        self.xds.shutdown().await;
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.actor)
+            .await
+            .is_err()
+        {
+            warn!("proxy API actor did not stop in time");
+        }
+        for (name, tx, mut task) in self.servers {
+            let _ = tx.send(());
+            if tokio::time::timeout(DRAIN_TIMEOUT, &mut task)
+                .await
+                .is_err()
+            {
+                warn!(server = name, "did not drain in time; closing it");
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        if let Err(e) = self.store.close().await {
+            warn!(error = %e, "closing the store failed");
+        }
+        info!("control plane stopped");
     }
 }

@@ -1,0 +1,574 @@
+//! The HTTP API (`docs/dev/contracts.md`), the metrics endpoint and a
+//! minimal dashboard.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+use trellis_resource::{Kind, LoadError, Resource, ResourceError, ResourceKey};
+
+use crate::metrics::{ApplyResultLabel, Metrics};
+use crate::stats::{parse_window, StatKind, Stats};
+use crate::store::{Action, Store, StoreError};
+use crate::xds::XdsHandle;
+
+/// What errors name as the file when an apply came as a request body.
+const BODY_FILE: &str = "request";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        details: Vec<ResourceError>,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    fn invalid(what: &str, e: LoadError) -> Self {
+        let n = e.errors.len();
+        let message = if n == 1 {
+            format!("{what} refused: {}", e.errors[0])
+        } else {
+            format!("{what} refused: {n} errors")
+        };
+        ApiError::Invalid {
+            message,
+            details: e.errors,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            warn!(error = %self, "API request failed");
+        }
+        let details = match &self {
+            ApiError::Invalid { details, .. } => details.clone(),
+            _ => Vec::new(),
+        };
+        let body = json!({"error": self.to_string(), "details": details});
+        (status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    xds: XdsHandle,
+    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    /// Applies and deletes validate against the store, then write it: one
+    /// at a time, so that nothing changes in between.
+    write_lock: tokio::sync::Mutex<()>,
+    bind: SocketAddr,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        xds: XdsHandle,
+        stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
+        bind: SocketAddr,
+    ) -> Self {
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                xds,
+                stats,
+                metrics,
+                write_lock: tokio::sync::Mutex::new(()),
+                bind,
+            }),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(ok))
+        .route("/readyz", get(ok))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/apply", axum::routing::post(apply))
+        .route("/api/v1/resources/{kind}", get(list_resources))
+        .route(
+            "/api/v1/resources/{kind}/{namespace}/{name}",
+            get(get_resource).delete(delete_resource),
+        )
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/proxies", get(proxies))
+        .route("/api/v1/stat", get(stat))
+        .route("/api/v1/prometheus/targets", get(prometheus_targets))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Security headers on every answer, and refusal of browser requests that
+/// a DNS-rebinding page could make: the dashboard only under a local or
+/// bound host name, and writes only without a foreign `Origin`.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let bind = state.inner.bind;
+    let refused = if req.uri().path() == "/" {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        (!host_allowed(host, bind)).then(|| {
+            format!(
+                "host {host:?} is not allowed: open the dashboard at http://localhost:{}/",
+                bind.port()
+            )
+        })
+    } else if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        // The CLI sends no Origin; browsers always do on writes.
+        match req
+            .headers()
+            .get(header::ORIGIN)
+            .map(|o| o.to_str().unwrap_or(""))
+        {
+            Some(origin) if !origin_allowed(origin, bind) => {
+                Some(format!("requests from origin {origin:?} are not allowed"))
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let mut resp = match refused {
+        Some(msg) => {
+            warn!(%msg, "refused a request");
+            ApiError::Forbidden(msg).into_response()
+        }
+        None => next.run(req).await,
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert("cache-control", HeaderValue::from_static("no-store"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+/// Whether a Host header (`name[:port]`) names this server safely: a
+/// loopback name, the bound address, or (when bound to every interface)
+/// any IP literal. A rebinding attack needs a DNS name, so IP literals
+/// are never one.
+pub fn host_allowed(host: &str, bind: SocketAddr) -> bool {
+    let name = strip_port(host.trim()).to_ascii_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    if name == "localhost" || name == "127.0.0.1" || name == "[::1]" {
+        return true;
+    }
+    let ip: Option<IpAddr> = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(&name)
+        .parse()
+        .ok();
+    match ip {
+        Some(ip) => bind.ip().is_unspecified() || ip == bind.ip(),
+        None => false,
+    }
+}
+
+fn origin_allowed(origin: &str, bind: SocketAddr) -> bool {
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    rest.is_some_and(|host| host_allowed(host, bind))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        }
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(host)
+    } else {
+        host
+    }
+}
+
+async fn ok() -> &'static str {
+    "ok"
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.inner.metrics.encode(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply(
+    State(state): State<AppState>,
+    Query(q): Query<ApplyQuery>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let s = &state.inner;
+    let result = apply_inner(s, q.dry_run, body).await;
+    s.metrics.apply(match &result {
+        Ok(_) if q.dry_run => ApplyResultLabel::DryRun,
+        Ok(_) => ApplyResultLabel::Success,
+        Err(ApiError::Store(_)) => ApplyResultLabel::Error,
+        Err(_) => ApplyResultLabel::Invalid,
+    });
+    result
+}
+
+async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Value>> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("the body is not UTF-8 text".into()))?;
+    // One parser for JSON and YAML (JSON is YAML), so errors carry field
+    // paths and lines either way; Content-Type need not be exact.
+    let parsed = trellis_resource::parse_documents_with_sources(BODY_FILE, text)
+        .map_err(|e| ApiError::invalid("apply", e))?;
+    if parsed.is_empty() {
+        return Err(ApiError::BadRequest(
+            "nothing to apply: send a JSON array of resources or YAML documents".into(),
+        ));
+    }
+    let (resources, sources): (Vec<Resource>, Vec<_>) = parsed.into_iter().unzip();
+
+    let _write = s.write_lock.lock().await;
+    let (existing, revision) = s.store.list(None).await?;
+    trellis_resource::validate_apply(&resources, &sources, &existing)
+        .map_err(|e| ApiError::invalid("apply", e))?;
+
+    if dry_run {
+        let results: Vec<Value> = resources
+            .iter()
+            .map(|r| {
+                let key = r.key();
+                let action = match existing.iter().find(|e| e.key() == key) {
+                    None => Action::Created,
+                    Some(old) if same_resource(old, r) => Action::Unchanged,
+                    Some(_) => Action::Configured,
+                };
+                result_json(&key, action)
+            })
+            .collect();
+        return Ok(Json(
+            json!({"revision": revision, "dryRun": true, "results": results}),
+        ));
+    }
+
+    let outcome = s.store.apply(resources).await?;
+    let changed = outcome
+        .results
+        .iter()
+        .filter(|r| r.action != Action::Unchanged)
+        .count();
+    info!(
+        revision = outcome.revision,
+        changed,
+        total = outcome.results.len(),
+        "applied"
+    );
+    let results: Vec<Value> = outcome
+        .results
+        .iter()
+        .map(|r| result_json(&r.key, r.action))
+        .collect();
+    Ok(Json(
+        json!({"revision": outcome.revision, "results": results}),
+    ))
+}
+
+fn same_resource(a: &Resource, b: &Resource) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+fn result_json(key: &ResourceKey, action: Action) -> Value {
+    json!({"kind": key.kind.as_str(), "namespace": key.namespace, "name": key.name, "action": action})
+}
+
+fn parse_kind(s: &str) -> ApiResult<Kind> {
+    Kind::parse_loose(s).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        ApiError::NotFound(format!(
+            "unknown kind {s:?}: use one of {}",
+            known.join(", ")
+        ))
+    })
+}
+
+fn key_from_path(kind: &str, namespace: &str, name: &str) -> ApiResult<ResourceKey> {
+    let kind = parse_kind(kind)?;
+    Ok(ResourceKey {
+        kind,
+        // Cluster-wide kinds are stored without one; the URL may hold `-`.
+        namespace: if kind.namespaced() {
+            namespace.to_string()
+        } else {
+            String::new()
+        },
+        name: name.to_string(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct NamespaceQuery {
+    namespace: Option<String>,
+}
+
+async fn list_resources(
+    State(state): State<AppState>,
+    Path(kind): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+) -> ApiResult<Json<Value>> {
+    let kind = parse_kind(&kind)?;
+    let (mut items, _) = state.inner.store.list(Some(kind)).await?;
+    if let (Some(ns), true) = (q.namespace.as_deref(), kind.namespaced()) {
+        items.retain(|r| r.metadata.namespace == ns);
+    }
+    Ok(Json(json!({"items": items})))
+}
+
+async fn get_resource(
+    State(state): State<AppState>,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Resource>> {
+    let key = key_from_path(&kind, &namespace, &name)?;
+    match state.inner.store.get(&key).await? {
+        Some(r) => Ok(Json(r)),
+        None => Err(ApiError::NotFound(format!("{key} not found"))),
+    }
+}
+
+async fn delete_resource(
+    State(state): State<AppState>,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let s = &state.inner;
+    let key = key_from_path(&kind, &namespace, &name)?;
+    let _write = s.write_lock.lock().await;
+    let (all, _) = s.store.list(None).await?;
+    if !all.iter().any(|r| r.key() == key) {
+        return Err(ApiError::NotFound(format!("{key} not found")));
+    }
+    let remaining: Vec<Resource> = all.into_iter().filter(|r| r.key() != key).collect();
+    trellis_resource::validate_delete(&key, &remaining)
+        .map_err(|e| ApiError::invalid("delete", e))?;
+    let revision = s
+        .store
+        .delete(&key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
+    info!(%key, revision, "deleted");
+    Ok(Json(json!({
+        "deleted": {"kind": key.kind.as_str(), "namespace": key.namespace, "name": key.name},
+        "revision": revision,
+    })))
+}
+
+async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let (svcs, _) = state.inner.store.list(Some(Kind::Service)).await?;
+    let snap = state.inner.xds.snapshot();
+    let out: Vec<Value> = svcs
+        .iter()
+        .filter_map(|r| Some((r, r.as_service()?)))
+        .map(|(r, spec)| {
+            let ns = &r.metadata.namespace;
+            let mut endpoints: Vec<Value> = snap
+                .proxies
+                .iter()
+                .filter(|p| p.selected_by(ns, &spec.selector))
+                .map(|p| {
+                    json!({
+                        "address": p.inbound_addr, "instance": p.instance,
+                        "workload": p.workload, "namespace": p.namespace,
+                        "identity": p.identity, "labels": p.labels,
+                    })
+                })
+                .collect();
+            endpoints.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
+            json!({
+                "namespace": ns, "name": r.metadata.name, "vip": "",
+                "ports": spec.ports, "endpoints": endpoints,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+async fn proxies(State(state): State<AppState>) -> Json<Value> {
+    let snap = state.inner.xds.snapshot();
+    let out: Vec<Value> = snap
+        .proxies
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::to_value(p).unwrap_or_default();
+            v["connectedSeconds"] = json!(p.connected_at.elapsed().as_secs());
+            v
+        })
+        .collect();
+    Json(Value::Array(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct StatQuery {
+    kind: Option<String>,
+    window: Option<String>,
+}
+
+async fn stat(State(state): State<AppState>, Query(q): Query<StatQuery>) -> ApiResult<Json<Value>> {
+    let bad = |e: crate::stats::StatsError| ApiError::BadRequest(e.to_string());
+    let kind = StatKind::parse(q.kind.as_deref().unwrap_or("service")).map_err(bad)?;
+    let window = match q.window.as_deref() {
+        Some(w) => parse_window(w).map_err(bad)?,
+        None => Duration::from_secs(30),
+    };
+    let rows = state.inner.stats.query(kind, window);
+    Ok(Json(
+        json!({"windowSeconds": window.as_secs(), "rows": rows}),
+    ))
+}
+
+async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
+    let snap = state.inner.xds.snapshot();
+    let out: Vec<Value> = snap
+        .proxies
+        .iter()
+        .filter(|p| !p.admin_addr.is_empty())
+        .map(|p| {
+            json!({
+                "targets": [p.admin_addr],
+                "labels": {
+                    "__metrics_path__": "/metrics",
+                    "workload": p.workload,
+                    "namespace": p.namespace,
+                    "instance": p.instance,
+                },
+            })
+        })
+        .collect();
+    Json(Value::Array(out))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+/// Self-contained: no external assets, data inserted as text only.
+const INDEX_HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Trellis</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin-bottom:2em}
+th,td{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}
+th{background:#f4f4f4}.num{text-align:right}#err{color:#b00}
+</style></head><body>
+<h1>Trellis</h1><p id="err"></p>
+<h2>Services</h2>
+<table><thead><tr><th>Namespace</th><th>Service</th><th>Endpoints</th></tr></thead><tbody id="svcs"></tbody></table>
+<h2>Traffic (last 30s)</h2>
+<table><thead><tr><th>Namespace</th><th>Service</th><th>RPS</th><th>Success</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>mTLS</th></tr></thead><tbody id="stats"></tbody></table>
+<h2>Proxies</h2>
+<table><thead><tr><th>Namespace</th><th>Workload</th><th>Instance</th><th>Inbound</th><th>In sync</th><th>Last error</th></tr></thead><tbody id="proxies"></tbody></table>
+<script>
+function row(body, cells){const tr=document.createElement('tr');for(const c of cells){const td=document.createElement('td');td.textContent=c==null?'-':String(c);tr.appendChild(td);}body.appendChild(tr);}
+function pct(x){return x==null?null:(100*x).toFixed(1)+'%';}
+function num(x){return x==null?null:x.toFixed(1);}
+async function get(path){const r=await fetch(path);if(!r.ok)throw new Error(path+': '+r.status);return r.json();}
+async function refresh(){
+  try{
+    const [svcs,stat,proxies]=await Promise.all([get('/api/v1/services'),get('/api/v1/stat?kind=service&window=30s'),get('/api/v1/proxies')]);
+    const s=document.getElementById('svcs');s.replaceChildren();
+    for(const v of svcs)row(s,[v.namespace,v.name,v.endpoints.map(e=>e.address).join(', ')||'none']);
+    const t=document.getElementById('stats');t.replaceChildren();
+    for(const r of stat.rows)row(t,[r.namespace,r.name,num(r.rps),pct(r.successRate),num(r.p50Ms),num(r.p95Ms),num(r.p99Ms),pct(r.tlsShare)]);
+    const p=document.getElementById('proxies');p.replaceChildren();
+    for(const x of proxies)row(p,[x.namespace,x.workload,x.instance,x.inboundAddr,x.ackedVersion===x.sentVersion?'yes':'no',x.lastError]);
+    document.getElementById('err').textContent='';
+  }catch(e){document.getElementById('err').textContent='cannot reach the control plane: '+e.message;}
+}
+refresh();setInterval(refresh,5000);
+</script></body></html>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let local: SocketAddr = "127.0.0.1:15080".parse().unwrap();
+        assert!(host_allowed("localhost:15080", local));
+        assert!(host_allowed("127.0.0.1:15080", local));
+        assert!(host_allowed("[::1]:15080", local));
+        assert!(host_allowed("LOCALHOST", local));
+        assert!(!host_allowed("evil.example:15080", local));
+        assert!(!host_allowed("10.1.2.3:15080", local));
+        assert!(!host_allowed("", local));
+        let any: SocketAddr = "0.0.0.0:15080".parse().unwrap();
+        assert!(host_allowed("10.1.2.3:15080", any));
+        assert!(!host_allowed("evil.example", any));
+        let v6: SocketAddr = "[fd00::1]:15080".parse().unwrap();
+        assert!(host_allowed("[fd00::1]:15080", v6));
+        assert!(origin_allowed("http://localhost:15080", local));
+        assert!(!origin_allowed("http://evil.example:15080", local));
+        assert!(!origin_allowed("null", local));
+    }
+}

@@ -1,0 +1,657 @@
+//! Who is connected, and what each proxy should be told.
+//!
+//! The registry holds the connected proxies (each one an endpoint instance
+//! of the services that select it) and an index of the stored resources;
+//! `Registry::config_for` turns both into the `Config` of one proxy. It is
+//! plain data, owned by the xds actor, so nothing here locks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use trellis_api::v1::{Config, Endpoint, Register, ServiceConfig};
+use trellis_resource::{MeshSpec, Resource, DEFAULT_NAMESPACE};
+
+/// Identifies one stream; an instance that reconnects gets a new one.
+pub type ConnId = u64;
+
+/// A service's `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `namespace/name`; a bare `name` is in the default namespace.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let (ns, name) = match s.split_once('/') {
+            Some((ns, name)) => (ns, name),
+            None => (DEFAULT_NAMESPACE, s),
+        };
+        if ns.is_empty() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some(ServiceName::new(ns, name))
+    }
+}
+
+impl std::fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One connected proxy.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    pub conn: ConnId,
+    pub instance: String,
+    pub workload: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub inbound_addr: String,
+    pub admin_addr: String,
+    pub app_port: u32,
+    pub connected_at: Instant,
+    pub connected_since: SystemTime,
+    /// What the proxy follows, as sent by it (`namespace/name`).
+    pub subscriptions: BTreeSet<String>,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub last_error: Option<String>,
+    /// Hash of the content of the last Config sent (version excluded).
+    pub sent_hash: Option<u64>,
+    /// Services whose endpoints the last Config holds: a proxy joining or
+    /// leaving one of them changes this proxy's Config.
+    pub depends_on: BTreeSet<ServiceName>,
+}
+
+impl Proxy {
+    pub fn from_register(conn: ConnId, reg: &Register) -> Self {
+        let labels: BTreeMap<String, String> = reg
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let namespace = if reg.namespace.is_empty() {
+            DEFAULT_NAMESPACE.to_string()
+        } else {
+            reg.namespace.clone()
+        };
+        // Same default as a Workload's serviceAccount: the app label, else
+        // the workload's name.
+        let service_account = if !reg.service_account.is_empty() {
+            reg.service_account.clone()
+        } else if let Some(app) = labels.get("app") {
+            app.clone()
+        } else {
+            reg.workload.clone()
+        };
+        Proxy {
+            conn,
+            instance: reg.instance.clone(),
+            workload: reg.workload.clone(),
+            namespace,
+            labels,
+            service_account,
+            inbound_addr: reg.inbound_addr.clone(),
+            admin_addr: reg.admin_addr.clone(),
+            app_port: reg.app_port,
+            connected_at: Instant::now(),
+            connected_since: SystemTime::now(),
+            subscriptions: reg.subscriptions.iter().cloned().collect(),
+            sent_version: 0,
+            acked_version: reg.running_version,
+            last_error: None,
+            sent_hash: None,
+            depends_on: BTreeSet::new(),
+        }
+    }
+
+    pub fn identity(&self, trust_domain: &str) -> String {
+        spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Whether this proxy is an endpoint of a service with this selector.
+    pub fn selected_by(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
+        // An empty selector selects nothing, as for Kubernetes Services
+        // without a selector: endpoints would otherwise be every proxy.
+        !selector.is_empty()
+            && self.namespace == namespace
+            && selector
+                .iter()
+                .all(|(k, v)| self.labels.get(k).is_some_and(|l| l == v))
+    }
+
+    pub fn view(&self, trust_domain: &str) -> ProxyView {
+        ProxyView {
+            instance: self.instance.clone(),
+            workload: self.workload.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            service_account: self.service_account.clone(),
+            identity: self.identity(trust_domain),
+            inbound_addr: self.inbound_addr.clone(),
+            admin_addr: self.admin_addr.clone(),
+            connected_at: self.connected_at,
+            sent_version: self.sent_version,
+            acked_version: self.acked_version,
+            last_error: self.last_error.clone(),
+            subscriptions: self.subscriptions.iter().cloned().collect(),
+        }
+    }
+}
+
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// A connected proxy as the HTTP API shows it (`GET /api/v1/proxies`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyView {
+    pub instance: String,
+    pub workload: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub identity: String,
+    pub inbound_addr: String,
+    pub admin_addr: String,
+    #[serde(skip)]
+    pub connected_at: Instant,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub last_error: Option<String>,
+    pub subscriptions: Vec<String>,
+}
+
+impl ProxyView {
+    /// Whether this proxy is an endpoint of a service with this selector.
+    pub fn selected_by(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
+        !selector.is_empty()
+            && self.namespace == namespace
+            && selector
+                .iter()
+                .all(|(k, v)| self.labels.get(k).is_some_and(|l| l == v))
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            address: self.inbound_addr.clone(),
+            instance: self.instance.clone(),
+            workload: self.workload.clone(),
+            namespace: self.namespace.clone(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+/// The stored resources, indexed for building configs.
+#[derive(Clone, Debug, Default)]
+pub struct ResourceIndex {
+    pub mesh: Option<MeshSpec>,
+    pub services: BTreeMap<ServiceName, Resource>,
+    /// Routes by the Service their parentRefs name, sorted by key.
+    pub routes_by_parent: BTreeMap<ServiceName, Vec<Resource>>,
+}
+
+impl ResourceIndex {
+    pub fn new(resources: &[Resource]) -> Self {
+        let mut idx = ResourceIndex::default();
+        for r in resources {
+            if let Some(mesh) = r.as_mesh() {
+                if r.metadata.name == "default" {
+                    idx.mesh = Some(mesh.clone());
+                }
+            } else if r.as_service().is_some() {
+                idx.services.insert(
+                    ServiceName::new(&r.metadata.namespace, &r.metadata.name),
+                    r.clone(),
+                );
+            } else if let Some(route) = r.as_route() {
+                let parents: BTreeSet<ServiceName> = route
+                    .parent_refs
+                    .iter()
+                    .filter(|p| names_service(p.group.as_deref(), p.kind.as_deref()))
+                    .map(|p| {
+                        ServiceName::new(
+                            p.namespace.as_deref().unwrap_or(&r.metadata.namespace),
+                            &p.name,
+                        )
+                    })
+                    .collect();
+                for parent in parents {
+                    idx.routes_by_parent
+                        .entry(parent)
+                        .or_default()
+                        .push(r.clone());
+                }
+            }
+        }
+        for routes in idx.routes_by_parent.values_mut() {
+            routes.sort_by_key(|r| r.key());
+        }
+        idx
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.mesh
+            .as_ref()
+            .map(|m| m.trust_domain.as_str())
+            .filter(|t| !t.is_empty())
+            .unwrap_or("trellis.local")
+    }
+
+    fn mesh_json(&self) -> String {
+        match &self.mesh {
+            Some(m) => serde_json::to_string(m).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        }
+    }
+}
+
+/// Whether a parentRef/backendRef's group and kind name a Service; in mesh
+/// (GAMMA) form they are omitted or the core group's `Service`.
+fn names_service(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("") | Some("core")) && matches!(kind, None | Some("Service"))
+}
+
+/// Services named in the backendRefs of `route`.
+fn backends(route: &Resource) -> impl Iterator<Item = ServiceName> + '_ {
+    route
+        .as_route()
+        .into_iter()
+        .flat_map(|r| r.rules.iter())
+        .flat_map(|rule| rule.backend_refs.iter())
+        .filter(|b| names_service(b.group.as_deref(), b.kind.as_deref()))
+        .map(move |b| {
+            ServiceName::new(
+                b.namespace.as_deref().unwrap_or(&route.metadata.namespace),
+                &b.name,
+            )
+        })
+}
+
+/// Connected proxies and stored resources: everything configs are made of.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub proxies: BTreeMap<ConnId, Proxy>,
+    pub resources: ResourceIndex,
+}
+
+/// Endpoints per service, computed once per round of config updates.
+pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
+
+impl Registry {
+    pub fn trust_domain(&self) -> &str {
+        self.resources.trust_domain()
+    }
+
+    /// The services (existing or not) that select a proxy with these
+    /// namespace and labels: their endpoints change when it comes or goes.
+    pub fn services_selecting(&self, proxy: &Proxy) -> BTreeSet<ServiceName> {
+        self.resources
+            .services
+            .iter()
+            .filter(|(_, r)| {
+                r.as_service()
+                    .is_some_and(|s| proxy.selected_by(&r.metadata.namespace, &s.selector))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn endpoints(&self, name: &ServiceName, cache: &mut EndpointCache) -> Vec<Endpoint> {
+        if let Some(eps) = cache.get(name) {
+            return eps.clone();
+        }
+        let td = self.trust_domain().to_string();
+        let mut eps: Vec<Endpoint> = match self.resources.services.get(name) {
+            Some(r) => {
+                let selector = r.as_service().map(|s| &s.selector);
+                self.proxies
+                    .values()
+                    .filter(|p| selector.is_some_and(|sel| p.selected_by(&name.namespace, sel)))
+                    .map(|p| Endpoint {
+                        address: p.inbound_addr.clone(),
+                        instance: p.instance.clone(),
+                        workload: p.workload.clone(),
+                        namespace: p.namespace.clone(),
+                        labels: p
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        identity: p.identity(&td),
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        // Stable order, so that equal content hashes equal.
+        eps.sort_by(|a, b| (&a.address, &a.instance).cmp(&(&b.address, &b.instance)));
+        cache.insert(name.clone(), eps.clone());
+        eps
+    }
+
+    /// The Config of one proxy (version 0; the caller stamps it), and the
+    /// services whose endpoints it holds.
+    pub fn config_for(
+        &self,
+        subscriptions: &BTreeSet<String>,
+        cache: &mut EndpointCache,
+    ) -> (Config, BTreeSet<ServiceName>) {
+        let mut services: BTreeMap<ServiceName, ServiceConfig> = BTreeMap::new();
+        let mut missing = Vec::new();
+        let mut backend_names = BTreeSet::new();
+        for sub in subscriptions {
+            let Some(name) = ServiceName::parse(sub) else {
+                missing.push(sub.clone());
+                continue;
+            };
+            let Some(svc) = self.resources.services.get(&name) else {
+                missing.push(sub.clone());
+                continue;
+            };
+            let routes = self
+                .resources
+                .routes_by_parent
+                .get(&name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for route in routes {
+                backend_names.extend(backends(route));
+            }
+            let sc = ServiceConfig {
+                namespace: name.namespace.clone(),
+                name: name.name.clone(),
+                service_json: to_json(svc),
+                routes_json: routes.iter().map(to_json).collect(),
+                endpoints: self.endpoints(&name, cache),
+                vip: String::new(),
+            };
+            services.insert(name, sc);
+        }
+        // Backends are sent with their endpoints but without their own
+        // routes: mesh routing applies at the service the app called, and a
+        // proxy that calls a backend directly subscribes to it.
+        for name in backend_names {
+            if services.contains_key(&name) {
+                continue;
+            }
+            if let Some(svc) = self.resources.services.get(&name) {
+                let sc = ServiceConfig {
+                    namespace: name.namespace.clone(),
+                    name: name.name.clone(),
+                    service_json: to_json(svc),
+                    routes_json: Vec::new(),
+                    endpoints: self.endpoints(&name, cache),
+                    vip: String::new(),
+                };
+                services.insert(name, sc);
+            }
+        }
+        let deps = services.keys().cloned().collect();
+        let config = Config {
+            version: 0,
+            mesh_json: self.resources.mesh_json(),
+            services: services.into_values().collect(),
+            missing,
+        };
+        (config, deps)
+    }
+}
+
+fn to_json(r: &Resource) -> String {
+    // Serialising a typed resource to JSON cannot fail (string keys only).
+    serde_json::to_string(r).unwrap_or_default()
+}
+
+/// A hash of a Config's content, version excluded. Labels are hashed in
+/// sorted order because prost maps are HashMaps.
+pub fn content_hash(config: &Config) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    config.mesh_json.hash(&mut h);
+    config.missing.hash(&mut h);
+    config.services.len().hash(&mut h);
+    for s in &config.services {
+        s.namespace.hash(&mut h);
+        s.name.hash(&mut h);
+        s.service_json.hash(&mut h);
+        s.routes_json.hash(&mut h);
+        s.vip.hash(&mut h);
+        s.endpoints.len().hash(&mut h);
+        for e in &s.endpoints {
+            e.address.hash(&mut h);
+            e.instance.hash(&mut h);
+            e.workload.hash(&mut h);
+            e.namespace.hash(&mut h);
+            e.identity.hash(&mut h);
+            let labels: BTreeMap<_, _> = e.labels.iter().collect();
+            labels.hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_resource::{
+        BackendRef, HttpRouteSpec, Metadata, ParentRef, RouteRule, ServiceSpec, Spec,
+    };
+
+    fn meta(ns: &str, name: &str) -> Metadata {
+        Metadata {
+            name: name.into(),
+            namespace: ns.into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    fn service(ns: &str, name: &str, sel: &[(&str, &str)]) -> Resource {
+        Resource {
+            metadata: meta(ns, name),
+            spec: Spec::Service(ServiceSpec {
+                selector: sel
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ports: vec![],
+            }),
+        }
+    }
+
+    fn backend(name: &str, ns: Option<&str>, weight: u32) -> BackendRef {
+        BackendRef {
+            group: None,
+            kind: None,
+            name: name.into(),
+            namespace: ns.map(Into::into),
+            port: None,
+            weight,
+            filters: vec![],
+        }
+    }
+
+    fn route(
+        ns: &str,
+        name: &str,
+        parent: &str,
+        parent_ns: Option<&str>,
+        bs: Vec<BackendRef>,
+    ) -> Resource {
+        Resource {
+            metadata: meta(ns, name),
+            spec: Spec::HttpRoute(HttpRouteSpec {
+                parent_refs: vec![ParentRef {
+                    group: None,
+                    kind: Some("Service".into()),
+                    name: parent.into(),
+                    namespace: parent_ns.map(Into::into),
+                    port: None,
+                    section_name: None,
+                }],
+                hostnames: vec![],
+                rules: vec![RouteRule {
+                    backend_refs: bs,
+                    ..Default::default()
+                }],
+            }),
+        }
+    }
+
+    fn proxy(conn: ConnId, ns: &str, labels: &[(&str, &str)], addr: &str) -> Proxy {
+        Proxy::from_register(
+            conn,
+            &Register {
+                instance: format!("i{conn}"),
+                workload: "w".into(),
+                namespace: ns.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                inbound_addr: addr.into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn subs(s: &[&str]) -> BTreeSet<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn selection_needs_every_label_and_the_namespace() {
+        let p = proxy(1, "default", &[("app", "a"), ("version", "v1")], "x");
+        let sel = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(p.selected_by("default", &sel(&[("app", "a")])));
+        assert!(p.selected_by("default", &sel(&[("app", "a"), ("version", "v1")])));
+        assert!(!p.selected_by("default", &sel(&[("app", "a"), ("version", "v2")])));
+        assert!(!p.selected_by("other", &sel(&[("app", "a")])));
+        assert!(!p.selected_by("default", &sel(&[])));
+    }
+
+    #[test]
+    fn config_has_routes_backends_endpoints_and_missing() {
+        let resources = vec![
+            service("default", "catalog", &[("app", "catalog")]),
+            service(
+                "default",
+                "catalog-v1",
+                &[("app", "catalog"), ("version", "v1")],
+            ),
+            service(
+                "shop",
+                "catalog-v2",
+                &[("app", "catalog"), ("version", "v2")],
+            ),
+            route(
+                "default",
+                "split",
+                "catalog",
+                None,
+                vec![
+                    backend("catalog-v1", None, 90),
+                    backend("catalog-v2", Some("shop"), 10),
+                ],
+            ),
+            // A route in another namespace naming the service explicitly.
+            route("shop", "other", "catalog", Some("default"), vec![]),
+        ];
+        let mut reg = Registry {
+            resources: ResourceIndex::new(&resources),
+            ..Default::default()
+        };
+        reg.proxies.insert(
+            1,
+            proxy(
+                1,
+                "default",
+                &[("app", "catalog"), ("version", "v1")],
+                "10.0.0.1:15006",
+            ),
+        );
+        reg.proxies.insert(
+            2,
+            proxy(
+                2,
+                "shop",
+                &[("app", "catalog"), ("version", "v2")],
+                "10.0.0.2:15006",
+            ),
+        );
+        let mut cache = EndpointCache::new();
+        let (cfg, deps) = reg.config_for(&subs(&["default/catalog", "default/nope"]), &mut cache);
+        assert_eq!(cfg.mesh_json, "{}");
+        assert_eq!(cfg.missing, vec!["default/nope".to_string()]);
+        let names: Vec<String> = cfg
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        assert_eq!(
+            names,
+            ["default/catalog", "default/catalog-v1", "shop/catalog-v2"]
+        );
+        assert_eq!(cfg.services[0].routes_json.len(), 2);
+        assert_eq!(cfg.services[0].endpoints.len(), 1);
+        assert_eq!(cfg.services[1].endpoints[0].address, "10.0.0.1:15006");
+        assert_eq!(
+            cfg.services[1].endpoints[0].identity,
+            "spiffe://trellis.local/ns/default/sa/catalog"
+        );
+        assert!(cfg.services[1].routes_json.is_empty());
+        assert_eq!(cfg.services[2].endpoints[0].address, "10.0.0.2:15006");
+        assert_eq!(deps.len(), 3);
+
+        // Same inputs, same hash; an endpoint leaving changes it.
+        let h1 = content_hash(&cfg);
+        let (again, _) = reg.config_for(
+            &subs(&["default/catalog", "default/nope"]),
+            &mut EndpointCache::new(),
+        );
+        assert_eq!(h1, content_hash(&again));
+        reg.proxies.remove(&1);
+        let (after, _) = reg.config_for(
+            &subs(&["default/catalog", "default/nope"]),
+            &mut EndpointCache::new(),
+        );
+        assert_ne!(h1, content_hash(&after));
+        assert!(after.services[1].endpoints.is_empty());
+    }
+
+    #[test]
+    fn service_names_parse() {
+        assert_eq!(ServiceName::parse("a/b"), Some(ServiceName::new("a", "b")));
+        assert_eq!(
+            ServiceName::parse("b"),
+            Some(ServiceName::new("default", "b"))
+        );
+        assert_eq!(ServiceName::parse("a/b/c"), None);
+        assert_eq!(ServiceName::parse("/b"), None);
+    }
+}

@@ -1,0 +1,520 @@
+//! The proxy API server: one bidirectional stream per proxy.
+//!
+//! A single actor task owns the registry (connected proxies and the
+//! resource index) and decides what every proxy is sent. gRPC stream tasks
+//! and the store feed it events over a channel; it answers through one
+//! `watch` channel per proxy, which keeps only the newest Config, so a slow
+//! proxy never blocks the actor and never gets stale configs queued. The
+//! HTTP API reads an arc-swapped snapshot that the actor publishes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use trellis_api::v1::proxy_api_server::ProxyApi;
+use trellis_api::v1::proxy_message::Msg;
+use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage, Register};
+
+use crate::metrics::Metrics;
+use crate::registry::{
+    content_hash, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, ServiceName,
+};
+use crate::stats::Stats;
+use crate::store::{Store, StoreEvent};
+
+/// A proxy must register this soon after opening its stream.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+const EVENT_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("cannot load resources from the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What the HTTP API sees of the proxies.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub proxies: Vec<ProxyView>,
+    pub trust_domain: String,
+}
+
+/// Shared by the gRPC server, the HTTP API and `ControlPlane`.
+#[derive(Clone)]
+pub struct XdsHandle {
+    events: mpsc::Sender<Event>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl XdsHandle {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Stops the actor: every proxy stream ends.
+    pub async fn shutdown(&self) {
+        let _ = self.events.send(Event::Shutdown).await;
+    }
+}
+
+/// What a proxy's response stream is told to do next.
+#[derive(Clone, Debug)]
+enum Out {
+    Nothing,
+    Config(Config),
+    Close(Code, String),
+}
+
+/// The actor's end of one stream.
+struct Link {
+    out: watch::Sender<Out>,
+    /// Dropping it stops the stream's reader task.
+    _kill: oneshot::Sender<()>,
+}
+
+enum Event {
+    Register {
+        conn: ConnId,
+        register: Register,
+        out: watch::Sender<Out>,
+        kill: oneshot::Sender<()>,
+    },
+    Subscribe {
+        conn: ConnId,
+        services: Vec<String>,
+    },
+    Ack {
+        conn: ConnId,
+        ack: Ack,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Shutdown,
+}
+
+/// Which proxies to recompute.
+enum Scope {
+    All,
+    One(ConnId),
+    /// Proxies whose config holds endpoints of these services, plus one.
+    Affected(BTreeSet<ServiceName>, Option<ConnId>),
+}
+
+/// Starts the actor on the store's current state.
+pub async fn start(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+) -> Result<(XdsHandle, JoinHandle<()>), XdsError> {
+    // Watch before listing, so no change falls between the two.
+    let store_events = store.watch();
+    let (resources, revision) = store.list(None).await?;
+    let registry = Registry {
+        proxies: Default::default(),
+        resources: ResourceIndex::new(&resources),
+    };
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    // Versions start at the wall clock so that they keep growing across
+    // restarts, and proxies can tell a newer config from their cached one.
+    let version = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    let actor = Actor {
+        registry,
+        links: HashMap::new(),
+        version,
+        revision,
+        store,
+        metrics,
+        snapshot: snapshot.clone(),
+    };
+    actor.publish();
+    let task = tokio::spawn(actor.run(rx, store_events));
+    Ok((
+        XdsHandle {
+            events: tx,
+            snapshot,
+        },
+        task,
+    ))
+}
+
+struct Actor {
+    registry: Registry,
+    links: HashMap<ConnId, Link>,
+    /// The last version sent to any proxy.
+    version: u64,
+    /// The store revision the resource index reflects.
+    revision: u64,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut store_events: broadcast::Receiver<StoreEvent>,
+    ) {
+        let mut store_open = true;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None | Some(Event::Shutdown) => break,
+                    Some(ev) => self.handle(ev),
+                },
+                r = store_events.recv(), if store_open => match r {
+                    Ok(ev) if ev.revision <= self.revision => continue,
+                    // Lagged: some events were lost, but a reload reads
+                    // everything anyway.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Coalesce a burst of applies into one reload.
+                        while store_events.try_recv().is_ok() {}
+                        self.reload().await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => store_open = false,
+                },
+            }
+            self.publish();
+        }
+        info!(
+            proxies = self.links.len(),
+            "proxy API stopped; closing streams"
+        );
+        self.links.clear();
+        self.metrics.connected_proxies.set(0);
+        self.publish_empty();
+    }
+
+    async fn reload(&mut self) {
+        match self.store.list(None).await {
+            Ok((resources, revision)) => {
+                self.registry.resources = ResourceIndex::new(&resources);
+                self.revision = revision;
+                self.update(Scope::All);
+            }
+            // Keep serving the last good state; the next event retries.
+            Err(e) => warn!(error = %e, "cannot reload resources; proxies keep their config"),
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Register {
+                conn,
+                register,
+                out,
+                kill,
+            } => self.register(conn, register, out, kill),
+            Event::Subscribe { conn, services } => {
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    return;
+                };
+                let before = p.subscriptions.len();
+                p.subscriptions.extend(services);
+                if p.subscriptions.len() != before {
+                    self.update(Scope::One(conn));
+                }
+            }
+            Event::Ack { conn, ack } => {
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    return;
+                };
+                if ack.accepted {
+                    p.acked_version = ack.version;
+                    p.last_error = None;
+                } else {
+                    warn!(
+                        instance = %p.instance,
+                        version = ack.version,
+                        error = %ack.error,
+                        "proxy rejected a config"
+                    );
+                    self.metrics.nacks.inc();
+                    p.last_error = Some(if ack.error.is_empty() {
+                        format!("config {} rejected", ack.version)
+                    } else {
+                        ack.error
+                    });
+                }
+            }
+            Event::Disconnect { conn } => {
+                if let Some(p) = self.remove(conn) {
+                    info!(instance = %p.instance, workload = %p.workload, "proxy disconnected");
+                    let affected = self.registry.services_selecting(&p);
+                    self.update(Scope::Affected(affected, None));
+                }
+            }
+            Event::Shutdown => {}
+        }
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        register: Register,
+        out: watch::Sender<Out>,
+        kill: oneshot::Sender<()>,
+    ) {
+        let proxy = Proxy::from_register(conn, &register);
+        let mut affected = BTreeSet::new();
+        // An instance that reconnects before its old stream was found dead
+        // replaces it, so it is never listed twice as an endpoint.
+        let stale: Vec<ConnId> = self
+            .registry
+            .proxies
+            .values()
+            .filter(|p| p.instance == proxy.instance)
+            .map(|p| p.conn)
+            .collect();
+        for old in stale {
+            if let Some(link) = self.links.get(&old) {
+                link.out.send_replace(Out::Close(
+                    Code::Aborted,
+                    "a newer stream of this proxy instance replaced this one".into(),
+                ));
+            }
+            if let Some(p) = self.remove(old) {
+                affected.extend(self.registry.services_selecting(&p));
+            }
+        }
+        info!(
+            instance = %proxy.instance,
+            workload = %proxy.workload,
+            namespace = %proxy.namespace,
+            inbound = %proxy.inbound_addr,
+            subscriptions = proxy.subscriptions.len(),
+            "proxy registered"
+        );
+        affected.extend(self.registry.services_selecting(&proxy));
+        self.registry.proxies.insert(conn, proxy);
+        self.links.insert(conn, Link { out, _kill: kill });
+        self.metrics
+            .connected_proxies
+            .set(self.registry.proxies.len() as i64);
+        self.update(Scope::Affected(affected, Some(conn)));
+    }
+
+    fn remove(&mut self, conn: ConnId) -> Option<Proxy> {
+        self.links.remove(&conn);
+        let p = self.registry.proxies.remove(&conn);
+        self.metrics
+            .connected_proxies
+            .set(self.registry.proxies.len() as i64);
+        p
+    }
+
+    /// Recomputes the configs in `scope` and sends those that changed.
+    fn update(&mut self, scope: Scope) {
+        let mut cache = EndpointCache::new();
+        let mut changed = Vec::new();
+        for p in self.registry.proxies.values() {
+            let wanted = match &scope {
+                Scope::All => true,
+                Scope::One(c) => *c == p.conn,
+                Scope::Affected(services, extra) => {
+                    *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
+                }
+            };
+            if !wanted {
+                continue;
+            }
+            let (config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
+            let hash = content_hash(&config);
+            if p.sent_hash != Some(hash) {
+                changed.push((p.conn, config, deps, hash));
+            }
+        }
+        for (conn, mut config, deps, hash) in changed {
+            let (Some(p), Some(link)) =
+                (self.registry.proxies.get_mut(&conn), self.links.get(&conn))
+            else {
+                continue;
+            };
+            self.version += 1;
+            config.version = self.version;
+            debug!(
+                instance = %p.instance,
+                version = config.version,
+                services = config.services.len(),
+                "sending config"
+            );
+            link.out.send_replace(Out::Config(config));
+            p.sent_version = self.version;
+            p.sent_hash = Some(hash);
+            p.depends_on = deps;
+            self.metrics.configs_sent.inc();
+        }
+    }
+
+    fn publish(&self) {
+        let td = self.registry.trust_domain().to_string();
+        let proxies = self
+            .registry
+            .proxies
+            .values()
+            .map(|p| p.view(&td))
+            .collect();
+        self.snapshot.store(Arc::new(Snapshot {
+            proxies,
+            trust_domain: td,
+        }));
+    }
+
+    fn publish_empty(&self) {
+        self.snapshot.store(Arc::new(Snapshot {
+            proxies: Vec::new(),
+            trust_domain: self.registry.trust_domain().to_string(),
+        }));
+    }
+}
+
+/// The tonic service.
+pub struct ProxyApiService {
+    events: mpsc::Sender<Event>,
+    stats: Arc<Stats>,
+    next_conn: AtomicU64,
+}
+
+impl ProxyApiService {
+    pub fn new(handle: &XdsHandle, stats: Arc<Stats>) -> Self {
+        ProxyApiService {
+            events: handle.events.clone(),
+            stats,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
+type ConfigStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProxyApi for ProxyApiService {
+    type StreamStream = ConfigStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register message within 30s"))??;
+        let Some(ProxyMessage {
+            msg: Some(Msg::Register(register)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on a stream must be Register",
+            ));
+        };
+        if register.workload.is_empty() {
+            return Err(Status::invalid_argument("Register.workload is empty"));
+        }
+        if register.instance.is_empty() {
+            return Err(Status::invalid_argument("Register.instance is empty"));
+        }
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        debug!(?peer, conn, instance = %register.instance, "stream opened");
+        let (out_tx, out_rx) = watch::channel(Out::Nothing);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        self.events
+            .send(Event::Register {
+                conn,
+                register,
+                out: out_tx,
+                kill: kill_tx,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the control plane is shutting down"))?;
+        tokio::spawn(read_loop(
+            conn,
+            inbound,
+            self.events.clone(),
+            self.stats.clone(),
+            kill_rx,
+        ));
+        Ok(Response::new(Box::pin(out_stream(out_rx))))
+    }
+}
+
+/// Reads a proxy's messages until its stream ends, then reports it gone.
+async fn read_loop(
+    conn: ConnId,
+    mut inbound: Streaming<ProxyMessage>,
+    events: mpsc::Sender<Event>,
+    stats: Arc<Stats>,
+    mut kill: oneshot::Receiver<()>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = &mut kill => return,
+            msg = inbound.message() => msg,
+        };
+        let ev = match msg {
+            Ok(Some(ProxyMessage { msg: Some(msg) })) => match msg {
+                Msg::Register(_) => {
+                    warn!(conn, "a second Register on one stream is ignored");
+                    continue;
+                }
+                Msg::Subscribe(s) => Event::Subscribe {
+                    conn,
+                    services: s.services,
+                },
+                Msg::Ack(ack) => Event::Ack { conn, ack },
+                Msg::Stats(report) => {
+                    stats.record(&report);
+                    continue;
+                }
+            },
+            Ok(Some(ProxyMessage { msg: None })) => continue,
+            Ok(None) => {
+                debug!(conn, "proxy closed its stream");
+                break;
+            }
+            Err(status) => {
+                debug!(conn, %status, "proxy stream failed");
+                break;
+            }
+        };
+        if events.send(ev).await.is_err() {
+            return;
+        }
+    }
+    let _ = events.send(Event::Disconnect { conn }).await;
+}
+
+/// The response stream: every new Config in `rx`, until the actor drops
+/// the sender (shutdown, or the proxy is gone) or asks to close.
+fn out_stream(rx: watch::Receiver<Out>) -> impl Stream<Item = Result<ControlMessage, Status>> {
+    futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        loop {
+            // Err: the sender is gone and every value was seen.
+            rx.changed().await.ok()?;
+            let out = rx.borrow_and_update().clone();
+            match out {
+                Out::Nothing => continue,
+                Out::Config(config) => {
+                    let msg = ControlMessage {
+                        msg: Some(control_message::Msg::Config(config)),
+                    };
+                    return Some((Ok(msg), Some(rx)));
+                }
+                Out::Close(code, message) => return Some((Err(Status::new(code, message)), None)),
+            }
+        }
+    })
+}
