@@ -1,0 +1,371 @@
+//! Whole-mesh behaviour on loopback: control plane, sidecars and demo apps
+//! in this process.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_e2e::{demo_app, instance_of, metric_sum, ProxyClient, TestMesh};
+use trellis_testkit::{assert_eventually, eventually};
+
+const CATALOG: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec:
+  selector: {app: catalog}
+  ports: [{name: http, port: 8080}]
+"#;
+
+const ROUND_ROBIN_CATALOG: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata:
+  name: catalog
+  annotations: {trellis.dev/load-balancer: round-robin}
+spec:
+  selector: {app: catalog}
+  ports: [{name: http, port: 8080}]
+"#;
+
+const SPLIT: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v1}
+spec:
+  selector: {app: catalog, version: v1}
+  ports: [{port: 8080}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v2}
+spec:
+  selector: {app: catalog, version: v2}
+  ports: [{port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catalog-split}
+spec:
+  parentRefs: [{kind: Service, name: catalog}]
+  rules:
+  - backendRefs:
+    - {name: catalog-v1, port: 8080, weight: 90}
+    - {name: catalog-v2, port: 8080, weight: 10}
+"#;
+
+/// Starts `n` catalog replicas with sidecars; returns the sidecars.
+async fn catalog_replicas(mesh: &TestMesh, version: &str, n: usize) -> Vec<trellis_proxy::Proxy> {
+    let mut proxies = Vec::new();
+    for i in 0..n {
+        let instance = format!("catalog-{version}-{i}");
+        let (port, _app) = demo_app("catalog", version, &instance).await;
+        proxies.push(
+            mesh.sidecar(&instance, &[("app", "catalog"), ("version", version)], port)
+                .await,
+        );
+    }
+    proxies
+}
+
+/// Waits until `frontend` sees `n` endpoints of `service`.
+async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
+    eventually(&format!("{service} has {n} endpoints"), Duration::from_secs(10), || async {
+        let services = mesh.get_json("/api/v1/services").await;
+        let count = services
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == service))
+            .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
+            .unwrap_or(0);
+        (count == n).then_some(()).ok_or(format!("{count} endpoints"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_app_through_both_sidecars() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    let catalog = catalog_replicas(&mesh, "v1", 1).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog", 1).await;
+
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let (status, body) = client.get("http://catalog:8080/items?x=1").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["service"], "catalog");
+    assert_eq!(answer["path"], "/items");
+    // The app sees the Host its caller used, and no internal header.
+    let headers = answer["headers"].as_object().unwrap();
+    assert_eq!(headers.get("host").and_then(|h| h.as_str()), Some("catalog:8080"));
+    assert!(headers.keys().all(|k| !k.starts_with("x-trellis")), "{headers:?}");
+
+    // Every authority form names the same service.
+    for url in ["http://catalog.default:8080/", "http://catalog.default.svc.trellis.local:8080/"] {
+        let (status, _) = client.get(url).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{url}");
+    }
+
+    // Both sidecars counted the requests.
+    let out = metric_sum(
+        frontend.admin_addr,
+        "trellis_requests_total",
+        &["direction=\"outbound\"", "destination_service=\"catalog\"", "status_code=\"200\""],
+    )
+    .await;
+    assert_eq!(out, 3.0);
+    let inbound = metric_sum(
+        catalog[0].admin_addr,
+        "trellis_requests_total",
+        &["direction=\"inbound\"", "source_workload=\"frontend\"", "status_code=\"200\""],
+    )
+    .await;
+    assert_eq!(inbound, 3.0);
+
+    // A name that is not a service gets a clear 503, and the proxy lives on.
+    let (status, body) = client.get("http://nosuch:8080/").await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("no service default/nosuch"));
+    let (status, _) = client.get("http://catalog:8080/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_over_three_replicas() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(ROUND_ROBIN_CATALOG).await.expect("apply");
+    let _catalog = catalog_replicas(&mesh, "v1", 3).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog", 3).await;
+
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        *counts.entry(instance_of(&body)).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (instance, n) in &counts {
+        assert!((60..=141).contains(n), "{instance} got {n} of 300 (want 20-47%): {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_lands_within_four_percent() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(SPLIT).await.expect("apply split");
+    let _v1 = catalog_replicas(&mesh, "v1", 1).await;
+    let _v2 = catalog_replicas(&mesh, "v2", 1).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog-v1", 1).await;
+    wait_endpoints(&mesh, "catalog-v2", 1).await;
+
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let mut v2 = 0;
+    for _ in 0..2000 {
+        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if answer["version"] == "v2" {
+            v2 += 1;
+        }
+    }
+    let share = v2 as f64 / 2000.0;
+    assert!((0.06..=0.14).contains(&share), "v2 got {share:.3} of traffic, want 0.10 ± 0.04");
+    let routed = metric_sum(frontend.admin_addr, "trellis_requests_total", &["route=\"catalog-split\""]).await;
+    assert_eq!(routed, 2000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_serves_while_the_control_plane_is_down() {
+    let mut mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    let _catalog = catalog_replicas(&mesh, "v1", 2).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog", 2).await;
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let (status, _) = client.get("http://catalog:8080/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    mesh.stop_control().await;
+    for i in 0..200 {
+        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {}", String::from_utf8_lossy(&body));
+    }
+
+    // A proxy restarted meanwhile starts from its cache and serves.
+    frontend.shutdown().await;
+    let cfg = mesh.proxy_config("frontend", &[("app", "frontend")], fport);
+    let restarted = trellis_proxy::Proxy::start(cfg).await.expect("starts from its cache");
+    let mut client = ProxyClient::new(restarted.outbound_addr);
+    for i in 0..50 {
+        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {}", String::from_utf8_lossy(&body));
+    }
+
+    // The control plane comes back and the proxy catches up with a change.
+    mesh.restart_control().await;
+    let before: u64 = serde_json::from_slice::<serde_json::Value>(
+        &trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None).await.1,
+    )
+    .unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    mesh.apply(SPLIT).await.expect("apply split");
+    assert_eventually!(
+        timeout = Duration::from_secs(15),
+        {
+            let (_, body) = trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None).await;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["version"].as_u64().unwrap() > before
+                && v["services"].as_array().unwrap().iter().any(|s| s["name"] == "catalog-v1")
+        },
+        "the restarted proxy never got the route applied after the control plane came back"
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_without_control_plane_or_cache_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused = trellis_testkit::free_addr();
+    let mut cfg = trellis_proxy::ProxyConfig::new(unused.to_string(), "lonely", 1);
+    cfg.inbound_addr = ([127, 0, 0, 1], 0).into();
+    cfg.outbound_addr = ([127, 0, 0, 1], 0).into();
+    cfg.admin_addr = ([127, 0, 0, 1], 0).into();
+    cfg.cache_dir = Some(dir.path().to_path_buf());
+    let err = match trellis_proxy::Proxy::start_with_timeout(cfg, Duration::from_secs(1)).await {
+        Ok(_) => panic!("a proxy with nothing to serve must not start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+    assert!(err.contains("no cached config"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_apply_leaves_the_running_config_serving() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    let _catalog = catalog_replicas(&mesh, "v1", 1).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog", 1).await;
+
+    // A route to a service that does not exist, and a misspelt field.
+    let bad = SPLIT.replace("name: catalog-v2, port", "name: catalog-v9, port");
+    let err = mesh.apply(&bad).await.expect_err("a route to a missing service is refused");
+    assert!(err.contains("catalog-v9"), "{err}");
+    let typo = CATALOG.replace("selector:", "selectr:");
+    let err = mesh.apply(&typo).await.expect_err("a misspelt field is refused");
+    assert!(err.contains("selectr"), "{err}");
+
+    // Nothing of the refused applies took effect: catalog-v1 (in the same
+    // apply as the bad route) does not exist and catalog still routes.
+    let services = mesh.get_json("/api/v1/resources/services").await;
+    let names: Vec<_> = services["items"].as_array().unwrap().iter().map(|s| s["metadata"]["name"].clone()).collect();
+    assert_eq!(names, vec![serde_json::json!("catalog")]);
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    for _ in 0..20 {
+        let (status, _) = client.get("http://catalog:8080/").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_echoes_through_an_upstream_listener() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 7000, protocol: tcp}]
+"#,
+    )
+    .await
+    .expect("apply");
+    // A server-speaks-first echo server: greets, then echoes each line.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                s.write_all(b"220 echo ready\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                    }
+                }
+            });
+        }
+    });
+    let _echo_proxy = mesh.sidecar("echo", &[("app", "echo")], echo_port).await;
+    let (cport, _c) = demo_app("client", "v1", "client-0").await;
+    let client = mesh.sidecar_with_upstream("client", cport, "echo", 7000).await;
+    wait_endpoints(&mesh, "echo", 1).await;
+
+    let mut s = tokio::net::TcpStream::connect(client.upstream_addrs[0]).await.unwrap();
+    let mut greeting = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
+        .await
+        .expect("the server's greeting arrives though the client said nothing")
+        .unwrap();
+    assert_eq!(&greeting, b"220 echo ready\r\n");
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let expected = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .expect("echo completes")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "echoed bytes differ");
+    let opened = metric_sum(client.admin_addr, "trellis_tcp_connections_opened_total", &["destination_service=\"echo\""]).await;
+    assert_eq!(opened, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_fails_alone() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    let _catalog = catalog_replicas(&mesh, "v1", 1).await;
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    wait_endpoints(&mesh, "catalog", 1).await;
+
+    // Garbage, then a request with no target, then a peer that hangs up mid-request.
+    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr).await.unwrap();
+    s.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let (status, _) = client.request(Method::GET, "/relative", &[("host", "")]).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr).await.unwrap();
+    s.write_all(b"POST http://catalog:8080/ HTTP/1.1\r\nhost: catalog:8080\r\ncontent-length: 100\r\n\r\nhalf")
+        .await
+        .unwrap();
+    drop(s);
+
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let (status, _) = client.get("http://catalog:8080/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
