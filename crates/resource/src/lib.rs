@@ -6,6 +6,7 @@
 pub mod duration;
 pub mod load;
 pub mod types;
+pub mod validate;
 mod wire;
 
 pub use duration::parse_duration;
@@ -14,4 +15,5 @@ pub use load::{
     LoadError, ResourceError, Source,
 };
 pub use types::*;
+pub use validate::{validate_apply, validate_delete};
 pub use wire::ResourceSeed;

@@ -1,0 +1,626 @@
+//! Deciding whether an apply or a delete is accepted.
+//!
+//! An apply is accepted whole or not at all, so every problem in it is
+//! reported at once: each resource alone (names, ports, durations,
+//! regexes...) and the set against what the store already holds (a route
+//! may only name Services that exist, no resource twice). Messages say what
+//! to change, since they go straight to the person running `trellis apply`.
+
+use std::collections::HashMap;
+
+use regex::Regex;
+
+use crate::duration::parse_duration;
+pub use crate::load::Source;
+use crate::load::{LoadError, ResourceError};
+use crate::types::*;
+
+const MAX_REPLICAS: u32 = 1000;
+const MIN_CERTIFICATE_TTL_SECS: u64 = 10;
+/// The Gateway API's upper bound for a backendRef's weight.
+const MAX_WEIGHT: u32 = 1_000_000;
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Validates a whole apply. `sources` runs parallel to `resources` (it may
+/// be empty or short); `existing` is what the store holds now.
+pub fn validate_apply(
+    resources: &[Resource],
+    sources: &[Source],
+    existing: &[Resource],
+) -> Result<(), LoadError> {
+    // What this apply writes wins over what the store holds, so a route
+    // may name a Service whose new ports arrive in the same apply.
+    let mut services: HashMap<(&str, &str), &ServiceSpec> = HashMap::new();
+    for r in existing.iter().chain(resources) {
+        if let Some(spec) = r.as_service() {
+            services.insert(
+                (r.metadata.namespace.as_str(), r.metadata.name.as_str()),
+                spec,
+            );
+        }
+    }
+
+    let mut errors = Vec::new();
+    let mut first_seen: HashMap<ResourceKey, usize> = HashMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        let mut p = Problems::default();
+        check_resource(r, &services, &mut p);
+        let key = r.key();
+        if let Some(&first) = first_seen.get(&key) {
+            p.add(
+                "metadata.name",
+                format!(
+                    "{key} appears twice in this apply (also {}): keep one",
+                    describe_source(sources.get(first), first)
+                ),
+            );
+        } else {
+            first_seen.insert(key, i);
+        }
+        errors.extend(p.located(r, sources.get(i)));
+    }
+    into_result(errors)
+}
+
+/// Refuses to delete a Service that a remaining route still names, since
+/// the route would start failing at once.
+pub fn validate_delete(key: &ResourceKey, remaining: &[Resource]) -> Result<(), LoadError> {
+    if key.kind != Kind::Service {
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    for r in remaining {
+        let Some(route) = r.as_route() else { continue };
+        let fields: Vec<String> = service_refs(route)
+            .filter(|re| re.is_service())
+            .filter(|re| re.name == key.name && re.namespace(r) == key.namespace)
+            .map(|re| re.field)
+            .collect();
+        if !fields.is_empty() {
+            errors.push(ResourceError::for_path(
+                key.to_string(),
+                format!(
+                    "still used by {} ({}): delete or change that route first",
+                    r.key(),
+                    fields.join(", ")
+                ),
+            ));
+        }
+    }
+    into_result(errors)
+}
+
+fn into_result(errors: Vec<ResourceError>) -> Result<(), LoadError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadError { errors })
+    }
+}
+
+fn describe_source(source: Option<&Source>, index: usize) -> String {
+    match source {
+        Some(s) if !s.file.is_empty() && s.document > 0 => {
+            format!("{} document {}", s.file, s.document)
+        }
+        Some(s) if !s.file.is_empty() => s.file.clone(),
+        _ => format!("item {} of the apply", index + 1),
+    }
+}
+
+/// The problems of one resource, as (field path, reason).
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push((field.into(), reason.into()));
+    }
+
+    fn check(&mut self, field: impl Into<String>, result: Result<(), String>) {
+        if let Err(reason) = result {
+            self.add(field, reason);
+        }
+    }
+
+    /// Without a file to point at, the resource's own name is the most
+    /// useful thing to lead the message with.
+    fn located(self, r: &Resource, source: Option<&Source>) -> Vec<ResourceError> {
+        let (file, document, line) = match source {
+            Some(s) if !s.file.is_empty() || s.document > 0 => (s.file.clone(), s.document, s.line),
+            _ => (r.key().to_string(), 0, None),
+        };
+        self.0
+            .into_iter()
+            .map(|(field, reason)| ResourceError {
+                file: file.clone(),
+                document,
+                line,
+                field,
+                reason,
+            })
+            .collect()
+    }
+}
+
+fn check_resource(r: &Resource, services: &HashMap<(&str, &str), &ServiceSpec>, p: &mut Problems) {
+    let name = &r.metadata.name;
+    // Route names are only labels on metrics and in the API, so the
+    // Kubernetes rule for most objects (a DNS subdomain) is enough; the
+    // others become parts of DNS names and identities.
+    if r.kind() == Kind::HttpRoute {
+        p.check("metadata.name", dns_subdomain(name));
+    } else {
+        p.check("metadata.name", dns_label(name));
+    }
+    if r.kind().namespaced() {
+        p.check("metadata.namespace", dns_label(&r.metadata.namespace));
+    }
+    match &r.spec {
+        Spec::Mesh(spec) => check_mesh(name, spec, p),
+        Spec::Service(spec) => check_service(spec, p),
+        Spec::Workload(spec) => check_workload(spec, p),
+        Spec::HttpRoute(spec) => check_route(&r.metadata.namespace, spec, services, p),
+    }
+}
+
+fn check_mesh(name: &str, spec: &MeshSpec, p: &mut Problems) {
+    if name != "default" {
+        p.add(
+            "metadata.name",
+            format!("the Mesh is named `{name}`: there is one Mesh and it must be named `default`"),
+        );
+    }
+    if spec.trust_domain.is_empty() {
+        p.add(
+            "spec.trustDomain",
+            "is empty: use a DNS name such as `trellis.local`",
+        );
+    } else {
+        p.check("spec.trustDomain", dns_subdomain(&spec.trust_domain));
+    }
+    match parse_duration(&spec.certificate_ttl) {
+        Err(e) => p.add("spec.certificateTTL", e),
+        Ok(ttl) if ttl.as_secs() < MIN_CERTIFICATE_TTL_SECS => p.add(
+            "spec.certificateTTL",
+            format!(
+                "`{}` is too short: certificates must live at least {MIN_CERTIFICATE_TTL_SECS}s",
+                spec.certificate_ttl
+            ),
+        ),
+        Ok(_) => {}
+    }
+    if let Some(tracing) = &spec.tracing {
+        if !(0.0..=1.0).contains(&tracing.sampling) {
+            p.add(
+                "spec.tracing.sampling",
+                format!(
+                    "`{}` is not between 0 and 1: it is the share of traces sampled, e.g. 0.1",
+                    tracing.sampling
+                ),
+            );
+        }
+    }
+}
+
+fn check_service(spec: &ServiceSpec, p: &mut Problems) {
+    if spec.ports.is_empty() {
+        p.add("spec.ports", "a Service needs at least one port");
+    }
+    let mut numbers: HashMap<u16, usize> = HashMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, port) in spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        if port.port == 0 {
+            p.add(
+                format!("{field}.port"),
+                "port 0 is not allowed: use 1 to 65535",
+            );
+        } else if let Some(first) = numbers.insert(port.port, i) {
+            p.add(
+                format!("{field}.port"),
+                format!(
+                    "port {} is listed twice (also spec.ports[{first}])",
+                    port.port
+                ),
+            );
+        }
+        if port.target_port == Some(0) {
+            p.add(
+                format!("{field}.targetPort"),
+                "port 0 is not allowed: use 1 to 65535",
+            );
+        }
+        if let Some(name) = &port.name {
+            if let Some(first) = names.insert(name, i) {
+                p.add(
+                    format!("{field}.name"),
+                    format!("port name `{name}` is used twice (also spec.ports[{first}])"),
+                );
+            }
+        }
+    }
+}
+
+fn check_workload(spec: &WorkloadSpec, p: &mut Problems) {
+    if spec.replicas > MAX_REPLICAS {
+        p.add(
+            "spec.replicas",
+            format!(
+                "{} is too many: at most {MAX_REPLICAS} replicas",
+                spec.replicas
+            ),
+        );
+    }
+    match spec.command.first() {
+        None => p.add(
+            "spec.command",
+            "is empty: give the program and its arguments, e.g. [trellis, demo-app]",
+        ),
+        Some(program) if program.is_empty() => {
+            p.add("spec.command[0]", "the program name is empty")
+        }
+        Some(_) => {}
+    }
+    if spec.port == 0 {
+        p.add("spec.port", "port 0 is not allowed: use 1 to 65535");
+    }
+    if let Some(sa) = &spec.service_account {
+        p.check("spec.serviceAccount", dns_subdomain(sa));
+    }
+    for name in spec.env.keys() {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            p.add(
+                format!("spec.env.{name}"),
+                format!("`{name}` is not an environment variable name: it must be non-empty, without `=`"),
+            );
+        }
+    }
+}
+
+/// A reference from a route to a Service: a parentRef or a backendRef.
+struct ServiceRef<'a> {
+    field: String,
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    name: &'a str,
+    namespace: Option<&'a str>,
+    port: Option<u16>,
+}
+
+impl ServiceRef<'_> {
+    /// Whether it names a core Service (omitted group and kind mean that).
+    fn is_service(&self) -> bool {
+        matches!(self.group, None | Some("" | "core"))
+            && matches!(self.kind, None | Some("Service"))
+    }
+
+    /// A reference without a namespace means the route's own.
+    fn namespace<'b>(&'b self, route: &'b Resource) -> &'b str {
+        self.namespace.unwrap_or(&route.metadata.namespace)
+    }
+}
+
+fn service_refs(spec: &HttpRouteSpec) -> impl Iterator<Item = ServiceRef<'_>> {
+    let parents = spec
+        .parent_refs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ServiceRef {
+            field: format!("spec.parentRefs[{i}]"),
+            group: r.group.as_deref(),
+            kind: r.kind.as_deref(),
+            name: &r.name,
+            namespace: r.namespace.as_deref(),
+            port: r.port,
+        });
+    let backends = spec.rules.iter().enumerate().flat_map(|(i, rule)| {
+        rule.backend_refs
+            .iter()
+            .enumerate()
+            .map(move |(j, b)| ServiceRef {
+                field: format!("spec.rules[{i}].backendRefs[{j}]"),
+                group: b.group.as_deref(),
+                kind: b.kind.as_deref(),
+                name: &b.name,
+                namespace: b.namespace.as_deref(),
+                port: b.port,
+            })
+    });
+    parents.chain(backends)
+}
+
+fn check_route(
+    namespace: &str,
+    spec: &HttpRouteSpec,
+    services: &HashMap<(&str, &str), &ServiceSpec>,
+    p: &mut Problems,
+) {
+    if spec.parent_refs.is_empty() {
+        p.add(
+            "spec.parentRefs",
+            "is empty: name the Service whose traffic this route steers, e.g. [{name: catalog}]",
+        );
+    }
+    for re in service_refs(spec) {
+        check_service_ref(namespace, &re, services, p);
+    }
+    for (i, host) in spec.hostnames.iter().enumerate() {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        p.check(format!("spec.hostnames[{i}]"), dns_subdomain(bare));
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        check_rule(&format!("spec.rules[{i}]"), rule, p);
+    }
+}
+
+fn check_service_ref(
+    route_namespace: &str,
+    re: &ServiceRef<'_>,
+    services: &HashMap<(&str, &str), &ServiceSpec>,
+    p: &mut Problems,
+) {
+    if let Some(kind) = re.kind.filter(|k| *k != "Service") {
+        p.add(
+            format!("{}.kind", re.field),
+            format!("`{kind}` is not supported: in the mesh a route refers to a Service"),
+        );
+    }
+    if let Some(group) = re.group.filter(|g| !matches!(*g, "" | "core")) {
+        p.add(
+            format!("{}.group", re.field),
+            format!("`{group}` is not supported: a Service's group is \"\" (core)"),
+        );
+    }
+    if !re.is_service() {
+        return;
+    }
+    let namespace = re.namespace.unwrap_or(route_namespace);
+    let Some(service) = services.get(&(namespace, re.name)) else {
+        p.add(
+            re.field.clone(),
+            format!(
+                "Service {namespace}/{} does not exist; apply it first or fix the name",
+                re.name
+            ),
+        );
+        return;
+    };
+    if let Some(port) = re.port {
+        if !service.ports.iter().any(|sp| sp.port == port) {
+            let has: Vec<String> = service.ports.iter().map(|sp| sp.port.to_string()).collect();
+            p.add(
+                format!("{}.port", re.field),
+                format!(
+                    "Service {namespace}/{} has no port {port} (it has {})",
+                    re.name,
+                    if has.is_empty() {
+                        "none".into()
+                    } else {
+                        has.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+}
+
+fn check_rule(field: &str, rule: &RouteRule, p: &mut Problems) {
+    for (i, m) in rule.matches.iter().enumerate() {
+        check_match(&format!("{field}.matches[{i}]"), m, p);
+    }
+    for (i, f) in rule.filters.iter().enumerate() {
+        check_filter(&format!("{field}.filters[{i}]"), f, p);
+    }
+    for (i, b) in rule.backend_refs.iter().enumerate() {
+        if b.weight > MAX_WEIGHT {
+            p.add(
+                format!("{field}.backendRefs[{i}].weight"),
+                format!("{} is too large: weights go up to {MAX_WEIGHT}", b.weight),
+            );
+        }
+        for (j, f) in b.filters.iter().enumerate() {
+            check_filter(&format!("{field}.backendRefs[{i}].filters[{j}]"), f, p);
+        }
+    }
+    if !rule.backend_refs.is_empty() && rule.backend_refs.iter().all(|b| b.weight == 0) {
+        p.add(
+            format!("{field}.backendRefs"),
+            "every backendRef has weight 0, so the rule has nowhere to send traffic: \
+             give at least one a weight above 0",
+        );
+    }
+    if let Some(t) = &rule.timeouts {
+        let request = check_duration(p, &format!("{field}.timeouts.request"), &t.request);
+        let backend = check_duration(
+            p,
+            &format!("{field}.timeouts.backendRequest"),
+            &t.backend_request,
+        );
+        // A zero request timeout means none, so any per-try timeout fits.
+        if let (Some(request), Some(backend)) = (request, backend) {
+            if !request.is_zero() && backend > request {
+                p.add(
+                    format!("{field}.timeouts.backendRequest"),
+                    "is longer than timeouts.request, which includes every try: make it shorter",
+                );
+            }
+        }
+    }
+    if let Some(retry) = &rule.retry {
+        for (i, code) in retry.codes.iter().enumerate() {
+            if !(400..=599).contains(code) {
+                p.add(
+                    format!("{field}.retry.codes[{i}]"),
+                    format!("{code} is not an error status: retried codes are 400 to 599"),
+                );
+            }
+        }
+        check_duration(p, &format!("{field}.retry.backoff"), &retry.backoff);
+    }
+}
+
+fn check_duration(
+    p: &mut Problems,
+    field: &str,
+    value: &Option<String>,
+) -> Option<std::time::Duration> {
+    match parse_duration(value.as_deref()?) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            p.add(field, e);
+            None
+        }
+    }
+}
+
+fn check_match(field: &str, m: &RouteMatch, p: &mut Problems) {
+    if let Some(path) = &m.path {
+        let f = format!("{field}.path.value");
+        match path.match_type {
+            PathMatchType::Exact | PathMatchType::PathPrefix => {
+                if !path.value.starts_with('/') {
+                    p.add(f, format!("`{}` must start with `/`", path.value));
+                }
+            }
+            PathMatchType::RegularExpression => p.check(f, compiles(&path.value)),
+        }
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        let f = format!("{field}.headers[{i}]");
+        p.check(format!("{f}.name"), header_name(&h.name));
+        if h.match_type == ValueMatchType::RegularExpression {
+            p.check(format!("{f}.value"), compiles(&h.value));
+        }
+    }
+    for (i, q) in m.query_params.iter().enumerate() {
+        let f = format!("{field}.queryParams[{i}]");
+        if q.name.is_empty() {
+            p.add(
+                format!("{f}.name"),
+                "is empty: name the query parameter to match",
+            );
+        }
+        if q.match_type == ValueMatchType::RegularExpression {
+            p.check(format!("{f}.value"), compiles(&q.value));
+        }
+    }
+    if let Some(method) = &m.method {
+        if !METHODS.contains(&method.as_str()) {
+            p.add(
+                format!("{field}.method"),
+                format!(
+                    "`{method}` is not an HTTP method: use one of {}",
+                    METHODS.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn check_filter(field: &str, f: &RouteFilter, p: &mut Problems) {
+    let (wanted, present, other, other_present) = match f.filter_type {
+        FilterType::RequestHeaderModifier => (
+            "requestHeaderModifier",
+            &f.request_header_modifier,
+            "responseHeaderModifier",
+            f.response_header_modifier.is_some(),
+        ),
+        FilterType::ResponseHeaderModifier => (
+            "responseHeaderModifier",
+            &f.response_header_modifier,
+            "requestHeaderModifier",
+            f.request_header_modifier.is_some(),
+        ),
+    };
+    match present {
+        None => p.add(
+            format!("{field}.{wanted}"),
+            format!("is missing: a filter of type {:?} needs it", f.filter_type),
+        ),
+        Some(m) => {
+            let f = format!("{field}.{wanted}");
+            for (list, values) in [("set", &m.set), ("add", &m.add)] {
+                for (i, hv) in values.iter().enumerate() {
+                    p.check(format!("{f}.{list}[{i}].name"), header_name(&hv.name));
+                }
+            }
+            for (i, name) in m.remove.iter().enumerate() {
+                p.check(format!("{f}.remove[{i}]"), header_name(name));
+            }
+        }
+    }
+    if other_present {
+        p.add(
+            format!("{field}.{other}"),
+            format!(
+                "does not belong in a filter of type {:?}: remove it",
+                f.filter_type
+            ),
+        );
+    }
+}
+
+fn compiles(pattern: &str) -> Result<(), String> {
+    Regex::new(pattern).map(drop).map_err(|e| {
+        // The regex crate's messages span several lines (with a caret
+        // under the pattern); errors here are one line each.
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or(text.lines().last().unwrap_or_default())
+            .to_string();
+        format!("`{pattern}` is not a valid regular expression: {why}")
+    })
+}
+
+fn header_name(name: &str) -> Result<(), String> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !name.is_empty() && name.chars().all(token) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid header name: use letters, digits and `-`, e.g. `x-canary`"
+        ))
+    }
+}
+
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 label, as Kubernetes names most things.
+fn dns_label(s: &str) -> Result<(), String> {
+    if is_label(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid name: use at most 63 lowercase letters, digits and `-`, \
+             starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// RFC 1123 subdomain: labels joined by dots.
+fn dns_subdomain(s: &str) -> Result<(), String> {
+    if s.len() <= 253 && s.split('.').all(is_label) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid DNS name: use lowercase letters, digits, `-` and `.`, \
+             each part starting and ending with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;
