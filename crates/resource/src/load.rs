@@ -382,7 +382,7 @@ fn yaml_error(
     doc: &Document<'_>,
     tracked_path: &str,
     e: &serde_yaml_ng::Error,
-    what: &str,
+    syntax_label: &str,
 ) -> ResourceError {
     let shift = doc.start_line - 1;
     let location = e.location();
@@ -415,14 +415,15 @@ fn yaml_error(
             }
             rest.to_string()
         }
-        None => reason.into_owned(),
+        // Only errors found at no particular node are about YAML syntax.
+        None => format!("{syntax_label}{reason}"),
     };
     ResourceError {
         file: file.to_string(),
         document: doc.number,
         line: Some(location.map_or(doc.content_line, |l| l.line() + shift)),
         field,
-        reason: format!("{what}{reason}"),
+        reason,
     }
 }
 

@@ -179,6 +179,19 @@ fn wrong_api_version_and_unknown_top_level_field_point_at_the_field() {
 }
 
 #[test]
+fn duplicate_keys_in_a_document_are_errors() {
+    let text = WORKLOAD.replace("  replicas: 2\n", "  replicas: 2\n  replicas: 3\n");
+    let e = &parse_documents("w.yaml", &text).unwrap_err().errors[0];
+    assert_eq!(e.field, "spec");
+    assert!(
+        e.reason.contains("duplicate entry with key \"replicas\""),
+        "{e}"
+    );
+    // The YAML library points at the start of the mapping that repeats it.
+    assert_eq!(e.line, Some(7));
+}
+
+#[test]
 fn spec_before_kind_still_reports_exact_path_and_line() {
     let text = "spec:\n  ports:\n  - port: -1\nkind: Service\napiVersion: trellis.dev/v1alpha1\nmetadata: {name: s}\n";
     let e = &parse_documents("f.yaml", text).unwrap_err().errors[0];
