@@ -288,7 +288,12 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
             "nothing to apply: send a JSON array of resources or YAML documents".into(),
         ));
     }
-    let (resources, sources): (Vec<Resource>, Vec<_>) = parsed.into_iter().unzip();
+    let (resources, mut sources): (Vec<Resource>, Vec<_>) = parsed.into_iter().unzip();
+    // The items of a JSON array all come from "document 1"; without
+    // sources, validation names each resource instead, which says more.
+    if text.trim_start().starts_with(['[', '{']) {
+        sources.clear();
+    }
 
     let _write = s.write_lock.lock().await;
     let (existing, revision) = s.store.list(None).await?;

@@ -29,9 +29,13 @@ pub enum StoreError {
     #[error("the store {path} is in use: is another control plane running on this data dir?")]
     InUse { path: PathBuf },
     #[error("cannot open the store {path}: {source}")]
-    Open { path: PathBuf, source: redb::Error },
+    Open {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+    // Boxed: redb's error is large, and every store call returns this.
     #[error("store error: {0}")]
-    Backend(#[from] redb::Error),
+    Backend(Box<redb::Error>),
     #[error("the stored record {key} cannot be read ({source}); was the store written by a newer Trellis?")]
     Corrupt {
         key: String,
@@ -46,6 +50,12 @@ pub enum StoreError {
     Closed,
     #[error("store task failed: {0}")]
     Task(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -178,7 +188,7 @@ fn open_db(path: &Path) -> Result<Database> {
         },
         e => StoreError::Open {
             path: path.to_owned(),
-            source: e.into(),
+            source: Box::new(e.into()),
         },
     })?;
     // Create the tables up front so that readers never meet a missing table.
@@ -241,9 +251,9 @@ impl Store for RedbStore {
             let revision;
             {
                 let mut table = txn.open_table(RESOURCES).map_err(redb::Error::from)?;
-                for (_i, (key, json)) in encoded.iter().enumerate() {
+                for (key, json) in &encoded {
                     #[cfg(test)]
-                    if _i >= fail_after {
+                    if results.len() >= fail_after {
                         // Dropping `txn` without commit aborts it.
                         return Err(StoreError::Task("injected failure".into()));
                     }

@@ -83,7 +83,7 @@ struct Link {
 enum Event {
     Register {
         conn: ConnId,
-        register: Register,
+        register: Box<Register>,
         out: watch::Sender<Out>,
         kill: oneshot::Sender<()>,
     },
@@ -263,7 +263,7 @@ impl Actor {
     fn register(
         &mut self,
         conn: ConnId,
-        register: Register,
+        register: Box<Register>,
         out: watch::Sender<Out>,
         kill: oneshot::Sender<()>,
     ) {
@@ -433,7 +433,7 @@ impl ProxyApi for ProxyApiService {
         self.events
             .send(Event::Register {
                 conn,
-                register,
+                register: Box::new(register),
                 out: out_tx,
                 kill: kill_tx,
             })

@@ -1,0 +1,555 @@
+//! A control plane in-process, on free ports, with fake proxies speaking
+//! the real gRPC API and a plain HTTP/1.1 client for the API.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use trellis_api::v1::proxy_api_client::ProxyApiClient;
+use trellis_api::v1::{
+    control_message, proxy_message, Ack, Config, ControlMessage, ProxyMessage, Register, StatEntry,
+    StatsReport, Subscribe,
+};
+use trellis_control::{ControlConfig, ControlPlane};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(dir: &std::path::Path) -> ControlConfig {
+    let mut cfg = ControlConfig::new(dir);
+    cfg.http_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+/// Polls `f` until it returns `Some`, failing after `WAIT`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1 request; returns the status and the body as JSON (or a
+/// JSON string when it is not JSON).
+async fn http(addr: SocketAddr, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, v)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    http(addr, "GET", path, "application/json", "").await
+}
+
+async fn apply(addr: SocketAddr, resources: &Value) -> (u16, Value) {
+    http(
+        addr,
+        "POST",
+        "/api/v1/apply",
+        "application/json",
+        &resources.to_string(),
+    )
+    .await
+}
+
+fn service(name: &str, selector: Value) -> Value {
+    json!({
+        "apiVersion": "trellis.dev/v1alpha1", "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": selector, "ports": [{"port": 8080, "protocol": "http"}]},
+    })
+}
+
+fn mesh_resources() -> Value {
+    json!([
+        service("catalog", json!({"app": "catalog"})),
+        service("catalog-v1", json!({"app": "catalog", "version": "v1"})),
+        service("catalog-v2", json!({"app": "catalog", "version": "v2"})),
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "catalog-split"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "catalog"}],
+                "rules": [{"backendRefs": [
+                    {"name": "catalog-v1", "weight": 90},
+                    {"name": "catalog-v2", "weight": 10},
+                ]}],
+            },
+        },
+    ])
+}
+
+/// A fake proxy: the sending half of its stream and the configs it gets.
+struct FakeProxy {
+    tx: mpsc::Sender<ProxyMessage>,
+    rx: Streaming<ControlMessage>,
+}
+
+impl FakeProxy {
+    async fn connect(addr: SocketAddr, register: Register) -> FakeProxy {
+        let mut client = ProxyApiClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        // The server answers only after Register, so send it first.
+        tx.send(msg(proxy_message::Msg::Register(register)))
+            .await
+            .unwrap();
+        let rx = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        FakeProxy { tx, rx }
+    }
+
+    async fn send(&self, m: proxy_message::Msg) {
+        self.tx.send(msg(m)).await.unwrap();
+    }
+
+    /// The next Config that satisfies `pred`, skipping older ones.
+    async fn config_where(&mut self, what: &str, pred: impl Fn(&Config) -> bool) -> Config {
+        let rx = &mut self.rx;
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let m = rx.message().await.unwrap().expect("stream ended");
+                if let Some(control_message::Msg::Config(c)) = m.msg {
+                    if pred(&c) {
+                        return c;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for a config with {what}"))
+    }
+}
+
+fn msg(m: proxy_message::Msg) -> ProxyMessage {
+    ProxyMessage { msg: Some(m) }
+}
+
+fn register(instance: &str, workload: &str, labels: &[(&str, &str)], inbound: &str) -> Register {
+    Register {
+        instance: instance.into(),
+        workload: workload.into(),
+        namespace: "default".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        inbound_addr: inbound.into(),
+        admin_addr: "127.0.0.1:15000".into(),
+        ..Default::default()
+    }
+}
+
+fn service_in<'a>(c: &'a Config, name: &str) -> Option<&'a trellis_api::v1::ServiceConfig> {
+    c.services
+        .iter()
+        .find(|s| s.namespace == "default" && s.name == name)
+}
+
+fn endpoint_addrs(c: &Config, name: &str) -> Vec<String> {
+    service_in(c, name)
+        .map(|s| s.endpoints.iter().map(|e| e.address.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn proxies_get_services_routes_and_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, body) = apply(cp.http_addr, &mesh_resources()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"].as_array().unwrap().len(), 4);
+    assert!(body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["action"] == "created"));
+
+    // The first Config comes right after Register, even when empty.
+    let mut v1 = FakeProxy::connect(
+        cp.grpc_addr,
+        register(
+            "catalog-v1-0",
+            "catalog-v1",
+            &[("app", "catalog"), ("version", "v1")],
+            "127.0.0.1:21001",
+        ),
+    )
+    .await;
+    let first = v1.config_where("anything", |_| true).await;
+    assert!(first.services.is_empty());
+    assert_eq!(first.mesh_json, "{}");
+    v1.send(proxy_message::Msg::Ack(Ack {
+        version: first.version,
+        accepted: true,
+        error: String::new(),
+    }))
+    .await;
+
+    let mut web = FakeProxy::connect(
+        cp.grpc_addr,
+        register("web-0", "web", &[("app", "web")], "127.0.0.1:21002"),
+    )
+    .await;
+    web.send(proxy_message::Msg::Subscribe(Subscribe {
+        services: vec!["default/catalog".into(), "default/nope".into()],
+    }))
+    .await;
+    let cfg = web
+        .config_where("catalog and its backends", |c| {
+            service_in(c, "catalog").is_some() && endpoint_addrs(c, "catalog-v1").len() == 1
+        })
+        .await;
+    let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["catalog", "catalog-v1", "catalog-v2"]);
+    assert_eq!(cfg.missing, ["default/nope"]);
+    assert_eq!(endpoint_addrs(&cfg, "catalog"), ["127.0.0.1:21001"]);
+    assert_eq!(endpoint_addrs(&cfg, "catalog-v1"), ["127.0.0.1:21001"]);
+    assert!(endpoint_addrs(&cfg, "catalog-v2").is_empty());
+    let ep = &service_in(&cfg, "catalog-v1").unwrap().endpoints[0];
+    assert_eq!(ep.identity, "spiffe://trellis.local/ns/default/sa/catalog");
+    assert_eq!(ep.instance, "catalog-v1-0");
+    let catalog = service_in(&cfg, "catalog").unwrap();
+    assert_eq!(catalog.routes_json.len(), 1);
+    let route: Value = serde_json::from_str(&catalog.routes_json[0]).unwrap();
+    assert_eq!(route["metadata"]["name"], "catalog-split");
+    let svc: Value = serde_json::from_str(&catalog.service_json).unwrap();
+    assert_eq!(svc["spec"]["selector"]["app"], "catalog");
+
+    // A nack shows in the proxies list.
+    web.send(proxy_message::Msg::Ack(Ack {
+        version: cfg.version,
+        accepted: false,
+        error: "route catalog-split: unsupported".into(),
+    }))
+    .await;
+    let proxies = eventually("the nack in /api/v1/proxies", || async {
+        let (_, v) = get(cp.http_addr, "/api/v1/proxies").await;
+        let web = v
+            .as_array()?
+            .iter()
+            .find(|p| p["instance"] == "web-0")?
+            .clone();
+        (web["lastError"] == "route catalog-split: unsupported").then_some(v)
+    })
+    .await;
+    let web_view = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["instance"] == "web-0")
+        .unwrap();
+    assert_eq!(web_view["sentVersion"], json!(cfg.version));
+    assert_eq!(
+        web_view["subscriptions"],
+        json!(["default/catalog", "default/nope"])
+    );
+    assert_eq!(
+        web_view["identity"],
+        "spiffe://trellis.local/ns/default/sa/web"
+    );
+
+    // Services show their endpoints; Prometheus finds both proxies.
+    let (_, svcs) = get(cp.http_addr, "/api/v1/services").await;
+    let catalog = svcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "catalog")
+        .unwrap();
+    assert_eq!(catalog["endpoints"][0]["address"], "127.0.0.1:21001");
+    let (_, targets) = get(cp.http_addr, "/api/v1/prometheus/targets").await;
+    assert_eq!(targets.as_array().unwrap().len(), 2);
+
+    // Traffic reports show up in /api/v1/stat.
+    let mut buckets = vec![0u64; trellis_api::LATENCY_BUCKETS_MS.len() + 1];
+    buckets[4] = 10;
+    v1.send(proxy_message::Msg::Stats(StatsReport {
+        interval_seconds: 10.0,
+        entries: vec![StatEntry {
+            direction: "inbound".into(),
+            destination_namespace: "default".into(),
+            destination_service: "catalog".into(),
+            destination_workload: "catalog-v1".into(),
+            requests: 10,
+            failures: 1,
+            tls_requests: 10,
+            latency_buckets: buckets,
+            ..Default::default()
+        }],
+    }))
+    .await;
+    let row = eventually("a stat row", || async {
+        let (_, v) = get(cp.http_addr, "/api/v1/stat?kind=service&window=30s").await;
+        v["rows"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(row["name"], "catalog");
+    assert_eq!(row["requests"], 10);
+    assert!((row["successRate"].as_f64().unwrap() - 0.9).abs() < 1e-9);
+
+    // The v1 proxy goes away: web gets a Config without its endpoint.
+    drop(v1);
+    let after = web
+        .config_where("catalog-v1 without endpoints", |c| {
+            endpoint_addrs(c, "catalog-v1").is_empty()
+        })
+        .await;
+    assert!(after.version > cfg.version);
+    assert!(endpoint_addrs(&after, "catalog").is_empty());
+    assert_eq!(after.services.len(), 3);
+    eventually("one proxy left", || async {
+        let (_, v) = get(cp.http_addr, "/api/v1/proxies").await;
+        (v.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+
+    // A route change reaches the subscriber.
+    let mut changed = mesh_resources();
+    changed[3]["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(50);
+    let (status, body) = apply(cp.http_addr, &changed).await;
+    assert_eq!(status, 200, "{body}");
+    let actions: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["unchanged", "unchanged", "unchanged", "configured"]
+    );
+    web.config_where("the new weight", |c| {
+        service_in(c, "catalog")
+            .is_some_and(|s| s.routes_json.iter().any(|r| r.contains("\"weight\":50")))
+    })
+    .await;
+
+    let (status, text) = get(cp.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap();
+    assert!(text.contains("trellis_control_nacks_total 1"), "{text}");
+    assert!(
+        text.contains("trellis_control_connected_proxies 1"),
+        "{text}"
+    );
+
+    cp.shutdown().await;
+    // Shutdown closes the remaining stream.
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match web.rx.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream stayed open after shutdown");
+}
+
+#[tokio::test]
+async fn first_message_must_be_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let mut client = ProxyApiClient::connect(format!("http://{}", cp.grpc_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(proxy_message::Msg::Subscribe(Subscribe {
+        services: vec!["default/a".into()],
+    })))
+    .await
+    .unwrap();
+    let err = client.stream(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, _) = apply(cp.http_addr, &mesh_resources()).await;
+    assert_eq!(status, 200);
+    let (_, before) = get(cp.http_addr, "/api/v1/resources/svc").await;
+
+    // A good Service next to a route naming a Service that does not exist.
+    let bad = json!([
+        service("extra", json!({"app": "extra"})),
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "broken"},
+            "spec": {"parentRefs": [{"name": "catalog"}], "rules": [{"backendRefs": [{"name": "ghost"}]}]},
+        },
+    ]);
+    let (status, body) = apply(cp.http_addr, &bad).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
+    let detail = &body["details"][0];
+    assert!(
+        detail["field"].as_str().unwrap().contains("backendRefs"),
+        "{body}"
+    );
+    let (_, after) = get(cp.http_addr, "/api/v1/resources/svc").await;
+    assert_eq!(before, after);
+    let (status, _) = get(cp.http_addr, "/api/v1/resources/route/default/broken").await;
+    assert_eq!(status, 404);
+
+    // Unparseable input, and a dry run, change nothing either.
+    let (status, body) = http(
+        cp.http_addr,
+        "POST",
+        "/api/v1/apply",
+        "application/yaml",
+        "kind: Service\nmetadata: [\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  name: dry\nspec:\n  selector: {app: dry}\n  ports: [{port: 80}]\n";
+    let (status, body) = http(
+        cp.http_addr,
+        "POST",
+        "/api/v1/apply?dryRun=true",
+        "application/yaml",
+        yaml,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["action"], "created");
+    let (status, _) = get(cp.http_addr, "/api/v1/resources/svc/default/dry").await;
+    assert_eq!(status, 404);
+
+    // A Service still named by a route cannot be deleted; the route can.
+    let (status, body) = http(
+        cp.http_addr,
+        "DELETE",
+        "/api/v1/resources/svc/default/catalog-v2",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(
+        cp.http_addr,
+        "DELETE",
+        "/api/v1/resources/routes/default/catalog-split",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"]["kind"], "HTTPRoute");
+    let (status, _) = http(
+        cp.http_addr,
+        "DELETE",
+        "/api/v1/resources/routes/default/catalog-split",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // The port is taken while this one runs.
+    let mut clash = config(dir.path());
+    clash.http_addr = cp.http_addr;
+    let err = ControlPlane::start(clash).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("port {} is taken", cp.http_addr.port())),
+        "{err}"
+    );
+    assert!(err.contains("--http-addr"), "{err}");
+
+    cp.shutdown().await;
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, restored) = get(cp.http_addr, "/api/v1/resources/svc").await;
+    assert_eq!(status, 200);
+    assert_eq!(restored, before);
+    let (status, _) = get(
+        cp.http_addr,
+        "/api/v1/resources/route/default/catalog-split",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (all, _) = cp.store().list(None).await.unwrap();
+    assert_eq!(all.len(), 3);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn dashboard_checks_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, page) = get(cp.http_addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.as_str().unwrap().contains("<title>Trellis</title>"));
+
+    let mut s = TcpStream::connect(cp.http_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: evil.example:15080\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("x-frame-options: deny"),
+        "{raw}"
+    );
+    cp.shutdown().await;
+}
