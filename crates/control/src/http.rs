@@ -1,11 +1,12 @@
 //! The HTTP API (`docs/dev/contracts.md`), the metrics endpoint and a
 //! minimal dashboard.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -24,6 +25,8 @@ use crate::xds::XdsHandle;
 
 /// What errors name as the file when an apply came as a request body.
 const BODY_FILE: &str = "request";
+/// Room for a large mesh's resources in one apply, still bounded.
+const MAX_APPLY_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -123,7 +126,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ok))
         .route("/readyz", get(ok))
         .route("/metrics", get(metrics))
-        .route("/api/v1/apply", axum::routing::post(apply))
+        .route(
+            "/api/v1/apply",
+            axum::routing::post(apply).layer(DefaultBodyLimit::max(MAX_APPLY_BYTES)),
+        )
         .route("/api/v1/resources/{kind}", get(list_resources))
         .route(
             "/api/v1/resources/{kind}/{namespace}/{name}",
@@ -253,22 +259,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ApplyQuery {
-    #[serde(default)]
-    dry_run: bool,
-}
-
 async fn apply(
     State(state): State<AppState>,
-    Query(q): Query<ApplyQuery>,
+    Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let s = &state.inner;
-    let result = apply_inner(s, q.dry_run, body).await;
+    // Parsed by hand so that a bad value gets a JSON error like the rest.
+    let dry_run = match q.get("dryRun").map(|v| v.to_ascii_lowercase()).as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "dryRun={other:?}: use true or false"
+            )))
+        }
+    };
+    let result = apply_inner(s, dry_run, body).await;
     s.metrics.apply(match &result {
-        Ok(_) if q.dry_run => ApplyResultLabel::DryRun,
+        Ok(_) if dry_run => ApplyResultLabel::DryRun,
         Ok(_) => ApplyResultLabel::Success,
         Err(ApiError::Store(_)) => ApplyResultLabel::Error,
         Err(_) => ApplyResultLabel::Invalid,

@@ -125,13 +125,13 @@ impl Proxy {
 
     /// Whether this proxy is an endpoint of a service with this selector.
     pub fn selected_by(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
-        // An empty selector selects nothing, as for Kubernetes Services
-        // without a selector: endpoints would otherwise be every proxy.
-        !selector.is_empty()
-            && self.namespace == namespace
-            && selector
-                .iter()
-                .all(|(k, v)| self.labels.get(k).is_some_and(|l| l == v))
+        selects(
+            selector,
+            namespace,
+            &self.namespace,
+            &self.labels,
+            &self.inbound_addr,
+        )
     }
 
     pub fn view(&self, trust_domain: &str) -> ProxyView {
@@ -180,27 +180,33 @@ pub struct ProxyView {
 impl ProxyView {
     /// Whether this proxy is an endpoint of a service with this selector.
     pub fn selected_by(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
-        !selector.is_empty()
-            && self.namespace == namespace
-            && selector
-                .iter()
-                .all(|(k, v)| self.labels.get(k).is_some_and(|l| l == v))
+        selects(
+            selector,
+            namespace,
+            &self.namespace,
+            &self.labels,
+            &self.inbound_addr,
+        )
     }
+}
 
-    pub fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            address: self.inbound_addr.clone(),
-            instance: self.instance.clone(),
-            workload: self.workload.clone(),
-            namespace: self.namespace.clone(),
-            labels: self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            identity: self.identity.clone(),
-        }
-    }
+/// Whether a proxy is an endpoint of the service `service_ns`/`selector`:
+/// same namespace, every selector label matches, and it has an inbound
+/// address that peers can reach. An empty selector selects nothing, as for
+/// Kubernetes Services without one: it would otherwise select every proxy.
+fn selects(
+    selector: &BTreeMap<String, String>,
+    service_ns: &str,
+    proxy_ns: &str,
+    labels: &BTreeMap<String, String>,
+    inbound_addr: &str,
+) -> bool {
+    !selector.is_empty()
+        && !inbound_addr.is_empty()
+        && proxy_ns == service_ns
+        && selector
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
 /// The stored resources, indexed for building configs.

@@ -13,6 +13,9 @@ use trellis_api::LATENCY_BUCKETS_MS;
 
 /// The longest window a query may ask for.
 pub const RETENTION: Duration = Duration::from_secs(300);
+/// Bounds memory whatever proxies send: about 100 MB at worst. A mesh of
+/// 1,000 proxies reporting 20 series every 10s keeps 600,000 for 5 minutes.
+const MAX_SAMPLES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum StatsError {
@@ -186,9 +189,10 @@ impl Stats {
             }
         }
         // Reports arrive in time order, so the oldest are at the front.
-        while samples
-            .front()
-            .is_some_and(|s| now.saturating_duration_since(s.at) > RETENTION)
+        while samples.len() > MAX_SAMPLES
+            || samples
+                .front()
+                .is_some_and(|s| now.saturating_duration_since(s.at) > RETENTION)
         {
             samples.pop_front();
         }

@@ -8,6 +8,7 @@
 //! HTTP API reads an arc-swapped snapshot that the actor publishes.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -426,6 +427,10 @@ impl ProxyApi for ProxyApiService {
         if register.instance.is_empty() {
             return Err(Status::invalid_argument("Register.instance is empty"));
         }
+        let mut register = register;
+        if let Some(peer) = peer {
+            register.inbound_addr = reachable_addr(&register.inbound_addr, peer);
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(?peer, conn, instance = %register.instance, "stream opened");
         let (out_tx, out_rx) = watch::channel(Out::Nothing);
@@ -447,6 +452,17 @@ impl ProxyApi for ProxyApiService {
             kill_rx,
         ));
         Ok(Response::new(Box::pin(out_stream(out_rx))))
+    }
+}
+
+/// A proxy that listens on every interface (`0.0.0.0:15006`) and gave no
+/// advertise address is reached at the address its stream came from.
+fn reachable_addr(inbound: &str, peer: SocketAddr) -> String {
+    match inbound.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            SocketAddr::new(peer.ip(), addr.port()).to_string()
+        }
+        _ => inbound.to_string(),
     }
 }
 
@@ -517,4 +533,18 @@ fn out_stream(rx: watch::Receiver<Out>) -> impl Stream<Item = Result<ControlMess
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_inbound_addresses_use_the_peer() {
+        let peer: SocketAddr = "10.0.0.7:40000".parse().unwrap();
+        assert_eq!(reachable_addr("0.0.0.0:15006", peer), "10.0.0.7:15006");
+        assert_eq!(reachable_addr("[::]:15006", peer), "10.0.0.7:15006");
+        assert_eq!(reachable_addr("127.0.0.1:15006", peer), "127.0.0.1:15006");
+        assert_eq!(reachable_addr("host:15006", peer), "host:15006");
+    }
 }

@@ -553,3 +553,38 @@ async fn dashboard_checks_the_host() {
     );
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reconnecting_instance_replaces_its_old_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let reg = register(
+        "catalog-0",
+        "catalog",
+        &[("app", "catalog")],
+        "0.0.0.0:21003",
+    );
+    let mut old = FakeProxy::connect(cp.grpc_addr, reg.clone()).await;
+    let first = old.config_where("anything", |_| true).await;
+    let mut new = FakeProxy::connect(cp.grpc_addr, reg).await;
+    let second = new.config_where("anything", |_| true).await;
+    assert!(second.version > first.version);
+    let status = tokio::time::timeout(WAIT, async {
+        loop {
+            match old.rx.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the old stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), tonic::Code::Aborted);
+    let (_, proxies) = get(cp.http_addr, "/api/v1/proxies").await;
+    let proxies = proxies.as_array().unwrap();
+    assert_eq!(proxies.len(), 1);
+    // Registered on every interface: reached at the stream's source address.
+    assert_eq!(proxies[0]["inboundAddr"], "127.0.0.1:21003");
+    cp.shutdown().await;
+}
