@@ -319,8 +319,13 @@ impl Discovery {
             running_version: self.snapshot.load().version,
             token: id.token.clone(),
         };
-        let send = |tx: &mpsc::Sender<ProxyMessage>, msg| tx.try_send(ProxyMessage { msg: Some(msg) });
-        send(&tx, proxy_message::Msg::Register(register)).map_err(|e| e.to_string())?;
+        // A full channel means the control plane stopped reading: drop the
+        // stream and reconnect.
+        let send = |tx: &mpsc::Sender<ProxyMessage>, msg| {
+            tx.try_send(ProxyMessage { msg: Some(msg) })
+                .map_err(|e| format!("cannot send to the control plane: {e}"))
+        };
+        send(&tx, proxy_message::Msg::Register(register))?;
         let mut inbound = client
             .stream(ReceiverStream::new(rx))
             .await
@@ -342,7 +347,7 @@ impl Discovery {
                                 self.connected.store(true, Ordering::Release);
                                 self.set_error(String::new());
                             }
-                            send(&tx, proxy_message::Msg::Ack(ack)).map_err(|e| e.to_string())?;
+                            send(&tx, proxy_message::Msg::Ack(ack))?;
                         }
                     }
                     Ok(None) => return Err("the control plane closed the stream".into()),
@@ -353,7 +358,7 @@ impl Discovery {
                     while let Ok(k) = sub_rx.try_recv() {
                         services.push(k.to_string());
                     }
-                    send(&tx, proxy_message::Msg::Subscribe(Subscribe { services })).map_err(|e| e.to_string())?;
+                    send(&tx, proxy_message::Msg::Subscribe(Subscribe { services }))?;
                 }
                 _ = stats.tick() => {
                     if let Some(report) = self.metrics.take_report(STATS_INTERVAL) {

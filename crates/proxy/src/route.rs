@@ -199,7 +199,7 @@ impl RouteTable {
             }
         }
         // A stable sort keeps route order, then rule order, for ties.
-        table.matches.sort_by(|a, b| b.precedence().cmp(&a.precedence()));
+        table.matches.sort_by_key(|m| std::cmp::Reverse(m.precedence()));
         Ok(table)
     }
 
