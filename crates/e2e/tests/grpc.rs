@@ -33,7 +33,7 @@ async fn unary_and_server_streaming_calls_keep_their_trailers() {
     let mesh = TestMesh::start().await;
     mesh.apply(GRPC_SERVICE).await.expect("apply");
     let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("catalog", ServingStatus::Serving).await;
+    reporter.set_service_status("catalog", tonic_health::ServingStatus::Serving).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_port = listener.local_addr().unwrap().port();
     tokio::spawn(
@@ -72,7 +72,7 @@ async fn unary_and_server_streaming_calls_keep_their_trailers() {
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
-    reporter.set_service_status("catalog", ServingStatus::NotServing).await;
+    reporter.set_service_status("catalog", tonic_health::ServingStatus::NotServing).await;
     let second = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .expect("the change arrives")
