@@ -1,0 +1,414 @@
+//! The command line: every command and flag of SPEC.md, as clap derive
+//! structs. Only parsing lives here; `commands` runs them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use trellis_proxy::config::{parse_labels, Upstream};
+
+use crate::duration::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: a service mesh in one binary"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Clone, Debug, Args)]
+pub struct Global {
+    /// The control plane's HTTP API (default: the mesh `trellis up` runs in
+    /// --data-dir, else http://127.0.0.1:15080).
+    #[arg(long, global = true, env = "TRELLIS_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// The namespace (default: `default`; for lists: all).
+    #[arg(short = 'n', long, global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Where `trellis up` keeps its state, and `trellis control` its store.
+    #[arg(long, global = true, default_value = ".trellis", value_name = "DIR")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the built-in demo mesh on this machine; Ctrl-C stops and cleans up.
+    Demo(DemoArgs),
+    /// Run a local mesh from resource files: a control plane, every Workload
+    /// with its sidecar, and the other resources applied.
+    Up(UpArgs),
+    /// Stop a detached `up` and remove what it created.
+    Down,
+    /// Run a command as if inside a workload replica.
+    Exec(ExecArgs),
+    /// The control plane server.
+    Control(ControlArgs),
+    /// The sidecar proxy.
+    Proxy(Box<ProxyArgs>),
+    /// Create or update resources from a file or a folder of files.
+    Apply(ApplyArgs),
+    /// List resources, or show one.
+    Get(GetArgs),
+    /// Delete a resource.
+    Delete(NameArgs),
+    /// Show a resource with what the mesh knows about it.
+    Describe(NameArgs),
+    /// Golden signals per service, workload or route.
+    Stat(StatArgs),
+    /// Check that the mesh is healthy, and say what to do about each failure.
+    Check,
+    /// List what the local mesh of `up` runs.
+    Ps,
+    /// The small HTTP service of the demo, tests and benchmarks.
+    DemoApp(DemoAppArgs),
+    /// Join tokens for proxy identities.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop by itself after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Requests per second of the built-in load generator.
+    #[arg(long, default_value_t = 20)]
+    pub rps: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Auto,
+    Pods,
+    Process,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A resource file, or a folder of them.
+    #[arg(short = 'f', long = "filename", value_name = "PATH")]
+    pub file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Return once the mesh is ready, leaving it running (stop it with `trellis down`).
+    #[arg(long)]
+    pub detach: bool,
+    /// How long to wait for the mesh to become ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// WORKLOAD or WORKLOAD/N (replica N, default 0).
+    pub target: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    pub http_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub grpc_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The control plane's proxy API: HOST:PORT or a URL.
+    #[arg(long, value_name = "ADDR")]
+    pub control_plane: String,
+    #[arg(long, value_name = "NAME")]
+    pub workload: String,
+    #[arg(long, value_parser = parse_labels, value_name = "k=v,...")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[arg(long, value_name = "SA")]
+    pub service_account: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The local app's port on 127.0.0.1.
+    #[arg(long, value_name = "PORT")]
+    pub app_port: u16,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    pub inbound_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// The IP peers use to reach the inbound listener.
+    #[arg(long, value_name = "IP")]
+    pub advertise_addr: Option<IpAddr>,
+    /// Where the last good config is kept.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// A fixed local listener for a service: SERVICE:PORT=LOCAL_ADDR.
+    #[arg(long = "upstream", value_name = "SERVICE:PORT=LOCAL_ADDR")]
+    pub upstreams: Vec<Upstream>,
+    /// Unique name of this proxy process (default: workload + random suffix).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_grace: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A resource file, a folder of them, or `-` for standard input.
+    #[arg(short = 'f', long = "filename", value_name = "PATH")]
+    pub file: PathBuf,
+    /// Validate on the server without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// mesh, service (svc), workload (wl) or httproute (route).
+    pub kind: String,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// KIND or KIND/NAME: service (default), workload or route.
+    pub target: Option<String>,
+    /// The time window the figures cover.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub window: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoAppArgs {
+    /// Service name reported in answers (default: $SERVICE, else `demo-app`).
+    #[arg(long, env = "SERVICE")]
+    pub name: Option<String>,
+    /// Version reported in answers (default: $VERSION).
+    #[arg(long, env = "VERSION")]
+    pub version: Option<String>,
+    /// Instance reported in answers (default: $INSTANCE, else HOSTNAME-PID).
+    #[arg(long, env = "INSTANCE")]
+    pub instance: Option<String>,
+    /// Port to listen on, on all interfaces.
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Address to listen on; overrides --port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// A URL to call for every request (repeatable); answers go in `calls`.
+    #[arg(long = "call", value_name = "URL")]
+    pub calls: Vec<String>,
+    /// Delay before answering: `50ms`, or a uniform range `10ms-50ms`.
+    #[arg(long, value_parser = crate::demo_app::Latency::parse)]
+    pub latency: Option<crate::demo_app::Latency>,
+    /// Share of requests answered with --error-code, 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_rate: f64,
+    #[arg(long, default_value_t = 503)]
+    pub error_code: u16,
+    /// A request header copied onto the downstream calls (repeatable), on
+    /// top of the trace headers that are always copied.
+    #[arg(long = "propagate", value_name = "HEADER")]
+    pub propagate: Vec<String>,
+    /// Limit for each downstream call.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub call_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token for a service account.
+    Create {
+        #[arg(long)]
+        service_account: String,
+    },
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0.0 and 1.0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("trellis").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&[
+            "get",
+            "svc",
+            "-n",
+            "shop",
+            "-o",
+            "yaml",
+            "--server",
+            "http://x:1",
+        ]);
+        assert_eq!(cli.global.namespace.as_deref(), Some("shop"));
+        assert_eq!(cli.global.output, Output::Yaml);
+        assert_eq!(cli.global.server.as_deref(), Some("http://x:1"));
+        assert_eq!(cli.global.data_dir, PathBuf::from(".trellis"));
+        let Command::Get(g) = cli.command else {
+            panic!()
+        };
+        assert_eq!(g.kind, "svc");
+        assert_eq!(g.name, None);
+    }
+
+    #[test]
+    fn proxy_flags_and_defaults() {
+        let cli = parse(&[
+            "proxy",
+            "--control-plane",
+            "127.0.0.1:15010",
+            "--workload",
+            "web",
+            "--labels",
+            "app=web,version=v2",
+            "--app-port",
+            "9000",
+            "--upstream",
+            "catalog:8080=127.0.0.1:9100",
+            "--upstream",
+            "reviews:80=127.0.0.1:9101",
+        ]);
+        let Command::Proxy(p) = cli.command else {
+            panic!()
+        };
+        assert_eq!(p.labels.unwrap()["version"], "v2");
+        assert_eq!(p.app_port, 9000);
+        assert_eq!(p.upstreams.len(), 2);
+        assert_eq!(p.upstreams[1].service, "reviews");
+        assert_eq!(p.inbound_addr, "0.0.0.0:15006".parse().unwrap());
+        assert_eq!(p.outbound_addr, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(p.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(p.drain_grace, std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        let bad = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("trellis").chain(args.iter().copied())).is_err()
+        };
+        assert!(bad(&[
+            "proxy",
+            "--control-plane",
+            "x:1",
+            "--workload",
+            "w",
+            "--app-port",
+            "1",
+            "--labels",
+            "app"
+        ]));
+        assert!(bad(&[
+            "proxy",
+            "--control-plane",
+            "x:1",
+            "--workload",
+            "w",
+            "--app-port",
+            "1",
+            "--upstream",
+            "x"
+        ]));
+        assert!(bad(&["demo-app", "--error-rate", "1.5"]));
+        assert!(bad(&["demo-app", "--latency", "fast"]));
+        assert!(bad(&["up", "-f", "x", "--mode", "vm"]));
+        assert!(bad(&["exec", "web"]));
+    }
+
+    #[test]
+    fn control_defaults() {
+        let cli = parse(&["control", "--data-dir", "/tmp/x"]);
+        let Command::Control(c) = cli.command else {
+            panic!()
+        };
+        assert_eq!(c.http_addr.port(), 15080);
+        assert_eq!(c.grpc_addr.port(), 15010);
+        assert_eq!(cli.global.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_dashes() {
+        let cli = parse(&["exec", "web/1", "--", "curl", "-s", "http://catalog:8080/"]);
+        let Command::Exec(e) = cli.command else {
+            panic!()
+        };
+        assert_eq!(e.target, "web/1");
+        assert_eq!(e.command, ["curl", "-s", "http://catalog:8080/"]);
+    }
+
+    #[test]
+    fn demo_app_flags() {
+        let cli = parse(&[
+            "demo-app",
+            "--name",
+            "catalog",
+            "--port",
+            "9000",
+            "--call",
+            "http://a:1/",
+            "--call",
+            "http://b:2/",
+            "--latency",
+            "10ms-50ms",
+            "--error-rate",
+            "0.1",
+        ]);
+        let Command::DemoApp(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.name.as_deref(), Some("catalog"));
+        assert_eq!(d.port, 9000);
+        assert_eq!(d.calls.len(), 2);
+        assert_eq!(d.error_code, 503);
+        assert!(d.latency.is_some());
+    }
+}

@@ -1,0 +1,228 @@
+//! The local mesh of `trellis up` and the commands that work on it from
+//! other shells: `down`, `ps` and `exec`. Process mode only for now: every
+//! app and sidecar is a process on this host, on free loopback ports.
+
+pub mod mesh;
+pub mod plan;
+pub mod process;
+pub mod state;
+
+use std::process::ExitCode;
+
+use crate::cli::{ExecArgs, Global, Mode, Output, UpArgs};
+use crate::table::Table;
+use mesh::{Mesh, Options};
+use state::{ProcessInfo, RunState};
+
+fn no_mesh(global: &Global) -> String {
+    let dir = global.data_dir.display();
+    format!("no mesh is running here ({dir}): start one with `trellis up -f FILE --detach`")
+}
+
+pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
+    match args.mode {
+        Mode::Auto | Mode::Process => {}
+        Mode::Pods => anyhow::bail!("pods mode is not available yet: use --mode process (or auto)"),
+    }
+    let loaded = crate::resources::load(&args.file)?;
+    let opts = Options {
+        data_dir: global.data_dir.clone(),
+        detach: args.detach,
+        timeout: args.timeout,
+    };
+    let mut mesh = Mesh::start(loaded, &opts).await?;
+    println!("{}", mesh.ready_line());
+    if args.detach {
+        eprintln!(
+            "running in the background: `trellis ps` lists it, `trellis down` stops it (--data-dir {})",
+            global.data_dir.display()
+        );
+        mesh.detach();
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("press Ctrl-C to stop");
+    mesh.wait().await;
+    eprintln!("stopping");
+    mesh.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
+    let dir = &global.data_dir;
+    let Some(state) = RunState::read(dir)? else {
+        println!("nothing to stop in {}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let stopped = mesh::stop_state(&state);
+    RunState::remove(dir)?;
+    for sub in ["control", "cache"] {
+        let p = dir.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p)
+                .map_err(|e| anyhow::anyhow!("removing {}: {e}", p.display()))?;
+        }
+    }
+    if stopped == 0 {
+        println!(
+            "nothing was running; removed the state of the last mesh in {}",
+            dir.display()
+        );
+    } else {
+        println!(
+            "stopped {stopped} processes; their logs stay in {}",
+            dir.join("logs").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_of(p: &ProcessInfo) -> &'static str {
+    if p.is_running() {
+        "running"
+    } else {
+        "exited"
+    }
+}
+
+pub fn ps(global: &Global) -> anyhow::Result<ExitCode> {
+    let state = RunState::read(&global.data_dir)?;
+    if global.output == Output::Json || global.output == Output::Yaml {
+        let v = match &state {
+            Some(s) => {
+                let mut v = serde_json::to_value(s)?;
+                for (p, info) in v["processes"]
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                    .zip(&s.processes)
+                {
+                    p["state"] = state_of(info).into();
+                }
+                v
+            }
+            None => serde_json::json!({ "processes": [] }),
+        };
+        match global.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+            _ => print!("{}", serde_yaml_ng::to_string(&v)?),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(state) = state else {
+        eprintln!("{}", no_mesh(global));
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut t = Table::new(&["NAME", "ROLE", "WORKLOAD", "PID", "STATE", "ADDRESSES"]);
+    for p in &state.processes {
+        let a = &p.addresses;
+        let addrs: Vec<String> = [
+            ("http", a.http),
+            ("grpc", a.grpc),
+            ("inbound", a.inbound),
+            ("outbound", a.outbound),
+            ("admin", a.admin),
+            ("app", a.app),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect();
+        t.row(vec![
+            p.name.clone(),
+            p.role.as_str().to_string(),
+            match (&p.workload, &p.namespace) {
+                (Some(w), Some(ns)) => format!("{ns}/{w}"),
+                _ => "-".to_string(),
+            },
+            p.pid.to_string(),
+            state_of(p).to_string(),
+            addrs.join(" "),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `WORKLOAD` or `WORKLOAD/N`.
+fn parse_target(target: &str) -> anyhow::Result<(&str, u32)> {
+    match target.split_once('/') {
+        None => Ok((target, 0)),
+        Some((w, n)) => {
+            let n = n.parse().map_err(|_| {
+                anyhow::anyhow!("{target:?}: expected WORKLOAD or WORKLOAD/N, e.g. frontend/0")
+            })?;
+            Ok((w, n))
+        }
+    }
+}
+
+pub fn exec(global: &Global, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let (workload, replica) = parse_target(&args.target)?;
+    let state =
+        RunState::read(&global.data_dir)?.ok_or_else(|| anyhow::anyhow!(no_mesh(global)))?;
+    let ns = global.namespace.as_deref();
+    let proxy = match state.proxy_of(workload, ns, replica) {
+        Some(p) => p,
+        None => {
+            let n = state
+                .apps()
+                .filter(|p| {
+                    p.workload.as_deref() == Some(workload)
+                        && ns.is_none_or(|ns| p.namespace.as_deref() == Some(ns))
+                })
+                .count();
+            if n == 0 {
+                anyhow::bail!(
+                    "no workload {workload} in the mesh of {}: `trellis ps` lists them",
+                    global.data_dir.display()
+                );
+            }
+            anyhow::bail!(
+                "workload {workload} has no replica {replica}: it has {n} (0 to {})",
+                n - 1
+            );
+        }
+    };
+    if !proxy.is_running() {
+        anyhow::bail!(
+            "the sidecar of {} is not running: see {}",
+            proxy.target(),
+            proxy.log.display()
+        );
+    }
+    let outbound = proxy.addresses.outbound.ok_or_else(|| {
+        anyhow::anyhow!("run.json has no outbound address for {}", proxy.target())
+    })?;
+    let url = format!("http://{outbound}");
+    let (program, rest) = args.command.split_first().expect("clap requires a command");
+    let status = std::process::Command::new(program)
+        .args(rest)
+        .env("HTTP_PROXY", &url)
+        .env("http_proxy", &url)
+        .env("NO_PROXY", "")
+        .env("no_proxy", "")
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {program:?}: {e}"))?;
+    Ok(exit_code(status))
+}
+
+/// The exit code of a child, shells' way: 128 + the signal that killed it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exec_targets() {
+        assert_eq!(parse_target("web").unwrap(), ("web", 0));
+        assert_eq!(parse_target("web/2").unwrap(), ("web", 2));
+        assert!(parse_target("web/x").is_err());
+    }
+}

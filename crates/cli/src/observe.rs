@@ -1,0 +1,305 @@
+//! `stat` (golden signals from the control plane) and `check` (is the mesh
+//! healthy, and what to do about each thing that is not).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cli::{Global, Output, StatArgs};
+use crate::client::{Api, ProxyInfo, StatAnswer, StatRow};
+use crate::duration::format_duration;
+use crate::local::state::{Role, RunState};
+use crate::resources::version;
+use crate::table::Table;
+
+/// What `stat` shows: a kind of the stat API, and maybe one name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatTarget {
+    pub kind: &'static str,
+    pub name: Option<String>,
+}
+
+impl StatTarget {
+    /// `KIND` or `KIND/NAME`; no target means every service.
+    pub fn parse(target: Option<&str>) -> anyhow::Result<StatTarget> {
+        let Some(target) = target else {
+            return Ok(StatTarget {
+                kind: "service",
+                name: None,
+            });
+        };
+        let (kind, name) = match target.split_once('/') {
+            Some((k, n)) if !n.is_empty() => (k, Some(n.to_string())),
+            Some(_) => {
+                anyhow::bail!("{target:?}: expected KIND or KIND/NAME, e.g. service/catalog")
+            }
+            None => (target, None),
+        };
+        let kind = match kind.to_ascii_lowercase().as_str() {
+            "service" | "services" | "svc" => "service",
+            "workload" | "workloads" | "wl" => "workload",
+            "route" | "routes" | "httproute" | "httproutes" => "route",
+            _ => anyhow::bail!("cannot stat {kind:?}: use service (svc), workload (wl) or route"),
+        };
+        Ok(StatTarget { kind, name })
+    }
+}
+
+pub async fn fetch_stat(api: &Api, kind: &str, window: Duration) -> anyhow::Result<StatAnswer> {
+    let path = format!(
+        "/api/v1/stat?kind={kind}&window={}",
+        format_duration(window)
+    );
+    Ok(api.get(&path).await?)
+}
+
+pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> {
+    let target = StatTarget::parse(args.target.as_deref())?;
+    let api = Api::discover(global)?;
+    let mut answer = fetch_stat(&api, target.kind, args.window).await?;
+    answer.rows.retain(|r| {
+        target.name.as_ref().is_none_or(|n| *n == r.name)
+            && global
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == r.namespace)
+    });
+    match global.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(&answer)?),
+        Output::Table => {
+            if answer.rows.is_empty() {
+                if let Some(name) = &target.name {
+                    // A known name with no traffic still gets its row, so
+                    // scripts and eyes find it where they look.
+                    answer.rows.push(StatRow {
+                        kind: target.kind.to_string(),
+                        namespace: global.namespace.clone().unwrap_or_else(|| "default".into()),
+                        name: name.clone(),
+                        requests: 0.0,
+                        rps: 0.0,
+                        success_rate: None,
+                        p50_ms: None,
+                        p95_ms: None,
+                        p99_ms: None,
+                        tls_share: None,
+                    });
+                } else {
+                    eprintln!(
+                        "No traffic seen in the last {}: send some requests through the mesh.",
+                        format_duration(args.window)
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            print!("{}", stat_table(&answer.rows));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// NAME RPS SUCCESS P50 P95 P99 MTLS; names outside `default` carry their
+/// namespace.
+pub fn stat_table(rows: &[StatRow]) -> String {
+    let mut rows: Vec<&StatRow> = rows.iter().collect();
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut t = Table::new(&["NAME", "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS"]);
+    for r in rows {
+        let name = if r.namespace == "default" || r.namespace.is_empty() {
+            r.name.clone()
+        } else {
+            format!("{}/{}", r.namespace, r.name)
+        };
+        t.row(vec![
+            name,
+            format!("{:.1}", r.rps),
+            percent(r.success_rate),
+            millis(r.p50_ms),
+            millis(r.p95_ms),
+            millis(r.p99_ms),
+            percent(r.tls_share),
+        ]);
+    }
+    t.render()
+}
+
+fn percent(share: Option<f64>) -> String {
+    match share {
+        Some(s) if s >= 1.0 => "100%".to_string(),
+        Some(s) => format!("{:.2}%", s * 100.0),
+        None => "-".to_string(),
+    }
+}
+
+fn millis(ms: Option<f64>) -> String {
+    match ms {
+        Some(ms) if ms < 10.0 => format!("{ms:.1}ms"),
+        Some(ms) => format!("{ms:.0}ms"),
+        None => "-".to_string(),
+    }
+}
+
+/// Collects `✔`/`✘` lines and whether any failed.
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn ok(&mut self, what: impl AsRef<str>) {
+        println!("✔ {}", what.as_ref());
+    }
+    fn fail(&mut self, what: impl AsRef<str>, todo: impl AsRef<str>) {
+        self.failed = true;
+        println!("✘ {}: {}", what.as_ref(), todo.as_ref());
+    }
+}
+
+pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
+    let api = Api::discover(global)?;
+    let mut report = Report { failed: false };
+    let cp = format!("control plane {}", api.base());
+
+    match api.ok("/healthz").await {
+        Ok(true) => report.ok(format!("{cp} is healthy")),
+        Ok(false) => report.fail(
+            format!("{cp} answers /healthz with an error"),
+            "see its log",
+        ),
+        Err(e) => {
+            report.fail(
+                format!("{cp} is unreachable"),
+                format!("{e}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+                    + "; start one with `trellis up -f FILE --detach`, or pass --server URL",
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    match api.ok("/readyz").await {
+        Ok(true) => report.ok(format!("{cp} is ready")),
+        _ => report.fail(
+            format!("{cp} is not ready"),
+            "it is still starting or cannot open its store; see its log",
+        ),
+    }
+
+    let proxies: Vec<ProxyInfo> = api.get("/api/v1/proxies").await?;
+    // When this is the mesh of `trellis up`, its processes say which
+    // proxies should be connected, and where their logs are.
+    let local = RunState::read(&global.data_dir)
+        .ok()
+        .flatten()
+        .filter(|s| s.control_url() == api.base());
+    if let Some(state) = &local {
+        for p in &state.processes {
+            if !p.is_running() {
+                report.fail(
+                    format!("{} {} has exited", p.role.as_str(), p.name),
+                    format!(
+                        "see {}; restart the mesh with `trellis down` then `trellis up`",
+                        p.log.display()
+                    ),
+                );
+            } else if p.role == Role::Proxy {
+                let instance = p.name.trim_end_matches("-proxy");
+                if !proxies.iter().any(|c| c.instance == instance) {
+                    report.fail(
+                        format!("proxy {instance} is not connected to the control plane"),
+                        format!("see {}", p.log.display()),
+                    );
+                }
+            }
+        }
+    }
+
+    if proxies.is_empty() && local.is_none() {
+        report.ok("no proxies are connected (nothing to check)");
+    }
+    for p in &proxies {
+        let who = format!("proxy {} ({}/{})", p.instance, p.namespace, p.workload);
+        let (sent, acked) = (version(&p.sent_version), version(&p.acked_version));
+        if let Some(err) = p.last_error.as_deref().filter(|e| !e.is_empty()) {
+            report.fail(
+                format!("{who} rejected config {sent}: {err}"),
+                "fix the resource it names and apply it again; the proxy keeps its last good config",
+            );
+        } else if p.sent_version.is_null() {
+            report.fail(
+                format!("{who} has not been sent a config yet"),
+                "wait a moment and check again; if it stays, see the control plane's log",
+            );
+        } else if p.sent_version != p.acked_version {
+            report.fail(
+                format!("{who} has not acknowledged config {sent} (acknowledged: {acked})"),
+                "check that it is running and see its log",
+            );
+        } else {
+            report.ok(format!("{who} is connected and in sync (config {sent})"));
+        }
+    }
+    println!("- certificates: not checked; mTLS arrives with the zero-trust issue");
+
+    Ok(if report.failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_targets() {
+        assert_eq!(
+            StatTarget::parse(None).unwrap(),
+            StatTarget {
+                kind: "service",
+                name: None
+            }
+        );
+        assert_eq!(
+            StatTarget::parse(Some("svc/catalog")).unwrap(),
+            StatTarget {
+                kind: "service",
+                name: Some("catalog".into())
+            }
+        );
+        assert_eq!(StatTarget::parse(Some("routes")).unwrap().kind, "route");
+        assert_eq!(
+            StatTarget::parse(Some("wl/reviews")).unwrap().kind,
+            "workload"
+        );
+        assert!(StatTarget::parse(Some("pods")).is_err());
+        assert!(StatTarget::parse(Some("svc/")).is_err());
+    }
+
+    #[test]
+    fn formats_stat_rows() {
+        let row = |ns: &str, name: &str, rate: Option<f64>| StatRow {
+            kind: "service".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            requests: 600.0,
+            rps: 20.0,
+            success_rate: rate,
+            p50_ms: rate.map(|_| 2.345),
+            p95_ms: rate.map(|_| 12.6),
+            p99_ms: rate.map(|_| 40.0),
+            tls_share: rate.map(|_| 0.0),
+        };
+        let out = stat_table(&[
+            row("shop", "cart", None),
+            row("default", "catalog", Some(0.995)),
+        ]);
+        assert_eq!(
+            out,
+            "NAME        RPS    SUCCESS   P50     P95    P99    MTLS\n\
+             catalog     20.0   99.50%    2.3ms   13ms   40ms   0.00%\n\
+             shop/cart   20.0   -         -       -      -      -\n"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! `trellis control` and `trellis proxy`: map the flags onto the library
+//! configs, run, and shut down gracefully on SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use trellis_control::{ControlConfig, ControlPlane};
+use trellis_proxy::{Proxy, ProxyConfig};
+
+use crate::cli::{ControlArgs, Global, ProxyArgs};
+
+pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
+    let mut cfg = ControlConfig::new(&global.data_dir);
+    cfg.http_addr = args.http_addr;
+    cfg.grpc_addr = args.grpc_addr;
+    cfg
+}
+
+pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    let cfg = control_config(global, args);
+    let cp = ControlPlane::start(cfg).await?;
+    tracing::info!(http = %cp.http_addr, grpc = %cp.grpc_addr, "control plane serving; SIGTERM or Ctrl-C stops it");
+    crate::signals::shutdown().await;
+    tracing::info!("shutting down");
+    // `let _` whether shutdown reports an error or nothing: either way the
+    // process is ending, and the library logs what went wrong.
+    #[allow(clippy::let_unit_value)]
+    let _ = cp.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let mut cfg = ProxyConfig::new(
+        args.control_plane.clone(),
+        args.workload.clone(),
+        args.app_port,
+    );
+    cfg.namespace = global
+        .namespace
+        .clone()
+        .unwrap_or_else(|| trellis_resource::DEFAULT_NAMESPACE.to_string());
+    cfg.labels = args.labels.clone().unwrap_or_default();
+    cfg.service_account = args.service_account.clone();
+    cfg.token_file = args.token_file.clone();
+    cfg.inbound_addr = args.inbound_addr;
+    cfg.outbound_addr = args.outbound_addr;
+    cfg.admin_addr = args.admin_addr;
+    cfg.advertise_addr = args.advertise_addr;
+    cfg.cache_dir = args.cache_dir.clone();
+    cfg.upstreams = args.upstreams.clone();
+    cfg.instance = args.instance.clone();
+    cfg.drain_grace = args.drain_grace;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub async fn proxy(global: &Global, args: &ProxyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = proxy_config(global, args)?;
+    let proxy = tokio::select! {
+        p = Proxy::start(cfg) => p?,
+        // A proxy still waiting for its first config stops at once.
+        _ = crate::signals::shutdown() => return Ok(ExitCode::SUCCESS),
+    };
+    crate::signals::shutdown().await;
+    tracing::info!("draining");
+    proxy.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn proxy_flags_map_onto_the_config() {
+        let cli = Cli::try_parse_from([
+            "trellis",
+            "proxy",
+            "--control-plane",
+            "http://cp:15010",
+            "--workload",
+            "web",
+            "-n",
+            "shop",
+            "--labels",
+            "app=web",
+            "--app-port",
+            "9000",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--upstream",
+            "catalog:8080=127.0.0.1:9100",
+            "--instance",
+            "web-0",
+            "--cache-dir",
+            "/c",
+            "--drain-grace",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Proxy(args) = &cli.command else {
+            panic!()
+        };
+        let cfg = proxy_config(&cli.global, args).unwrap();
+        assert_eq!(cfg.control_plane, "http://cp:15010");
+        assert_eq!(cfg.namespace, "shop");
+        assert_eq!(cfg.labels["app"], "web");
+        assert_eq!(cfg.service_account(), "web");
+        assert_eq!(cfg.app_port, 9000);
+        assert_eq!(cfg.admin_addr.port(), 0);
+        assert_eq!(cfg.upstreams[0].port, 8080);
+        assert_eq!(cfg.instance.as_deref(), Some("web-0"));
+        assert_eq!(cfg.cache_dir.as_deref(), Some(std::path::Path::new("/c")));
+        assert_eq!(cfg.drain_grace, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn control_flags_map_onto_the_config() {
+        let cli = Cli::try_parse_from([
+            "trellis",
+            "control",
+            "--data-dir",
+            "/d",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let Command::Control(args) = &cli.command else {
+            panic!()
+        };
+        let cfg = control_config(&cli.global, args);
+        assert_eq!(cfg.data_dir, std::path::PathBuf::from("/d"));
+        assert_eq!(cfg.http_addr.port(), 0);
+        assert_eq!(cfg.grpc_addr.port(), 15010);
+    }
+}
