@@ -32,7 +32,9 @@ impl TestMesh {
         let mut cfg = ControlConfig::new(dir.path().join("control"));
         cfg.http_addr = ([127, 0, 0, 1], 0).into();
         cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
-        let control = ControlPlane::start(cfg).await.expect("control plane starts");
+        let control = ControlPlane::start(cfg)
+            .await
+            .expect("control plane starts");
         TestMesh {
             http_addr: control.http_addr,
             grpc_addr: control.grpc_addr,
@@ -53,9 +55,11 @@ impl TestMesh {
         let mut cfg = ControlConfig::new(self.dir.path().join("control"));
         cfg.http_addr = self.http_addr;
         cfg.grpc_addr = self.grpc_addr;
-        let control = eventually("control plane restarts on its old ports", Duration::from_secs(10), || {
-            ControlPlane::start(cfg.clone())
-        })
+        let control = eventually(
+            "control plane restarts on its old ports",
+            Duration::from_secs(10),
+            || ControlPlane::start(cfg.clone()),
+        )
         .await;
         self.control = Some(control);
     }
@@ -79,8 +83,14 @@ impl TestMesh {
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let (status, body) = trellis_testkit::http_get(&format!("http://{}{path}", self.http_addr), None).await;
-        assert_eq!(status, StatusCode::OK, "GET {path}: {}", String::from_utf8_lossy(&body));
+        let (status, body) =
+            trellis_testkit::http_get(&format!("http://{}{path}", self.http_addr), None).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
         serde_json::from_slice(&body).expect("JSON")
     }
 
@@ -89,7 +99,12 @@ impl TestMesh {
     }
 
     /// A sidecar config for `workload` with labels, on free loopback ports.
-    pub fn proxy_config(&self, workload: &str, labels: &[(&str, &str)], app_port: u16) -> ProxyConfig {
+    pub fn proxy_config(
+        &self,
+        workload: &str,
+        labels: &[(&str, &str)],
+        app_port: u16,
+    ) -> ProxyConfig {
         let mut cfg = ProxyConfig::new(self.grpc_addr.to_string(), workload, app_port);
         cfg.labels = labels
             .iter()
@@ -110,7 +125,13 @@ impl TestMesh {
     }
 
     /// A sidecar with one `--upstream` listener on a free port.
-    pub async fn sidecar_with_upstream(&self, workload: &str, app_port: u16, service: &str, port: u16) -> Proxy {
+    pub async fn sidecar_with_upstream(
+        &self,
+        workload: &str,
+        app_port: u16,
+        service: &str,
+        port: u16,
+    ) -> Proxy {
         let mut cfg = self.proxy_config(workload, &[("app", workload)], app_port);
         cfg.upstreams.push(Upstream {
             service: service.to_string(),
@@ -147,7 +168,10 @@ pub struct ProxyClient {
 
 impl ProxyClient {
     pub fn new(proxy: SocketAddr) -> Self {
-        ProxyClient { proxy, sender: None }
+        ProxyClient {
+            proxy,
+            sender: None,
+        }
     }
 
     pub async fn get(&mut self, url: &str) -> anyhow::Result<(StatusCode, Bytes)> {
@@ -169,10 +193,10 @@ impl ProxyClient {
         }
         let sender = self.sender.as_mut().expect("connected above");
         sender.ready().await?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri.clone())
-            .header(http::header::HOST, uri.authority().map(|a| a.as_str()).unwrap_or(""));
+        let mut req = Request::builder().method(method).uri(uri.clone()).header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        );
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -187,7 +211,10 @@ impl ProxyClient {
 /// The `instance` field of a demo app's JSON answer.
 pub fn instance_of(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!("demo-app answer is JSON ({e}): {}", String::from_utf8_lossy(body))
+        panic!(
+            "demo-app answer is JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
     });
     v["instance"].as_str().unwrap_or_default().to_string()
 }

@@ -33,7 +33,9 @@ async fn unary_and_server_streaming_calls_keep_their_trailers() {
     let mesh = TestMesh::start().await;
     mesh.apply(GRPC_SERVICE).await.expect("apply");
     let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("catalog", tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("catalog", tonic_health::ServingStatus::Serving)
+        .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_port = listener.local_addr().unwrap().port();
     tokio::spawn(
@@ -43,36 +45,47 @@ async fn unary_and_server_streaming_calls_keep_their_trailers() {
     );
     let _server_proxy = mesh.sidecar("health", &[("app", "health")], app_port).await;
     let (cport, _c) = trellis_e2e::demo_app("client", "v1", "client-0").await;
-    let client_proxy = mesh.sidecar_with_upstream("client", cport, "health", 50051).await;
+    let client_proxy = mesh
+        .sidecar_with_upstream("client", cport, "health", 50051)
+        .await;
 
     let mut client = HealthClient::new(channel(client_proxy.upstream_addrs[0]).await);
     // Unary, with an OK status in the trailers.
-    let resp = trellis_testkit::eventually("a unary call succeeds", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .check(HealthCheckRequest { service: "catalog".into() })
-                .await
-        }
-    })
-    .await;
+    let resp =
+        trellis_testkit::eventually("a unary call succeeds", Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: "catalog".into(),
+                    })
+                    .await
+            }
+        })
+        .await;
     assert_eq!(resp.into_inner().status, ServingStatus::Serving as i32);
     // Unary with an error status: only the trailers carry it.
     let err = client
-        .check(HealthCheckRequest { service: "nosuch".into() })
+        .check(HealthCheckRequest {
+            service: "nosuch".into(),
+        })
         .await
         .expect_err("an unknown service is NotFound");
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 
     // Server streaming: each status change arrives as a message.
     let mut stream = client
-        .watch(HealthCheckRequest { service: "catalog".into() })
+        .watch(HealthCheckRequest {
+            service: "catalog".into(),
+        })
         .await
         .expect("watch starts")
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
-    reporter.set_service_status("catalog", tonic_health::ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("catalog", tonic_health::ServingStatus::NotServing)
+        .await;
     let second = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .expect("the change arrives")
@@ -113,9 +126,13 @@ spec:
     )
     .await
     .expect("apply to the app");
-    let _server_proxy = mesh.sidecar("api", &[("app", "api")], app.grpc_addr.port()).await;
+    let _server_proxy = mesh
+        .sidecar("api", &[("app", "api")], app.grpc_addr.port())
+        .await;
     let (cport, _c) = trellis_e2e::demo_app("client", "v1", "client-0").await;
-    let client_proxy = mesh.sidecar_with_upstream("client", cport, "api", 15010).await;
+    let client_proxy = mesh
+        .sidecar_with_upstream("client", cport, "api", 15010)
+        .await;
 
     let client = ProxyApiClient::new(channel(client_proxy.upstream_addrs[0]).await);
     let register = ProxyMessage {
@@ -128,21 +145,22 @@ spec:
         })),
     };
     // Each try opens its own stream; the first that the far end answers wins.
-    let (tx, mut down) = trellis_testkit::eventually("the stream opens", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        let register = register.clone();
-        async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(8);
-            tx.send(register).await.map_err(|e| e.to_string())?;
-            let down = client
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner();
-            Ok::<_, String>((tx, down))
-        }
-    })
-    .await;
+    let (tx, mut down) =
+        trellis_testkit::eventually("the stream opens", Duration::from_secs(10), || {
+            let mut client = client.clone();
+            let register = register.clone();
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                tx.send(register).await.map_err(|e| e.to_string())?;
+                let down = client
+                    .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                Ok::<_, String>((tx, down))
+            }
+        })
+        .await;
     let config = |m: Option<trellis_api::v1::ControlMessage>| match m.and_then(|m| m.msg) {
         Some(control_message::Msg::Config(c)) => c,
         other => panic!("expected a config, got {other:?}"),

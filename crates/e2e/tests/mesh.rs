@@ -71,15 +71,21 @@ async fn catalog_replicas(mesh: &TestMesh, version: &str, n: usize) -> Vec<trell
 
 /// Waits until `frontend` sees `n` endpoints of `service`.
 async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
-    eventually(&format!("{service} has {n} endpoints"), Duration::from_secs(10), || async {
-        let services = mesh.get_json("/api/v1/services").await;
-        let count = services
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == service))
-            .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-            .unwrap_or(0);
-        (count == n).then_some(()).ok_or(format!("{count} endpoints"))
-    })
+    eventually(
+        &format!("{service} has {n} endpoints"),
+        Duration::from_secs(10),
+        || async {
+            let services = mesh.get_json("/api/v1/services").await;
+            let count = services
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["name"] == service))
+                .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
+                .unwrap_or(0);
+            (count == n)
+                .then_some(())
+                .ok_or(format!("{count} endpoints"))
+        },
+    )
     .await;
 }
 
@@ -89,7 +95,9 @@ async fn requests_reach_the_app_through_both_sidecars() {
     mesh.apply(CATALOG).await.expect("apply");
     let catalog = catalog_replicas(&mesh, "v1", 1).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog", 1).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
@@ -100,11 +108,20 @@ async fn requests_reach_the_app_through_both_sidecars() {
     assert_eq!(answer["path"], "/items");
     // The app sees the Host its caller used, and no internal header.
     let headers = answer["headers"].as_object().unwrap();
-    assert_eq!(headers.get("host").and_then(|h| h.as_str()), Some("catalog:8080"));
-    assert!(headers.keys().all(|k| !k.starts_with("x-trellis")), "{headers:?}");
+    assert_eq!(
+        headers.get("host").and_then(|h| h.as_str()),
+        Some("catalog:8080")
+    );
+    assert!(
+        headers.keys().all(|k| !k.starts_with("x-trellis")),
+        "{headers:?}"
+    );
 
     // Every authority form names the same service.
-    for url in ["http://catalog.default:8080/", "http://catalog.default.svc.trellis.local:8080/"] {
+    for url in [
+        "http://catalog.default:8080/",
+        "http://catalog.default.svc.trellis.local:8080/",
+    ] {
         let (status, _) = client.get(url).await.unwrap();
         assert_eq!(status, StatusCode::OK, "{url}");
     }
@@ -113,14 +130,22 @@ async fn requests_reach_the_app_through_both_sidecars() {
     let out = metric_sum(
         frontend.admin_addr,
         "trellis_requests_total",
-        &["direction=\"outbound\"", "destination_service=\"catalog\"", "status_code=\"200\""],
+        &[
+            "direction=\"outbound\"",
+            "destination_service=\"catalog\"",
+            "status_code=\"200\"",
+        ],
     )
     .await;
     assert_eq!(out, 3.0);
     let inbound = metric_sum(
         catalog[0].admin_addr,
         "trellis_requests_total",
-        &["direction=\"inbound\"", "source_workload=\"frontend\"", "status_code=\"200\""],
+        &[
+            "direction=\"inbound\"",
+            "source_workload=\"frontend\"",
+            "status_code=\"200\"",
+        ],
     )
     .await;
     assert_eq!(inbound, 3.0);
@@ -139,7 +164,9 @@ async fn round_robin_spreads_over_three_replicas() {
     mesh.apply(ROUND_ROBIN_CATALOG).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 3).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog", 3).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
@@ -151,7 +178,10 @@ async fn round_robin_spreads_over_three_replicas() {
     }
     assert_eq!(counts.len(), 3, "{counts:?}");
     for (instance, n) in &counts {
-        assert!((60..=141).contains(n), "{instance} got {n} of 300 (want 20-47%): {counts:?}");
+        assert!(
+            (60..=141).contains(n),
+            "{instance} got {n} of 300 (want 20-47%): {counts:?}"
+        );
     }
 }
 
@@ -163,7 +193,9 @@ async fn weighted_split_lands_within_four_percent() {
     let _v1 = catalog_replicas(&mesh, "v1", 1).await;
     let _v2 = catalog_replicas(&mesh, "v2", 1).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog-v1", 1).await;
     wait_endpoints(&mesh, "catalog-v2", 1).await;
 
@@ -178,8 +210,16 @@ async fn weighted_split_lands_within_four_percent() {
         }
     }
     let share = v2 as f64 / 2000.0;
-    assert!((0.06..=0.14).contains(&share), "v2 got {share:.3} of traffic, want 0.10 ± 0.04");
-    let routed = metric_sum(frontend.admin_addr, "trellis_requests_total", &["route=\"catalog-split\""]).await;
+    assert!(
+        (0.06..=0.14).contains(&share),
+        "v2 got {share:.3} of traffic, want 0.10 ± 0.04"
+    );
+    let routed = metric_sum(
+        frontend.admin_addr,
+        "trellis_requests_total",
+        &["route=\"catalog-split\""],
+    )
+    .await;
     assert_eq!(routed, 2000.0);
 }
 
@@ -189,7 +229,9 @@ async fn the_mesh_serves_while_the_control_plane_is_down() {
     mesh.apply(CATALOG).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 2).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog", 2).await;
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let (status, _) = client.get("http://catalog:8080/").await.unwrap();
@@ -198,23 +240,37 @@ async fn the_mesh_serves_while_the_control_plane_is_down() {
     mesh.stop_control().await;
     for i in 0..200 {
         let (status, body) = client.get("http://catalog:8080/").await.unwrap();
-        assert_eq!(status, StatusCode::OK, "request {i}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
 
     // A proxy restarted meanwhile starts from its cache and serves.
     frontend.shutdown().await;
     let cfg = mesh.proxy_config("frontend", &[("app", "frontend")], fport);
-    let restarted = trellis_proxy::Proxy::start(cfg).await.expect("starts from its cache");
+    let restarted = trellis_proxy::Proxy::start(cfg)
+        .await
+        .expect("starts from its cache");
     let mut client = ProxyClient::new(restarted.outbound_addr);
     for i in 0..50 {
         let (status, body) = client.get("http://catalog:8080/").await.unwrap();
-        assert_eq!(status, StatusCode::OK, "request {i}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
 
     // The control plane comes back and the proxy catches up with a change.
     mesh.restart_control().await;
     let before: u64 = serde_json::from_slice::<serde_json::Value>(
-        &trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None).await.1,
+        &trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None)
+            .await
+            .1,
     )
     .unwrap()["version"]
         .as_u64()
@@ -223,10 +279,16 @@ async fn the_mesh_serves_while_the_control_plane_is_down() {
     assert_eventually!(
         timeout = Duration::from_secs(15),
         {
-            let (_, body) = trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None).await;
+            let (_, body) =
+                trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None)
+                    .await;
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             v["version"].as_u64().unwrap() > before
-                && v["services"].as_array().unwrap().iter().any(|s| s["name"] == "catalog-v1")
+                && v["services"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["name"] == "catalog-v1")
         },
         "the restarted proxy never got the route applied after the control plane came back"
     );
@@ -255,21 +317,34 @@ async fn a_refused_apply_leaves_the_running_config_serving() {
     mesh.apply(CATALOG).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 1).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog", 1).await;
 
     // A route to a service that does not exist, and a misspelt field.
     let bad = SPLIT.replace("name: catalog-v2, port", "name: catalog-v9, port");
-    let err = mesh.apply(&bad).await.expect_err("a route to a missing service is refused");
+    let err = mesh
+        .apply(&bad)
+        .await
+        .expect_err("a route to a missing service is refused");
     assert!(err.contains("catalog-v9"), "{err}");
     let typo = CATALOG.replace("selector:", "selectr:");
-    let err = mesh.apply(&typo).await.expect_err("a misspelt field is refused");
+    let err = mesh
+        .apply(&typo)
+        .await
+        .expect_err("a misspelt field is refused");
     assert!(err.contains("selectr"), "{err}");
 
     // Nothing of the refused applies took effect: catalog-v1 (in the same
     // apply as the bad route) does not exist and catalog still routes.
     let services = mesh.get_json("/api/v1/resources/services").await;
-    let names: Vec<_> = services["items"].as_array().unwrap().iter().map(|s| s["metadata"]["name"].clone()).collect();
+    let names: Vec<_> = services["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["metadata"]["name"].clone())
+        .collect();
     assert_eq!(names, vec![serde_json::json!("catalog")]);
     let mut client = ProxyClient::new(frontend.outbound_addr);
     for _ in 0..20 {
@@ -298,7 +373,9 @@ spec:
     let echo_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 s.write_all(b"220 echo ready\r\n").await.unwrap();
                 let mut buf = [0u8; 1024];
@@ -313,10 +390,14 @@ spec:
     });
     let _echo_proxy = mesh.sidecar("echo", &[("app", "echo")], echo_port).await;
     let (cport, _c) = demo_app("client", "v1", "client-0").await;
-    let client = mesh.sidecar_with_upstream("client", cport, "echo", 7000).await;
+    let client = mesh
+        .sidecar_with_upstream("client", cport, "echo", 7000)
+        .await;
     wait_endpoints(&mesh, "echo", 1).await;
 
-    let mut s = tokio::net::TcpStream::connect(client.upstream_addrs[0]).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(client.upstream_addrs[0])
+        .await
+        .unwrap();
     let mut greeting = [0u8; 16];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
         .await
@@ -338,7 +419,12 @@ spec:
     writer.await.unwrap();
     assert_eq!(got.len(), expected.len());
     assert!(got == expected, "echoed bytes differ");
-    let opened = metric_sum(client.admin_addr, "trellis_tcp_connections_opened_total", &["destination_service=\"echo\""]).await;
+    let opened = metric_sum(
+        client.admin_addr,
+        "trellis_tcp_connections_opened_total",
+        &["destination_service=\"echo\""],
+    )
+    .await;
     assert_eq!(opened, 1.0);
 }
 
@@ -348,18 +434,27 @@ async fn a_malformed_request_fails_alone() {
     mesh.apply(CATALOG).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 1).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh.sidecar("frontend", &[("app", "frontend")], fport).await;
+    let frontend = mesh
+        .sidecar("frontend", &[("app", "frontend")], fport)
+        .await;
     wait_endpoints(&mesh, "catalog", 1).await;
 
     // Garbage, then a request with no target, then a peer that hangs up mid-request.
-    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr)
+        .await
+        .unwrap();
     s.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let mut client = ProxyClient::new(frontend.outbound_addr);
-    let (status, _) = client.request(Method::GET, "/relative", &[("host", "")]).await.unwrap();
+    let (status, _) = client
+        .request(Method::GET, "/relative", &[("host", "")])
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr)
+        .await
+        .unwrap();
     s.write_all(b"POST http://catalog:8080/ HTTP/1.1\r\nhost: catalog:8080\r\ncontent-length: 100\r\n\r\nhalf")
         .await
         .unwrap();

@@ -24,7 +24,9 @@ impl Admin {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -33,7 +35,7 @@ impl Admin {
                 accepted = self.listener.accept() => {
                     let Ok((tcp, _)) = accepted else { continue };
                     let inputs = self.inputs.clone();
-                    tokio::spawn(serve_connection(tcp, move |req| {
+                    tokio::spawn(serve_connection(tcp, shutdown.clone(), move |req| {
                         let inputs = inputs.clone();
                         async move { handle(&inputs, req) }
                     }));
@@ -50,7 +52,9 @@ fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
             let mut r = Response::new(full(inputs.metrics.encode()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             r
         }
@@ -59,23 +63,32 @@ fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
             if inputs.discovery.is_loaded() {
                 text_response(StatusCode::OK, "ready\n")
             } else {
-                text_response(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first config\n")
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the first config\n",
+                )
             }
         }
         "/config" => {
             let mut r = Response::new(full(config_json(inputs).to_string()));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
             r
         }
-        _ => text_response(StatusCode::NOT_FOUND, "admin paths: /metrics /ready /live /config\n"),
+        _ => text_response(
+            StatusCode::NOT_FOUND,
+            "admin paths: /metrics /ready /live /config\n",
+        ),
     }
 }
 
 /// The config this proxy runs, with its version, as JSON.
 pub fn config_json(inputs: &Inputs) -> serde_json::Value {
     let snap = inputs.discovery.snapshot();
-    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
+    let parse =
+        |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
     let mut services: Vec<_> = snap
         .raw
         .services

@@ -105,14 +105,19 @@ impl Drop for LoadGuard {
         if !self.done {
             // A failed or cancelled request counts as slow, so a broken
             // endpoint is avoided until it answers again.
-            self.load.observe(self.started.elapsed().max(Duration::from_millis(50)));
+            self.load
+                .observe(self.started.elapsed().max(Duration::from_millis(50)));
         }
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Picks an endpoint. `rr` is the service's round-robin cursor.
-pub fn pick<'a>(alg: Algorithm, endpoints: &'a [Arc<Endpoint>], rr: &AtomicUsize) -> Option<&'a Arc<Endpoint>> {
+pub fn pick<'a>(
+    alg: Algorithm,
+    endpoints: &'a [Arc<Endpoint>],
+    rr: &AtomicUsize,
+) -> Option<&'a Arc<Endpoint>> {
     match endpoints.len() {
         0 => None,
         1 => endpoints.first(),
@@ -126,7 +131,11 @@ pub fn pick<'a>(alg: Algorithm, endpoints: &'a [Arc<Endpoint>], rr: &AtomicUsize
                     b += 1;
                 }
                 let (ea, eb) = (&endpoints[a], &endpoints[b]);
-                Some(if ea.load.cost() <= eb.load.cost() { ea } else { eb })
+                Some(if ea.load.cost() <= eb.load.cost() {
+                    ea
+                } else {
+                    eb
+                })
             }
         },
     }
@@ -139,7 +148,9 @@ mod tests {
 
     #[test]
     fn round_robin_cycles() {
-        let eps: Vec<_> = (0..3).map(|i| endpoint(&format!("127.0.0.1:{}", 1000 + i))).collect();
+        let eps: Vec<_> = (0..3)
+            .map(|i| endpoint(&format!("127.0.0.1:{}", 1000 + i)))
+            .collect();
         let rr = AtomicUsize::new(0);
         let picks: Vec<_> = (0..6)
             .map(|_| pick(Algorithm::RoundRobin, &eps, &rr).unwrap().addr.port())
@@ -149,14 +160,19 @@ mod tests {
 
     #[test]
     fn peak_ewma_avoids_a_slow_endpoint() {
-        let eps: Vec<_> = (0..2).map(|i| endpoint(&format!("127.0.0.1:{}", 2000 + i))).collect();
+        let eps: Vec<_> = (0..2)
+            .map(|i| endpoint(&format!("127.0.0.1:{}", 2000 + i)))
+            .collect();
         eps[0].load.observe(Duration::from_millis(200));
         eps[1].load.observe(Duration::from_micros(500));
         let rr = AtomicUsize::new(0);
         let slow = (0..100)
             .filter(|_| pick(Algorithm::PeakEwma, &eps, &rr).unwrap().addr.port() == 2000)
             .count();
-        assert_eq!(slow, 0, "with two endpoints P2C compares both and takes the fast one");
+        assert_eq!(
+            slow, 0,
+            "with two endpoints P2C compares both and takes the fast one"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--upstream {0:?}: expected SERVICE:PORT=LOCAL_ADDR, e.g. catalog:8080=127.0.0.1:9000")]
+    #[error(
+        "--upstream {0:?}: expected SERVICE:PORT=LOCAL_ADDR, e.g. catalog:8080=127.0.0.1:9000"
+    )]
     Upstream(String),
     #[error("--labels {0:?}: expected k=v,k2=v2")]
     Labels(String),
@@ -91,7 +93,11 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, ConfigError> {
 
 impl ProxyConfig {
     /// Defaults of the SPEC, for a workload and its app port.
-    pub fn new(control_plane: impl Into<String>, workload: impl Into<String>, app_port: u16) -> Self {
+    pub fn new(
+        control_plane: impl Into<String>,
+        workload: impl Into<String>,
+        app_port: u16,
+    ) -> Self {
         ProxyConfig {
             control_plane: control_plane.into(),
             workload: workload.into(),

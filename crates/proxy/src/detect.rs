@@ -17,7 +17,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub const PEER_TCP_PREAMBLE: &[u8] = b"TRELLIS/TCP 1\r\n";
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +71,10 @@ fn classify(buf: &[u8]) -> Verdict {
 
 /// Reads until the protocol is known. A client that sends nothing within
 /// `timeout` (server-speaks-first protocols) is opaque TCP.
-pub async fn detect<S: AsyncRead + Unpin>(mut io: S, timeout: Duration) -> io::Result<(Protocol, Rewind<S>)> {
+pub async fn detect<S: AsyncRead + Unpin>(
+    mut io: S,
+    timeout: Duration,
+) -> io::Result<(Protocol, Rewind<S>)> {
     let mut buf = BytesMut::with_capacity(64);
     let deadline = tokio::time::Instant::now() + timeout;
     let protocol = loop {
@@ -81,7 +92,13 @@ pub async fn detect<S: AsyncRead + Unpin>(mut io: S, timeout: Duration) -> io::R
     if protocol == Protocol::PeerTcp {
         buf.advance(PEER_TCP_PREAMBLE.len());
     }
-    Ok((protocol, Rewind { prefix: buf, inner: io }))
+    Ok((
+        protocol,
+        Rewind {
+            prefix: buf,
+            inner: io,
+        },
+    ))
 }
 
 /// A stream that first replays bytes already read from it.
@@ -100,7 +117,11 @@ impl<S> Rewind<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
@@ -112,7 +133,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -158,9 +183,15 @@ mod tests {
 
     #[tokio::test]
     async fn detects_and_replays() {
-        assert_eq!(run(b"GET / HTTP/1.1\r\n\r\n", true).await, (Protocol::Http1, b"GET / HTTP/1.1\r\n\r\n".to_vec()));
+        assert_eq!(
+            run(b"GET / HTTP/1.1\r\n\r\n", true).await,
+            (Protocol::Http1, b"GET / HTTP/1.1\r\n\r\n".to_vec())
+        );
         assert_eq!(run(H2_PREFACE, true).await.0, Protocol::Http2);
-        assert_eq!(run(b"TRELLIS/TCP 1\r\nhello", true).await, (Protocol::PeerTcp, b"hello".to_vec()));
+        assert_eq!(
+            run(b"TRELLIS/TCP 1\r\nhello", true).await,
+            (Protocol::PeerTcp, b"hello".to_vec())
+        );
         assert_eq!(run(b"\x16\x03\x01", true).await.0, Protocol::Opaque);
         assert_eq!(run(b"HELO x", true).await.0, Protocol::Opaque);
     }

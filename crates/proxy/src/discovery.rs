@@ -14,7 +14,9 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_api::v1::proxy_api_client::ProxyApiClient;
-use trellis_api::v1::{control_message, proxy_message, Ack, Config, ProxyMessage, Register, Subscribe};
+use trellis_api::v1::{
+    control_message, proxy_message, Ack, Config, ProxyMessage, Register, Subscribe,
+};
 
 use crate::metrics::Metrics;
 use crate::snapshot::{ServiceState, Snapshot, SvcKey};
@@ -106,7 +108,10 @@ impl Discovery {
     }
 
     pub fn last_error(&self) -> String {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn control_plane(&self) -> &str {
@@ -133,7 +138,11 @@ impl Discovery {
         if let Some(found) = self.lookup_now(key) {
             return found;
         }
-        let newly = self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
+        let newly = self
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
         if newly {
             let _ = self.sub_tx.send(key.clone());
         }
@@ -174,7 +183,9 @@ impl Discovery {
     fn load_cache(&self) {
         let Some(dir) = &self.cache_dir else { return };
         let path = dir.join(CACHE_FILE);
-        let Ok(bytes) = std::fs::read(&path) else { return };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
         let config = match Config::decode(bytes.as_slice()) {
             Ok(c) => c,
             Err(e) => {
@@ -191,7 +202,9 @@ impl Discovery {
                     .extend(snap.known());
                 self.install(snap);
             }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring invalid config cache"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring invalid config cache")
+            }
         }
     }
 
@@ -296,7 +309,10 @@ impl Discovery {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let mut client = ProxyApiClient::new(channel);
         let (tx, rx) = mpsc::channel::<ProxyMessage>(256);
         let subscriptions: Vec<String> = self

@@ -60,11 +60,19 @@ impl ProxyError {
     }
 
     pub fn upstream(e: impl fmt::Display) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, Source::Upstream, format!("upstream failed: {e}"))
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            Source::Upstream,
+            format!("upstream failed: {e}"),
+        )
     }
 
     pub fn timeout(what: &str) -> Self {
-        Self::new(StatusCode::GATEWAY_TIMEOUT, Source::Upstream, format!("{what} timed out"))
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            Source::Upstream,
+            format!("{what} timed out"),
+        )
     }
 
     /// The answer the caller gets: the status and a one-line reason.
@@ -75,8 +83,10 @@ impl ProxyError {
                 .boxed_unsync(),
         );
         *resp.status_mut() = self.status;
-        resp.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
         resp.headers_mut().insert(
             "x-trellis-error",
             http::HeaderValue::from_static(match self.source {

@@ -64,7 +64,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for h in ["keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding"] {
+    for h in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
         headers.remove(h);
     }
     if !keep_upgrade {
@@ -94,7 +99,10 @@ pub fn absolute_uri(authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
 
 /// Forwards an HTTP/1 upgrade (WebSocket and friends) to `addr` on a
 /// dedicated connection, then splices the two upgraded streams.
-pub async fn forward_upgrade(mut req: Request<Incoming>, addr: SocketAddr) -> Result<Response<Body>, ProxyError> {
+pub async fn forward_upgrade(
+    mut req: Request<Incoming>,
+    addr: SocketAddr,
+) -> Result<Response<Body>, ProxyError> {
     let downstream = hyper::upgrade::on(&mut req);
     let tcp = connect(addr).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
@@ -130,8 +138,13 @@ pub async fn forward_upgrade(mut req: Request<Incoming>, addr: SocketAddr) -> Re
 }
 
 /// Serves one connection with HTTP/1 and HTTP/2 (detected), with upgrades.
-pub async fn serve_connection<I, F, Fut>(io: I, handler: F)
-where
+/// On shutdown the connection drains: HTTP/2 gets a GOAWAY, HTTP/1 closes
+/// after the request in flight.
+pub async fn serve_connection<I, F, Fut>(
+    io: I,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    handler: F,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -141,12 +154,34 @@ where
         async move { Ok::<_, Infallible>(handler(req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().preserve_header_case(false).half_close(false);
+    builder
+        .http1()
+        .preserve_header_case(false)
+        .half_close(false);
     builder.http2().adaptive_window(true);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = signalled(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once shutdown is signalled; never if the sender is gone
+/// without signalling.
+pub async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -14,7 +14,10 @@ use tokio::sync::watch;
 use crate::detect::{detect, Protocol};
 use crate::endpoint::connect;
 use crate::error::ProxyError;
-use crate::http::{absolute_uri, boxed, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop, DESTINATION, ORIG_PROTO, SOURCE};
+use crate::http::{
+    absolute_uri, boxed, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop,
+    DESTINATION, ORIG_PROTO, SOURCE,
+};
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
 use crate::Body;
@@ -34,7 +37,9 @@ impl Inbound {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -43,7 +48,7 @@ impl Inbound {
                 accepted = self.listener.accept() => {
                     let Ok((tcp, peer)) = accepted else { continue };
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(serve(self.inputs.clone(), tcp, peer));
+                    tokio::spawn(serve(self.inputs.clone(), tcp, peer, shutdown.clone()));
                 }
                 _ = shutdown.changed() => return,
             }
@@ -51,7 +56,12 @@ impl Inbound {
     }
 }
 
-async fn serve(inputs: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve(
+    inputs: Arc<Inputs>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
     let (protocol, io) = match detect(tcp, DETECT_TIMEOUT).await {
         Ok(d) => d,
         Err(e) => {
@@ -61,7 +71,7 @@ async fn serve(inputs: Arc<Inputs>, tcp: TcpStream, peer: SocketAddr) {
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_connection(io, move |req| handle(inputs.clone(), req)).await;
+            serve_connection(io, shutdown, move |req| handle(inputs.clone(), req)).await;
         }
         Protocol::PeerTcp | Protocol::Opaque => {
             let mut io = io;
@@ -107,7 +117,12 @@ fn peers(inputs: &Inputs, source: Option<&str>, destination: Option<&str>) -> Pe
 async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
     let started = Instant::now();
-    let header = |req: &Request<Incoming>, h| req.headers().get(h).and_then(|v: &http::HeaderValue| v.to_str().ok()).map(str::to_string);
+    let header = |req: &Request<Incoming>, h| {
+        req.headers()
+            .get(h)
+            .and_then(|v: &http::HeaderValue| v.to_str().ok())
+            .map(str::to_string)
+    };
     let source = header(&req, SOURCE);
     let destination = header(&req, DESTINATION);
     let http1 = req.version() < Version::HTTP_2 || req.headers().contains_key(ORIG_PROTO);
@@ -133,13 +148,24 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Bod
     resp
 }
 
-async fn forward_to_app(inputs: &Inputs, req: Request<Incoming>, http1: bool) -> Result<Response<Body>, ProxyError> {
+async fn forward_to_app(
+    inputs: &Inputs,
+    req: Request<Incoming>,
+    http1: bool,
+) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok().map(str::to_string))
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)?
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| inputs.app_addr.to_string());
     parts.uri = absolute_uri(&authority, &parts.uri)?;
     strip_hop_by_hop(&mut parts.headers, false);
@@ -157,7 +183,10 @@ async fn forward_to_app(inputs: &Inputs, req: Request<Incoming>, http1: bool) ->
         .map(|r| r.map(boxed))
         .map_err(|e| {
             if e.is_connect() {
-                ProxyError::upstream_connect(inputs.app_addr, "the app is not accepting connections")
+                ProxyError::upstream_connect(
+                    inputs.app_addr,
+                    "the app is not accepting connections",
+                )
             } else {
                 ProxyError::upstream(e)
             }

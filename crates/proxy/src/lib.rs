@@ -60,7 +60,9 @@ pub(crate) async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Re
     socket.set_nodelay(true)?;
     socket.bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!("{what} port {addr} is taken: is another proxy running? choose another with {flag}")
+            anyhow::anyhow!(
+                "{what} port {addr} is taken: is another proxy running? choose another with {flag}"
+            )
         } else {
             anyhow::anyhow!("cannot bind the {what} listener on {addr}: {e}")
         }
@@ -76,7 +78,10 @@ impl Proxy {
         Self::start_with_timeout(cfg, FIRST_CONFIG_TIMEOUT).await
     }
 
-    pub async fn start_with_timeout(mut cfg: ProxyConfig, first_config: Duration) -> anyhow::Result<Proxy> {
+    pub async fn start_with_timeout(
+        mut cfg: ProxyConfig,
+        first_config: Duration,
+    ) -> anyhow::Result<Proxy> {
         cfg.validate()?;
         let instance = cfg.instance.clone().unwrap_or_else(|| {
             format!("{}-{:06x}", cfg.workload, rand::random::<u32>() & 0xff_ffff)
@@ -126,7 +131,11 @@ impl Proxy {
         cfg_bound.admin_addr = admin_addr;
         let mut identity = identity;
         identity.admin_addr = SocketAddr::new(
-            if admin_addr.ip().is_unspecified() { advertise_ip } else { admin_addr.ip() },
+            if admin_addr.ip().is_unspecified() {
+                advertise_ip
+            } else {
+                admin_addr.ip()
+            },
             admin_addr.port(),
         )
         .to_string();
@@ -171,6 +180,11 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// Requests being handled now, in both directions.
+    pub fn in_flight(&self) -> u64 {
+        self.metrics.in_flight_now()
+    }
+
     /// Stops accepting, lets in-flight requests finish within the drain
     /// grace period, then returns.
     pub async fn shutdown(self) {
@@ -181,7 +195,10 @@ impl Proxy {
         }
         let left = self.metrics.in_flight_now();
         if left > 0 {
-            tracing::warn!(left, "drain grace period over; dropping requests still in flight");
+            tracing::warn!(
+                left,
+                "drain grace period over; dropping requests still in flight"
+            );
         }
     }
 }

@@ -103,8 +103,9 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let durations =
-            Family::<DurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let durations = Family::<DurationLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let tcp_sent = Family::<TcpLabels, Counter>::default();
@@ -112,15 +113,31 @@ impl Metrics {
         let config_rejections = Counter::default();
         let control_plane_connects = Counter::default();
         let stats_dropped = Counter::default();
-        registry.register("trellis_requests", "HTTP requests handled", requests.clone());
+        registry.register(
+            "trellis_requests",
+            "HTTP requests handled",
+            requests.clone(),
+        );
         registry.register(
             "trellis_request_duration_seconds",
             "Time from request to response headers",
             durations.clone(),
         );
-        registry.register("trellis_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
-        registry.register("trellis_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
-        registry.register("trellis_tcp_sent_bytes", "Bytes sent to the peer of a TCP connection", tcp_sent.clone());
+        registry.register(
+            "trellis_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "trellis_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "trellis_tcp_sent_bytes",
+            "Bytes sent to the peer of a TCP connection",
+            tcp_sent.clone(),
+        );
         registry.register(
             "trellis_tcp_received_bytes",
             "Bytes received from the peer of a TCP connection",
@@ -159,7 +176,14 @@ impl Metrics {
     }
 
     /// Records one finished request. `status` is 0 when no response came.
-    pub fn record_request(&self, peers: &Peers, route: &str, status: u16, tls: bool, elapsed: Duration) {
+    pub fn record_request(
+        &self,
+        peers: &Peers,
+        route: &str,
+        status: u16,
+        tls: bool,
+        elapsed: Duration,
+    ) {
         let route = route.to_string();
         self.requests
             .get_or_create(&RequestLabels {
@@ -291,9 +315,15 @@ mod tests {
         assert_eq!(r.entries[0].requests, 2);
         assert_eq!(r.entries[0].failures, 1);
         assert_eq!(r.entries[0].latency_buckets.iter().sum::<u64>(), 2);
-        assert!(m.take_report(Duration::from_secs(2)).is_none(), "a report empties the table");
+        assert!(
+            m.take_report(Duration::from_secs(2)).is_none(),
+            "a report empties the table"
+        );
         let text = m.encode();
-        assert!(text.contains("trellis_requests_total{direction=\"outbound\""), "{text}");
+        assert!(
+            text.contains("trellis_requests_total{direction=\"outbound\""),
+            "{text}"
+        );
         assert!(text.contains("status_code=\"503\""));
         assert!(text.contains("trellis_request_duration_seconds_bucket"));
     }

@@ -20,8 +20,8 @@ use crate::discovery::Lookup;
 use crate::endpoint::{connect, Endpoint};
 use crate::error::{ProxyError, Source};
 use crate::http::{
-    absolute_uri, boxed, empty, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop, DESTINATION,
-    ORIG_PROTO, SOURCE,
+    absolute_uri, boxed, empty, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop,
+    DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
@@ -67,7 +67,9 @@ pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
         [name] => Name::Mesh(SvcKey::new(namespace, name)),
         [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
         [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => Name::Mesh(SvcKey::new(ns, name)),
+        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
+            Name::Mesh(SvcKey::new(ns, name))
+        }
         _ => Name::External,
     }
 }
@@ -101,7 +103,9 @@ impl Outbound {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn upstream_addrs(&self) -> Vec<SocketAddr> {
@@ -121,7 +125,7 @@ impl Outbound {
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
                             let _ = tcp.set_nodelay(true);
-                            tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone()));
+                            tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), shutdown.clone()));
                         }
                         _ = shutdown.changed() => return,
                     }
@@ -134,7 +138,8 @@ impl Outbound {
                     let Ok((tcp, _)) = accepted else { continue };
                     let _ = tcp.set_nodelay(true);
                     let inputs = self.inputs.clone();
-                    tokio::spawn(serve_connection(tcp, move |req| handle(inputs.clone(), req, None)));
+                    let sd = shutdown.clone();
+                    tokio::spawn(serve_connection(tcp, sd.clone(), move |req| handle(inputs.clone(), req, None, sd.clone())));
                 }
                 _ = shutdown.changed() => return,
             }
@@ -144,7 +149,7 @@ impl Outbound {
 
 /// A connection bound for one service: HTTP is served and routed, anything
 /// else is carried as opaque TCP.
-async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target)
+async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target, shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -157,17 +162,26 @@ where
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_connection(io, move |req| handle(inputs.clone(), req, Some(target.clone()))).await
+            let sd = shutdown.clone();
+            serve_connection(io, shutdown, move |req| {
+                handle(inputs.clone(), req, Some(target.clone()), sd.clone())
+            })
+            .await
         }
         Protocol::PeerTcp | Protocol::Opaque => tcp_to(inputs, io, target).await,
     }
 }
 
 /// Handles one request from the app.
-async fn handle(inputs: Arc<Inputs>, req: Request<Incoming>, fixed: Option<Target>) -> Response<Body> {
+async fn handle(
+    inputs: Arc<Inputs>,
+    req: Request<Incoming>,
+    fixed: Option<Target>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
     if req.method() == Method::CONNECT {
-        return connect_tunnel(inputs, req);
+        return connect_tunnel(inputs, req, shutdown);
     }
     let target = match fixed.or_else(|| target_of(&req)) {
         Some(t) => t,
@@ -191,7 +205,10 @@ async fn handle(inputs: Arc<Inputs>, req: Request<Incoming>, fixed: Option<Targe
         Lookup::Missing => ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Source::Downstream,
-            format!("no service {key} in the mesh: apply a Service named {} in namespace {}", key.name, key.namespace),
+            format!(
+                "no service {key} in the mesh: apply a Service named {} in namespace {}",
+                key.name, key.namespace
+            ),
         )
         .into_response(),
         Lookup::Unavailable(msg) => {
@@ -212,20 +229,40 @@ fn target_of<B>(req: &Request<B>) -> Option<Target> {
 fn parse_authority(authority: &str) -> Option<Target> {
     let a: http::uri::Authority = authority.parse().ok()?;
     Some(Target {
-        host: a.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+        host: a
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         port: a.port_u16().unwrap_or(80),
     })
 }
 
 /// CONNECT host:port — answer 200, then treat the tunnel like an
 /// `--upstream` connection to that target.
-fn connect_tunnel(inputs: Arc<Inputs>, req: Request<Incoming>) -> Response<Body> {
-    let Some(target) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
+fn connect_tunnel(
+    inputs: Arc<Inputs>,
+    req: Request<Incoming>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| parse_authority(a.as_str()))
+    else {
         return ProxyError::bad_request("CONNECT needs host:port").into_response();
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => serve_fixed(inputs, hyper_util::rt::TokioIo::new(upgraded), target).await,
+            Ok(upgraded) => {
+                serve_fixed(
+                    inputs,
+                    hyper_util::rt::TokioIo::new(upgraded),
+                    target,
+                    shutdown,
+                )
+                .await
+            }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
@@ -244,11 +281,19 @@ fn peers(inputs: &Inputs, key: &SvcKey, ep: Option<&Endpoint>) -> Peers {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Routes a request to a mesh service and forwards it to one of its endpoints.
-async fn to_service(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target, svc: Arc<ServiceState>) -> Response<Body> {
+async fn to_service(
+    inputs: Arc<Inputs>,
+    req: Request<Incoming>,
+    target: &Target,
+    svc: Arc<ServiceState>,
+) -> Response<Body> {
     let started = Instant::now();
     let path = req.uri().path().to_string();
     let rule = svc.routes.find(&req, &path);
@@ -271,7 +316,10 @@ async fn to_service(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target
                     return ProxyError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         Source::Internal,
-                        format!("route {} names service {k}, which is not in the mesh", rule.route),
+                        format!(
+                            "route {} names service {k}, which is not in the mesh",
+                            rule.route
+                        ),
                     )
                     .into_response()
                 }
@@ -322,13 +370,18 @@ async fn forward(
         let e = ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Source::Upstream,
-            format!("service {} has no endpoints: is a workload with its labels running?", backend.key),
+            format!(
+                "service {} has no endpoints: is a workload with its labels running?",
+                backend.key
+            ),
         );
         return (Err(e), None);
     }
     if is_upgrade(&req) {
         let ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
-        let Some(ep) = ep else { return (Err(ProxyError::upstream("no endpoint")), None) };
+        let Some(ep) = ep else {
+            return (Err(ProxyError::upstream("no endpoint")), None);
+        };
         return (forward_upgrade(req, ep.addr).await, Some(ep));
     }
     let (mut parts, body) = req.into_parts();
@@ -353,9 +406,13 @@ async fn forward(
         parts.headers.remove(h);
     }
     if orig_version < Version::HTTP_2 {
-        parts.headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
-    if let Ok(v) = HeaderValue::try_from(format!("{}/{}", inputs.cfg.namespace, inputs.cfg.workload)) {
+    if let Ok(v) =
+        HeaderValue::try_from(format!("{}/{}", inputs.cfg.namespace, inputs.cfg.workload))
+    {
         parts.headers.insert(SOURCE, v);
     }
     if let Ok(v) = HeaderValue::try_from(svc.key.to_string()) {
@@ -375,7 +432,9 @@ async fn forward(
         }
         // Prefer an endpoint that has not just failed.
         let mut ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
-        if backend.endpoints.len() > 1 && ep.as_ref().map(|e| Some(e.addr) == tried).unwrap_or(false) {
+        if backend.endpoints.len() > 1
+            && ep.as_ref().map(|e| Some(e.addr) == tried).unwrap_or(false)
+        {
             ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
         }
         let Some(ep) = ep else { break };
@@ -440,9 +499,16 @@ async fn egress(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target) ->
     let started = Instant::now();
     let key = SvcKey::new("", &target.host);
     let result = if is_upgrade(&req) {
-        match tokio::net::lookup_host(target.authority()).await.ok().and_then(|mut a| a.next()) {
+        match tokio::net::lookup_host(target.authority())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
             Some(addr) => forward_upgrade(req, addr).await,
-            None => Err(ProxyError::upstream(format!("cannot resolve {}", target.host))),
+            None => Err(ProxyError::upstream(format!(
+                "cannot resolve {}",
+                target.host
+            ))),
         }
     } else {
         let (mut parts, body) = req.into_parts();
@@ -462,9 +528,13 @@ async fn egress(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target) ->
         }
     };
     let resp = result.unwrap_or_else(ProxyError::into_response);
-    inputs
-        .metrics
-        .record_request(&peers(&inputs, &key, None), "", resp.status().as_u16(), false, started.elapsed());
+    inputs.metrics.record_request(
+        &peers(&inputs, &key, None),
+        "",
+        resp.status().as_u16(),
+        false,
+        started.elapsed(),
+    );
     resp
 }
 
@@ -509,7 +579,10 @@ where
             (up, svc.key.clone(), Some(ep))
         }
         None => {
-            let addr = tokio::net::lookup_host(target.authority()).await.ok().and_then(|mut a| a.next());
+            let addr = tokio::net::lookup_host(target.authority())
+                .await
+                .ok()
+                .and_then(|mut a| a.next());
             let Some(addr) = addr else { return };
             match connect(addr).await {
                 Ok(up) => (up, SvcKey::new("", &target.host), None),
@@ -535,14 +608,26 @@ mod tests {
     #[test]
     fn names_map_to_services() {
         let td = "trellis.local";
-        assert_eq!(classify("catalog", "shop", td), Name::Mesh(SvcKey::new("shop", "catalog")));
-        assert_eq!(classify("catalog.prod", "shop", td), Name::Maybe(SvcKey::new("prod", "catalog")));
-        assert_eq!(classify("catalog.prod.svc", "shop", td), Name::Mesh(SvcKey::new("prod", "catalog")));
+        assert_eq!(
+            classify("catalog", "shop", td),
+            Name::Mesh(SvcKey::new("shop", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod", "shop", td),
+            Name::Maybe(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
         assert_eq!(
             classify("catalog.prod.svc.trellis.local", "shop", td),
             Name::Mesh(SvcKey::new("prod", "catalog"))
         );
-        assert_eq!(classify("catalog.prod.svc.other.domain", "shop", td), Name::External);
+        assert_eq!(
+            classify("catalog.prod.svc.other.domain", "shop", td),
+            Name::External
+        );
         assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
         assert_eq!(classify("www.example.com", "shop", td), Name::External);
     }

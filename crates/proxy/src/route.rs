@@ -88,7 +88,13 @@ impl Match {
             PathM::Prefix(p) => (1, p.len()),
             PathM::Regex(_) => (0, 0),
         };
-        (kind, len, self.method.is_some(), self.headers.len(), self.query.len())
+        (
+            kind,
+            len,
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
     }
 
     fn matches<B>(&self, req: &Request<B>, path: &str) -> bool {
@@ -145,11 +151,15 @@ impl RouteTable {
     pub fn compile(routes: &[Resource]) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         for route in routes {
-            let Some(spec) = route.as_route() else { continue };
+            let Some(spec) = route.as_route() else {
+                continue;
+            };
             let ns = &route.metadata.namespace;
             for rule in &spec.rules {
                 let idx = table.rules.len();
-                table.rules.push(compile_rule(&route.metadata.name, ns, rule)?);
+                table
+                    .rules
+                    .push(compile_rule(&route.metadata.name, ns, rule)?);
                 if rule.matches.is_empty() {
                     table.matches.push(Match {
                         path: PathM::Prefix("/".into()),
@@ -166,7 +176,8 @@ impl RouteTable {
                             PathMatchType::Exact => PathM::Exact(p.value.clone()),
                             PathMatchType::PathPrefix => PathM::Prefix(p.value.clone()),
                             PathMatchType::RegularExpression => PathM::Regex(
-                                Regex::new(&format!("^(?:{})$", p.value)).map_err(|e| e.to_string())?,
+                                Regex::new(&format!("^(?:{})$", p.value))
+                                    .map_err(|e| e.to_string())?,
                             ),
                         },
                     };
@@ -174,7 +185,8 @@ impl RouteTable {
                         .headers
                         .iter()
                         .map(|h| {
-                            let name = HeaderName::try_from(h.name.to_ascii_lowercase()).map_err(|e| e.to_string())?;
+                            let name = HeaderName::try_from(h.name.to_ascii_lowercase())
+                                .map_err(|e| e.to_string())?;
                             Ok((name, value_matcher(h.match_type, &h.value)?))
                         })
                         .collect::<Result<_, String>>()?;
@@ -199,7 +211,9 @@ impl RouteTable {
             }
         }
         // A stable sort keeps route order, then rule order, for ties.
-        table.matches.sort_by_key(|m| std::cmp::Reverse(m.precedence()));
+        table
+            .matches
+            .sort_by_key(|m| std::cmp::Reverse(m.precedence()));
         Ok(table)
     }
 
@@ -280,12 +294,18 @@ impl Rule {
 /// Applies a header modifier filter.
 pub fn modify_headers(headers: &mut http::HeaderMap, m: &HeaderModifier) {
     for h in &m.set {
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.name.as_str()), HeaderValue::try_from(h.value.as_str())) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(h.name.as_str()),
+            HeaderValue::try_from(h.value.as_str()),
+        ) {
             headers.insert(n, v);
         }
     }
     for h in &m.add {
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.name.as_str()), HeaderValue::try_from(h.value.as_str())) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(h.name.as_str()),
+            HeaderValue::try_from(h.value.as_str()),
+        ) {
             headers.append(n, v);
         }
     }
@@ -299,7 +319,9 @@ mod tests {
     use super::*;
 
     fn route(yaml: &str) -> Resource {
-        trellis_resource::parse_documents("test.yaml", yaml).unwrap().remove(0)
+        trellis_resource::parse_documents("test.yaml", yaml)
+            .unwrap()
+            .remove(0)
     }
 
     const SPLIT: &str = r#"
@@ -336,7 +358,10 @@ spec:
         let v2 = (0..10_000)
             .filter(|_| r.pick_backend().unwrap().name == "catalog-v2")
             .count();
-        assert!((700..1300).contains(&v2), "about 10% to v2, got {v2} of 10000");
+        assert!(
+            (700..1300).contains(&v2),
+            "about 10% to v2, got {v2} of 10000"
+        );
     }
 
     #[test]

@@ -80,8 +80,8 @@ impl Snapshot {
         let mut services = HashMap::new();
         for sc in &config.services {
             let key = SvcKey::new(&sc.namespace, &sc.name);
-            let res: Resource =
-                serde_json::from_str(&sc.service_json).map_err(|e| format!("service {key}: {e}"))?;
+            let res: Resource = serde_json::from_str(&sc.service_json)
+                .map_err(|e| format!("service {key}: {e}"))?;
             let spec = res
                 .as_service()
                 .cloned()
@@ -89,20 +89,28 @@ impl Snapshot {
             let mut routes = sc
                 .routes_json
                 .iter()
-                .map(|r| serde_json::from_str::<Resource>(r).map_err(|e| format!("service {key}: route: {e}")))
+                .map(|r| {
+                    serde_json::from_str::<Resource>(r)
+                        .map_err(|e| format!("service {key}: route: {e}"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             routes.sort_by(|a, b| {
-                (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
             });
-            let routes = RouteTable::compile(&routes).map_err(|e| format!("service {key}: route: {e}"))?;
+            let routes =
+                RouteTable::compile(&routes).map_err(|e| format!("service {key}: route: {e}"))?;
             let old = prev.services.get(&key);
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             for ep in &sc.endpoints {
-                let addr: SocketAddr = ep
-                    .address
-                    .parse()
-                    .map_err(|_| format!("service {key}: endpoint address {:?} is not IP:PORT", ep.address))?;
-                let reused = old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr && e.same_as(ep)));
+                let addr: SocketAddr = ep.address.parse().map_err(|_| {
+                    format!(
+                        "service {key}: endpoint address {:?} is not IP:PORT",
+                        ep.address
+                    )
+                })?;
+                let reused =
+                    old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr && e.same_as(ep)));
                 endpoints.push(match reused {
                     Some(e) => e.clone(),
                     None => Arc::new(Endpoint::new(addr, ep)),
@@ -130,7 +138,11 @@ impl Snapshot {
                 }),
             );
         }
-        let missing = config.missing.iter().filter_map(|s| SvcKey::parse(s)).collect();
+        let missing = config
+            .missing
+            .iter()
+            .filter_map(|s| SvcKey::parse(s))
+            .collect();
         Ok(Snapshot {
             version: config.version,
             mesh,
@@ -143,6 +155,10 @@ impl Snapshot {
     /// Every service this snapshot knows of or knows to be missing: what a
     /// proxy restarted from its cache subscribes to again.
     pub fn known(&self) -> Vec<SvcKey> {
-        self.services.keys().chain(self.missing.iter()).cloned().collect()
+        self.services
+            .keys()
+            .chain(self.missing.iter())
+            .cloned()
+            .collect()
     }
 }
