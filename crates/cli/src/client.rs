@@ -307,6 +307,9 @@ pub struct StatRow {
     pub kind: String,
     pub namespace: String,
     pub name: String,
+    /// For route rows: the service the traffic went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     #[serde(default)]
     pub requests: f64,
     #[serde(default)]

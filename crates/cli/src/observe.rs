@@ -75,6 +75,7 @@ pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> 
                         kind: target.kind.to_string(),
                         namespace: global.namespace.clone().unwrap_or_else(|| "default".into()),
                         name: name.clone(),
+                        service: None,
                         requests: 0.0,
                         rps: 0.0,
                         success_rate: None,
@@ -98,19 +99,31 @@ pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> 
 }
 
 /// NAME RPS SUCCESS P50 P95 P99 MTLS; names outside `default` carry their
-/// namespace.
+/// namespace. Route rows also say which service the traffic went to, and
+/// traffic that matched no HTTPRoute shows as `<none>`.
 pub fn stat_table(rows: &[StatRow]) -> String {
     let mut rows: Vec<&StatRow> = rows.iter().collect();
-    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let mut t = Table::new(&["NAME", "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS"]);
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.service).cmp(&(&b.namespace, &b.name, &b.service))
+    });
+    let routes = rows.iter().any(|r| r.service.is_some());
+    let mut header = vec!["NAME"];
+    if routes {
+        header.push("SERVICE");
+    }
+    header.extend(["RPS", "SUCCESS", "P50", "P95", "P99", "MTLS"]);
+    let mut t = Table::new(&header);
     for r in rows {
-        let name = if r.namespace == "default" || r.namespace.is_empty() {
-            r.name.clone()
-        } else {
-            format!("{}/{}", r.namespace, r.name)
+        let name = match (r.name.as_str(), r.namespace.as_str()) {
+            ("", _) => "<none>".to_string(),
+            (name, "default" | "") => name.to_string(),
+            (name, ns) => format!("{ns}/{name}"),
         };
-        t.row(vec![
-            name,
+        let mut row = vec![name];
+        if routes {
+            row.push(r.service.clone().unwrap_or_else(|| "-".into()));
+        }
+        row.extend([
             format!("{:.1}", r.rps),
             percent(r.success_rate),
             millis(r.p50_ms),
@@ -118,6 +131,7 @@ pub fn stat_table(rows: &[StatRow]) -> String {
             millis(r.p99_ms),
             percent(r.tls_share),
         ]);
+        t.row(row);
     }
     t.render()
 }
@@ -283,6 +297,7 @@ mod tests {
             kind: "service".into(),
             namespace: ns.into(),
             name: name.into(),
+            service: None,
             requests: 600.0,
             rps: 20.0,
             success_rate: rate,
@@ -301,5 +316,13 @@ mod tests {
              catalog     20.0   99.50%    2.3ms   13ms   40ms   0.00%\n\
              shop/cart   20.0   -         -       -      -      -\n"
         );
+        let mut split = row("default", "split", Some(1.0));
+        split.service = Some("catalog-v2".into());
+        let mut unrouted = row("default", "", Some(1.0));
+        unrouted.service = Some("frontend".into());
+        let out = stat_table(&[split, unrouted]);
+        assert!(out.starts_with("NAME     SERVICE      RPS"), "{out}");
+        assert!(out.contains("\n<none>   frontend     20.0   100%"), "{out}");
+        assert!(out.contains("\nsplit    catalog-v2   20.0"), "{out}");
     }
 }

@@ -240,7 +240,11 @@ pub async fn describe(global: &Global, args: &NameArgs) -> anyhow::Result<ExitCo
                 .map(|s| s.endpoints.as_slice())
                 .unwrap_or_default();
             println!();
-            if let Some(vip) = svc.as_ref().and_then(|s| s.vip.as_deref()) {
+            if let Some(vip) = svc
+                .as_ref()
+                .and_then(|s| s.vip.as_deref())
+                .filter(|v| !v.is_empty())
+            {
                 println!("VIP: {vip}");
             }
             println!("Endpoints ({}):", endpoints.len());

@@ -16,6 +16,10 @@ use super::state::{Addresses, ControlInfo, ProcessInfo, Role, RunState};
 use crate::client::{Api, ApplyAnswer};
 use crate::http::HttpClient;
 
+/// Marks a `trellis down` in progress, so a foreground `up` does not
+/// report the processes it stops as failures.
+pub const STOPPING: &str = "stopping";
+
 /// How long processes get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -314,6 +318,10 @@ impl Mesh {
     /// tells whether the mesh is gone: every child exited, or `run.json`
     /// was removed by `trellis down`.
     pub fn poll_exits(&mut self) -> bool {
+        if !RunState::path(&self.data_dir).exists() || self.data_dir.join(STOPPING).exists() {
+            eprintln!("the mesh is being stopped by `trellis down`");
+            return true;
+        }
         for c in &mut self.children {
             if self.reported.contains(&c.pid) {
                 continue;
@@ -323,12 +331,11 @@ impl Mesh {
                 eprintln!("{} exited ({status}): see {}", c.name, c.log.display());
             }
         }
-        let gone =
-            !RunState::path(&self.data_dir).exists() || self.reported.len() == self.children.len();
-        if gone {
-            eprintln!("the mesh was stopped");
+        if self.reported.len() == self.children.len() {
+            eprintln!("every process of the mesh has exited");
+            return true;
         }
-        gone
+        false
     }
 
     /// Stops every child (workloads first, the control plane last), reaps
@@ -339,6 +346,7 @@ impl Mesh {
             let _ = c.child.try_wait();
         }
         let _ = RunState::remove(&self.data_dir);
+        let _ = remove_state_dirs(&self.data_dir);
     }
 
     /// Lets the children run on after this process exits (`--detach`).
@@ -375,16 +383,24 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
         }
         RunState::remove(dir)?;
     }
+    let _ = std::fs::remove_file(dir.join(STOPPING));
     // A fresh store and caches: the mesh is what the files say, not what
     // an earlier run left behind.
+    remove_state_dirs(dir)?;
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(())
+}
+
+/// Removes the control plane's store and the proxies' caches; logs stay,
+/// for reading after the fact.
+pub fn remove_state_dirs(dir: &Path) -> anyhow::Result<()> {
     for sub in ["control", "cache"] {
         let p = dir.join(sub);
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    std::fs::create_dir_all(dir.join("logs"))
-        .with_context(|| format!("creating {}", dir.display()))?;
     Ok(())
 }
 

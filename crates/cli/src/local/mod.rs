@@ -53,14 +53,13 @@ pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
         println!("nothing to stop in {}", dir.display());
         return Ok(ExitCode::SUCCESS);
     };
+    let marker = dir.join(mesh::STOPPING);
+    let _ = std::fs::write(&marker, b"");
     let stopped = mesh::stop_state(&state);
     RunState::remove(dir)?;
-    for sub in ["control", "cache"] {
-        let p = dir.join(sub);
-        if p.exists() {
-            std::fs::remove_dir_all(&p)
-                .map_err(|e| anyhow::anyhow!("removing {}: {e}", p.display()))?;
-        }
+    let _ = std::fs::remove_file(&marker);
+    if let Err(e) = mesh::remove_state_dirs(dir) {
+        eprintln!("warning: {e:#}");
     }
     if stopped == 0 {
         println!(

@@ -142,12 +142,17 @@ pub fn is_running(pid: u32, start_time: u64) -> bool {
     stat(pid).is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X'))
 }
 
-/// The last `n` lines of a log, for error messages.
+/// The last `n` lines of a log, for error messages; for a Rust panic, its
+/// message rather than the end of the backtrace that follows it.
 pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let end = match lines.iter().rposition(|l| l.contains("panicked at")) {
+        Some(panic) => (panic + 3).min(lines.len()),
+        None => lines.len(),
+    };
+    lines[end.saturating_sub(n)..end].join("\n")
 }
 
 /// Sends `signal` to the process group of `pid` when `pid` leads one (as
@@ -240,6 +245,24 @@ mod tests {
             stop_all(&[(running.pid, running.start_time)], Duration::from_secs(1)),
             0
         );
+    }
+
+    #[test]
+    fn log_tail_prefers_a_panic_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(&log, "a\nb\nc\n").unwrap();
+        assert_eq!(log_tail(&log, 2), "b\nc");
+        std::fs::write(
+            &log,
+            "start\nthread 'main' panicked at src/x.rs:1:1:\nboom\nnote: x\nstack backtrace:\n  0: f\n",
+        )
+        .unwrap();
+        assert_eq!(
+            log_tail(&log, 3),
+            "thread 'main' panicked at src/x.rs:1:1:\nboom\nnote: x"
+        );
+        assert_eq!(log_tail(&dir.path().join("missing.log"), 3), "");
     }
 
     #[test]

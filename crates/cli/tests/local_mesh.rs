@@ -1,0 +1,276 @@
+//! The real `trellis` binary running a local mesh in process mode: `up
+//! --detach`, traffic through a sidecar, the API commands against it, `ps`,
+//! `exec`, then `down`, and that nothing is left running.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use trellis_testkit::{eventually, try_http_get};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/demo");
+
+fn trellis(dir: &Path, args: &[&str]) -> Output {
+    // Global flags first: after `exec ... --` they would belong to CMD.
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("TRELLIS_SERVER")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running trellis")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = trellis(dir, args);
+    assert!(
+        out.status.success(),
+        "trellis {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `down` even when an assertion fails, so no test leaves a mesh.
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = trellis(self.0, &["down"]);
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s[s.rfind(')').unwrap() + 1..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            state != "Z" && state != "X"
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_traffic_then_down_stops_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _down = Down(dir);
+
+    let up = ok(dir, &["up", "-f", DEMO, "--detach", "--timeout", "90s"]);
+    assert!(
+        up.starts_with("ready: 4 workloads, 5 replicas; control plane http://127.0.0.1:"),
+        "{up}"
+    );
+
+    let ps: serde_json::Value = serde_json::from_str(&ok(dir, &["ps", "-o", "json"])).unwrap();
+    let procs = ps["processes"].as_array().unwrap();
+    assert_eq!(
+        procs.len(),
+        1 + 2 * 5,
+        "the control plane, and an app and a proxy per replica"
+    );
+    for p in procs {
+        assert_eq!(p["state"], "running", "{p}");
+    }
+    let pids: Vec<u64> = procs.iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+    assert!(pids.iter().all(|&p| alive(p)));
+    let frontend_proxy = procs
+        .iter()
+        .find(|p| p["role"] == "proxy" && p["workload"] == "frontend")
+        .unwrap();
+    let outbound = frontend_proxy["addresses"]["outbound"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // frontend -> catalog (v1 or v2) -> reviews, each hop through sidecars.
+    let answer: serde_json::Value = eventually(
+        "frontend answers through the mesh",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = try_http_get("http://frontend:8080/", Some(outbound)).await?;
+            anyhow::ensure!(
+                status == 200,
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            let catalog = &v["calls"][0];
+            anyhow::ensure!(catalog["status"] == 200, "catalog call: {catalog}");
+            anyhow::ensure!(
+                catalog["body"]["calls"][0]["status"] == 200,
+                "reviews call: {catalog}"
+            );
+            Ok(v)
+        },
+    )
+    .await;
+    assert_eq!(answer["service"], "frontend");
+    assert_eq!(answer["instance"], "frontend-0");
+    assert_eq!(answer["calls"][0]["body"]["service"], "catalog");
+    assert_eq!(
+        answer["calls"][0]["body"]["calls"][0]["body"]["service"],
+        "reviews"
+    );
+
+    // The API commands find the control plane through run.json.
+    let services = ok(dir, &["get", "svc"]);
+    assert!(services.starts_with("NAMESPACE"), "{services}");
+    assert!(services.contains("catalog-v2"), "{services}");
+    let route = ok(dir, &["get", "route", "catalog-split", "-o", "json"]);
+    let route: serde_json::Value = serde_json::from_str(&route).unwrap();
+    assert_eq!(route["spec"]["rules"][0]["backendRefs"][1]["weight"], 10);
+    let described = ok(dir, &["describe", "svc", "reviews"]);
+    assert!(described.contains("Endpoints (2):"), "{described}");
+    let check = ok(dir, &["check"]);
+    assert!(
+        check.contains("✔ control plane") && !check.contains('✘'),
+        "{check}"
+    );
+    ok(dir, &["stat", "-o", "json"]);
+
+    // exec runs a command behind a replica's sidecar.
+    let env = ok(
+        dir,
+        &["exec", "reviews/1", "--", "sh", "-c", "echo $HTTP_PROXY"],
+    );
+    let reviews_1 = procs
+        .iter()
+        .find(|p| p["role"] == "proxy" && p["workload"] == "reviews" && p["replica"] == 1)
+        .unwrap();
+    assert_eq!(
+        env.trim(),
+        format!(
+            "http://{}",
+            reviews_1["addresses"]["outbound"].as_str().unwrap()
+        )
+    );
+    let status = trellis(dir, &["exec", "frontend", "--", "sh", "-c", "exit 7"]).status;
+    assert_eq!(status.code(), Some(7));
+    let missing = trellis(dir, &["exec", "reviews/3", "--", "true"]);
+    assert!(text(&missing.stderr).contains("workload reviews has no replica 3"));
+
+    // A second `up` on the same folder is refused.
+    let again = trellis(dir, &["up", "-f", DEMO, "--detach"]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("trellis down"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let down = ok(dir, &["down"]);
+    assert!(down.starts_with("stopped 11 processes"), "{down}");
+    for &pid in &pids {
+        assert!(!alive(pid), "pid {pid} still runs after down");
+    }
+    assert!(!dir.join("run.json").exists());
+    assert!(ok(dir, &["down"]).starts_with("nothing to stop"));
+    let ps = ok(dir, &["ps", "-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ps).unwrap()["processes"],
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn a_failing_app_fails_up_and_leaves_nothing_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _down = Down(dir);
+    let file = dir.join("broken.yaml");
+    std::fs::write(
+        &file,
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: broken}
+spec:
+  command: [sh, -c, "echo cannot open the database; exit 3"]
+"#,
+    )
+    .unwrap();
+    let out = trellis(
+        dir,
+        &[
+            "up",
+            "-f",
+            file.to_str().unwrap(),
+            "--detach",
+            "--timeout",
+            "60s",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("broken-0 exited during start-up (exit status: 3)"),
+        "{err}"
+    );
+    assert!(err.contains("cannot open the database"), "{err}");
+    assert!(!dir.join("run.json").exists(), "a failed up cleans up");
+}
+
+#[test]
+fn commands_without_a_mesh_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = trellis(dir, &["exec", "web", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no mesh is running here"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(ok(dir, &["down"]).starts_with("nothing to stop"));
+
+    let pods = trellis(dir, &["up", "-f", DEMO, "--mode", "pods"]);
+    assert!(text(&pods.stderr).contains("pods mode is not available yet"));
+
+    let token = trellis(
+        dir,
+        &[
+            "token",
+            "create",
+            "--namespace",
+            "default",
+            "--service-account",
+            "web",
+        ],
+    );
+    assert_eq!(token.status.code(), Some(2));
+    assert!(text(&token.stderr).contains("not available yet"));
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: x}]\n",
+    )
+    .unwrap();
+    let out = trellis(
+        dir,
+        &[
+            "apply",
+            "-f",
+            bad.to_str().unwrap(),
+            "--server",
+            "http://127.0.0.1:1",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("spec.ports[0].port"),
+        "{err}"
+    );
+}
