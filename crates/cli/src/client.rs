@@ -21,12 +21,11 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15080";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot reach the control plane at {server} ({found}): {source}\n  is it running? start a local mesh with `trellis up -f FILE --detach`, or pass --server URL")]
+    #[error("cannot reach the control plane at {server} ({found}): {}\n  is it running? start a local mesh with `trellis up -f FILE --detach`, or pass --server URL", .cause.reason())]
     Unreachable {
         server: String,
         found: String,
-        #[source]
-        source: HttpError,
+        cause: HttpError,
     },
     #[error(transparent)]
     Http(HttpError),
@@ -77,6 +76,10 @@ impl fmt::Display for ErrorDetail {
 fn refused(message: &str, details: &[ErrorDetail]) -> String {
     let mut out = message.to_string();
     for d in details {
+        // Some messages already hold their only detail.
+        if message.contains(&d.to_string()) {
+            continue;
+        }
         out.push_str("\n  ");
         out.push_str(&d.to_string());
     }
@@ -159,7 +162,7 @@ impl Api {
             Err(e) if e.is_connect() => Err(ApiError::Unreachable {
                 server: self.base.clone(),
                 found: self.found.clone(),
-                source: e,
+                cause: e,
             }),
             Err(e) => Err(ApiError::Http(e)),
         }

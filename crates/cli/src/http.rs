@@ -21,18 +21,16 @@ use tokio::net::TcpStream;
 pub enum HttpError {
     #[error("{url}: no answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
-    #[error("{url}: {source}")]
+    // The cause is in the message, not a `#[source]`: hyper's own messages
+    // ("client error (Connect)") say little, and their root cause ("Connection
+    // refused") is what a user needs, once.
+    #[error("{url}: {}", root_cause(.cause))]
     Request {
         url: String,
-        #[source]
-        source: Box<hyper_util::client::legacy::Error>,
+        cause: Box<hyper_util::client::legacy::Error>,
     },
-    #[error("{url}: reading the answer: {source}")]
-    Body {
-        url: String,
-        #[source]
-        source: hyper::Error,
-    },
+    #[error("{url}: reading the answer: {}", root_cause(.cause))]
+    Body { url: String, cause: hyper::Error },
     #[error("proxy {0:?}: expected http://HOST:PORT or HOST:PORT")]
     BadProxy(String),
     #[error("{0:?} is not an http:// URL")]
@@ -42,9 +40,26 @@ pub enum HttpError {
 impl HttpError {
     /// Whether the peer could not be reached at all (as opposed to a peer
     /// that answered badly), so callers can say "is it running?".
-    pub fn is_connect(&self) -> bool {
-        matches!(self, HttpError::Request { source, .. } if source.is_connect())
+    /// Why, in the fewest words: the root cause of a failed request.
+    pub fn reason(&self) -> String {
+        match self {
+            HttpError::Request { cause, .. } => root_cause(cause.as_ref()),
+            e => e.to_string(),
+        }
     }
+
+    pub fn is_connect(&self) -> bool {
+        matches!(self, HttpError::Request { cause, .. } if cause.is_connect())
+    }
+}
+
+/// The innermost cause of an error, which is where the useful words are.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    e.to_string()
 }
 
 /// Where requests go: straight to their host, or through a proxy.
@@ -144,14 +159,14 @@ impl HttpClient {
                 Some(c) => c.request(req).await,
                 None => self.direct.request(req).await,
             }
-            .map_err(|source| HttpError::Request {
+            .map_err(|cause| HttpError::Request {
                 url: url.clone(),
-                source: Box::new(source),
+                cause: Box::new(cause),
             })?;
             let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(|source| HttpError::Body {
+            let body = body.collect().await.map_err(|cause| HttpError::Body {
                 url: url.clone(),
-                source,
+                cause,
             })?;
             Ok(Response::from_parts(parts, body.to_bytes()))
         };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::{Global, Output, StatArgs};
-use crate::client::{Api, ProxyInfo, StatAnswer, StatRow};
+use crate::client::{Api, ApiError, ProxyInfo, StatAnswer, StatRow};
 use crate::duration::format_duration;
 use crate::local::state::{Role, RunState};
 use crate::resources::version;
@@ -179,14 +179,13 @@ pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
             "see its log",
         ),
         Err(e) => {
+            let why = match &e {
+                ApiError::Unreachable { cause, .. } => cause.reason(),
+                e => e.to_string(),
+            };
             report.fail(
-                format!("{cp} is unreachable"),
-                format!("{e}")
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-                    + "; start one with `trellis up -f FILE --detach`, or pass --server URL",
+                format!("{cp} is unreachable ({why})"),
+                "start a local mesh with `trellis up -f FILE --detach`, or pass --server URL",
             );
             return Ok(ExitCode::FAILURE);
         }
@@ -209,8 +208,13 @@ pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
     if let Some(state) = &local {
         for p in &state.processes {
             if !p.is_running() {
+                let who = match p.role {
+                    Role::Control => "the control plane".to_string(),
+                    Role::App => format!("app {}", p.name),
+                    Role::Proxy => format!("proxy {}", p.name.trim_end_matches("-proxy")),
+                };
                 report.fail(
-                    format!("{} {} has exited", p.role.as_str(), p.name),
+                    format!("{who} has exited"),
                     format!(
                         "see {}; restart the mesh with `trellis down` then `trellis up`",
                         p.log.display()

@@ -58,17 +58,25 @@ pub async fn apply(global: &Global, args: &ApplyArgs) -> anyhow::Result<ExitCode
     if loaded.is_empty() {
         anyhow::bail!("{}: no resources found", args.file.display());
     }
-    let resources: Vec<Resource> = loaded.into_iter().map(|(r, _)| r).collect();
+    let (resources, sources): (Vec<Resource>, Vec<Source>) = loaded.into_iter().unzip();
     let api = Api::discover(global)?;
+    // Validate here too, against what the control plane holds: only here
+    // are the files known, so errors can name file, document and line.
+    let mut existing = Vec::new();
+    for kind in Kind::ALL {
+        let path = format!("/api/v1/resources/{}", kind_path(kind));
+        existing.extend(api.get::<Items<Resource>>(&path).await?.items);
+    }
+    if let Err(e) = trellis_resource::validate_apply(&resources, &sources, &existing) {
+        anyhow::bail!("nothing was applied:\n{}", indent(&e.to_string()));
+    }
     let path = if args.dry_run {
         "/api/v1/apply?dryRun=true"
     } else {
         "/api/v1/apply"
     };
     let answer: ApplyAnswer = api.post(path, &resources).await.map_err(|e| match e {
-        ApiError::Refused { .. } => {
-            anyhow::anyhow!("{} refused, nothing was applied: {e}", args.file.display())
-        }
+        ApiError::Refused { .. } => anyhow::anyhow!("nothing was applied: {e}"),
         e => e.into(),
     })?;
     let suffix = if args.dry_run { " (dry run)" } else { "" };
@@ -186,6 +194,13 @@ fn table(kind: Kind, resources: &[Resource], services: Option<&[ServiceInfo]>) -
         t.row(row);
     }
     t
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn join(items: impl Iterator<Item = String>) -> String {
