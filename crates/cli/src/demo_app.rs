@@ -364,6 +364,7 @@ pub async fn run(args: &DemoAppArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("listening on {addr}: {e}: is the port taken? pick another with --port")
     })?;
+    let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
         service = %cfg.service,
