@@ -20,11 +20,18 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<(Resource, Source)>> {
         std::io::stdin()
             .read_to_string(&mut text)
             .context("reading resources from standard input")?;
-        return Ok(trellis_resource::parse_documents_with_sources(
-            "<stdin>", &text,
-        )?);
+        return trellis_resource::parse_documents_with_sources("<stdin>", &text)
+            .map_err(load_error);
     }
-    Ok(trellis_resource::load_path_with_sources(path)?)
+    trellis_resource::load_path_with_sources(path).map_err(load_error)
+}
+
+/// One problem on one line; several as an indented list under a count.
+fn load_error(e: trellis_resource::LoadError) -> anyhow::Error {
+    match e.errors.len() {
+        1 => anyhow::anyhow!("{e}"),
+        n => anyhow::anyhow!("{n} problems in the resources:\n{}", indent(&e.to_string())),
+    }
 }
 
 /// A kind as typed on the command line.
@@ -196,7 +203,7 @@ fn table(kind: Kind, resources: &[Resource], services: Option<&[ServiceInfo]>) -
     t
 }
 
-fn indent(text: &str) -> String {
+pub fn indent(text: &str) -> String {
     text.lines()
         .map(|l| format!("  {l}"))
         .collect::<Vec<_>>()

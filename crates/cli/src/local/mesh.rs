@@ -47,7 +47,12 @@ impl Mesh {
     /// replica serves. On error, nothing is left running.
     pub async fn start(loaded: Vec<(Resource, Source)>, opts: &Options) -> anyhow::Result<Mesh> {
         let (resources, sources): (Vec<Resource>, Vec<Source>) = loaded.into_iter().unzip();
-        trellis_resource::validate_apply(&resources, &sources, &[])?;
+        if let Err(e) = trellis_resource::validate_apply(&resources, &sources, &[]) {
+            anyhow::bail!(
+                "nothing was started:\n{}",
+                crate::resources::indent(&e.to_string())
+            );
+        }
         prepare_data_dir(&opts.data_dir)?;
 
         let n_replicas = plan::replica_count(&resources);
