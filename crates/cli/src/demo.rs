@@ -66,8 +66,20 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         outcome
     }
     .await;
-    let _ = std::fs::remove_dir_all(&data_dir);
-    result.map(|()| ExitCode::SUCCESS)
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&data_dir);
+            Ok(ExitCode::SUCCESS)
+        }
+        // Errors point into the logs, so keep them.
+        Err(e) => {
+            eprintln!(
+                "the demo's logs stay in {}",
+                data_dir.join("logs").display()
+            );
+            Err(e)
+        }
+    }
 }
 
 async fn show(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<()> {

@@ -274,3 +274,40 @@ fn commands_without_a_mesh_say_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn demo_runs_with_load_and_cleans_up() {
+    let child = Command::new(BIN)
+        .args(["demo", "--duration", "5s"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running trellis demo");
+    let data_dir = std::env::temp_dir().join(format!("trellis-demo-{}", child.id()));
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("ready: 4 workloads, 5 replicas"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("trellis stat --server http://127.0.0.1:"),
+        "{stdout}"
+    );
+    // The last redraw shows traffic on every service, all of it served.
+    let last = stdout.rsplit("NAME ").next().unwrap();
+    for service in ["frontend", "catalog", "catalog-v1", "reviews"] {
+        assert!(
+            last.lines().any(|l| l.starts_with(service)),
+            "{service} missing:\n{stdout}"
+        );
+    }
+    let load = stdout.lines().rfind(|l| l.starts_with("load: ")).unwrap();
+    assert!(
+        load.ends_with(" 0 failed") && !load.contains(" 0 ok"),
+        "{load}"
+    );
+    assert!(!data_dir.exists(), "the demo removes its folder");
+}
