@@ -1,6 +1,10 @@
 //! The `trellis` binary: one CLI for the control plane, the sidecar proxy,
 //! the local mesh of `trellis up`, the demo, and kubectl-like resource
 //! management. `main.rs` only parses and calls [`run`].
+//!
+//! Unsafe code is denied except in `local::process`, which needs libc to
+//! start children in their own session and to signal process groups.
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod client;

@@ -75,6 +75,7 @@ pub fn spawn(spec: &Spec) -> Result<Running, ProcessError> {
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed; setsid and prctl are, and
     // nothing here allocates or takes locks.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             // A new session: Ctrl-C in the terminal reaches only the CLI,
@@ -164,6 +165,7 @@ fn signal(pid: u32, sig: libc::c_int) {
         _ => raw,
     };
     // SAFETY: kill(2) has no memory-safety preconditions.
+    #[allow(unsafe_code)]
     unsafe {
         libc::kill(target, sig);
     }
