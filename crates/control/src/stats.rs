@@ -11,6 +11,9 @@ use serde::Serialize;
 use trellis_api::v1::{StatEntry, StatsReport};
 use trellis_api::LATENCY_BUCKETS_MS;
 
+/// How often proxies report (trellis-proxy's STATS_INTERVAL).
+const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The longest window a query may ask for.
 pub const RETENTION: Duration = Duration::from_secs(300);
 /// Bounds memory whatever proxies send: about 100 MB at worst. A mesh of
@@ -127,6 +130,8 @@ impl Sample {
 
 #[derive(Clone, Debug, Default)]
 struct Totals {
+    /// When the oldest sample in the window arrived.
+    first: Option<Instant>,
     requests: u64,
     failures: u64,
     tls_requests: u64,
@@ -135,6 +140,7 @@ struct Totals {
 
 impl Totals {
     fn add(&mut self, s: &Sample) {
+        self.first = Some(self.first.map_or(s.at, |f| f.min(s.at)));
         self.requests += s.requests;
         self.failures += s.failures;
         self.tls_requests += s.tls_requests;
@@ -252,7 +258,6 @@ impl Stats {
         } else if kind == StatKind::Route {
             groups = outbound;
         }
-        let secs = window.as_secs_f64();
         groups
             .into_iter()
             .map(|((namespace, name, route), t)| {
@@ -261,6 +266,16 @@ impl Stats {
                     _ => (name, None),
                 };
                 let has = t.requests > 0;
+                // Traffic that began less than a window ago is averaged over
+                // the time it has run (its first report covers up to one
+                // report interval before it arrived), not the whole window.
+                let covered = t
+                    .first
+                    .map(|f| now.saturating_duration_since(f) + REPORT_INTERVAL)
+                    .unwrap_or(window)
+                    .min(window)
+                    .max(Duration::from_secs(1));
+                let secs = covered.as_secs_f64();
                 let ratio = |n: u64| has.then(|| n as f64 / t.requests as f64);
                 StatRow {
                     kind: kind.as_str(),
@@ -379,8 +394,13 @@ mod tests {
         let rows = stats.query_at(t1, StatKind::Service, Duration::from_secs(30));
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].requests, 30);
-        assert!((rows[0].rps - 1.0).abs() < 1e-9);
+        // Traffic seen for one report only is averaged over one interval.
+        assert!((rows[0].rps - 15.0).abs() < 1e-9, "{}", rows[0].rps);
         assert!(close(rows[0].success_rate, 0.9));
+        // Traffic older than the window is averaged over the whole window.
+        let t2 = t1 + Duration::from_secs(29);
+        let rows = stats.query_at(t2, StatKind::Service, Duration::from_secs(30));
+        assert!((rows[0].rps - 1.0).abs() < 1e-9, "{}", rows[0].rps);
         assert!(close(rows[0].tls_share, 1.0));
         assert!(close(rows[0].p50_ms, 7.5 + 2.5 * 0.5));
 
