@@ -83,6 +83,24 @@ pub enum Command {
     Token(TokenArgs),
 }
 
+impl Command {
+    /// Commands that print a result and exit (as opposed to servers and
+    /// runners, which own sockets for a long time).
+    pub fn prints_for_a_pipe(&self) -> bool {
+        matches!(
+            self,
+            Command::Get(_)
+                | Command::Describe(_)
+                | Command::Stat(_)
+                | Command::Check
+                | Command::Ps
+                | Command::Apply(_)
+                | Command::Delete(_)
+                | Command::Token(_)
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Stop by itself after this long (default: run until Ctrl-C).

@@ -5,6 +5,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = trellis::cli::Cli::parse();
+    if cli.command.prints_for_a_pipe() {
+        restore_sigpipe();
+    }
     trellis::init_logging();
     match trellis::run(cli).await {
         Ok(code) => code,
@@ -12,5 +15,18 @@ async fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets `trellis ps | head` end quietly, as any Unix tool does, instead of
+/// panicking on a closed stdout. Only for the commands that print and exit:
+/// servers keep Rust's ignored SIGPIPE so a peer that hangs up yields an
+/// error on that socket rather than killing the process.
+fn restore_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code; it only
+    // changes the process-wide disposition, once, at start-up.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
