@@ -157,7 +157,13 @@ fn table(kind: Kind, resources: &[Resource], services: Option<&[ServiceInfo]>) -
         Kind::Mesh => Table::new(&["NAME", "MTLS", "TRUST-DOMAIN", "DEFAULT-POLICY"]),
         Kind::Service => Table::new(&["NAMESPACE", "NAME", "SELECTOR", "PORTS", "ENDPOINTS"]),
         Kind::Workload => Table::new(&["NAMESPACE", "NAME", "REPLICAS", "COMMAND"]),
-        Kind::HttpRoute => Table::new(&["NAMESPACE", "NAME", "PARENTS", "BACKENDS"]),
+        Kind::HttpRoute | Kind::GrpcRoute => {
+            Table::new(&["NAMESPACE", "NAME", "PARENTS", "BACKENDS"])
+        }
+        Kind::TrafficPolicy => Table::new(&["NAMESPACE", "NAME", "TARGET"]),
+        Kind::AuthorizationPolicy => {
+            Table::new(&["NAMESPACE", "NAME", "TARGET", "ACTION", "RULES"])
+        }
     };
     for r in resources {
         let (ns, name) = (r.metadata.namespace.clone(), r.metadata.name.clone());
@@ -197,6 +203,21 @@ fn table(kind: Kind, resources: &[Resource], services: Option<&[ServiceInfo]>) -
                 }));
                 vec![ns, name, parents, backends]
             }
+            Spec::GrpcRoute(g) => {
+                let parents = join(g.parent_refs.iter().map(|p| p.name.clone()));
+                vec![ns, name, parents, "-".into()]
+            }
+            Spec::TrafficPolicy(tp) => vec![ns, name, tp.target_ref.name.clone()],
+            Spec::AuthorizationPolicy(ap) => vec![
+                ns,
+                name,
+                ap.target_ref
+                    .as_ref()
+                    .map(|t| t.name.clone())
+                    .unwrap_or_else(|| "<namespace>".into()),
+                format!("{:?}", ap.action).to_ascii_uppercase(),
+                ap.rules.len().to_string(),
+            ],
         };
         t.row(row);
     }
@@ -315,7 +336,7 @@ pub async fn describe(global: &Global, args: &NameArgs) -> anyhow::Result<ExitCo
                 print_indented(&t);
             }
         }
-        Kind::Mesh | Kind::HttpRoute => {}
+        _ => {}
     }
     Ok(ExitCode::SUCCESS)
 }

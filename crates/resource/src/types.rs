@@ -20,10 +20,22 @@ pub enum Kind {
     Workload,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute,
+    TrafficPolicy,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Mesh, Kind::Service, Kind::Workload, Kind::HttpRoute];
+    pub const ALL: [Kind; 7] = [
+        Kind::Mesh,
+        Kind::Service,
+        Kind::Workload,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::TrafficPolicy,
+        Kind::AuthorizationPolicy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -31,13 +43,16 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Workload => "Workload",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
     /// The apiVersion this kind is written with.
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::HttpRoute => API_GATEWAY,
+            Kind::HttpRoute | Kind::GrpcRoute => API_GATEWAY,
             _ => API_TRELLIS,
         }
     }
@@ -55,6 +70,11 @@ impl Kind {
             "service" | "services" | "svc" => Some(Kind::Service),
             "workload" | "workloads" | "wl" => Some(Kind::Workload),
             "httproute" | "httproutes" | "route" | "routes" => Some(Kind::HttpRoute),
+            "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
+            "trafficpolicy" | "trafficpolicies" | "tp" => Some(Kind::TrafficPolicy),
+            "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => {
+                Some(Kind::AuthorizationPolicy)
+            }
             _ => None,
         }
     }
@@ -95,6 +115,9 @@ pub enum Spec {
     Service(ServiceSpec),
     Workload(WorkloadSpec),
     HttpRoute(HttpRouteSpec),
+    GrpcRoute(GrpcRouteSpec),
+    TrafficPolicy(TrafficPolicySpec),
+    AuthorizationPolicy(AuthorizationPolicySpec),
 }
 
 impl Spec {
@@ -104,6 +127,9 @@ impl Spec {
             Spec::Service(_) => Kind::Service,
             Spec::Workload(_) => Kind::Workload,
             Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::GrpcRoute(_) => Kind::GrpcRoute,
+            Spec::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 }
@@ -473,4 +499,111 @@ pub struct RouteRetry {
     pub attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
+}
+
+// ---------------------------------------------------------------- policy targets
+
+/// The Service a policy applies to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+}
+
+// ---------------------------------------------------------------- GRPCRoute
+// Owned by the traffic-management work; filled in there.
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<serde_json::Value>,
+}
+
+// ---------------------------------------------------------------- TrafficPolicy
+// Owned by the traffic-management work; filled in there.
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target_ref: TargetRef,
+}
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+/// Who may call a Service (or, without `targetRef`, every Service of the
+/// namespace). DENY policies are evaluated first; if any ALLOW policy
+/// selects the target, a request must match one of them; otherwise
+/// `Mesh.defaultPolicy` decides.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<TargetRef>,
+    pub action: AuthzAction,
+    /// A request matches the policy if it matches any rule. No rules: the
+    /// policy matches nothing (an ALLOW with no rules allows nothing).
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+/// A rule matches when each of its present parts matches: one of `from`,
+/// one of `to`, and every `when`. An empty rule matches every request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzSource>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzOperation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// The verified peer. Each list, when present, must hold a match.
+/// Principals are SPIFFE IDs (`spiffe://td/ns/prod/sa/web`), or
+/// `*`-prefix/suffix patterns of them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+}
+
+/// The request. Paths are exact, `prefix*` or `*suffix`, matched against the
+/// normalised path.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A request header that must hold one of `values` (same patterns as paths).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzCondition {
+    pub header: String,
+    pub values: Vec<String>,
 }

@@ -163,6 +163,139 @@ fn check_resource(r: &Resource, services: &HashMap<(&str, &str), &ServiceSpec>, 
         Spec::Service(spec) => check_service(spec, p),
         Spec::Workload(spec) => check_workload(spec, p),
         Spec::HttpRoute(spec) => check_route(&r.metadata.namespace, spec, services, p),
+        Spec::GrpcRoute(spec) => {
+            for (i, parent) in spec.parent_refs.iter().enumerate() {
+                let re = ServiceRef {
+                    field: format!("spec.parentRefs[{i}]"),
+                    group: parent.group.as_deref(),
+                    kind: parent.kind.as_deref(),
+                    name: &parent.name,
+                    namespace: parent.namespace.as_deref(),
+                    port: parent.port,
+                };
+                check_service_ref(&r.metadata.namespace, &re, services, p);
+            }
+        }
+        Spec::TrafficPolicy(spec) => check_target(
+            &r.metadata.namespace,
+            "spec.targetRef",
+            &spec.target_ref,
+            services,
+            p,
+        ),
+        Spec::AuthorizationPolicy(spec) => check_authz(&r.metadata.namespace, spec, services, p),
+    }
+}
+
+/// A policy's `targetRef`: a Service in the policy's namespace.
+fn check_target(
+    namespace: &str,
+    field: &str,
+    t: &TargetRef,
+    services: &HashMap<(&str, &str), &ServiceSpec>,
+    p: &mut Problems,
+) {
+    let re = ServiceRef {
+        field: field.to_string(),
+        group: t.group.as_deref(),
+        kind: t.kind.as_deref(),
+        name: &t.name,
+        namespace: None,
+        port: None,
+    };
+    check_service_ref(namespace, &re, services, p);
+}
+
+/// `exact`, `prefix*` or `*suffix`; a lone `*` matches everything.
+fn check_pattern(field: String, value: &str, p: &mut Problems) {
+    let inner = value.strip_prefix('*').unwrap_or(value);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    if value.is_empty() {
+        p.add(
+            field,
+            "is empty: use an exact value, `prefix*`, `*suffix` or `*`",
+        );
+    } else if inner.contains('*')
+        || (value.starts_with('*') && value.ends_with('*') && value.len() > 1)
+    {
+        p.add(
+            field,
+            format!("`{value}`: `*` may stand only at the start or the end (exact, `prefix*`, `*suffix`)"),
+        );
+    }
+}
+
+fn check_authz(
+    namespace: &str,
+    spec: &AuthorizationPolicySpec,
+    services: &HashMap<(&str, &str), &ServiceSpec>,
+    p: &mut Problems,
+) {
+    if let Some(t) = &spec.target_ref {
+        check_target(namespace, "spec.targetRef", t, services, p);
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        for (j, from) in rule.from.iter().enumerate() {
+            for (k, principal) in from.principals.iter().enumerate() {
+                let field = format!("{at}.from[{j}].principals[{k}]");
+                if principal != "*"
+                    && !principal.starts_with("spiffe://")
+                    && !principal.starts_with('*')
+                {
+                    p.add(
+                        field,
+                        format!("`{principal}`: a principal is a SPIFFE ID such as spiffe://trellis.local/ns/prod/sa/web"),
+                    );
+                } else {
+                    check_pattern(field, principal, p);
+                }
+            }
+            for (k, ns) in from.namespaces.iter().enumerate() {
+                check_pattern(format!("{at}.from[{j}].namespaces[{k}]"), ns, p);
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            for (k, method) in to.methods.iter().enumerate() {
+                if !METHODS.contains(&method.as_str()) {
+                    p.add(
+                        format!("{at}.to[{j}].methods[{k}]"),
+                        format!(
+                            "`{method}` is not an HTTP method: use one of {}",
+                            METHODS.join(", ")
+                        ),
+                    );
+                }
+            }
+            for (k, path) in to.paths.iter().enumerate() {
+                let field = format!("{at}.to[{j}].paths[{k}]");
+                if !path.starts_with('/') && !path.starts_with('*') {
+                    p.add(
+                        field,
+                        format!("`{path}`: a path starts with `/` (or `*` for a suffix match)"),
+                    );
+                } else {
+                    check_pattern(field, path, p);
+                }
+            }
+            for (k, port) in to.ports.iter().enumerate() {
+                if *port == 0 {
+                    p.add(format!("{at}.to[{j}].ports[{k}]"), "port 0 is not a port");
+                }
+            }
+        }
+        for (j, cond) in rule.when.iter().enumerate() {
+            p.check(format!("{at}.when[{j}].header"), header_name(&cond.header));
+            if cond.values.is_empty() {
+                p.add(
+                    format!("{at}.when[{j}].values"),
+                    "is empty: list the values the header may hold",
+                );
+            }
+            for (k, v) in cond.values.iter().enumerate() {
+                check_pattern(format!("{at}.when[{j}].values[{k}]"), v, p);
+            }
+        }
     }
 }
 

@@ -30,6 +30,9 @@ impl Serialize for Resource {
             Spec::Service(spec) => s.serialize_field("spec", spec)?,
             Spec::Workload(spec) => s.serialize_field("spec", spec)?,
             Spec::HttpRoute(spec) => s.serialize_field("spec", spec)?,
+            Spec::GrpcRoute(spec) => s.serialize_field("spec", spec)?,
+            Spec::TrafficPolicy(spec) => s.serialize_field("spec", spec)?,
+            Spec::AuthorizationPolicy(spec) => s.serialize_field("spec", spec)?,
         }
         s.end()
     }
@@ -173,6 +176,11 @@ impl<'de> DeserializeSeed<'de> for SpecSeed {
             Kind::Service => Spec::Service(Deserialize::deserialize(deserializer)?),
             Kind::Workload => Spec::Workload(Deserialize::deserialize(deserializer)?),
             Kind::HttpRoute => Spec::HttpRoute(Deserialize::deserialize(deserializer)?),
+            Kind::GrpcRoute => Spec::GrpcRoute(Deserialize::deserialize(deserializer)?),
+            Kind::TrafficPolicy => Spec::TrafficPolicy(Deserialize::deserialize(deserializer)?),
+            Kind::AuthorizationPolicy => {
+                Spec::AuthorizationPolicy(Deserialize::deserialize(deserializer)?)
+            }
         })
     }
 }
