@@ -392,6 +392,7 @@ impl Registry {
                 routes_json: routes.iter().map(to_json).collect(),
                 endpoints: self.endpoints(&name, cache),
                 vip: String::new(),
+                ..Default::default()
             };
             services.insert(name, sc);
         }
@@ -410,6 +411,7 @@ impl Registry {
                     routes_json: Vec::new(),
                     endpoints: self.endpoints(&name, cache),
                     vip: String::new(),
+                    ..Default::default()
                 };
                 services.insert(name, sc);
             }
@@ -420,6 +422,7 @@ impl Registry {
             mesh_json: self.resources.mesh_json(),
             services: services.into_values().collect(),
             missing,
+            ..Default::default()
         };
         (config, deps)
     }

@@ -404,6 +404,13 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + 
 impl ProxyApi for ProxyApiService {
     type StreamStream = ConfigStream;
 
+    async fn sign(
+        &self,
+        _request: Request<trellis_api::v1::SignRequest>,
+    ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
+        Err(Status::unimplemented("this control plane has no CA yet"))
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<ProxyMessage>>,
@@ -494,6 +501,7 @@ async fn read_loop(
                     stats.record(&report);
                     continue;
                 }
+                Msg::TapEvents(_) => continue,
             },
             Ok(Some(ProxyMessage { msg: None })) => continue,
             Ok(None) => {
