@@ -214,6 +214,9 @@ pub struct MeshSpec {
     pub certificate_ttl: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSpec>,
+    /// Where every proxy writes JSON access log lines; omitted: nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSpec>,
 }
 
 impl Default for MeshSpec {
@@ -224,6 +227,7 @@ impl Default for MeshSpec {
             default_policy: DefaultPolicy::default(),
             certificate_ttl: default_ttl(),
             tracing: None,
+            access_log: None,
         }
     }
 }
@@ -259,8 +263,39 @@ pub struct TracingSpec {
     /// Share of new traces that are sampled, 0.0 to 1.0.
     #[serde(default)]
     pub sampling: f64,
+    /// Where proxies export spans (`http://host:4317` for OTLP/gRPC,
+    /// `http://host:4318/v1/traces` for OTLP/HTTP); omitted: the control
+    /// plane's embedded receiver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`; omitted: `http/protobuf` when the
+    /// endpoint's path ends in `/v1/traces` or its port is 4318, else `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+}
+
+impl TracingSpec {
+    /// The sampling share when the Mesh says nothing about tracing.
+    pub const DEFAULT_SAMPLING: f64 = 0.01;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// `accessLog: {stdout: true}` or `accessLog: {path: FILE}`; `{workload}`
+/// and `{instance}` in the path are replaced by the proxy's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdout: bool,
 }
 
 // ---------------------------------------------------------------- Service

@@ -335,6 +335,29 @@ fn check_mesh(name: &str, spec: &MeshSpec, p: &mut Problems) {
                 ),
             );
         }
+        if let Some(ep) = &tracing.otlp_endpoint {
+            let host = ep
+                .strip_prefix("http://")
+                .map(|rest| rest.split('/').next().unwrap_or(""));
+            if !host.is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace)) {
+                p.add(
+                    "spec.tracing.otlpEndpoint",
+                    format!("`{ep}` is not an http:// URL with a host, e.g. http://127.0.0.1:4317"),
+                );
+            }
+        }
+    }
+    if let Some(log) = &spec.access_log {
+        match (&log.path, log.stdout) {
+            (Some(_), true) | (None, false) => p.add(
+                "spec.accessLog",
+                "give exactly one of `stdout: true` or `path: FILE`",
+            ),
+            (Some(path), false) if path.trim().is_empty() => {
+                p.add("spec.accessLog.path", "is empty: give a file path")
+            }
+            _ => {}
+        }
     }
 }
 

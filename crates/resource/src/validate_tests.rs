@@ -743,3 +743,26 @@ fn delete_of_a_service_a_route_names_is_refused() {
     let wl = base()[index(Kind::Workload)].key();
     assert_eq!(validate_delete(&wl, &base()), Ok(()));
 }
+
+#[test]
+fn mesh_access_log_and_otlp_endpoint_are_checked() {
+    let bad = |yaml: &str| {
+        let Ok(docs) = crate::parse_documents_with_sources("m.yaml", yaml) else {
+            return true;
+        };
+        let (res, src): (Vec<_>, Vec<_>) = docs.into_iter().unzip();
+        crate::validate_apply(&res, &src, &[]).is_err()
+    };
+    let mesh = |spec: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec: {spec}\n")
+    };
+    assert!(!bad(&mesh("{accessLog: {stdout: true}}")));
+    assert!(!bad(&mesh("{accessLog: {path: '/tmp/{workload}.log'}}")));
+    assert!(bad(&mesh("{accessLog: {}}")));
+    assert!(bad(&mesh("{accessLog: {stdout: true, path: /tmp/x}}")));
+    assert!(!bad(&mesh(
+        "{tracing: {sampling: 1, otlpEndpoint: 'http://127.0.0.1:4318/v1/traces', otlpProtocol: http/protobuf}}"
+    )));
+    assert!(bad(&mesh("{tracing: {otlpEndpoint: 'ftp://x'}}")));
+    assert!(bad(&mesh("{tracing: {otlpProtocol: thrift}}")));
+}

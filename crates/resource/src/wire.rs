@@ -345,6 +345,7 @@ mod tests {
                 tracing: Some(TracingSpec {
                     sampling: 0.25,
                     otlp_endpoint: Some("http://127.0.0.1:4317".into()),
+                    otlp_protocol: None,
                 }),
                 ..Default::default()
             }),
