@@ -1,0 +1,50 @@
+//! Trellis identities.
+//!
+//! - `spiffe`: the SPIFFE IDs every workload carries.
+//! - `ca`: the mesh CA in the control plane: its roots on disk (keys 0600),
+//!   CSR signing for exactly the identity a token grants, root rotation.
+//! - `token`: signed join tokens (HMAC-SHA256), with expiry and revocation.
+//! - `keys`: a proxy's own key and CSR (the key never leaves the proxy).
+//! - `verify`: rustls verifiers that check a peer's chain against the
+//!   mesh's trust bundle and its URI SAN exactly against the identity
+//!   expected.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod certs;
+pub mod keys;
+pub mod spiffe;
+pub mod token;
+pub mod verify;
+
+pub use spiffe::SpiffeId;
+
+/// ALPN of HTTP/2 between proxies.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of HTTP/1.1 between proxies (upgrades).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN of opaque TCP between proxies.
+pub const ALPN_TCP: &[u8] = b"trellis/tcp";
+/// The DNS name in the control plane's server certificate.
+pub const CONTROL_PLANE_NAME: &str = "trellis-control";
+
+/// Installs ring as rustls' process-wide crypto provider (once).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Writes a secret file readable by its owner only (0600), atomically.
+pub fn write_secret(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
