@@ -1,0 +1,132 @@
+//! The control plane's CA and join tokens, as the proxy API and the HTTP
+//! API use them. Keys live in `<data-dir>/ca` with mode 0600 and are never
+//! logged.
+
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use tonic::Status;
+use tracing::{info, warn};
+use trellis_api::v1::{SignRequest, SignResponse};
+use trellis_identity::ca::{Ca, CaError};
+use trellis_identity::token::{Claims, TokenAuthority, TokenError};
+use trellis_identity::SpiffeId;
+
+/// Where the CA comes from.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CaFiles {
+    /// A user-supplied root or intermediate certificate (PEM) …
+    pub cert: Option<PathBuf>,
+    /// … and its key (PEM).
+    pub key: Option<PathBuf>,
+    /// The roots to trust (default: `cert`, which must then be a root).
+    pub bundle: Option<PathBuf>,
+}
+
+pub struct MeshIdentity {
+    ca: RwLock<Ca>,
+    tokens: TokenAuthority,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("--ca-cert and --ca-key go together: give both or neither")]
+    HalfCa,
+}
+
+impl MeshIdentity {
+    pub fn open(data_dir: &std::path::Path, files: &CaFiles) -> Result<MeshIdentity, IdentityError> {
+        let dir = data_dir.join("ca");
+        let ca = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => Ca::from_files(&dir, cert, key, files.bundle.as_deref())?,
+            (None, None) => Ca::load_or_create(&dir, "trellis.local")?,
+            _ => return Err(IdentityError::HalfCa),
+        };
+        let tokens = TokenAuthority::load_or_create(&dir)?;
+        info!(root = %ca.root_fingerprint(), roots = ca.bundle_pem().len(), "CA ready");
+        Ok(MeshIdentity {
+            ca: RwLock::new(ca),
+            tokens,
+        })
+    }
+
+    fn ca(&self) -> std::sync::RwLockReadGuard<'_, Ca> {
+        self.ca.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn bundle(&self) -> Vec<String> {
+        self.ca().bundle_pem().to_vec()
+    }
+
+    /// SHA-256 of the current root: what tokens pin.
+    pub fn pin(&self) -> String {
+        self.ca().root_fingerprint()
+    }
+
+    /// The control plane's own server certificate chain and key (PEM).
+    pub fn server_tls(&self) -> Result<(String, String), CaError> {
+        self.ca()
+            .server_cert(&[trellis_identity::CONTROL_PLANE_NAME, "localhost"])
+    }
+
+    pub fn create_token(&self, namespace: &str, service_account: &str, ttl: Duration) -> (String, Claims) {
+        self.tokens.create(namespace, service_account, ttl, &self.pin())
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<(), TokenError> {
+        self.tokens.revoke(id)
+    }
+
+    /// Checks a proxy's token; the error is what the proxy is told.
+    pub fn verify_token(&self, token: &str) -> Result<Claims, Status> {
+        if token.is_empty() {
+            return Err(Status::unauthenticated(
+                "a join token is required: create one with `trellis token create --namespace NS --service-account SA` and give it with --token-file",
+            ));
+        }
+        self.tokens.verify(token).map_err(|e| {
+            warn!(error = %e, "refused a join token");
+            Status::unauthenticated(e.to_string())
+        })
+    }
+
+    /// Signs a CSR for exactly the identity the token grants.
+    pub fn sign(&self, req: &SignRequest, trust_domain: &str, ttl: Duration) -> Result<SignResponse, Status> {
+        let claims = self.verify_token(&req.token)?;
+        let id = SpiffeId::new(trust_domain, &claims.namespace, &claims.service_account);
+        let ca = self.ca();
+        let chain = ca.sign_csr(&req.csr_pem, &id, ttl).map_err(|e| match e {
+            CaError::WrongIdentity { .. } => {
+                warn!(token = %claims.id, error = %e, "refused a CSR for another identity");
+                Status::permission_denied(e.to_string())
+            }
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        Ok(SignResponse {
+            certificate_chain_pem: chain,
+            trust_bundle_pem: ca.bundle_pem().to_vec(),
+            identity: id.to_string(),
+        })
+    }
+
+    /// Makes a new root; returns the new bundle (old and new roots).
+    pub fn rotate(&self, trust_domain: &str) -> Result<Vec<String>, CaError> {
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        ca.rotate(trust_domain)?;
+        info!(root = %ca.root_fingerprint(), "rotated the root CA; the bundle trusts old and new roots");
+        Ok(ca.bundle_pem().to_vec())
+    }
+
+    /// Stops trusting the old roots; returns the new bundle.
+    pub fn retire(&self) -> Result<Vec<String>, CaError> {
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        ca.retire_old()?;
+        info!(root = %ca.root_fingerprint(), "retired the old roots");
+        Ok(ca.bundle_pem().to_vec())
+    }
+}
