@@ -502,6 +502,7 @@ async fn read_loop(
                     continue;
                 }
                 Msg::TapEvents(_) => continue,
+                Msg::Traces(_) => continue,
             },
             Ok(Some(ProxyMessage { msg: None })) => continue,
             Ok(None) => {

@@ -18,8 +18,11 @@ use trellis_api::v1::{
     control_message, proxy_message, Ack, Config, ProxyMessage, Register, Subscribe,
 };
 
+use crate::control::ControlClient;
 use crate::metrics::Metrics;
+use crate::tls::Tls;
 use crate::snapshot::{ServiceState, Snapshot, SvcKey};
+use crate::telemetry::Telemetry;
 
 const CACHE_FILE: &str = "config.pb";
 const STATS_INTERVAL: Duration = Duration::from_secs(2);
@@ -61,6 +64,9 @@ pub struct Discovery {
     cache_dir: Option<PathBuf>,
     control_plane: String,
     metrics: Arc<Metrics>,
+    /// Follows the Mesh's telemetry settings; its uplink (span batches, tap
+    /// events) rides the stream, and taps start and stop from it.
+    telemetry: Arc<Telemetry>,
 }
 
 impl Discovery {
@@ -70,6 +76,7 @@ impl Discovery {
         id: Identity,
         cache_dir: Option<PathBuf>,
         metrics: Arc<Metrics>,
+        telemetry: Arc<Telemetry>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Discovery> {
         let url = if control_plane.contains("://") {
@@ -89,6 +96,7 @@ impl Discovery {
             cache_dir,
             control_plane: url,
             metrics,
+            telemetry,
         });
         d.load_cache();
         tokio::spawn(d.clone().run(id, sub_rx, shutdown));
@@ -210,6 +218,7 @@ impl Discovery {
 
     fn install(&self, snap: Snapshot) {
         let version = snap.version;
+        self.telemetry.configure(&snap.mesh);
         self.snapshot.store(Arc::new(snap));
         self.loaded.store(true, Ordering::Release);
         self.applied.send_replace(version);
@@ -219,9 +228,14 @@ impl Discovery {
     fn apply(&self, config: Config) -> Ack {
         let version = config.version;
         let encoded = config.encode_to_vec();
+        let bundle = config.trust_bundle_pem.clone();
         match Snapshot::build(config, &self.snapshot.load()) {
             Ok(snap) => {
                 self.install(snap);
+                if let Some(tls) = &self.tls {
+                    tls.set_bundle(&bundle);
+                    self.control.trust(tls.trusted_roots());
+                }
                 self.write_cache(&encoded);
                 tracing::debug!(version, "config applied");
                 Ack {
@@ -351,11 +365,14 @@ impl Discovery {
         let mut stats = tokio::time::interval(STATS_INTERVAL);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;
+        let mut uplink = self.telemetry.uplink().await;
+        // Taps end with the stream that started them.
+        let _taps = StopTaps(&self.telemetry);
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => {
-                        if let Some(control_message::Msg::Config(config)) = m.msg {
+                    Ok(Some(m)) => match m.msg {
+                        Some(control_message::Msg::Config(config)) => {
                             let ack = self.apply(config);
                             if first {
                                 tracing::info!(control_plane = %self.control_plane, version = ack.version, "connected to the control plane");
@@ -365,10 +382,18 @@ impl Discovery {
                             }
                             send(&tx, proxy_message::Msg::Ack(ack))?;
                         }
-                    }
+                        Some(control_message::Msg::TapStart(t)) => self.telemetry.taps.start(t),
+                        Some(control_message::Msg::TapStop(t)) => self.telemetry.taps.stop(&t.id),
+                        None => {}
+                    },
                     Ok(None) => return Err("the control plane closed the stream".into()),
                     Err(status) => return Err(format!("stream: {}", status.message())),
                 },
+                Some(msg) = uplink.recv() => {
+                    // Span batches and tap events: dropped when the stream
+                    // is backed up, like traffic reports.
+                    let _ = send(&tx, msg);
+                }
                 Some(key) = sub_rx.recv() => {
                     let mut services = vec![key.to_string()];
                     while let Ok(k) = sub_rx.try_recv() {
@@ -386,5 +411,14 @@ impl Discovery {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+}
+
+/// Stops every tap when a session ends.
+struct StopTaps<'a>(&'a Telemetry);
+
+impl Drop for StopTaps<'_> {
+    fn drop(&mut self) {
+        self.0.taps.stop_all();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -116,7 +116,9 @@ fn peers(inputs: &Inputs, source: Option<&str>, destination: Option<&str>) -> Pe
 
 async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
-    let started = Instant::now();
+    let begun = inputs
+        .telemetry
+        .begin(crate::metrics::Direction::inbound, &mut req);
     let header = |req: &Request<Incoming>, h| {
         req.headers()
             .get(h)
@@ -134,16 +136,19 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Bod
     } else {
         forward_to_app(&inputs, req, http1).await
     };
-    let resp = resp.unwrap_or_else(|e| {
+    let mut resp = resp.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "inbound request failed");
         e.into_response()
     });
-    inputs.metrics.record_request(
-        &peers(&inputs, source.as_deref(), destination.as_deref()),
-        "",
-        resp.status().as_u16(),
-        false,
-        started.elapsed(),
+    inputs.telemetry.end(
+        begun,
+        crate::telemetry::Done {
+            peers: &peers(&inputs, source.as_deref(), destination.as_deref()),
+            route: "",
+            tls: false,
+            peer_identity: "",
+        },
+        &mut resp,
     );
     resp
 }

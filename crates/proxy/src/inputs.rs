@@ -13,12 +13,15 @@ use tokio::net::TcpStream;
 use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
 use crate::Body;
 
 pub struct Inputs {
     pub cfg: ProxyConfig,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
+    /// Spans, access logs and tap, beside the metrics.
+    pub telemetry: Arc<Telemetry>,
     /// To the local app over HTTP/1.1, pooled.
     pub app_http1: Client<AppConnector, Body>,
     /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2 callers.
@@ -29,7 +32,12 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn new(cfg: ProxyConfig, discovery: Arc<Discovery>, metrics: Arc<Metrics>) -> Arc<Inputs> {
+    pub fn new(
+        cfg: ProxyConfig,
+        discovery: Arc<Discovery>,
+        metrics: Arc<Metrics>,
+        telemetry: Arc<Telemetry>,
+    ) -> Arc<Inputs> {
         let app_addr: SocketAddr = ([127, 0, 0, 1], cfg.app_port).into();
         let connector = AppConnector(app_addr);
         let app_http1 = Client::builder(TokioExecutor::new())
@@ -53,6 +61,7 @@ impl Inputs {
             cfg,
             discovery,
             metrics,
+            telemetry,
             app_http1,
             app_http2,
             egress,

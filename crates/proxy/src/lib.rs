@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod accesslog;
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -25,10 +26,14 @@ pub mod http;
 pub mod inbound;
 pub mod inputs;
 pub mod metrics;
+pub mod otlp;
 pub mod outbound;
 pub mod process;
 pub mod route;
 pub mod snapshot;
+pub mod tap;
+pub mod telemetry;
+pub mod trace;
 
 pub use crate::http::Body;
 pub use config::{ProxyConfig, Upstream};
@@ -140,14 +145,35 @@ impl Proxy {
         )
         .to_string();
 
+        let telemetry = telemetry::Telemetry::new(
+            telemetry::Own {
+                namespace: cfg.namespace.clone(),
+                workload: cfg.workload.clone(),
+                service_account: cfg.service_account(),
+                instance: instance.clone(),
+                service: cfg
+                    .labels
+                    .get("app")
+                    .cloned()
+                    .unwrap_or_else(|| cfg.workload.clone()),
+            },
+            &trellis_resource::MeshSpec::default(),
+            metrics.clone(),
+        );
         let discovery = discovery::Discovery::start(
             &cfg.control_plane,
             identity,
             cfg.cache_dir.clone(),
             metrics.clone(),
+            telemetry.clone(),
             shutdown_rx.clone(),
         );
-        let inputs = inputs::Inputs::new(cfg_bound, discovery.clone(), metrics.clone());
+        let inputs = inputs::Inputs::new(
+            cfg_bound,
+            discovery.clone(),
+            metrics.clone(),
+            telemetry,
+        );
         let inbound = inbound::Inbound::new(inputs.clone()).await?;
         let outbound = outbound::Outbound::new(inputs.clone()).await?;
         let admin = admin::Admin::new(inputs.clone()).await?;

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub config_rejections: Counter,
     pub control_plane_connects: Counter,
     pub stats_dropped: Counter,
+    /// Spans, access log lines and tap events sent or dropped.
+    pub telemetry: crate::telemetry::Counters,
     in_flight: AtomicU64,
 }
 
@@ -158,6 +160,8 @@ impl Metrics {
             "Traffic reports dropped because the control plane was away",
             stats_dropped.clone(),
         );
+        let telemetry = crate::telemetry::Counters::default();
+        telemetry.register(&mut registry);
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
@@ -171,6 +175,7 @@ impl Metrics {
             config_rejections,
             control_plane_connects,
             stats_dropped,
+            telemetry,
             in_flight: AtomicU64::new(0),
         })
     }
@@ -184,7 +189,8 @@ impl Metrics {
         tls: bool,
         elapsed: Duration,
     ) {
-        let route = route.to_string();
+        let peers = &*bounded_labels(peers);
+        let route = bounded_label(route).into_owned();
         self.requests
             .get_or_create(&RequestLabels {
                 peers: peers.clone(),
@@ -221,10 +227,18 @@ impl Metrics {
     }
 
     pub fn tcp_opened(&self, labels: &TcpLabels) {
+        let labels = &TcpLabels {
+            peers: bounded_labels(&labels.peers).into_owned(),
+            tls: labels.tls,
+        };
         self.tcp_opened.get_or_create(labels).inc();
     }
 
     pub fn tcp_closed(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        let labels = &TcpLabels {
+            peers: bounded_labels(&labels.peers).into_owned(),
+            tls: labels.tls,
+        };
         self.tcp_closed.get_or_create(labels).inc();
         self.tcp_sent.get_or_create(labels).inc_by(sent);
         self.tcp_received.get_or_create(labels).inc_by(received);
@@ -272,6 +286,43 @@ impl Metrics {
     pub fn in_flight_now(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
+}
+
+/// Longest label value kept: names a caller controls (a Host header, an
+/// identity header from a plain client) must not make huge series.
+pub const MAX_LABEL: usize = 128;
+
+fn bounded_label(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_LABEL {
+        return s.into();
+    }
+    let mut end = MAX_LABEL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].into()
+}
+
+fn bounded_labels(p: &Peers) -> std::borrow::Cow<'_, Peers> {
+    let fields = [
+        &p.source_namespace,
+        &p.source_workload,
+        &p.destination_namespace,
+        &p.destination_service,
+        &p.destination_workload,
+    ];
+    if fields.iter().all(|f| f.len() <= MAX_LABEL) {
+        return std::borrow::Cow::Borrowed(p);
+    }
+    let cut = |s: &String| bounded_label(s).into_owned();
+    std::borrow::Cow::Owned(Peers {
+        direction: p.direction,
+        source_namespace: cut(&p.source_namespace),
+        source_workload: cut(&p.source_workload),
+        destination_namespace: cut(&p.destination_namespace),
+        destination_service: cut(&p.destination_service),
+        destination_workload: cut(&p.destination_workload),
+    })
 }
 
 /// Counts a request as in flight until dropped (graceful drain waits on it).

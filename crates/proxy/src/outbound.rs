@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -290,11 +290,11 @@ fn is_idempotent(m: &Method) -> bool {
 /// Routes a request to a mesh service and forwards it to one of its endpoints.
 async fn to_service(
     inputs: Arc<Inputs>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     target: &Target,
     svc: Arc<ServiceState>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     let path = req.uri().path().to_string();
     let rule = svc.routes.find(&req, &path);
     let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
@@ -342,13 +342,15 @@ async fn to_service(
     if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
         modify_headers(resp.headers_mut(), m);
     }
-    let status = resp.status().as_u16();
-    inputs.metrics.record_request(
-        &peers(&inputs, &backend.key, ep.as_deref()),
-        &route_name,
-        status,
-        false,
-        started.elapsed(),
+    inputs.telemetry.end(
+        begun,
+        crate::telemetry::Done {
+            peers: &peers(&inputs, &backend.key, ep.as_deref()),
+            route: &route_name,
+            tls: false,
+            peer_identity: ep.as_deref().map(|e| e.identity.as_str()).unwrap_or(""),
+        },
+        &mut resp,
     );
     resp
 }
@@ -495,8 +497,8 @@ async fn forward(
 }
 
 /// A request for a host outside the mesh goes there directly.
-async fn egress(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target) -> Response<Body> {
-    let started = Instant::now();
+async fn egress(inputs: Arc<Inputs>, mut req: Request<Incoming>, target: &Target) -> Response<Body> {
+    let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     let key = SvcKey::new("", &target.host);
     let result = if is_upgrade(&req) {
         match tokio::net::lookup_host(target.authority())
@@ -527,13 +529,16 @@ async fn egress(inputs: Arc<Inputs>, req: Request<Incoming>, target: &Target) ->
             Err(e) => Err(e),
         }
     };
-    let resp = result.unwrap_or_else(ProxyError::into_response);
-    inputs.metrics.record_request(
-        &peers(&inputs, &key, None),
-        "",
-        resp.status().as_u16(),
-        false,
-        started.elapsed(),
+    let mut resp = result.unwrap_or_else(ProxyError::into_response);
+    inputs.telemetry.end(
+        begun,
+        crate::telemetry::Done {
+            peers: &peers(&inputs, &key, None),
+            route: "",
+            tls: false,
+            peer_identity: "",
+        },
+        &mut resp,
     );
     resp
 }

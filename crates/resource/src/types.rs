@@ -260,8 +260,9 @@ pub enum DefaultPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TracingSpec {
-    /// Share of new traces that are sampled, 0.0 to 1.0.
-    #[serde(default)]
+    /// Share of new traces that are sampled, 0.0 to 1.0 (default 0.01).
+    /// A caller's own decision (the sampled flag it sends) always wins.
+    #[serde(default = "default_sampling")]
     pub sampling: f64,
     /// Where proxies export spans (`http://host:4317` for OTLP/gRPC,
     /// `http://host:4318/v1/traces` for OTLP/HTTP); omitted: the control
@@ -275,8 +276,12 @@ pub struct TracingSpec {
 }
 
 impl TracingSpec {
-    /// The sampling share when the Mesh says nothing about tracing.
+    /// The sampling share when the Mesh says nothing about it.
     pub const DEFAULT_SAMPLING: f64 = 0.01;
+}
+
+fn default_sampling() -> f64 {
+    TracingSpec::DEFAULT_SAMPLING
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
