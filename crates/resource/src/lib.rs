@@ -5,6 +5,7 @@
 
 pub mod duration;
 pub mod load;
+pub mod traffic;
 pub mod types;
 pub mod validate;
 mod wire;
@@ -14,6 +15,7 @@ pub use load::{
     load_path, load_path_with_sources, parse_documents, parse_documents_with_sources, to_yaml,
     LoadError, ResourceError, Source,
 };
+pub use traffic::*;
 pub use types::*;
 pub use validate::{validate_apply, validate_delete};
 pub use wire::ResourceSeed;

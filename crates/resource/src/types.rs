@@ -197,6 +197,20 @@ impl Resource {
             _ => None,
         }
     }
+
+    pub fn as_grpc_route(&self) -> Option<&GrpcRouteSpec> {
+        match &self.spec {
+            Spec::GrpcRoute(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_traffic_policy(&self) -> Option<&TrafficPolicySpec> {
+        match &self.spec {
+            Spec::TrafficPolicy(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- Mesh
@@ -480,8 +494,8 @@ pub struct BackendRef {
     pub filters: Vec<RouteFilter>,
 }
 
-/// Gateway API filters. Only header modifiers run in this release; the rest
-/// are refused at apply until traffic management lands.
+/// A Gateway API filter: `type` names it, and the field of that name holds
+/// its settings (`type: RequestRedirect` with `requestRedirect: {...}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteFilter {
@@ -491,12 +505,109 @@ pub struct RouteFilter {
     pub request_header_modifier: Option<HeaderModifier>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_header_modifier: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_redirect: Option<RequestRedirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_rewrite: Option<UrlRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<RequestMirror>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
+    RequestRedirect,
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite,
+    RequestMirror,
+}
+
+/// Answers the request with a redirect instead of forwarding it. Omitted
+/// parts keep the request's own.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301, 302 (default), 303, 307 or 308.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+}
+
+/// Rewrites the request before it is forwarded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UrlRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub modifier_type: PathModifierType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_full_path: Option<String>,
+    /// Replaces the part of the path that a `PathPrefix` match matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathModifierType {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+/// Sends a copy of matching requests to another Service, fire and forget:
+/// its answers are dropped and never delay or change the primary's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMirror {
+    pub backend_ref: MirrorBackendRef,
+    /// Share of matching requests mirrored, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// The share as a fraction, for shares below 1%; not with `percent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorBackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default = "hundred")]
+    pub denominator: u32,
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -555,8 +666,9 @@ pub struct TargetRef {
 }
 
 // ---------------------------------------------------------------- GRPCRoute
-// Owned by the traffic-management work; filled in there.
 
+/// Gateway API `GRPCRoute` in mesh form: `parentRefs` name a Service, and
+/// rules match gRPC service and method names and headers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteSpec {
@@ -565,16 +677,93 @@ pub struct GrpcRouteSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
     #[serde(default)]
-    pub rules: Vec<serde_json::Value>,
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one must match; none matches every gRPC request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// RequestHeaderModifier, ResponseHeaderModifier and RequestMirror.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// `service` is the full name (`pkg.Service`), `method` the method's; at
+/// least one is given, an omitted one matches any.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    #[serde(default, rename = "type")]
+    pub match_type: ValueMatchType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 // ---------------------------------------------------------------- TrafficPolicy
-// Owned by the traffic-management work; filled in there.
 
+/// How the proxies of callers treat traffic to one Service: load balancer,
+/// circuit breaking, outlier detection, retries, faults, rate limit, health
+/// checks and locality. At most one TrafficPolicy targets a Service. The
+/// parts are in [`crate::traffic`] (boxed: most policies set few of them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub target_ref: TargetRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<Box<crate::traffic::LoadBalancer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<Box<crate::traffic::ConnectionPool>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<Box<crate::traffic::OutlierDetection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Box<crate::traffic::RetryPolicy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_injection: Option<Box<crate::traffic::FaultInjection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rate_limit: Option<Box<crate::traffic::LocalRateLimit>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Box<crate::traffic::HealthCheck>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Box<crate::traffic::Locality>>,
+}
+
+impl TrafficPolicySpec {
+    /// A policy that only names its target: every setting at its default.
+    pub fn for_target(name: &str) -> Self {
+        TrafficPolicySpec {
+            target_ref: TargetRef {
+                group: None,
+                kind: Some("Service".into()),
+                name: name.to_string(),
+            },
+            load_balancer: None,
+            connection_pool: None,
+            outlier_detection: None,
+            retry: None,
+            fault_injection: None,
+            local_rate_limit: None,
+            health_check: None,
+            locality: None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- AuthorizationPolicy

@@ -61,6 +61,12 @@ pub fn validate_apply(
         }
         errors.extend(p.located(r, sources.get(i)));
     }
+    errors.extend(traffic_checks::check_conflicts(
+        resources,
+        sources,
+        existing,
+        |i, p| p.located(&resources[i], sources.get(i)),
+    ));
     into_result(errors)
 }
 
@@ -72,8 +78,15 @@ pub fn validate_delete(key: &ResourceKey, remaining: &[Resource]) -> Result<(), 
     }
     let mut errors = Vec::new();
     for r in remaining {
-        let Some(route) = r.as_route() else { continue };
-        let fields: Vec<String> = service_refs(route)
+        let refs: Vec<ServiceRef<'_>> = if let Some(route) = r.as_route() {
+            service_refs(route).collect()
+        } else if let Some(route) = r.as_grpc_route() {
+            traffic_checks::grpc_service_refs(route)
+        } else {
+            continue;
+        };
+        let fields: Vec<String> = refs
+            .into_iter()
             .filter(|re| re.is_service())
             .filter(|re| re.name == key.name && re.namespace(r) == key.namespace)
             .map(|re| re.field)
@@ -150,7 +163,7 @@ fn check_resource(r: &Resource, services: &HashMap<(&str, &str), &ServiceSpec>, 
     // Route names are only labels on metrics and in the API, so the
     // Kubernetes rule for most objects (a DNS subdomain) is enough; the
     // others become parts of DNS names and identities.
-    if r.kind() == Kind::HttpRoute {
+    if matches!(r.kind(), Kind::HttpRoute | Kind::GrpcRoute) {
         p.check("metadata.name", dns_subdomain(name));
     } else {
         p.check("metadata.name", dns_label(name));
@@ -164,25 +177,11 @@ fn check_resource(r: &Resource, services: &HashMap<(&str, &str), &ServiceSpec>, 
         Spec::Workload(spec) => check_workload(spec, p),
         Spec::HttpRoute(spec) => check_route(&r.metadata.namespace, spec, services, p),
         Spec::GrpcRoute(spec) => {
-            for (i, parent) in spec.parent_refs.iter().enumerate() {
-                let re = ServiceRef {
-                    field: format!("spec.parentRefs[{i}]"),
-                    group: parent.group.as_deref(),
-                    kind: parent.kind.as_deref(),
-                    name: &parent.name,
-                    namespace: parent.namespace.as_deref(),
-                    port: parent.port,
-                };
-                check_service_ref(&r.metadata.namespace, &re, services, p);
-            }
+            traffic_checks::check_grpc_route(&r.metadata.namespace, spec, services, p)
         }
-        Spec::TrafficPolicy(spec) => check_target(
-            &r.metadata.namespace,
-            "spec.targetRef",
-            &spec.target_ref,
-            services,
-            p,
-        ),
+        Spec::TrafficPolicy(spec) => {
+            traffic_checks::check_traffic_policy(&r.metadata.namespace, spec, services, p)
+        }
         Spec::AuthorizationPolicy(spec) => check_authz(&r.metadata.namespace, spec, services, p),
     }
 }
@@ -485,7 +484,14 @@ fn service_refs(spec: &HttpRouteSpec) -> impl Iterator<Item = ServiceRef<'_>> {
                 port: b.port,
             })
     });
-    parents.chain(backends)
+    let mirrors = spec.rules.iter().enumerate().flat_map(|(i, rule)| {
+        traffic_checks::mirror_refs(
+            &format!("spec.rules[{i}]"),
+            &rule.filters,
+            &rule.backend_refs,
+        )
+    });
+    parents.chain(backends).chain(mirrors)
 }
 
 fn check_route(
@@ -568,26 +574,15 @@ fn check_rule(field: &str, rule: &RouteRule, p: &mut Problems) {
         check_match(&format!("{field}.matches[{i}]"), m, p);
     }
     for (i, f) in rule.filters.iter().enumerate() {
-        check_filter(&format!("{field}.filters[{i}]"), f, p);
-    }
-    for (i, b) in rule.backend_refs.iter().enumerate() {
-        if b.weight > MAX_WEIGHT {
-            p.add(
-                format!("{field}.backendRefs[{i}].weight"),
-                format!("{} is too large: weights go up to {MAX_WEIGHT}", b.weight),
-            );
-        }
-        for (j, f) in b.filters.iter().enumerate() {
-            check_filter(&format!("{field}.backendRefs[{i}].filters[{j}]"), f, p);
-        }
-    }
-    if !rule.backend_refs.is_empty() && rule.backend_refs.iter().all(|b| b.weight == 0) {
-        p.add(
-            format!("{field}.backendRefs"),
-            "every backendRef has weight 0, so the rule has nowhere to send traffic: \
-             give at least one a weight above 0",
+        traffic_checks::check_filter(
+            &format!("{field}.filters[{i}]"),
+            f,
+            traffic_checks::HTTP_FILTERS,
+            p,
         );
     }
+    traffic_checks::check_rule_filters(field, rule, p);
+    traffic_checks::check_backend_refs(field, &rule.backend_refs, p);
     if let Some(t) = &rule.timeouts {
         let request = check_duration(p, &format!("{field}.timeouts.request"), &t.request);
         let backend = check_duration(
@@ -644,13 +639,7 @@ fn check_match(field: &str, m: &RouteMatch, p: &mut Problems) {
             PathMatchType::RegularExpression => p.check(f, compiles(&path.value)),
         }
     }
-    for (i, h) in m.headers.iter().enumerate() {
-        let f = format!("{field}.headers[{i}]");
-        p.check(format!("{f}.name"), header_name(&h.name));
-        if h.match_type == ValueMatchType::RegularExpression {
-            p.check(format!("{f}.value"), compiles(&h.value));
-        }
-    }
+    check_match_headers(field, &m.headers, p);
     for (i, q) in m.query_params.iter().enumerate() {
         let f = format!("{field}.queryParams[{i}]");
         if q.name.is_empty() {
@@ -676,46 +665,14 @@ fn check_match(field: &str, m: &RouteMatch, p: &mut Problems) {
     }
 }
 
-fn check_filter(field: &str, f: &RouteFilter, p: &mut Problems) {
-    let (wanted, present, other, other_present) = match f.filter_type {
-        FilterType::RequestHeaderModifier => (
-            "requestHeaderModifier",
-            &f.request_header_modifier,
-            "responseHeaderModifier",
-            f.response_header_modifier.is_some(),
-        ),
-        FilterType::ResponseHeaderModifier => (
-            "responseHeaderModifier",
-            &f.response_header_modifier,
-            "requestHeaderModifier",
-            f.request_header_modifier.is_some(),
-        ),
-    };
-    match present {
-        None => p.add(
-            format!("{field}.{wanted}"),
-            format!("is missing: a filter of type {:?} needs it", f.filter_type),
-        ),
-        Some(m) => {
-            let f = format!("{field}.{wanted}");
-            for (list, values) in [("set", &m.set), ("add", &m.add)] {
-                for (i, hv) in values.iter().enumerate() {
-                    p.check(format!("{f}.{list}[{i}].name"), header_name(&hv.name));
-                }
-            }
-            for (i, name) in m.remove.iter().enumerate() {
-                p.check(format!("{f}.remove[{i}]"), header_name(name));
-            }
+/// Header matches of a route match (HTTPRoute or GRPCRoute).
+fn check_match_headers(field: &str, headers: &[HeaderMatch], p: &mut Problems) {
+    for (i, h) in headers.iter().enumerate() {
+        let f = format!("{field}.headers[{i}]");
+        p.check(format!("{f}.name"), header_name(&h.name));
+        if h.match_type == ValueMatchType::RegularExpression {
+            p.check(format!("{f}.value"), compiles(&h.value));
         }
-    }
-    if other_present {
-        p.add(
-            format!("{field}.{other}"),
-            format!(
-                "does not belong in a filter of type {:?}: remove it",
-                f.filter_type
-            ),
-        );
     }
 }
 
@@ -776,6 +733,9 @@ fn dns_subdomain(s: &str) -> Result<(), String> {
         ))
     }
 }
+
+#[path = "validate_traffic.rs"]
+mod traffic_checks;
 
 #[cfg(test)]
 #[path = "validate_tests.rs"]
