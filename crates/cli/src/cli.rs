@@ -73,6 +73,14 @@ pub enum Command {
     Describe(NameArgs),
     /// Golden signals per service, workload or route.
     Stat(StatArgs),
+    /// Traces kept by the control plane: `trace list`, `trace show ID`.
+    Trace(crate::observe_live::TraceArgs),
+    /// Who calls whom, with identities and mTLS state.
+    Edges(crate::observe_live::EdgesArgs),
+    /// Live request metadata (never bodies) from a workload's proxies.
+    Tap(crate::observe_live::TapArgs),
+    /// The busiest paths right now, from a live tap.
+    Top(crate::observe_live::TopArgs),
     /// Check that the mesh is healthy, and say what to do about each failure.
     Check,
     /// List what the local mesh of `up` runs.
@@ -92,6 +100,10 @@ impl Command {
             Command::Get(_)
                 | Command::Describe(_)
                 | Command::Stat(_)
+                | Command::Trace(_)
+                | Command::Edges(_)
+                | Command::Tap(_)
+                | Command::Top(_)
                 | Command::Check
                 | Command::Ps
                 | Command::Apply(_)

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod http;
 pub mod local;
 pub mod observe;
+pub mod observe_live;
 pub mod resources;
 pub mod servers;
 pub mod signals;
@@ -40,6 +41,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete(args) => resources::delete(g, args).await,
         Command::Describe(args) => resources::describe(g, args).await,
         Command::Stat(args) => observe::stat(g, args).await,
+        Command::Trace(args) => observe_live::trace(g, args).await,
+        Command::Edges(args) => observe_live::edges(g, args).await,
+        Command::Tap(args) => observe_live::tap(g, args).await,
+        Command::Top(args) => observe_live::top(g, args).await,
         Command::Check => observe::check(g).await,
         Command::DemoApp(args) => demo_app::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Token(t) => match &t.command {
