@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -97,6 +97,9 @@ struct Inner {
     /// at a time, so that nothing changes in between.
     write_lock: tokio::sync::Mutex<()>,
     bind: SocketAddr,
+    observers: crate::xds::Observers,
+    /// Needed to tap; empty refuses every tap.
+    admin_token: String,
 }
 
 impl AppState {
@@ -115,14 +118,56 @@ impl AppState {
                 metrics,
                 write_lock: tokio::sync::Mutex::new(()),
                 bind,
+                observers: crate::xds::Observers::default(),
+                admin_token: String::new(),
             }),
         }
+    }
+
+    /// Traces and taps come from these; taps need `admin_token`.
+    pub fn with_observers(mut self, observers: crate::xds::Observers, admin_token: String) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.observers = observers;
+            inner.admin_token = admin_token;
+        }
+        self
+    }
+
+    pub(crate) fn observers(&self) -> &crate::xds::Observers {
+        &self.inner.observers
+    }
+
+    pub(crate) fn admin_token(&self) -> &str {
+        &self.inner.admin_token
+    }
+
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub(crate) fn xds(&self) -> &XdsHandle {
+        &self.inner.xds
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
     }
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(crate::observe_api::index))
+        .route("/dashboard.js", get(crate::observe_api::dashboard_js))
+        .route("/dashboard.css", get(crate::observe_api::dashboard_css))
+        .route("/api/v1/traces", get(crate::observe_api::list_traces))
+        .route("/api/v1/traces/{id}", get(crate::observe_api::get_trace))
+        .route(
+            "/v1/traces",
+            axum::routing::post(crate::observe_api::otlp_traces)
+                .layer(DefaultBodyLimit::max(crate::observe_api::MAX_OTLP_BYTES)),
+        )
+        .route("/api/v1/edges", get(crate::observe_api::edges))
+        .route("/api/v1/tap", get(crate::observe_api::tap))
         .route("/healthz", get(ok))
         .route("/readyz", get(ok))
         .route("/metrics", get(metrics))
@@ -148,19 +193,28 @@ pub fn router(state: AppState) -> Router {
 /// bound host name, and writes only without a foreign `Origin`.
 async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let bind = state.inner.bind;
-    let refused = if req.uri().path() == "/" {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        (!host_allowed(host, bind)).then(|| {
-            format!(
-                "host {host:?} is not allowed: open the dashboard at http://localhost:{}/",
-                bind.port()
-            )
-        })
-    } else if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    // Browsers say where a request comes from; the CLI does not. A page
+    // that rebinds its DNS name to this address reaches it under its own
+    // Host name, so browsers get answers only under a local or bound one.
+    let from_browser = ["sec-fetch-mode", "origin", "referer"]
+        .iter()
+        .any(|h| req.headers().contains_key(*h));
+    let dashboard = matches!(req.uri().path(), "/" | "/dashboard.js" | "/dashboard.css");
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let host_refused = ((dashboard || from_browser) && !host_allowed(host, bind)).then(|| {
+        format!(
+            "host {host:?} is not allowed: open the dashboard at http://localhost:{}/",
+            bind.port()
+        )
+    });
+    let refused = host_refused.or_else(|| {
+        if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+            return None;
+        }
         // The CLI sends no Origin; browsers always do on writes.
         match req
             .headers()
@@ -172,9 +226,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
             }
             _ => None,
         }
-    } else {
-        None
-    };
+    });
     let mut resp = match refused {
         Some(msg) => {
             warn!(%msg, "refused a request");
@@ -193,7 +245,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     h.insert(
         "content-security-policy",
         HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
              connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         ),
     );
@@ -520,47 +572,6 @@ async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
-}
-
-/// Self-contained: no external assets, data inserted as text only.
-const INDEX_HTML: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Trellis</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin-bottom:2em}
-th,td{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left}
-th{background:#f4f4f4}.num{text-align:right}#err{color:#b00}
-</style></head><body>
-<h1>Trellis</h1><p id="err"></p>
-<h2>Services</h2>
-<table><thead><tr><th>Namespace</th><th>Service</th><th>Endpoints</th></tr></thead><tbody id="svcs"></tbody></table>
-<h2>Traffic (last 30s)</h2>
-<table><thead><tr><th>Namespace</th><th>Service</th><th>RPS</th><th>Success</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>mTLS</th></tr></thead><tbody id="stats"></tbody></table>
-<h2>Proxies</h2>
-<table><thead><tr><th>Namespace</th><th>Workload</th><th>Instance</th><th>Inbound</th><th>In sync</th><th>Last error</th></tr></thead><tbody id="proxies"></tbody></table>
-<script>
-function row(body, cells){const tr=document.createElement('tr');for(const c of cells){const td=document.createElement('td');td.textContent=c==null?'-':String(c);tr.appendChild(td);}body.appendChild(tr);}
-function pct(x){return x==null?null:(100*x).toFixed(1)+'%';}
-function num(x){return x==null?null:x.toFixed(1);}
-async function get(path){const r=await fetch(path);if(!r.ok)throw new Error(path+': '+r.status);return r.json();}
-async function refresh(){
-  try{
-    const [svcs,stat,proxies]=await Promise.all([get('/api/v1/services'),get('/api/v1/stat?kind=service&window=30s'),get('/api/v1/proxies')]);
-    const s=document.getElementById('svcs');s.replaceChildren();
-    for(const v of svcs)row(s,[v.namespace,v.name,v.endpoints.map(e=>e.address).join(', ')||'none']);
-    const t=document.getElementById('stats');t.replaceChildren();
-    for(const r of stat.rows)row(t,[r.namespace,r.name,num(r.rps),pct(r.successRate),num(r.p50Ms),num(r.p95Ms),num(r.p99Ms),pct(r.tlsShare)]);
-    const p=document.getElementById('proxies');p.replaceChildren();
-    for(const x of proxies)row(p,[x.namespace,x.workload,x.instance,x.inboundAddr,x.ackedVersion===x.sentVersion?'yes':'no',x.lastError]);
-    document.getElementById('err').textContent='';
-  }catch(e){document.getElementById('err').textContent='cannot reach the control plane: '+e.message;}
-}
-refresh();setInterval(refresh,5000);
-</script></body></html>
-"#;
 
 #[cfg(test)]
 mod tests {

@@ -8,10 +8,15 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod identity_api;
+pub mod mesh_identity;
 pub mod metrics;
+pub mod observe_api;
 pub mod registry;
 pub mod stats;
 pub mod store;
+pub mod tap;
+pub mod traces;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -37,6 +42,9 @@ pub struct ControlConfig {
     pub http_addr: SocketAddr,
     /// gRPC proxy API (default 127.0.0.1:15010). Port 0 picks a free port.
     pub grpc_addr: SocketAddr,
+    /// A user-supplied CA; by default a root is made in `<data-dir>/ca`.
+    #[serde(default)]
+    pub ca: mesh_identity::CaFiles,
 }
 
 impl ControlConfig {
@@ -45,6 +53,7 @@ impl ControlConfig {
             data_dir: data_dir.into(),
             http_addr: ([127, 0, 0, 1], 15080).into(),
             grpc_addr: ([127, 0, 0, 1], 15010).into(),
+            ca: Default::default(),
         }
     }
 }
@@ -88,6 +97,7 @@ pub struct ControlPlane {
     /// Where the gRPC proxy API listens.
     pub grpc_addr: SocketAddr,
     store: Arc<dyn Store>,
+    identity: Arc<mesh_identity::MeshIdentity>,
     xds: xds::XdsHandle,
     actor: JoinHandle<()>,
     servers: Vec<(&'static str, oneshot::Sender<()>, JoinHandle<()>)>,
@@ -134,16 +144,36 @@ impl ControlPlane {
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(cfg.data_dir.join(STORE_FILE)).await?);
         let metrics = Arc::new(metrics::Metrics::new());
         let stats = Arc::new(stats::Stats::new());
-        let (xds, actor) = xds::start(store.clone(), metrics.clone()).await?;
+        let identity = Arc::new(mesh_identity::MeshIdentity::open(&cfg.data_dir, &cfg.ca)?);
+        let (xds, actor) = xds::start(store.clone(), metrics.clone(), identity.bundle()).await?;
+        let (server_chain, server_key) = identity.server_tls()?;
 
         let mut servers = Vec::new();
 
         let (tx, rx) = oneshot::channel::<()>();
-        let service = ProxyApiServer::new(xds::ProxyApiService::new(&xds, stats.clone()));
+        let observers = xds::Observers::default();
+        let admin_token = tap::admin_token(&cfg.data_dir).map_err(|source| StartError::DataDir {
+            path: cfg.data_dir.join(tap::ADMIN_TOKEN_FILE),
+            source,
+        })?;
+        let service = ProxyApiServer::new(
+            xds::ProxyApiService::new(&xds, stats.clone(), identity.clone())
+                .with_observers(observers.clone()),
+        );
+        // The proxy API is served over TLS only; proxies verify this chain
+        // against the root their join token pins.
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(server_chain, server_key));
         let grpc = tonic::transport::Server::builder()
+            .tls_config(tls)?
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(service)
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    traces::Receiver(observers.traces.clone()),
+                ),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
                 let _ = rx.await;
             });
@@ -155,8 +185,9 @@ impl ControlPlane {
         servers.push(("proxy API", tx, task));
 
         let (tx, rx) = oneshot::channel::<()>();
-        let state = http::AppState::new(store.clone(), xds.clone(), stats, metrics, http_addr);
-        let app = http::router(state);
+        let state = http::AppState::new(store.clone(), xds.clone(), stats, metrics, http_addr)
+            .with_observers(observers, admin_token);
+        let app = http::router(state).merge(identity_api::router(identity.clone(), xds.clone()));
         let task = tokio::spawn(async move {
             let serve = axum::serve(http_listener, app).with_graceful_shutdown(async {
                 let _ = rx.await;
@@ -172,10 +203,16 @@ impl ControlPlane {
             http_addr,
             grpc_addr,
             store,
+            identity,
             xds,
             actor,
             servers,
         })
+    }
+
+    /// The CA and join tokens, for tests and embedders.
+    pub fn identity(&self) -> Arc<mesh_identity::MeshIdentity> {
+        self.identity.clone()
     }
 
     /// The resource store, for tests and embedders.

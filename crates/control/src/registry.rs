@@ -216,6 +216,13 @@ pub struct ResourceIndex {
     pub services: BTreeMap<ServiceName, Resource>,
     /// Routes by the Service their parentRefs name, sorted by key.
     pub routes_by_parent: BTreeMap<ServiceName, Vec<Resource>>,
+    /// GRPCRoutes by the Service their parentRefs name, sorted by key.
+    pub grpc_routes_by_parent: BTreeMap<ServiceName, Vec<Resource>>,
+    /// The TrafficPolicy of each Service that has one (apply refuses a
+    /// second; should the store hold two, the first by name wins).
+    pub policy_by_target: BTreeMap<ServiceName, Resource>,
+    /// Every AuthorizationPolicy, sorted by key.
+    pub authorization_policies: Vec<Resource>,
 }
 
 impl ResourceIndex {
@@ -249,11 +256,47 @@ impl ResourceIndex {
                         .or_default()
                         .push(r.clone());
                 }
+            } else if let Some(route) = r.as_grpc_route() {
+                let parents: BTreeSet<ServiceName> = route
+                    .parent_refs
+                    .iter()
+                    .filter(|p| names_service(p.group.as_deref(), p.kind.as_deref()))
+                    .map(|p| {
+                        ServiceName::new(
+                            p.namespace.as_deref().unwrap_or(&r.metadata.namespace),
+                            &p.name,
+                        )
+                    })
+                    .collect();
+                for parent in parents {
+                    idx.grpc_routes_by_parent
+                        .entry(parent)
+                        .or_default()
+                        .push(r.clone());
+                }
+            } else if let Some(tp) = r.as_traffic_policy() {
+                let target = ServiceName::new(&r.metadata.namespace, &tp.target_ref.name);
+                let first = idx
+                    .policy_by_target
+                    .get(&target)
+                    .is_none_or(|old| r.key() < old.key());
+                if first {
+                    idx.policy_by_target.insert(target, r.clone());
+                }
             }
         }
         for routes in idx.routes_by_parent.values_mut() {
             routes.sort_by_key(|r| r.key());
         }
+        for routes in idx.grpc_routes_by_parent.values_mut() {
+            routes.sort_by_key(|r| r.key());
+        }
+        idx.authorization_policies = resources
+            .iter()
+            .filter(|r| matches!(r.spec, trellis_resource::Spec::AuthorizationPolicy(_)))
+            .cloned()
+            .collect();
+        idx.authorization_policies.sort_by_key(|r| r.key());
         idx
     }
 
@@ -263,6 +306,14 @@ impl ResourceIndex {
             .map(|m| m.trust_domain.as_str())
             .filter(|t| !t.is_empty())
             .unwrap_or("trellis.local")
+    }
+
+    /// `Mesh.certificateTTL` (validated at apply; 24h if unset).
+    pub fn certificate_ttl(&self) -> std::time::Duration {
+        self.mesh
+            .as_ref()
+            .and_then(|m| trellis_resource::parse_duration(&m.certificate_ttl).ok())
+            .unwrap_or(std::time::Duration::from_secs(24 * 3600))
     }
 
     fn mesh_json(&self) -> String {
@@ -279,20 +330,48 @@ fn names_service(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("") | Some("core")) && matches!(kind, None | Some("Service"))
 }
 
-/// Services named in the backendRefs of `route`.
-fn backends(route: &Resource) -> impl Iterator<Item = ServiceName> + '_ {
-    route
+/// Services a route (HTTPRoute or GRPCRoute) sends requests to: those of
+/// its backendRefs and of its RequestMirror filters.
+fn backends(route: &Resource) -> Vec<ServiceName> {
+    let ns = &route.metadata.namespace;
+    let mut out = Vec::new();
+    let mut add = |group: Option<&str>, kind: Option<&str>, name: &str, namespace: Option<&str>| {
+        if names_service(group, kind) {
+            out.push(ServiceName::new(namespace.unwrap_or(ns), name));
+        }
+    };
+    let http = route
         .as_route()
         .into_iter()
-        .flat_map(|r| r.rules.iter())
-        .flat_map(|rule| rule.backend_refs.iter())
-        .filter(|b| names_service(b.group.as_deref(), b.kind.as_deref()))
-        .map(move |b| {
-            ServiceName::new(
-                b.namespace.as_deref().unwrap_or(&route.metadata.namespace),
+        .flat_map(|r| r.rules.iter().map(|x| (&x.filters, &x.backend_refs)));
+    let grpc = route
+        .as_grpc_route()
+        .into_iter()
+        .flat_map(|r| r.rules.iter().map(|x| (&x.filters, &x.backend_refs)));
+    for (filters, refs) in http.chain(grpc) {
+        for b in refs {
+            add(
+                b.group.as_deref(),
+                b.kind.as_deref(),
                 &b.name,
-            )
-        })
+                b.namespace.as_deref(),
+            );
+        }
+        let mirrors = filters
+            .iter()
+            .chain(refs.iter().flat_map(|b| &b.filters))
+            .filter_map(|f| f.request_mirror.as_ref());
+        for m in mirrors {
+            let b = &m.backend_ref;
+            add(
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                &b.name,
+                b.namespace.as_deref(),
+            );
+        }
+    }
+    out
 }
 
 /// Connected proxies and stored resources: everything configs are made of.
@@ -300,6 +379,8 @@ fn backends(route: &Resource) -> impl Iterator<Item = ServiceName> + '_ {
 pub struct Registry {
     pub proxies: BTreeMap<ConnId, Proxy>,
     pub resources: ResourceIndex,
+    /// The roots every proxy must trust, current first.
+    pub trust_bundle: Vec<String>,
 }
 
 /// Endpoints per service, computed once per round of config updates.
@@ -308,6 +389,30 @@ pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
 impl Registry {
     pub fn trust_domain(&self) -> &str {
         self.resources.trust_domain()
+    }
+
+    /// What a proxy needs about itself: the Services that select it, the
+    /// AuthorizationPolicies that apply to it (namespace-wide ones of its
+    /// namespace, and those whose targetRef is a Service selecting it), and
+    /// the trust bundle.
+    pub fn add_own_config(&self, proxy: &Proxy, config: &mut Config) {
+        let own = self.services_selecting(proxy);
+        config.own_services = own.iter().map(|n| n.to_string()).collect();
+        config.authorization_policies_json = self
+            .resources
+            .authorization_policies
+            .iter()
+            .filter(|r| r.metadata.namespace == proxy.namespace)
+            .filter(|r| match &r.spec {
+                trellis_resource::Spec::AuthorizationPolicy(ap) => match &ap.target_ref {
+                    None => true,
+                    Some(t) => own.contains(&ServiceName::new(&r.metadata.namespace, &t.name)),
+                },
+                _ => false,
+            })
+            .map(to_json)
+            .collect();
+        config.trust_bundle_pem = self.trust_bundle.clone();
     }
 
     /// The services (existing or not) that select a proxy with these
@@ -357,6 +462,15 @@ impl Registry {
         eps
     }
 
+    /// The TrafficPolicy targeting a service as JSON, "" for none.
+    fn traffic_policy_json(&self, name: &ServiceName) -> String {
+        self.resources
+            .policy_by_target
+            .get(name)
+            .map(to_json)
+            .unwrap_or_default()
+    }
+
     /// The Config of one proxy (version 0; the caller stamps it), and the
     /// services whose endpoints it holds.
     pub fn config_for(
@@ -382,7 +496,13 @@ impl Registry {
                 .get(&name)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            for route in routes {
+            let grpc_routes = self
+                .resources
+                .grpc_routes_by_parent
+                .get(&name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for route in routes.iter().chain(grpc_routes) {
                 backend_names.extend(backends(route));
             }
             let sc = ServiceConfig {
@@ -392,6 +512,8 @@ impl Registry {
                 routes_json: routes.iter().map(to_json).collect(),
                 endpoints: self.endpoints(&name, cache),
                 vip: String::new(),
+                traffic_policy_json: self.traffic_policy_json(&name),
+                grpc_routes_json: grpc_routes.iter().map(to_json).collect(),
                 ..Default::default()
             };
             services.insert(name, sc);
@@ -411,6 +533,9 @@ impl Registry {
                     routes_json: Vec::new(),
                     endpoints: self.endpoints(&name, cache),
                     vip: String::new(),
+                    // Endpoint-level settings (balancer, pool, outlier
+                    // detection, health checks) follow the backend.
+                    traffic_policy_json: self.traffic_policy_json(&name),
                     ..Default::default()
                 };
                 services.insert(name, sc);
@@ -439,6 +564,9 @@ pub fn content_hash(config: &Config) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     config.mesh_json.hash(&mut h);
     config.missing.hash(&mut h);
+    config.authorization_policies_json.hash(&mut h);
+    config.trust_bundle_pem.hash(&mut h);
+    config.own_services.hash(&mut h);
     config.services.len().hash(&mut h);
     for s in &config.services {
         s.namespace.hash(&mut h);
@@ -446,6 +574,8 @@ pub fn content_hash(config: &Config) -> u64 {
         s.service_json.hash(&mut h);
         s.routes_json.hash(&mut h);
         s.vip.hash(&mut h);
+        s.traffic_policy_json.hash(&mut h);
+        s.grpc_routes_json.hash(&mut h);
         s.endpoints.len().hash(&mut h);
         for e in &s.endpoints {
             e.address.hash(&mut h);
@@ -662,5 +792,67 @@ mod tests {
         );
         assert_eq!(ServiceName::parse("a/b/c"), None);
         assert_eq!(ServiceName::parse("/b"), None);
+    }
+
+    #[test]
+    fn config_carries_traffic_policies_grpc_routes_and_mirror_backends() {
+        let resources = trellis_resource::parse_documents(
+            "t.yaml",
+            r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {selector: {app: catalog}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: shadow}
+spec: {selector: {app: shadow}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: greeter}
+spec: {selector: {app: greeter}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shadow}
+spec: {targetRef: {name: shadow}, loadBalancer: {type: round-robin}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}
+    backendRefs: [{name: catalog}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter}
+spec:
+  parentRefs: [{name: greeter}]
+  rules: [{backendRefs: [{name: greeter}]}]
+"#,
+        )
+        .unwrap();
+        let reg = Registry {
+            resources: ResourceIndex::new(&resources),
+            ..Default::default()
+        };
+        let (cfg, _) = reg.config_for(
+            &subs(&["default/catalog", "default/greeter"]),
+            &mut EndpointCache::new(),
+        );
+        let by_name = |n: &str| cfg.services.iter().find(|s| s.name == n).unwrap();
+        // The mirror's Service comes along, with its own policy.
+        assert!(by_name("shadow")
+            .traffic_policy_json
+            .contains("round-robin"));
+        assert_eq!(by_name("catalog").traffic_policy_json, "");
+        assert_eq!(by_name("greeter").grpc_routes_json.len(), 1);
+        assert!(by_name("greeter").routes_json.is_empty());
     }
 }

@@ -94,6 +94,8 @@ pub fn parse_window(s: &str) -> Result<Duration, StatsError> {
 struct Sample {
     at: Instant,
     inbound: bool,
+    source_namespace: String,
+    source_workload: String,
     destination_namespace: String,
     destination_service: String,
     destination_workload: String,
@@ -116,6 +118,8 @@ impl Sample {
         Sample {
             at,
             inbound: e.direction == "inbound",
+            source_namespace: e.source_namespace.clone(),
+            source_workload: e.source_workload.clone(),
             destination_namespace: e.destination_namespace.clone(),
             destination_service: e.destination_service.clone(),
             destination_workload: e.destination_workload.clone(),
@@ -295,6 +299,85 @@ impl Stats {
     }
 }
 
+/// Who calls whom over a window: one row per caller workload and
+/// destination service.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeRow {
+    pub source_namespace: String,
+    /// Empty when the caller is outside the mesh.
+    pub source_workload: String,
+    pub destination_namespace: String,
+    pub destination_service: String,
+    pub requests: u64,
+    pub rps: f64,
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Share of requests carried over mTLS.
+    pub tls_share: Option<f64>,
+}
+
+impl Stats {
+    /// Edges seen by callers' proxies, plus edges into meshed services from
+    /// callers outside the mesh (seen only at the inbound side).
+    pub fn edges(&self, window: Duration) -> Vec<EdgeRow> {
+        self.edges_at(Instant::now(), window)
+    }
+
+    pub fn edges_at(&self, now: Instant, window: Duration) -> Vec<EdgeRow> {
+        type Key = (String, String, String, String);
+        let mut groups: BTreeMap<Key, Totals> = BTreeMap::new();
+        {
+            let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+            for s in samples
+                .iter()
+                .filter(|s| now.saturating_duration_since(s.at) <= window)
+            {
+                if s.destination_service.is_empty() {
+                    continue;
+                }
+                // Meshed callers are counted once, on their own side.
+                if s.inbound && !s.source_workload.is_empty() {
+                    continue;
+                }
+                let key = (
+                    s.source_namespace.clone(),
+                    s.source_workload.clone(),
+                    s.destination_namespace.clone(),
+                    s.destination_service.clone(),
+                );
+                groups.entry(key).or_default().add(s);
+            }
+        }
+        groups
+            .into_iter()
+            .map(|((sn, sw, dn, ds), t)| {
+                let covered = t
+                    .first
+                    .map(|f| now.saturating_duration_since(f) + REPORT_INTERVAL)
+                    .unwrap_or(window)
+                    .min(window)
+                    .max(Duration::from_secs(1));
+                let has = t.requests > 0;
+                let ratio = |n: u64| has.then(|| n as f64 / t.requests as f64);
+                EdgeRow {
+                    source_namespace: sn,
+                    source_workload: sw,
+                    destination_namespace: dn,
+                    destination_service: ds,
+                    requests: t.requests,
+                    rps: t.requests as f64 / covered.as_secs_f64(),
+                    success_rate: ratio(t.failures).map(|f| 1.0 - f),
+                    p50_ms: quantile(&t.buckets, 0.50),
+                    p99_ms: quantile(&t.buckets, 0.99),
+                    tls_share: ratio(t.tls_requests),
+                }
+            })
+            .collect()
+    }
+}
+
 /// The q-quantile of a histogram whose buckets have upper bounds
 /// `LATENCY_BUCKETS_MS` plus an overflow bucket, interpolating linearly
 /// inside the bucket (as Prometheus' histogram_quantile does). A quantile
@@ -452,5 +535,28 @@ mod tests {
         assert!(parse_window("x").is_err());
         assert!(parse_window("30").is_err());
         assert!(parse_window("").is_err());
+    }
+
+    #[test]
+    fn edges_come_from_the_callers_side() {
+        let stats = Stats::new();
+        let now = Instant::now();
+        let mut outside = entry("inbound", "a", "a-v1", "", 4, 1);
+        outside.source_workload = String::new();
+        stats.record_at(
+            now,
+            &report(vec![
+                entry("outbound", "a", "a-v1", "", 10, 0),
+                entry("inbound", "a", "a-v1", "", 10, 0),
+                outside,
+            ]),
+        );
+        let edges = stats.edges_at(now, Duration::from_secs(30));
+        assert_eq!(edges.len(), 2, "{edges:?}");
+        assert_eq!(edges[0].source_workload, "");
+        assert_eq!(edges[0].requests, 4);
+        assert_eq!(edges[1].source_workload, "client");
+        assert_eq!(edges[1].requests, 10);
+        assert!(close(edges[1].tls_share, 1.0));
     }
 }

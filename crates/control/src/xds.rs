@@ -46,6 +46,8 @@ pub enum XdsError {
 pub struct Snapshot {
     pub proxies: Vec<ProxyView>,
     pub trust_domain: String,
+    /// `Mesh.certificateTTL`.
+    pub certificate_ttl: std::time::Duration,
 }
 
 /// Shared by the gRPC server, the HTTP API and `ControlPlane`.
@@ -58,6 +60,11 @@ pub struct XdsHandle {
 impl XdsHandle {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Sends every proxy a new trust bundle.
+    pub async fn set_trust_bundle(&self, bundle: Vec<String>) {
+        let _ = self.events.send(Event::TrustBundle(bundle)).await;
     }
 
     /// Stops the actor: every proxy stream ends.
@@ -99,6 +106,8 @@ enum Event {
     Disconnect {
         conn: ConnId,
     },
+    /// The CA's roots changed (rotation): every proxy gets the new bundle.
+    TrustBundle(Vec<String>),
     Shutdown,
 }
 
@@ -114,6 +123,7 @@ enum Scope {
 pub async fn start(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    trust_bundle: Vec<String>,
 ) -> Result<(XdsHandle, JoinHandle<()>), XdsError> {
     // Watch before listing, so no change falls between the two.
     let store_events = store.watch();
@@ -121,6 +131,7 @@ pub async fn start(
     let registry = Registry {
         proxies: Default::default(),
         resources: ResourceIndex::new(&resources),
+        trust_bundle,
     };
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
@@ -257,6 +268,10 @@ impl Actor {
                     self.update(Scope::Affected(affected, None));
                 }
             }
+            Event::TrustBundle(bundle) => {
+                self.registry.trust_bundle = bundle;
+                self.update(Scope::All);
+            }
             Event::Shutdown => {}
         }
     }
@@ -331,7 +346,8 @@ impl Actor {
             if !wanted {
                 continue;
             }
-            let (config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
+            let (mut config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
+            self.registry.add_own_config(p, &mut config);
             let hash = content_hash(&config);
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
@@ -370,6 +386,7 @@ impl Actor {
         self.snapshot.store(Arc::new(Snapshot {
             proxies,
             trust_domain: td,
+            certificate_ttl: self.registry.resources.certificate_ttl(),
         }));
     }
 
@@ -377,6 +394,7 @@ impl Actor {
         self.snapshot.store(Arc::new(Snapshot {
             proxies: Vec::new(),
             trust_domain: self.registry.trust_domain().to_string(),
+            certificate_ttl: self.registry.resources.certificate_ttl(),
         }));
     }
 }
@@ -386,15 +404,34 @@ pub struct ProxyApiService {
     events: mpsc::Sender<Event>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
+    identity: Arc<crate::mesh_identity::MeshIdentity>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    observers: Observers,
+}
+
+/// Where spans and tap events from the proxies go.
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub traces: Arc<crate::traces::Traces>,
+    pub taps: Arc<crate::tap::TapHub>,
 }
 
 impl ProxyApiService {
-    pub fn new(handle: &XdsHandle, stats: Arc<Stats>) -> Self {
+    pub fn new(handle: &XdsHandle, stats: Arc<Stats>, identity: Arc<crate::mesh_identity::MeshIdentity>) -> Self {
         ProxyApiService {
             events: handle.events.clone(),
             stats,
             next_conn: AtomicU64::new(1),
+            identity,
+            snapshot: handle.snapshot.clone(),
+            observers: Observers::default(),
         }
+    }
+
+    /// Sends the proxies' spans and tap events to these.
+    pub fn with_observers(mut self, observers: Observers) -> Self {
+        self.observers = observers;
+        self
     }
 }
 
@@ -406,9 +443,13 @@ impl ProxyApi for ProxyApiService {
 
     async fn sign(
         &self,
-        _request: Request<trellis_api::v1::SignRequest>,
+        request: Request<trellis_api::v1::SignRequest>,
     ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
-        Err(Status::unimplemented("this control plane has no CA yet"))
+        let snap = self.snapshot.load();
+        let resp = self
+            .identity
+            .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)?;
+        Ok(Response::new(resp))
     }
 
     async fn stream(
@@ -434,12 +475,32 @@ impl ProxyApi for ProxyApiService {
         if register.instance.is_empty() {
             return Err(Status::invalid_argument("Register.instance is empty"));
         }
+        // A proxy is the identity its token grants, nothing else.
+        let claims = self.identity.verify_token(&register.token)?;
+        if claims.namespace != register.namespace || claims.service_account != register.service_account {
+            warn!(
+                instance = %register.instance,
+                claimed = %format!("{}/{}", register.namespace, register.service_account),
+                granted = %format!("{}/{}", claims.namespace, claims.service_account),
+                "refused a proxy registering as another identity"
+            );
+            return Err(Status::permission_denied(format!(
+                "the token grants namespace {} and service account {}, but the proxy registers as {}/{}",
+                claims.namespace, claims.service_account, register.namespace, register.service_account
+            )));
+        }
         let mut register = register;
         if let Some(peer) = peer {
             register.inbound_addr = reachable_addr(&register.inbound_addr, peer);
         }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(?peer, conn, instance = %register.instance, "stream opened");
+        let taps = self.observers.taps.connect(
+            conn,
+            &register.workload,
+            &register.namespace,
+            &register.instance,
+        );
         let (out_tx, out_rx) = watch::channel(Out::Nothing);
         let (kill_tx, kill_rx) = oneshot::channel();
         self.events
@@ -457,8 +518,9 @@ impl ProxyApi for ProxyApiService {
             self.events.clone(),
             self.stats.clone(),
             kill_rx,
+            self.observers.clone(),
         ));
-        Ok(Response::new(Box::pin(out_stream(out_rx))))
+        Ok(Response::new(Box::pin(out_stream(out_rx, taps))))
     }
 }
 
@@ -480,7 +542,15 @@ async fn read_loop(
     events: mpsc::Sender<Event>,
     stats: Arc<Stats>,
     mut kill: oneshot::Receiver<()>,
+    observers: Observers,
 ) {
+    struct Gone<'a>(&'a Observers, ConnId);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            self.0.taps.disconnect(self.1);
+        }
+    }
+    let _gone = Gone(&observers, conn);
     loop {
         let msg = tokio::select! {
             _ = &mut kill => return,
@@ -501,8 +571,20 @@ async fn read_loop(
                     stats.record(&report);
                     continue;
                 }
-                Msg::TapEvents(_) => continue,
-                Msg::Traces(_) => continue,
+                Msg::TapEvents(t) => {
+                    observers.taps.deliver(conn, &t.id, t.events);
+                    continue;
+                }
+                Msg::Traces(batch) => {
+                    use prost::Message as _;
+                    match opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                        batch.otlp.as_slice(),
+                    ) {
+                        Ok(req) => observers.traces.ingest(req),
+                        Err(e) => debug!(conn, error = %e, "dropping an undecodable span batch"),
+                    }
+                    continue;
+                }
             },
             Ok(Some(ProxyMessage { msg: None })) => continue,
             Ok(None) => {
@@ -521,14 +603,24 @@ async fn read_loop(
     let _ = events.send(Event::Disconnect { conn }).await;
 }
 
-/// The response stream: every new Config in `rx`, until the actor drops
-/// the sender (shutdown, or the proxy is gone) or asks to close.
-fn out_stream(rx: watch::Receiver<Out>) -> impl Stream<Item = Result<ControlMessage, Status>> {
-    futures::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
+/// The response stream: every new Config in `rx`, and the tap messages in
+/// `taps`, until the actor drops the sender (shutdown, or the proxy is
+/// gone) or asks to close.
+fn out_stream(
+    rx: watch::Receiver<Out>,
+    taps: mpsc::Receiver<ControlMessage>,
+) -> impl Stream<Item = Result<ControlMessage, Status>> {
+    futures::stream::unfold(Some((rx, taps)), |state| async move {
+        let (mut rx, mut taps) = state?;
         loop {
-            // Err: the sender is gone and every value was seen.
-            rx.changed().await.ok()?;
+            tokio::select! {
+                biased;
+                changed = rx.changed() => {
+                    // Err: the sender is gone and every value was seen.
+                    changed.ok()?;
+                }
+                Some(msg) = taps.recv() => return Some((Ok(msg), Some((rx, taps)))),
+            }
             let out = rx.borrow_and_update().clone();
             match out {
                 Out::Nothing => continue,
@@ -536,7 +628,7 @@ fn out_stream(rx: watch::Receiver<Out>) -> impl Stream<Item = Result<ControlMess
                     let msg = ControlMessage {
                         msg: Some(control_message::Msg::Config(config)),
                     };
-                    return Some((Ok(msg), Some(rx)));
+                    return Some((Ok(msg), Some((rx, taps))));
                 }
                 Out::Close(code, message) => return Some((Err(Status::new(code, message)), None)),
             }

@@ -135,10 +135,15 @@ struct FakeProxy {
 }
 
 impl FakeProxy {
-    async fn connect(addr: SocketAddr, register: Register) -> FakeProxy {
-        let mut client = ProxyApiClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    /// Connects over TLS with a join token for the registered identity.
+    async fn connect(cp: &ControlPlane, mut register: Register) -> FakeProxy {
+        let (token, _) = cp.identity().create_token(
+            &register.namespace,
+            &register.service_account,
+            Duration::from_secs(600),
+        );
+        register.token = token.clone();
+        let mut client = ProxyApiClient::new(channel(cp, &token).await);
         let (tx, rx) = mpsc::channel(16);
         // The server answers only after Register, so send it first.
         tx.send(msg(proxy_message::Msg::Register(register)))
@@ -172,6 +177,16 @@ impl FakeProxy {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for a config with {what}"))
     }
+}
+
+/// A TLS channel to the proxy API that verifies the control plane against
+/// the root the token pins, as a proxy does.
+async fn channel(cp: &ControlPlane, token: &str) -> tonic::transport::Channel {
+    trellis_proxy::control::ControlClient::new(&cp.grpc_addr.to_string(), token)
+        .unwrap()
+        .channel()
+        .await
+        .unwrap()
 }
 
 fn msg(m: proxy_message::Msg) -> ProxyMessage {
@@ -220,7 +235,7 @@ async fn proxies_get_services_routes_and_endpoints() {
 
     // The first Config comes right after Register, even when empty.
     let mut v1 = FakeProxy::connect(
-        cp.grpc_addr,
+        &cp,
         register(
             "catalog-v1-0",
             "catalog-v1",
@@ -240,7 +255,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     .await;
 
     let mut web = FakeProxy::connect(
-        cp.grpc_addr,
+        &cp,
         register("web-0", "web", &[("app", "web")], "127.0.0.1:21002"),
     )
     .await;
@@ -405,9 +420,8 @@ async fn proxies_get_services_routes_and_endpoints() {
 async fn first_message_must_be_register() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
-    let mut client = ProxyApiClient::connect(format!("http://{}", cp.grpc_addr))
-        .await
-        .unwrap();
+    let (token, _) = cp.identity().create_token("default", "x", Duration::from_secs(600));
+    let mut client = ProxyApiClient::new(channel(&cp, &token).await);
     let (tx, rx) = mpsc::channel(4);
     tx.send(msg(proxy_message::Msg::Subscribe(Subscribe {
         services: vec!["default/a".into()],
@@ -564,9 +578,9 @@ async fn a_reconnecting_instance_replaces_its_old_stream() {
         &[("app", "catalog")],
         "0.0.0.0:21003",
     );
-    let mut old = FakeProxy::connect(cp.grpc_addr, reg.clone()).await;
+    let mut old = FakeProxy::connect(&cp, reg.clone()).await;
     let first = old.config_where("anything", |_| true).await;
-    let mut new = FakeProxy::connect(cp.grpc_addr, reg).await;
+    let mut new = FakeProxy::connect(&cp, reg).await;
     let second = new.config_where("anything", |_| true).await;
     assert!(second.version > first.version);
     let status = tokio::time::timeout(WAIT, async {
@@ -587,4 +601,90 @@ async fn a_reconnecting_instance_replaces_its_old_stream() {
     // Registered on every interface: reached at the stream's source address.
     assert_eq!(proxies[0]["inboundAddr"], "127.0.0.1:21003");
     cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_ca_signs_only_what_a_valid_token_grants() {
+    use trellis_api::v1::SignRequest;
+    use trellis_identity::keys::WorkloadKey;
+    use trellis_identity::SpiffeId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let identity = cp.identity();
+    let (token, claims) = identity.create_token("prod", "web", Duration::from_secs(600));
+    let mut client = ProxyApiClient::new(channel(&cp, &token).await);
+    let web = SpiffeId::new("trellis.local", "prod", "web");
+    let key = WorkloadKey::generate(&web).unwrap();
+
+    // The granted identity is signed, with the bundle.
+    let resp = client
+        .sign(SignRequest { token: token.clone(), csr_pem: key.csr_pem.clone() })
+        .await
+        .expect("signed")
+        .into_inner();
+    assert_eq!(resp.identity, web.to_string());
+    let chain = trellis_identity::certs::certs_from_pem(&resp.certificate_chain_pem).unwrap();
+    assert_eq!(trellis_identity::certs::spiffe_id(&chain[0]).unwrap(), web);
+    assert_eq!(resp.trust_bundle_pem.len(), 1);
+
+    // A CSR for another identity is refused.
+    let admin = WorkloadKey::generate(&SpiffeId::new("trellis.local", "prod", "admin")).unwrap();
+    let err = client
+        .sign(SignRequest { token: token.clone(), csr_pem: admin.csr_pem })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // A forged, an expired and a revoked token are refused.
+    let forged = format!("{}x", token);
+    let err = client
+        .sign(SignRequest { token: forged, csr_pem: key.csr_pem.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let (expired, _) = identity.create_token("prod", "web", Duration::ZERO);
+    let err = client
+        .sign(SignRequest { token: expired, csr_pem: key.csr_pem.clone() })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("expired"), "{err:?}");
+    identity.revoke(&claims.id).unwrap();
+    let err = client
+        .sign(SignRequest { token: token.clone(), csr_pem: key.csr_pem.clone() })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("revoked"), "{err:?}");
+
+    // A proxy may not register as an identity its token does not grant.
+    let (token, _) = identity.create_token("dev", "client", Duration::from_secs(600));
+    let mut reg = register("spy-1", "spy", &[("app", "spy")], "127.0.0.1:1");
+    reg.namespace = "prod".into();
+    reg.service_account = "client".into();
+    reg.token = token.clone();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(proxy_message::Msg::Register(reg))).await.unwrap();
+    let mut client = ProxyApiClient::new(channel(&cp, &token).await);
+    let err = client.stream(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn proxies_refuse_a_control_plane_their_token_does_not_pin() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let cp_a = ControlPlane::start(config(a.path())).await.unwrap();
+    let cp_b = ControlPlane::start(config(b.path())).await.unwrap();
+    // A token of control plane A pins A's root: B cannot pass for A.
+    let (token, _) = cp_a.identity().create_token("prod", "web", Duration::from_secs(600));
+    let err = trellis_proxy::control::ControlClient::new(&cp_b.grpc_addr.to_string(), &token)
+        .unwrap()
+        .channel()
+        .await
+        .err()
+        .expect("the handshake with the wrong control plane fails");
+    assert!(err.contains("connect"), "{err}");
+    cp_a.shutdown().await;
+    cp_b.shutdown().await;
 }

@@ -98,7 +98,27 @@ impl TestMesh {
         self.dir.path().join("cache").join(name)
     }
 
-    /// A sidecar config for `workload` with labels, on free loopback ports.
+    /// Writes a join token for `namespace`/`service_account` to a file
+    /// (as `trellis token create` would) and returns its path.
+    pub fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join("tokens")
+            .join(format!("{namespace}-{service_account}"));
+        if !path.exists() {
+            let control = self.control.as_ref().expect("the control plane makes tokens");
+            let (token, _) = control
+                .identity()
+                .create_token(namespace, service_account, Duration::from_secs(3600));
+            std::fs::create_dir_all(path.parent().expect("a parent")).expect("token dir");
+            std::fs::write(&path, token).expect("token file");
+        }
+        path
+    }
+
+    /// A sidecar config for `workload` with labels, on free loopback ports,
+    /// with a join token for its service account.
     pub fn proxy_config(
         &self,
         workload: &str,
@@ -110,6 +130,7 @@ impl TestMesh {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>();
+        cfg.token_file = Some(self.token_file(&cfg.namespace, &cfg.service_account()));
         cfg.inbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.outbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.admin_addr = ([127, 0, 0, 1], 0).into();

@@ -99,9 +99,9 @@ async fn bidirectional_streaming_passes_through() {
     use trellis_api::v1::proxy_api_client::ProxyApiClient;
     use trellis_api::v1::{control_message, proxy_message, ProxyMessage, Register, Subscribe};
 
-    // The app is a second control plane: its proxy API is a bidirectional stream.
+    // The app speaks the proxy API's bidirectional stream, in plaintext:
+    // it answers each message with a Config that echoes what it got.
     let mesh = TestMesh::start().await;
-    let app = TestMesh::start().await;
     mesh.apply(
         r#"
 apiVersion: trellis.dev/v1alpha1
@@ -114,21 +114,14 @@ spec:
     )
     .await
     .expect("apply");
-    app.apply(
-        r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: widgets}
-spec:
-  selector: {app: widgets}
-  ports: [{port: 80}]
-"#,
-    )
-    .await
-    .expect("apply to the app");
-    let _server_proxy = mesh
-        .sidecar("api", &[("app", "api")], app.grpc_addr.port())
-        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(trellis_api::v1::proxy_api_server::ProxyApiServer::new(EchoApi))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let _server_proxy = mesh.sidecar("api", &[("app", "api")], app_port).await;
     let (cport, _c) = trellis_e2e::demo_app("client", "v1", "client-0").await;
     let client_proxy = mesh
         .sidecar_with_upstream("client", cport, "api", 15010)
@@ -190,4 +183,60 @@ spec:
         .await
         .expect("the stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+/// A bidirectional-streaming gRPC app: every message up the stream gets a
+/// Config down it, numbered, listing the services a Subscribe named.
+struct EchoApi;
+
+#[tonic::async_trait]
+impl trellis_api::v1::proxy_api_server::ProxyApi for EchoApi {
+    type StreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<trellis_api::v1::ControlMessage, tonic::Status>> + Send>,
+    >;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<trellis_api::v1::ProxyMessage>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        use trellis_api::v1::{control_message, proxy_message, Config, ControlMessage, ServiceConfig};
+        let mut up = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut version = 0;
+            while let Ok(Some(msg)) = up.message().await {
+                version += 1;
+                let services = match msg.msg {
+                    Some(proxy_message::Msg::Subscribe(s)) => s
+                        .services
+                        .iter()
+                        .filter_map(|n| n.split_once('/'))
+                        .map(|(ns, name)| ServiceConfig {
+                            namespace: ns.into(),
+                            name: name.into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let config = Config { version, services, ..Default::default() };
+                if tx
+                    .send(Ok(ControlMessage { msg: Some(control_message::Msg::Config(config)) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // The client closed its side: end ours (status OK in the trailers).
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn sign(
+        &self,
+        _: tonic::Request<trellis_api::v1::SignRequest>,
+    ) -> Result<tonic::Response<trellis_api::v1::SignResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }

@@ -112,8 +112,15 @@ async fn requests_reach_the_app_through_both_sidecars() {
         headers.get("host").and_then(|h| h.as_str()),
         Some("catalog:8080")
     );
+    // The app learns the caller's verified identity, and nothing else of the mesh's.
+    assert_eq!(
+        headers.get("x-trellis-peer-identity").and_then(|h| h.as_str()),
+        Some("spiffe://trellis.local/ns/default/sa/frontend")
+    );
     assert!(
-        headers.keys().all(|k| !k.starts_with("x-trellis")),
+        headers
+            .keys()
+            .all(|k| !k.starts_with("x-trellis") || k == "x-trellis-peer-identity"),
         "{headers:?}"
     );
 

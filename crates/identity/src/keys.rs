@@ -21,7 +21,15 @@ impl std::fmt::Debug for WorkloadKey {
 impl WorkloadKey {
     /// A new ECDSA P-256 key and a CSR for `id` (its only SAN, as a URI).
     pub fn generate(id: &SpiffeId) -> Result<WorkloadKey, rcgen::Error> {
-        let key = KeyPair::generate()?;
+        Self::for_key(id, KeyPair::generate()?)
+    }
+
+    /// A CSR for `id` with a key kept from before (PEM).
+    pub fn from_key_pem(id: &SpiffeId, key_pem: &str) -> Result<WorkloadKey, rcgen::Error> {
+        Self::for_key(id, KeyPair::from_pem(key_pem)?)
+    }
+
+    fn for_key(id: &SpiffeId, key: KeyPair) -> Result<WorkloadKey, rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params

@@ -28,6 +28,12 @@ pub const ALPN_TCP: &[u8] = b"trellis/tcp";
 /// The DNS name in the control plane's server certificate.
 pub const CONTROL_PLANE_NAME: &str = "trellis-control";
 
+/// The crypto provider of every TLS config in Trellis (explicit, so that
+/// another crate enabling a second provider changes nothing).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// Installs ring as rustls' process-wide crypto provider (once).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -69,6 +69,14 @@ fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
                 )
             }
         }
+        "/certs" => {
+            let mut r = Response::new(full(certs_json(inputs).to_string()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
         "/config" => {
             let mut r = Response::new(full(config_json(inputs).to_string()));
             r.headers_mut().insert(
@@ -79,7 +87,7 @@ fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
         }
         _ => text_response(
             StatusCode::NOT_FOUND,
-            "admin paths: /metrics /ready /live /config\n",
+            "admin paths: /metrics /ready /live /config /certs\n",
         ),
     }
 }
@@ -120,4 +128,35 @@ pub fn config_json(inputs: &Inputs) -> serde_json::Value {
         "services": services,
         "missing": snap.raw.missing,
     })
+}
+
+/// The workload certificate: identity, serial, validity, and the roots
+/// trusted. Never the key.
+pub fn certs_json(inputs: &Inputs) -> serde_json::Value {
+    let Some(tls) = inputs.discovery.tls() else {
+        return serde_json::json!({"identity": null, "certificate": null, "error": "no identity yet: waiting for the first config"});
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    match tls.current() {
+        None => serde_json::json!({
+            "identity": tls.identity().to_string(),
+            "certificate": null,
+            "error": "no certificate yet: the CA has not signed one",
+        }),
+        Some(c) => serde_json::json!({
+            "identity": c.info.identity,
+            "certificate": {
+                "serial": c.info.serial,
+                "issuer": c.info.issuer,
+                "notBefore": c.info.not_before,
+                "notAfter": c.info.not_after,
+                "expiresInSeconds": c.info.not_after - now,
+                "valid": c.info.not_before <= now && now < c.info.not_after,
+            },
+            "trustBundle": c.bundle.fingerprints(),
+        }),
+    }
 }

@@ -34,6 +34,8 @@ pub enum Protocol {
     Http2,
     /// A peer proxy's opaque TCP (the preamble is consumed).
     PeerTcp,
+    /// A TLS ClientHello (from a peer proxy: mutual TLS).
+    Tls,
     Opaque,
 }
 
@@ -43,6 +45,10 @@ enum Verdict {
 }
 
 fn classify(buf: &[u8]) -> Verdict {
+    // A TLS record of type handshake.
+    if buf.first() == Some(&0x16) {
+        return Verdict::Known(Protocol::Tls);
+    }
     let candidates = std::iter::once(PEER_TCP_PREAMBLE)
         .chain(std::iter::once(H2_PREFACE))
         .chain(METHODS);
@@ -192,7 +198,7 @@ mod tests {
             run(b"TRELLIS/TCP 1\r\nhello", true).await,
             (Protocol::PeerTcp, b"hello".to_vec())
         );
-        assert_eq!(run(b"\x16\x03\x01", true).await.0, Protocol::Opaque);
+        assert_eq!(run(b"\x16\x03\x01", true).await.0, Protocol::Tls);
         assert_eq!(run(b"HELO x", true).await.0, Protocol::Opaque);
     }
 

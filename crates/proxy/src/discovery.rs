@@ -63,6 +63,9 @@ pub struct Discovery {
     applied: watch::Sender<u64>,
     cache_dir: Option<PathBuf>,
     control_plane: String,
+    control: ControlClient,
+    /// Set once the trust domain is known (after the first config).
+    tls: std::sync::OnceLock<Arc<Tls>>,
     metrics: Arc<Metrics>,
     /// Follows the Mesh's telemetry settings; its uplink (span batches, tap
     /// events) rides the stream, and taps start and stop from it.
@@ -72,18 +75,14 @@ pub struct Discovery {
 impl Discovery {
     /// Loads the cache, then connects in the background.
     pub fn start(
-        control_plane: &str,
+        control: ControlClient,
         id: Identity,
         cache_dir: Option<PathBuf>,
         metrics: Arc<Metrics>,
         telemetry: Arc<Telemetry>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Discovery> {
-        let url = if control_plane.contains("://") {
-            control_plane.to_string()
-        } else {
-            format!("http://{control_plane}")
-        };
+        let url = control.addr().to_string();
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
         let d = Arc::new(Discovery {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -95,12 +94,22 @@ impl Discovery {
             applied: watch::channel(0).0,
             cache_dir,
             control_plane: url,
+            control,
+            tls: std::sync::OnceLock::new(),
             metrics,
             telemetry,
         });
         d.load_cache();
         tokio::spawn(d.clone().run(id, sub_rx, shutdown));
         d
+    }
+
+    pub fn set_tls(&self, tls: Arc<Tls>) {
+        let _ = self.tls.set(tls);
+    }
+
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.get()
     }
 
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -232,7 +241,7 @@ impl Discovery {
         match Snapshot::build(config, &self.snapshot.load()) {
             Ok(snap) => {
                 self.install(snap);
-                if let Some(tls) = &self.tls {
+                if let Some(tls) = self.tls.get() {
                     tls.set_bundle(&bundle);
                     self.control.trust(tls.trusted_roots());
                 }
@@ -317,16 +326,7 @@ impl Discovery {
         sub_rx: &mut mpsc::UnboundedReceiver<SvcKey>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.control_plane.clone())
-            .map_err(|e| format!("bad control plane address {}: {e}", self.control_plane))?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let channel = self.control.channel().await?;
         let mut client = ProxyApiClient::new(channel);
         let (tx, rx) = mpsc::channel::<ProxyMessage>(256);
         let subscriptions: Vec<String> = self

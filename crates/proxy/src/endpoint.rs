@@ -14,7 +14,11 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
 use crate::balance::Load;
+use crate::tls::Credentials;
 use crate::error::ProxyError;
 use crate::Body;
 
@@ -28,7 +32,10 @@ pub struct Endpoint {
     pub identity: String,
     pub labels: BTreeMap<String, String>,
     pub load: Arc<Load>,
-    h2: ArcSwapOption<SendRequest<Body>>,
+    /// Outlier ejection and active health-check state.
+    pub health: crate::traffic::EndpointHealth,
+    /// The shared HTTP/2 connection, and whether it is mutual TLS.
+    h2: ArcSwapOption<(SendRequest<Body>, bool)>,
     // Serialises connection set-up so a burst opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -43,6 +50,7 @@ impl Endpoint {
             identity: ep.identity.clone(),
             labels: ep.labels.clone().into_iter().collect(),
             load: Arc::new(Load::default()),
+            health: Default::default(),
             h2: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -53,27 +61,51 @@ impl Endpoint {
         self.instance == ep.instance && self.identity == ep.identity && self.workload == ep.workload
     }
 
+    /// Opens a connection to the peer: mutual TLS with `alpn` when `creds`
+    /// are given (the peer must prove exactly this endpoint's identity),
+    /// else plaintext.
+    pub async fn open(&self, creds: Option<&Credentials>, alpn: &[u8]) -> Result<Box<dyn Io>, ProxyError> {
+        let tcp = connect(self.addr).await?;
+        let Some(creds) = creds else {
+            return Ok(Box::new(tcp));
+        };
+        if self.identity.is_empty() {
+            return Err(ProxyError::upstream_connect(self.addr, "the endpoint has no identity to verify"));
+        }
+        let config = creds
+            .client(&self.identity, alpn)
+            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
+        let name = ServerName::try_from("peer.trellis").expect("a valid DNS name");
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|_| ProxyError::upstream_connect(self.addr, "TLS handshake timed out"))?
+            .map_err(|e| ProxyError::upstream_connect(self.addr, format!("mutual TLS with {} failed: {e}", self.identity)))?;
+        Ok(Box::new(tls))
+    }
+
     /// A ready HTTP/2 connection to the peer, made on first use and shared
     /// by every request to this endpoint.
-    pub async fn h2(&self) -> Result<SendRequest<Body>, ProxyError> {
-        if let Some(tx) = self.h2.load().as_deref() {
-            if !tx.is_closed() {
-                return Ok(tx.clone());
+    pub async fn h2(&self, creds: Option<&Credentials>) -> Result<SendRequest<Body>, ProxyError> {
+        let tls = creds.is_some();
+        let usable = |c: &(SendRequest<Body>, bool)| !c.0.is_closed() && c.1 == tls;
+        if let Some(c) = self.h2.load().as_deref() {
+            if usable(c) {
+                return Ok(c.0.clone());
             }
         }
         let _guard = self.connecting.lock().await;
-        if let Some(tx) = self.h2.load().as_deref() {
-            if !tx.is_closed() {
-                return Ok(tx.clone());
+        if let Some(c) = self.h2.load().as_deref() {
+            if usable(c) {
+                return Ok(c.0.clone());
             }
         }
-        let tcp = connect(self.addr).await?;
+        let io = self.open(creds, trellis_identity::ALPN_H2).await?;
         let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .adaptive_window(true)
-            .handshake::<_, Body>(TokioIo::new(tcp))
+            .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
         let addr = self.addr;
@@ -82,10 +114,14 @@ impl Endpoint {
                 tracing::debug!(%addr, error = %e, "connection to peer closed");
             }
         });
-        self.h2.store(Some(Arc::new(tx.clone())));
+        self.h2.store(Some(Arc::new((tx.clone(), tls))));
         Ok(tx)
     }
 }
+
+/// A connection to a peer, plaintext or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Opens a TCP connection with a bounded wait and Nagle off.
 pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {

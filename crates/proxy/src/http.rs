@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
@@ -15,7 +14,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::endpoint::connect;
 use crate::error::ProxyError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -99,15 +97,14 @@ pub fn absolute_uri(authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
 
 /// Forwards an HTTP/1 upgrade (WebSocket and friends) to `addr` on a
 /// dedicated connection, then splices the two upgraded streams.
-pub async fn forward_upgrade(
-    mut req: Request<Incoming>,
-    addr: SocketAddr,
-) -> Result<Response<Body>, ProxyError> {
+pub async fn forward_upgrade<S>(mut req: Request<Incoming>, tcp: S) -> Result<Response<Body>, ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let downstream = hyper::upgrade::on(&mut req);
-    let tcp = connect(addr).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
         .await
-        .map_err(|e| ProxyError::upstream_connect(addr, e))?;
+        .map_err(ProxyError::upstream)?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });

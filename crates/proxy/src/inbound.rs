@@ -11,7 +11,10 @@ use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::detect::{detect, Protocol};
+use crate::authz::{Attrs, Decision};
+use crate::detect::{detect, Protocol, Rewind};
+use trellis_identity::SpiffeId;
+use trellis_resource::MtlsMode;
 use crate::endpoint::connect;
 use crate::error::ProxyError;
 use crate::http::{
@@ -24,6 +27,16 @@ use crate::Body;
 
 /// Peers speak first; a client silent this long is treated as opaque TCP.
 const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A TLS client that stalls mid-handshake is dropped after this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of an inbound connection.
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    /// The identity the peer's certificate proved (mutual TLS only).
+    pub identity: Option<SpiffeId>,
+    pub tls: bool,
+}
 
 pub struct Inbound {
     listener: TcpListener,
@@ -69,15 +82,82 @@ async fn serve(
             return;
         }
     };
+    let mode = inputs.discovery.snapshot().mesh.mtls;
+    if protocol == Protocol::Tls {
+        return serve_tls(inputs, io, peer, shutdown).await;
+    }
+    if mode == MtlsMode::Strict {
+        // Only the identity a certificate proves may reach the app.
+        inputs.metrics.plaintext_refused.inc();
+        tracing::debug!(%peer, "refused a plaintext connection: the mesh's mTLS mode is strict");
+        return;
+    }
+    let info = Arc::new(PeerInfo::default());
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_connection(io, shutdown, move |req| handle(inputs.clone(), req)).await;
+            serve_connection(io, shutdown, move |req| handle(inputs.clone(), req, info.clone())).await;
         }
-        Protocol::PeerTcp | Protocol::Opaque => {
-            let mut io = io;
+        Protocol::Tls => {}
+        Protocol::PeerTcp | Protocol::Opaque => tcp_to_app(inputs, io, peer, &info).await,
+    }
+}
+
+/// Terminates mutual TLS from a peer proxy, then serves what its ALPN says.
+async fn serve_tls(inputs: Arc<Inputs>, io: Rewind<TcpStream>, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
+    let Some(creds) = inputs.discovery.tls().and_then(|t| t.current()) else {
+        tracing::warn!(%peer, "refused a TLS connection: this proxy has no certificate yet");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(creds.server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            inputs.metrics.tls_handshake_failures.inc();
+            tracing::warn!(%peer, error = %e, "refused a TLS peer");
+            return;
+        }
+        Err(_) => {
+            inputs.metrics.tls_handshake_failures.inc();
+            tracing::warn!(%peer, "dropped a TLS peer that stalled in the handshake");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let info = Arc::new(PeerInfo {
+        identity: trellis_identity::verify::peer_identity(conn.peer_certificates()),
+        tls: true,
+    });
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.as_deref() == Some(trellis_identity::ALPN_TCP) {
+        return tcp_to_app(inputs, tls, peer, &info).await;
+    }
+    serve_connection(tls, shutdown, move |req| handle(inputs.clone(), req, info.clone())).await;
+}
+
+/// Opaque TCP to the app, if policy allows the peer.
+async fn tcp_to_app<S>(inputs: Arc<Inputs>, mut io: S, peer: SocketAddr, info: &PeerInfo)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    {
+        let snap = inputs.discovery.snapshot();
+        let attrs = Attrs {
+            peer: info.identity.as_ref(),
+            method: None,
+            path: None,
+            port: inputs.cfg.app_port,
+            headers: None,
+        };
+        if let Decision::Deny(why) = snap.authz.evaluate(&attrs) {
+            inputs.metrics.authz_denied.inc();
+            tracing::info!(%peer, identity = ?info.identity.as_ref().map(|i| i.to_string()), %why, "closed a TCP connection: not authorized");
+            return;
+        }
+    }
+    {
             let labels = TcpLabels {
-                peers: peers(&inputs, None, None),
-                tls: false,
+                peers: peers(&inputs, info.identity.as_ref().map(|i| format!("{}/", i.namespace)).as_deref(), None),
+                tls: info.tls,
             };
             let mut app = match connect(inputs.app_addr).await {
                 Ok(app) => app,
@@ -91,7 +171,6 @@ async fn serve(
                 .await
                 .unwrap_or((0, 0));
             inputs.metrics.tcp_closed(&labels, to_peer, from_peer);
-        }
     }
 }
 
@@ -114,7 +193,23 @@ fn peers(inputs: &Inputs, source: Option<&str>, destination: Option<&str>) -> Pe
     }
 }
 
-async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Body> {
+/// The header in which the app learns the caller's verified identity.
+pub const PEER_IDENTITY: http::HeaderName = http::HeaderName::from_static("x-trellis-peer-identity");
+
+/// Removes every header that claims an identity: only this proxy may say
+/// who the caller is.
+fn strip_identity_claims(headers: &mut http::HeaderMap) {
+    let claims: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-trellis-") || k.as_str() == "x-forwarded-client-cert")
+        .cloned()
+        .collect();
+    for k in claims {
+        headers.remove(k);
+    }
+}
+
+async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerInfo>) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
     let begun = inputs
         .telemetry
@@ -125,32 +220,73 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>) -> Response<Bod
             .and_then(|v: &http::HeaderValue| v.to_str().ok())
             .map(str::to_string)
     };
-    let source = header(&req, SOURCE);
+    // The source workload is only a metrics label; the namespace comes
+    // from the verified identity when there is one.
+    let source = match (&info.identity, header(&req, SOURCE)) {
+        (Some(id), claimed) => Some(format!(
+            "{}/{}",
+            id.namespace,
+            claimed
+                .as_deref()
+                .and_then(|c| c.split_once('/'))
+                .filter(|(ns, _)| *ns == id.namespace)
+                .map(|(_, w)| w)
+                .unwrap_or("")
+        )),
+        (None, _) => None,
+    };
     let destination = header(&req, DESTINATION);
     let http1 = req.version() < Version::HTTP_2 || req.headers().contains_key(ORIG_PROTO);
-    for h in crate::http::INTERNAL {
-        req.headers_mut().remove(h);
-    }
-    let resp = if is_upgrade(&req) {
-        forward_upgrade(req, inputs.app_addr).await
-    } else {
-        forward_to_app(&inputs, req, http1).await
+    strip_identity_claims(req.headers_mut());
+    let resp = match authorize(&inputs, &mut req, &info) {
+        Err(resp) => Ok(resp),
+        Ok(()) if is_upgrade(&req) => match connect(inputs.app_addr).await {
+            Ok(app) => forward_upgrade(req, app).await,
+            Err(e) => Err(e),
+        },
+        Ok(()) => forward_to_app(&inputs, req, http1).await,
     };
     let mut resp = resp.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "inbound request failed");
         e.into_response()
     });
+    let peer_identity = info.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
             peers: &peers(&inputs, source.as_deref(), destination.as_deref()),
             route: "",
-            tls: false,
-            peer_identity: "",
+            tls: info.tls,
+            peer_identity: &peer_identity,
         },
         &mut resp,
     );
     resp
+}
+
+/// Normalises the path (the one used from here on), applies the
+/// AuthorizationPolicies, and tells the app who is calling.
+fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> Result<(), Response<Body>> {
+    crate::outbound::normalize_uri(req).map_err(ProxyError::into_response)?;
+    let snap = inputs.discovery.snapshot();
+    let attrs = Attrs {
+        peer: info.identity.as_ref(),
+        method: Some(req.method().as_str()),
+        path: Some(req.uri().path()),
+        port: inputs.cfg.app_port,
+        headers: Some(req.headers()),
+    };
+    if let Decision::Deny(why) = snap.authz.evaluate(&attrs) {
+        inputs.metrics.authz_denied.inc();
+        tracing::debug!(identity = ?info.identity.as_ref().map(|i| i.to_string()), path = %req.uri().path(), %why, "request denied");
+        return Err(crate::http::text_response(http::StatusCode::FORBIDDEN, "RBAC: access denied\n"));
+    }
+    if let Some(id) = &info.identity {
+        if let Ok(v) = http::HeaderValue::from_str(&id.to_string()) {
+            req.headers_mut().insert(PEER_IDENTITY, v);
+        }
+    }
+    Ok(())
 }
 
 async fn forward_to_app(

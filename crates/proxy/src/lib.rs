@@ -16,8 +16,10 @@ use tokio::sync::watch;
 
 pub mod accesslog;
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod endpoint;
@@ -26,11 +28,14 @@ pub mod http;
 pub mod inbound;
 pub mod inputs;
 pub mod metrics;
+pub mod normalize;
 pub mod otlp;
 pub mod outbound;
 pub mod process;
 pub mod route;
 pub mod snapshot;
+pub mod traffic;
+pub mod tls;
 pub mod tap;
 pub mod telemetry;
 pub mod trace;
@@ -160,8 +165,9 @@ impl Proxy {
             &trellis_resource::MeshSpec::default(),
             metrics.clone(),
         );
+        let control = control::ControlClient::new(&cfg.control_plane, &identity.token).map_err(|e| anyhow::anyhow!(e))?;
         let discovery = discovery::Discovery::start(
-            &cfg.control_plane,
+            control.clone(),
             identity,
             cfg.cache_dir.clone(),
             metrics.clone(),
@@ -200,6 +206,21 @@ impl Proxy {
                     .unwrap_or_default()
             );
         }
+        // The workload identity needs the trust domain, which the config
+        // (from the control plane or the cache) carries.
+        let trust_domain = discovery.snapshot().mesh.trust_domain.clone();
+        let spiffe = trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
+        let tls = tls::Tls::new(spiffe, cfg.cache_dir.clone()).map_err(|e| anyhow::anyhow!("workload key: {e}"))?;
+        control.trust(tls.trusted_roots());
+        discovery.set_tls(tls.clone());
+        if tls.current().is_none() {
+            if let Err(e) = tls.renew(&control).await {
+                let _ = proxy.shutdown.send(true);
+                anyhow::bail!("cannot get a certificate for {} from the control plane at {}: {e}", tls.identity(), cfg.control_plane);
+            }
+            control.trust(tls.trusted_roots());
+        }
+        tokio::spawn(tls.clone().run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(shutdown_rx.clone()));
         tokio::spawn(outbound.run(shutdown_rx));
         tracing::info!(inbound = %proxy.inbound_addr, outbound = %proxy.outbound_addr, admin = %proxy.admin_addr, "proxy ready");

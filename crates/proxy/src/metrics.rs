@@ -92,8 +92,15 @@ pub struct Metrics {
     pub config_rejections: Counter,
     pub control_plane_connects: Counter,
     pub stats_dropped: Counter,
+    /// Requests and connections refused by an AuthorizationPolicy.
+    pub authz_denied: Counter,
+    pub tls_handshake_failures: Counter,
+    /// Plaintext connections refused at the inbound in strict mTLS mode.
+    pub plaintext_refused: Counter,
     /// Spans, access log lines and tap events sent or dropped.
     pub telemetry: crate::telemetry::Counters,
+    /// Retries, ejections, circuit breaking, rate limits, faults, mirrors.
+    pub traffic: crate::traffic::TrafficMetrics,
     in_flight: AtomicU64,
 }
 
@@ -115,6 +122,24 @@ impl Metrics {
         let config_rejections = Counter::default();
         let control_plane_connects = Counter::default();
         let stats_dropped = Counter::default();
+        let authz_denied = Counter::default();
+        let tls_handshake_failures = Counter::default();
+        let plaintext_refused = Counter::default();
+        registry.register(
+            "trellis_authz_denied",
+            "Inbound requests and connections refused by an AuthorizationPolicy",
+            authz_denied.clone(),
+        );
+        registry.register(
+            "trellis_tls_handshake_failures",
+            "Inbound TLS handshakes that failed (bad or missing certificate, stalled peer)",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "trellis_plaintext_refused",
+            "Plaintext inbound connections refused in strict mTLS mode",
+            plaintext_refused.clone(),
+        );
         registry.register(
             "trellis_requests",
             "HTTP requests handled",
@@ -162,6 +187,8 @@ impl Metrics {
         );
         let telemetry = crate::telemetry::Counters::default();
         telemetry.register(&mut registry);
+        let traffic = crate::traffic::TrafficMetrics::default();
+        traffic.register(&mut registry);
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
@@ -175,7 +202,11 @@ impl Metrics {
             config_rejections,
             control_plane_connects,
             stats_dropped,
+            authz_denied,
+            tls_handshake_failures,
+            plaintext_refused,
             telemetry,
+            traffic,
             in_flight: AtomicU64::new(0),
         })
     }

@@ -168,7 +168,8 @@ where
             })
             .await
         }
-        Protocol::PeerTcp | Protocol::Opaque => tcp_to(inputs, io, target).await,
+        // An app's own TLS is opaque to the mesh: carried, not read.
+        Protocol::PeerTcp | Protocol::Tls | Protocol::Opaque => tcp_to(inputs, io, target).await,
     }
 }
 
@@ -295,6 +296,10 @@ async fn to_service(
     svc: Arc<ServiceState>,
 ) -> Response<Body> {
     let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
+    // Route and forward the one normalised path the peer will authorize.
+    if let Err(e) = normalize_uri(&mut req) {
+        return e.into_response();
+    }
     let path = req.uri().path().to_string();
     let rule = svc.routes.find(&req, &path);
     let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
@@ -347,7 +352,8 @@ async fn to_service(
         crate::telemetry::Done {
             peers: &peers(&inputs, &backend.key, ep.as_deref()),
             route: &route_name,
-            tls: false,
+            // Every call to a peer is mutual TLS unless the mesh disables it.
+            tls: ep.is_some() && inputs.discovery.snapshot().mesh.mtls != trellis_resource::MtlsMode::Disabled,
             peer_identity: ep.as_deref().map(|e| e.identity.as_str()).unwrap_or(""),
         },
         &mut resp,
@@ -384,8 +390,20 @@ async fn forward(
         let Some(ep) = ep else {
             return (Err(ProxyError::upstream("no endpoint")), None);
         };
-        return (forward_upgrade(req, ep.addr).await, Some(ep));
+        let creds = match peer_credentials(inputs) {
+            Ok(c) => c,
+            Err(e) => return (Err(e), Some(ep)),
+        };
+        let io = match ep.open(creds.as_deref(), trellis_identity::ALPN_HTTP1).await {
+            Ok(io) => io,
+            Err(e) => return (Err(e), Some(ep)),
+        };
+        return (forward_upgrade(req, io).await, Some(ep));
     }
+    let creds = match peer_credentials(inputs) {
+        Ok(c) => c,
+        Err(e) => return (Err(e), None),
+    };
     let (mut parts, body) = req.into_parts();
     let replayable = body.is_end_stream();
     let retry = rule.and_then(|r| r.retry.as_ref());
@@ -442,7 +460,7 @@ async fn forward(
         let Some(ep) = ep else { break };
         tried = Some(ep.addr);
         let guard = ep.load.start();
-        let conn = match ep.h2().await {
+        let conn = match ep.h2(creds.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
                 // Nothing was sent: any request may go to another endpoint.
@@ -506,7 +524,10 @@ async fn egress(inputs: Arc<Inputs>, mut req: Request<Incoming>, target: &Target
             .ok()
             .and_then(|mut a| a.next())
         {
-            Some(addr) => forward_upgrade(req, addr).await,
+            Some(addr) => match connect(addr).await {
+                Ok(tcp) => forward_upgrade(req, tcp).await,
+                Err(e) => Err(e),
+            },
             None => Err(ProxyError::upstream(format!(
                 "cannot resolve {}",
                 target.host
@@ -565,20 +586,31 @@ where
         },
         Name::External => None,
     };
-    let (mut upstream, key, ep) = match svc {
+    let mut tls = false;
+    let (mut upstream, key, ep): (Box<dyn crate::endpoint::Io>, _, _) = match svc {
         Some(svc) => {
             let Some(ep) = pick(svc.algorithm, &svc.endpoints, &svc.rr).cloned() else {
                 tracing::warn!(service = %svc.key, "closing TCP connection: the service has no endpoints");
                 return;
             };
-            let mut up = match connect(ep.addr).await {
+            let creds = match peer_credentials(&inputs) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(service = %svc.key, error = %e, "closing TCP connection");
+                    return;
+                }
+            };
+            tls = creds.is_some();
+            let mut up = match ep.open(creds.as_deref(), trellis_identity::ALPN_TCP).await {
                 Ok(up) => up,
                 Err(e) => {
                     tracing::warn!(service = %svc.key, error = %e, "closing TCP connection");
                     return;
                 }
             };
-            if up.write_all(PEER_TCP_PREAMBLE).await.is_err() {
+            // Over mutual TLS the ALPN says "opaque TCP"; in plaintext a
+            // preamble does.
+            if !tls && up.write_all(PEER_TCP_PREAMBLE).await.is_err() {
                 return;
             }
             (up, svc.key.clone(), Some(ep))
@@ -590,14 +622,14 @@ where
                 .and_then(|mut a| a.next());
             let Some(addr) = addr else { return };
             match connect(addr).await {
-                Ok(up) => (up, SvcKey::new("", &target.host), None),
+                Ok(up) => (Box::new(up), SvcKey::new("", &target.host), None),
                 Err(_) => return,
             }
         }
     };
     let labels = TcpLabels {
         peers: peers(&inputs, &key, ep.as_deref()),
-        tls: false,
+        tls,
     };
     inputs.metrics.tcp_opened(&labels);
     let (sent, received) = tokio::io::copy_bidirectional(&mut io, &mut upstream)
@@ -636,4 +668,37 @@ mod tests {
         assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
         assert_eq!(classify("www.example.com", "shop", td), Name::External);
     }
+}
+
+/// The credentials for a connection to a peer proxy: none when the mesh's
+/// mTLS mode is `disabled`; otherwise this proxy's certificate, without
+/// which it does not call peers at all.
+fn peer_credentials(inputs: &Inputs) -> Result<Option<Arc<crate::tls::Credentials>>, ProxyError> {
+    if inputs.discovery.snapshot().mesh.mtls == trellis_resource::MtlsMode::Disabled {
+        return Ok(None);
+    }
+    match inputs.discovery.tls().and_then(|t| t.current()) {
+        Some(c) => Ok(Some(c)),
+        None => Err(ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Source::Internal,
+            "this proxy has no certificate yet, so it cannot call peers over mutual TLS",
+        )),
+    }
+}
+
+/// Rewrites the request's path to its normalised form (see `normalize`).
+pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let normalized = crate::normalize::normalize_path_and_query(pq).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+    if normalized != pq {
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(
+            normalized
+                .parse()
+                .map_err(|_| ProxyError::bad_request("the normalised path is not a valid request target"))?,
+        );
+        *req.uri_mut() = http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+    }
+    Ok(())
 }

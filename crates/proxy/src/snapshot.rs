@@ -52,6 +52,12 @@ pub struct ServiceState {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub algorithm: Algorithm,
     pub rr: AtomicUsize,
+    /// The Service's TrafficPolicy, compiled (the defaults without one).
+    pub policy: crate::traffic::Policy,
+    /// Circuit-breaker counters, retry budget and rate limiter: carried
+    /// over from the previous snapshot.
+    pub traffic: Arc<crate::traffic::ServiceTraffic>,
+    pub balancer: crate::balance::Balancer,
 }
 
 #[derive(Default)]
@@ -60,6 +66,8 @@ pub struct Snapshot {
     pub mesh: MeshSpec,
     pub services: HashMap<SvcKey, Arc<ServiceState>>,
     pub missing: HashSet<SvcKey>,
+    /// The AuthorizationPolicies of this workload, compiled.
+    pub authz: crate::authz::Authorizer,
     /// The config as received, for the cache and `/config`.
     pub raw: Config,
 }
@@ -86,20 +94,8 @@ impl Snapshot {
                 .as_service()
                 .cloned()
                 .ok_or_else(|| format!("service {key}: not a Service resource"))?;
-            let mut routes = sc
-                .routes_json
-                .iter()
-                .map(|r| {
-                    serde_json::from_str::<Resource>(r)
-                        .map_err(|e| format!("service {key}: route: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            routes.sort_by(|a, b| {
-                (&a.metadata.namespace, &a.metadata.name)
-                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
-            });
-            let routes =
-                RouteTable::compile(&routes).map_err(|e| format!("service {key}: route: {e}"))?;
+            let routes = RouteTable::from_config(&sc.routes_json, &sc.grpc_routes_json)
+                .map_err(|e| format!("service {key}: route: {e}"))?;
             let old = prev.services.get(&key);
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             for ep in &sc.endpoints {
@@ -116,16 +112,15 @@ impl Snapshot {
                     None => Arc::new(Endpoint::new(addr, ep)),
                 });
             }
-            // Until TrafficPolicy lands, a Service annotation picks the balancer.
-            let algorithm = match res.metadata.annotations.get(LB_ANNOTATION).map(String::as_str) {
-                None | Some("peak-ewma") => Algorithm::PeakEwma,
-                Some("round-robin") => Algorithm::RoundRobin,
-                Some(other) => {
-                    return Err(format!(
-                        "service {key}: annotation {LB_ANNOTATION}: unknown load balancer {other:?} (use peak-ewma or round-robin)"
-                    ))
-                }
-            };
+            // A TrafficPolicy's balancer wins over the older annotation.
+            let lb_annotation = res.metadata.annotations.get(LB_ANNOTATION);
+            let policy = crate::traffic::Policy::from_json(
+                &sc.traffic_policy_json,
+                lb_annotation.map(String::as_str),
+            )
+            .map_err(|e| format!("service {key}: {e}"))?;
+            let algorithm = policy.balancer;
+            let balancer = crate::balance::Balancer::new(algorithm, policy.locality, &endpoints);
             services.insert(
                 key.clone(),
                 Arc::new(ServiceState {
@@ -135,6 +130,9 @@ impl Snapshot {
                     endpoints,
                     algorithm,
                     rr: AtomicUsize::new(0),
+                    traffic: old.map(|o| o.traffic.clone()).unwrap_or_default(),
+                    policy,
+                    balancer,
                 }),
             );
         }
@@ -143,11 +141,13 @@ impl Snapshot {
             .iter()
             .filter_map(|s| SvcKey::parse(s))
             .collect();
+        let authz = crate::authz::Authorizer::build(&config.authorization_policies_json, mesh.default_policy)?;
         Ok(Snapshot {
             version: config.version,
             mesh,
             services,
             missing,
+            authz,
             raw: config,
         })
     }

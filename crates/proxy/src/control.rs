@@ -1,0 +1,130 @@
+//! The proxy's connection to the control plane: TLS, verified against the
+//! CA root the join token pins (and the roots of the bundle the proxy got
+//! since over that verified channel), with the token as credential.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+use trellis_api::v1::proxy_api_client::ProxyApiClient;
+use trellis_api::v1::{SignRequest, SignResponse};
+use trellis_identity::token::Claims;
+use trellis_identity::verify::ControlPlaneVerifier;
+
+#[derive(Clone)]
+pub struct ControlClient {
+    /// `host:port`.
+    addr: String,
+    token: String,
+    trusted: Arc<ArcSwap<Vec<String>>>,
+}
+
+impl ControlClient {
+    /// `control_plane` is `HOST:PORT` or a URL; the token pins the CA root.
+    pub fn new(control_plane: &str, token: &str) -> Result<ControlClient, String> {
+        let addr = match control_plane.split_once("://") {
+            Some((_, rest)) => rest.trim_end_matches('/').to_string(),
+            None => control_plane.to_string(),
+        };
+        let pin = if token.is_empty() {
+            Vec::new()
+        } else {
+            vec![Claims::peek(token).map_err(|e| format!("--token-file: {e}"))?.ca]
+        };
+        Ok(ControlClient {
+            addr,
+            token: token.to_string(),
+            trusted: Arc::new(ArcSwap::from_pointee(pin)),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Also trusts these roots (fingerprints) for the control plane.
+    pub fn trust(&self, fingerprints: Vec<String>) {
+        let mut all = (**self.trusted.load()).clone();
+        for f in fingerprints {
+            if !all.contains(&f) {
+                all.push(f);
+            }
+        }
+        self.trusted.store(Arc::new(all));
+    }
+
+    pub async fn channel(&self) -> Result<Channel, String> {
+        if self.token.is_empty() {
+            return Err(
+                "no join token: create one with `trellis token create --namespace NS --service-account SA` and pass --token-file"
+                    .into(),
+            );
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(trellis_identity::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new((**self.trusted.load()).clone())))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = self.addr.clone();
+        let connect = tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            async move {
+                let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                let _ = tcp.set_nodelay(true);
+                let name = ServerName::try_from(trellis_identity::CONTROL_PLANE_NAME).expect("a valid DNS name");
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        });
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| format!("bad control plane address {}: {e}", self.addr))?
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_with_connector(connect)
+            .await
+            .map_err(|e| format!("connect: {}", error_chain(&e)))
+    }
+
+    /// Asks the CA to sign a CSR for the identity the token grants.
+    pub async fn sign(&self, csr_pem: &str) -> Result<SignResponse, String> {
+        let mut client = ProxyApiClient::new(self.channel().await?);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.sign(SignRequest {
+                token: self.token.clone(),
+                csr_pem: csr_pem.to_string(),
+            }),
+        )
+        .await
+        .map_err(|_| "the CA did not answer within 10s".to_string())?
+        .map_err(|s| format!("the CA refused: {}", s.message()))?;
+        Ok(resp.into_inner())
+    }
+}
+
+/// The whole chain of causes: tonic's top-level message alone says little.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
