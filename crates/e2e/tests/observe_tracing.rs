@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use observe_common::*;
 use serde_json::Value;
-use trellis_e2e::{metric_sum, TestMesh};
+use trellis_e2e::TestMesh;
 use trellis_testkit::eventually;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -55,14 +55,24 @@ async fn one_trace_through_three_services_chains_to_the_callers_traceparent() {
     let t = three_tier(&mesh, &mesh_yaml_sampling(0.0)).await;
     let url = format!("http://{}/", t.frontend.app);
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
-    let (status, answer) = get(&url, &[("traceparent", &traceparent), ("tracestate", "vendor=opaque")]).await;
+    let (status, answer) = get(
+        &url,
+        &[
+            ("traceparent", &traceparent),
+            ("tracestate", "vendor=opaque"),
+        ],
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     // Each app saw the trace and a parent that is the span of the hop before.
     let catalog_answer = &answer["calls"][0]["body"];
     let reviews_answer = &catalog_answer["calls"][0]["body"];
     let catalog_tp = header(catalog_answer, "traceparent").expect("catalog got a traceparent");
     let reviews_tp = header(reviews_answer, "traceparent").expect("reviews got a traceparent");
-    assert!(catalog_tp.contains(TRACE) && reviews_tp.contains(TRACE), "{catalog_tp} {reviews_tp}");
+    assert!(
+        catalog_tp.contains(TRACE) && reviews_tp.contains(TRACE),
+        "{catalog_tp} {reviews_tp}"
+    );
     assert_eq!(header(reviews_answer, "tracestate"), Some("vendor=opaque"));
 
     let spans = wait_spans(&mesh, TRACE, 4).await;
@@ -76,12 +86,24 @@ async fn one_trace_through_three_services_chains_to_the_callers_traceparent() {
     assert_eq!(cat_client["parentSpanId"], cat_server["spanId"]);
     assert_eq!(rev_server["parentSpanId"], cat_client["spanId"]);
     // The app behind each server span got that span as its parent.
-    assert!(catalog_tp.contains(cat_server["spanId"].as_str().unwrap()), "{catalog_tp}");
-    assert!(reviews_tp.contains(rev_server["spanId"].as_str().unwrap()), "{reviews_tp}");
+    assert!(
+        catalog_tp.contains(cat_server["spanId"].as_str().unwrap()),
+        "{catalog_tp}"
+    );
+    assert!(
+        reviews_tp.contains(rev_server["spanId"].as_str().unwrap()),
+        "{reviews_tp}"
+    );
     // Spans say what happened.
     assert_eq!(cat_server["attributes"]["http.response.status_code"], 200);
-    assert_eq!(cat_server["attributes"]["trellis.destination.service"], "catalog");
-    assert_eq!(cat_client["attributes"]["trellis.destination.service"], "reviews");
+    assert_eq!(
+        cat_server["attributes"]["trellis.destination.service"],
+        "catalog"
+    );
+    assert_eq!(
+        cat_client["attributes"]["trellis.destination.service"],
+        "reviews"
+    );
     assert_eq!(cat_server["attributes"]["url.path"], "/items");
     assert!(fe_client["attributes"]["trellis.destination.identity"]
         .as_str()
@@ -101,7 +123,11 @@ async fn one_trace_through_three_services_chains_to_the_callers_traceparent() {
 
     // An unsampled caller: context still propagates, no spans are kept.
     let unsampled = "11111111111111111111111111111111";
-    let (status, answer) = get(&url, &[("traceparent", &format!("00-{unsampled}-{PARENT}-00"))]).await;
+    let (status, answer) = get(
+        &url,
+        &[("traceparent", &format!("00-{unsampled}-{PARENT}-00"))],
+    )
+    .await;
     assert_eq!(status, 200);
     let tp = header(&answer["calls"][0]["body"], "traceparent").unwrap();
     assert!(tp.contains(unsampled) && tp.ends_with("-00"), "{tp}");
@@ -133,7 +159,10 @@ async fn b3_is_read_and_written_back_and_bad_headers_start_a_new_trace() {
     assert!(b3.starts_with(b3_trace), "{b3}");
     assert!(header(catalog, "traceparent").unwrap().contains(b3_trace));
     let spans = wait_spans(&mesh, b3_trace, 4).await;
-    assert_eq!(find(&spans, "frontend", "client")["parentSpanId"], "e457b5a2e4d86bd1");
+    assert_eq!(
+        find(&spans, "frontend", "client")["parentSpanId"],
+        "e457b5a2e4d86bd1"
+    );
 
     // B3 multi header, 64-bit trace id.
     let (status, answer) = get(
@@ -147,7 +176,10 @@ async fn b3_is_read_and_written_back_and_bad_headers_start_a_new_trace() {
     .await;
     assert_eq!(status, 200);
     let catalog = &answer["calls"][0]["body"];
-    assert_eq!(header(catalog, "x-b3-traceid"), Some("0000000000000000a3ce929d0e0e4736"));
+    assert_eq!(
+        header(catalog, "x-b3-traceid"),
+        Some("0000000000000000a3ce929d0e0e4736")
+    );
     wait_spans(&mesh, "0000000000000000a3ce929d0e0e4736", 4).await;
 
     // Malformed or hostile: ignored, a new (valid) trace starts, nothing is echoed.
@@ -157,13 +189,21 @@ async fn b3_is_read_and_written_back_and_bad_headers_start_a_new_trace() {
         "garbage\u{7f}",
         &format!("00-{TRACE}-{PARENT}-01-extra"),
     ] {
-        let Ok(v) = http::HeaderValue::from_str(bad) else { continue };
+        let Ok(v) = http::HeaderValue::from_str(bad) else {
+            continue;
+        };
         let (status, answer) = get(&url, &[("traceparent", v.to_str().unwrap())]).await;
         assert_eq!(status, 200, "{bad:?}");
         let tp = header(&answer["calls"][0]["body"], "traceparent").unwrap();
         assert_ne!(tp, bad);
-        assert!(trellis_proxy::trace::parse_traceparent(tp).is_some(), "{tp}");
-        assert!(!tp.contains("zzzz") && !tp.contains(&"0".repeat(32)), "{tp}");
+        assert!(
+            trellis_proxy::trace::parse_traceparent(tp).is_some(),
+            "{tp}"
+        );
+        assert!(
+            !tp.contains("zzzz") && !tp.contains(&"0".repeat(32)),
+            "{tp}"
+        );
     }
 }
 
@@ -194,6 +234,15 @@ async fn latencies(url: &str, n: usize) -> Vec<Duration> {
     }
     out.sort();
     out
+}
+
+/// An unlabelled counter from a proxy's /metrics.
+async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, body) = trellis_testkit::http_get(&format!("http://{admin}/metrics"), None).await;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn rss_bytes() -> u64 {
@@ -229,7 +278,11 @@ async fn a_dead_collector_leaves_latency_and_memory_flat() {
         // Enough spans to overflow the export queue many times over.
         let dead_more = latencies(&url, 1500).await;
         let rss_after = rss_bytes();
-        let dropped = metric_sum(t.catalog.proxy.admin_addr, "trellis_proxy_spans_dropped_total", &[]).await;
+        let dropped = counter(
+            t.catalog.proxy.admin_addr,
+            "trellis_proxy_spans_dropped_total",
+        )
+        .await;
         println!(
             "{protocol}: p50 {:?} -> {:?}, p99 {:?} -> {:?} (then p99 {:?} over 1500); RSS {} MB -> {} MB; catalog dropped {dropped} spans",
             percentile(&base, 0.5),
@@ -240,7 +293,10 @@ async fn a_dead_collector_leaves_latency_and_memory_flat() {
             rss_before >> 20,
             rss_after >> 20,
         );
-        assert!(dropped > 0.0, "spans for a dead collector are dropped and counted");
+        assert!(
+            dropped > 0.0,
+            "spans for a dead collector are dropped and counted"
+        );
         let budget = |d: Duration| d * 2 + Duration::from_millis(5);
         assert!(
             percentile(&dead, 0.5) <= budget(percentile(&base, 0.5)),

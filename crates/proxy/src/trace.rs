@@ -41,6 +41,9 @@ pub struct Parent {
     pub sampled: Option<bool>,
     pub tracestate: Option<String>,
     pub format: Format,
+    /// B3 headers came too (beside a `traceparent`, which wins): the next
+    /// hop gets B3 as well.
+    pub also_b3: Option<Format>,
 }
 
 /// This hop's span context.
@@ -67,7 +70,7 @@ impl SpanContext {
                 parent_span_id: p.span_id,
                 sampled: p.sampled.unwrap_or_else(sample),
                 tracestate: p.tracestate,
-                b3: (p.format != Format::W3c).then_some(p.format),
+                b3: p.also_b3.or((p.format != Format::W3c).then_some(p.format)),
             },
             None => SpanContext {
                 trace_id: random_trace_id(),
@@ -162,6 +165,13 @@ pub fn extract(headers: &HeaderMap) -> Option<Parent> {
     };
     if let Some(mut p) = one(&TRACEPARENT).and_then(parse_traceparent) {
         p.tracestate = tracestate(headers);
+        p.also_b3 = if headers.contains_key(B3) {
+            Some(Format::B3Single)
+        } else if headers.contains_key(B3_TRACE_ID) {
+            Some(Format::B3Multi)
+        } else {
+            None
+        };
         return Some(p);
     }
     if let Some(p) = one(&B3).and_then(parse_b3_single) {
@@ -183,6 +193,7 @@ pub fn extract(headers: &HeaderMap) -> Option<Parent> {
         sampled,
         tracestate: None,
         format: Format::B3Multi,
+        also_b3: None,
     })
 }
 
@@ -208,6 +219,7 @@ pub fn parse_traceparent(s: &str) -> Option<Parent> {
         sampled: Some(flags & 1 == 1),
         tracestate: None,
         format: Format::W3c,
+        also_b3: None,
     })
 }
 
@@ -256,6 +268,7 @@ pub fn parse_b3_single(s: &str) -> Option<Parent> {
                 sampled: Some(sampled),
                 tracestate: None,
                 format: Format::B3Single,
+                also_b3: None,
             })
         }
         [trace, span, rest @ ..] if rest.len() <= 2 => {
@@ -274,6 +287,7 @@ pub fn parse_b3_single(s: &str) -> Option<Parent> {
                 sampled,
                 tracestate: None,
                 format: Format::B3Single,
+                also_b3: None,
             })
         }
         _ => None,
@@ -460,6 +474,7 @@ mod tests {
         // traceparent wins over B3.
         let p = extract(&headers(&[("traceparent", TP), ("b3", "0")])).unwrap();
         assert_eq!(p.format, Format::W3c);
+        assert_eq!(p.also_b3, Some(Format::B3Single));
     }
 
     #[test]

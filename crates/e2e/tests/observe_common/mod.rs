@@ -52,7 +52,12 @@ pub struct ThreeTier {
 }
 
 /// Starts `name`'s app (calling `calls` through its sidecar) and sidecar.
-pub async fn tier(mesh: &TestMesh, name: &str, calls: &[&str], cfg: impl FnOnce(&mut DemoAppConfig)) -> Tier {
+pub async fn tier(
+    mesh: &TestMesh,
+    name: &str,
+    calls: &[&str],
+    cfg: impl FnOnce(&mut DemoAppConfig),
+) -> Tier {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app = listener.local_addr().expect("addr");
     let proxy = mesh
@@ -99,7 +104,9 @@ pub async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
                 .and_then(|a| a.iter().find(|s| s["name"] == service))
                 .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
                 .unwrap_or(0);
-            (count == n).then_some(()).ok_or(format!("{count} endpoints"))
+            (count == n)
+                .then_some(())
+                .ok_or(format!("{count} endpoints"))
         },
     )
     .await;
@@ -107,15 +114,10 @@ pub async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
 
 /// GET `url` directly (not through a proxy) with extra headers.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> (http::StatusCode, serde_json::Value) {
-    let resp = trellis_testkit::http_request(
-        http::Method::GET,
-        url,
-        headers,
-        bytes::Bytes::new(),
-        None,
-    )
-    .await
-    .expect("request");
+    let resp =
+        trellis_testkit::http_request(http::Method::GET, url, headers, bytes::Bytes::new(), None)
+            .await
+            .expect("request");
     let body: serde_json::Value =
         serde_json::from_slice(resp.body()).unwrap_or(serde_json::Value::Null);
     (resp.status(), body)
