@@ -89,6 +89,8 @@ pub enum Command {
     DemoApp(DemoAppArgs),
     /// Join tokens for proxy identities.
     Token(TokenArgs),
+    /// The mesh CA: show, rotate or retire roots.
+    Ca(CaArgs),
 }
 
 impl Command {
@@ -109,6 +111,7 @@ impl Command {
                 | Command::Apply(_)
                 | Command::Delete(_)
                 | Command::Token(_)
+                | Command::Ca(_)
         )
     }
 }
@@ -160,6 +163,16 @@ pub struct ControlArgs {
     pub http_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15010")]
     pub grpc_addr: SocketAddr,
+    /// Your own CA certificate (a root or an intermediate), PEM; default: a
+    /// root made in <data-dir>/control/ca on first start.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// The roots to trust (needed when --ca-cert is an intermediate).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -278,11 +291,32 @@ pub struct TokenArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a join token for a service account.
+    /// Create a join token that grants one identity (`-n` sets the namespace).
     Create {
         #[arg(long)]
         service_account: String,
+        /// How long the token may be used to join and renew certificates.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
     },
+    /// Revoke a token by its id: proxies can no longer join or renew with it.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// The roots the mesh trusts.
+    Show,
+    /// Make a new root; the bundle trusts old and new until `retire`.
+    Rotate,
+    /// Stop trusting every root but the current one.
+    Retire,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod demo_app;
 pub mod duration;
 pub mod http;
+pub mod identity_cmd;
 pub mod local;
 pub mod observe;
 pub mod observe_live;
@@ -22,7 +23,7 @@ pub mod table;
 
 use std::process::ExitCode;
 
-use cli::{Cli, Command, TokenCommand};
+use cli::{Cli, Command};
 
 /// Runs one command. Errors are for `main` to print; an `ExitCode` other
 /// than success is a failure the command already explained.
@@ -47,12 +48,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Top(args) => observe_live::top(g, args).await,
         Command::Check => observe::check(g).await,
         Command::DemoApp(args) => demo_app::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Token(t) => match &t.command {
-            TokenCommand::Create { .. } => {
-                eprintln!("not available yet: mTLS arrives with the zero-trust issue");
-                Ok(ExitCode::from(2))
-            }
-        },
+        Command::Token(t) => identity_cmd::token(g, &t.command).await,
+        Command::Ca(c) => identity_cmd::ca(g, &c.command).await,
     }
 }
 

@@ -11,6 +11,9 @@ use crate::cli::{ControlArgs, Global, ProxyArgs};
 pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
     let mut cfg = ControlConfig::new(&global.data_dir);
     cfg.http_addr = args.http_addr;
+    cfg.ca.cert = args.ca_cert.clone();
+    cfg.ca.key = args.ca_key.clone();
+    cfg.ca.bundle = args.ca_bundle.clone();
     cfg.grpc_addr = args.grpc_addr;
     cfg
 }

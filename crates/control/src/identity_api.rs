@@ -66,12 +66,17 @@ struct TokenRequest {
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
-async fn create_token(State(s): State<IdState>, headers: HeaderMap, body: Json<TokenRequest>) -> Response {
+async fn create_token(
+    State(s): State<IdState>,
+    headers: HeaderMap,
+    body: Json<TokenRequest>,
+) -> Response {
     if let Err(r) = refuse_browsers(&headers) {
         return r;
     }
@@ -87,7 +92,9 @@ async fn create_token(State(s): State<IdState>, headers: HeaderMap, body: Json<T
         Some(Ok(_)) => return error(StatusCode::BAD_REQUEST, "ttl must be at least 1s"),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
     };
-    let (token, claims) = s.identity.create_token(&body.namespace, &body.service_account, ttl);
+    let (token, claims) = s
+        .identity
+        .create_token(&body.namespace, &body.service_account, ttl);
     tracing::info!(id = %claims.id, namespace = %claims.namespace, service_account = %claims.service_account, "made a join token");
     Json(json!({
         "token": token,
@@ -99,7 +106,11 @@ async fn create_token(State(s): State<IdState>, headers: HeaderMap, body: Json<T
     .into_response()
 }
 
-async fn revoke_token(State(s): State<IdState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn revoke_token(
+    State(s): State<IdState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = refuse_browsers(&headers) {
         return r;
     }

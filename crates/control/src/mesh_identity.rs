@@ -40,7 +40,10 @@ pub enum IdentityError {
 }
 
 impl MeshIdentity {
-    pub fn open(data_dir: &std::path::Path, files: &CaFiles) -> Result<MeshIdentity, IdentityError> {
+    pub fn open(
+        data_dir: &std::path::Path,
+        files: &CaFiles,
+    ) -> Result<MeshIdentity, IdentityError> {
         let dir = data_dir.join("ca");
         let ca = match (&files.cert, &files.key) {
             (Some(cert), Some(key)) => Ca::from_files(&dir, cert, key, files.bundle.as_deref())?,
@@ -74,8 +77,14 @@ impl MeshIdentity {
             .server_cert(&[trellis_identity::CONTROL_PLANE_NAME, "localhost"])
     }
 
-    pub fn create_token(&self, namespace: &str, service_account: &str, ttl: Duration) -> (String, Claims) {
-        self.tokens.create(namespace, service_account, ttl, &self.pin())
+    pub fn create_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+    ) -> (String, Claims) {
+        self.tokens
+            .create(namespace, service_account, ttl, &self.pin())
     }
 
     pub fn revoke(&self, id: &str) -> Result<(), TokenError> {
@@ -96,7 +105,12 @@ impl MeshIdentity {
     }
 
     /// Signs a CSR for exactly the identity the token grants.
-    pub fn sign(&self, req: &SignRequest, trust_domain: &str, ttl: Duration) -> Result<SignResponse, Status> {
+    pub fn sign(
+        &self,
+        req: &SignRequest,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<SignResponse, Status> {
         let claims = self.verify_token(&req.token)?;
         let id = SpiffeId::new(trust_domain, &claims.namespace, &claims.service_account);
         let ca = self.ca();

@@ -53,12 +53,15 @@ fn rule_matches(rule: &AuthzRule, a: &Attrs<'_>) -> bool {
             let Some(peer) = a.peer else { return false };
             let id = peer.to_string();
             (src.principals.is_empty() || src.principals.iter().any(|p| pattern(p, &id)))
-                && (src.namespaces.is_empty() || src.namespaces.iter().any(|n| pattern(n, &peer.namespace)))
+                && (src.namespaces.is_empty()
+                    || src.namespaces.iter().any(|n| pattern(n, &peer.namespace)))
         });
     let to_ok = rule.to.is_empty()
         || rule.to.iter().any(|op| {
             (op.methods.is_empty() || a.method.is_some_and(|m| op.methods.iter().any(|x| x == m)))
-                && (op.paths.is_empty() || a.path.is_some_and(|p| op.paths.iter().any(|x| pattern(x, p))))
+                && (op.paths.is_empty()
+                    || a.path
+                        .is_some_and(|p| op.paths.iter().any(|x| pattern(x, p))))
                 && (op.ports.is_empty() || op.ports.contains(&a.port))
         });
     let when_ok = rule.when.iter().all(|c| {
@@ -80,7 +83,8 @@ impl Authorizer {
             ..Default::default()
         };
         for json in policies_json {
-            let r: Resource = serde_json::from_str(json).map_err(|e| format!("authorization policy: {e}"))?;
+            let r: Resource =
+                serde_json::from_str(json).map_err(|e| format!("authorization policy: {e}"))?;
             let name = format!("{}/{}", r.metadata.namespace, r.metadata.name);
             let Spec::AuthorizationPolicy(spec) = r.spec else {
                 return Err(format!("{name} is not an AuthorizationPolicy"));
@@ -100,7 +104,11 @@ impl Authorizer {
             }
         }
         if !self.allow.is_empty() {
-            return if self.allow.iter().any(|(_, rules)| rules.iter().any(|r| rule_matches(r, a))) {
+            return if self
+                .allow
+                .iter()
+                .any(|(_, rules)| rules.iter().any(|r| rule_matches(r, a)))
+            {
                 Decision::Allow
             } else {
                 Decision::Deny("no ALLOW policy matches".into())
@@ -158,14 +166,25 @@ spec:
         let prod = SpiffeId::new("trellis.local", "prod", "web");
         let dev = SpiffeId::new("trellis.local", "dev", "web");
         assert_eq!(a.evaluate(&attrs(Some(&prod), "/items")), Decision::Allow);
-        assert!(matches!(a.evaluate(&attrs(Some(&dev), "/items")), Decision::Deny(_)));
-        assert!(matches!(a.evaluate(&attrs(Some(&prod), "/admin/users")), Decision::Deny(r) if r.contains("no-admin")));
-        assert!(matches!(a.evaluate(&attrs(None, "/items")), Decision::Deny(_)), "no identity, no namespace match");
+        assert!(matches!(
+            a.evaluate(&attrs(Some(&dev), "/items")),
+            Decision::Deny(_)
+        ));
+        assert!(
+            matches!(a.evaluate(&attrs(Some(&prod), "/admin/users")), Decision::Deny(r) if r.contains("no-admin"))
+        );
+        assert!(
+            matches!(a.evaluate(&attrs(None, "/items")), Decision::Deny(_)),
+            "no identity, no namespace match"
+        );
 
         let open = Authorizer::build(&[], DefaultPolicy::Allow).unwrap();
         assert_eq!(open.evaluate(&attrs(None, "/x")), Decision::Allow);
         let closed = Authorizer::build(&[], DefaultPolicy::Deny).unwrap();
-        assert!(matches!(closed.evaluate(&attrs(Some(&prod), "/x")), Decision::Deny(_)));
+        assert!(matches!(
+            closed.evaluate(&attrs(Some(&prod), "/x")),
+            Decision::Deny(_)
+        ));
     }
 
     #[test]

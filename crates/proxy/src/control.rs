@@ -33,7 +33,11 @@ impl ControlClient {
         let pin = if token.is_empty() {
             Vec::new()
         } else {
-            vec![Claims::peek(token).map_err(|e| format!("--token-file: {e}"))?.ca]
+            vec![
+                Claims::peek(token)
+                    .map_err(|e| format!("--token-file: {e}"))?
+                    .ca,
+            ]
         };
         Ok(ControlClient {
             addr,
@@ -72,7 +76,9 @@ impl ControlClient {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new((**self.trusted.load()).clone())))
+            .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new(
+                (**self.trusted.load()).clone(),
+            )))
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -83,9 +89,12 @@ impl ControlClient {
             async move {
                 let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr))
                     .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                    })??;
                 let _ = tcp.set_nodelay(true);
-                let name = ServerName::try_from(trellis_identity::CONTROL_PLANE_NAME).expect("a valid DNS name");
+                let name = ServerName::try_from(trellis_identity::CONTROL_PLANE_NAME)
+                    .expect("a valid DNS name");
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }

@@ -153,7 +153,10 @@ mod tests {
     fn reserved_escapes_stay_escaped_and_queries_stay() {
         assert_eq!(normalize_path("/a%3fb").unwrap(), "/a%3Fb");
         assert_eq!(normalize_path("/caf%C3%A9").unwrap(), "/caf%C3%A9");
-        assert_eq!(normalize_path_and_query("//x/../y?a=../b#f").unwrap(), "/y?a=../b");
+        assert_eq!(
+            normalize_path_and_query("//x/../y?a=../b#f").unwrap(),
+            "/y?a=../b"
+        );
         assert_eq!(normalize_path("").unwrap(), "/");
         assert_eq!(normalize_path("/").unwrap(), "/");
     }

@@ -36,11 +36,18 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    fn build(chain_pem: &str, key_pem: &str, bundle_pem: Vec<String>) -> Result<Credentials, String> {
+    fn build(
+        chain_pem: &str,
+        key_pem: &str,
+        bundle_pem: Vec<String>,
+    ) -> Result<Credentials, String> {
         let chain = certs::certs_from_pem(chain_pem).map_err(|e| e.to_string())?;
         let key = certs::key_from_pem(key_pem).map_err(|e| e.to_string())?;
         let info = certs::info(&chain[0]).map_err(|e| e.to_string())?;
-        let identity: SpiffeId = info.identity.parse().map_err(|e: trellis_identity::spiffe::ParseError| e.to_string())?;
+        let identity: SpiffeId = info
+            .identity
+            .parse()
+            .map_err(|e: trellis_identity::spiffe::ParseError| e.to_string())?;
         let bundle = Arc::new(TrustBundle::from_pems(&bundle_pem).map_err(|e| e.to_string())?);
         let mut server = ServerConfig::builder_with_provider(trellis_identity::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -65,14 +72,20 @@ impl Credentials {
         let mut c = ClientConfig::builder_with_provider(trellis_identity::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerServerVerifier::new(self.bundle.clone(), expected)))
+            .with_custom_certificate_verifier(Arc::new(PeerServerVerifier::new(
+                self.bundle.clone(),
+                expected,
+            )))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         c.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(c))
     }
 
     fn expires_in(&self) -> Duration {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
         Duration::from_secs(self.info.not_after.saturating_sub(now).max(0) as u64)
     }
 }
@@ -93,7 +106,9 @@ impl Tls {
             .as_ref()
             .and_then(|d| std::fs::read_to_string(d.join(KEY_FILE)).ok());
         let key = match cached_key {
-            Some(key_pem) => WorkloadKey::from_key_pem(&identity, &key_pem).map_err(|e| e.to_string())?,
+            Some(key_pem) => {
+                WorkloadKey::from_key_pem(&identity, &key_pem).map_err(|e| e.to_string())?
+            }
             None => WorkloadKey::generate(&identity).map_err(|e| e.to_string())?,
         };
         let tls = Arc::new(Tls {
@@ -117,7 +132,9 @@ impl Tls {
 
     /// The fingerprints of the roots this proxy trusts (cached bundle).
     pub fn trusted_roots(&self) -> Vec<String> {
-        self.current().map(|c| c.bundle.fingerprints()).unwrap_or_default()
+        self.current()
+            .map(|c| c.bundle.fingerprints())
+            .unwrap_or_default()
     }
 
     fn load_cache(&self) {
@@ -134,7 +151,9 @@ impl Tls {
                 tracing::info!(identity = %c.identity, serial = %c.info.serial, "using the cached certificate");
                 self.current.store(Some(Arc::new(c)));
             }
-            Ok(_) => tracing::info!("the cached certificate is expired or for another identity; asking for a new one"),
+            Ok(_) => tracing::info!(
+                "the cached certificate is expired or for another identity; asking for a new one"
+            ),
             Err(e) => tracing::warn!(error = %e, "ignoring an unreadable cached certificate"),
         }
     }
@@ -142,7 +161,10 @@ impl Tls {
     fn install(&self, chain_pem: &str, bundle_pem: Vec<String>) -> Result<(), String> {
         let c = Credentials::build(chain_pem, &self.key.key_pem, bundle_pem.clone())?;
         if c.identity != self.identity {
-            return Err(format!("the CA issued {} but this proxy is {}", c.identity, self.identity));
+            return Err(format!(
+                "the CA issued {} but this proxy is {}",
+                c.identity, self.identity
+            ));
         }
         if let Some(dir) = &self.cache_dir {
             let res = std::fs::create_dir_all(dir)
@@ -181,11 +203,16 @@ impl Tls {
 
     /// When to renew: about half-way through the certificate's life.
     fn renew_in(&self) -> Duration {
-        let Some(c) = self.current() else { return Duration::ZERO };
+        let Some(c) = self.current() else {
+            return Duration::ZERO;
+        };
         let life = (c.info.not_after - c.info.not_before).max(1) as f64;
         let jitter = rand::rng().random_range(0.4..0.6);
         let at = c.info.not_before as f64 + life * jitter;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
         Duration::from_secs_f64((at - now).max(0.0))
     }
 

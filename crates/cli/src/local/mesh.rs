@@ -165,6 +165,22 @@ impl Mesh {
             )?;
             self.last().addresses.app = Some(app_addr);
 
+            // Each sidecar gets a join token for exactly its identity.
+            let token: TokenAnswer = api
+                .post(
+                    "/api/v1/tokens",
+                    &serde_json::json!({
+                        "namespace": r.namespace,
+                        "serviceAccount": r.effective_service_account(),
+                        "ttl": LOCAL_TOKEN_TTL,
+                    }),
+                )
+                .await
+                .with_context(|| format!("making a join token for {}", r.instance))?;
+            let path = r.token_path(&self.data_dir);
+            std::fs::create_dir_all(path.parent().expect("tokens live in a folder"))?;
+            trellis_identity::write_secret(&path, token.token.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
             self.spawn(
                 &exe,
                 r.proxy_args(grpc, &self.data_dir),
@@ -476,4 +492,13 @@ mod tests {
         assert_eq!(summarize(&items[..2]), "w-0, w-1");
         assert_eq!(summarize(&items), "w-0, w-1, w-2, w-3 and 2 more");
     }
+}
+
+/// Join tokens of a local mesh live as long as the mesh is likely to: the
+/// proxies use them at every reconnect and certificate renewal.
+const LOCAL_TOKEN_TTL: &str = "8760h";
+
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    token: String,
 }

@@ -166,6 +166,20 @@ impl Replica {
         env
     }
 
+    /// The identity's service account: explicit, else the `app` label, else
+    /// the workload's name (as `trellis proxy` decides it).
+    pub fn effective_service_account(&self) -> String {
+        self.service_account
+            .clone()
+            .or_else(|| self.labels.get("app").cloned())
+            .unwrap_or_else(|| self.workload.clone())
+    }
+
+    /// Where `up` writes this replica's join token (mode 0600).
+    pub fn token_path(&self, data_dir: &Path) -> std::path::PathBuf {
+        data_dir.join("tokens").join(&self.instance)
+    }
+
     /// The flags of `trellis proxy` for this replica.
     pub fn proxy_args(&self, grpc: SocketAddr, data_dir: &Path) -> Vec<String> {
         let addr = |p: u16| ReplicaPorts::addr(p).to_string();
@@ -193,6 +207,8 @@ impl Replica {
                 .to_string(),
             "--instance".to_string(),
             self.instance.clone(),
+            "--token-file".to_string(),
+            self.token_path(data_dir).display().to_string(),
         ];
         if !self.labels.is_empty() {
             let labels: Vec<String> = self
