@@ -222,6 +222,7 @@ impl Proxy {
         }
         tokio::spawn(tls.clone().run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(shutdown_rx.clone()));
+        tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(outbound.run(shutdown_rx));
         tracing::info!(inbound = %proxy.inbound_addr, outbound = %proxy.outbound_addr, admin = %proxy.admin_addr, "proxy ready");
         Ok(proxy)

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::balance::pick;
+use crate::balance::PickCtx;
 use crate::detect::{detect, Protocol, PEER_TCP_PREAMBLE};
 use crate::discovery::Lookup;
 use crate::endpoint::{connect, Endpoint};
@@ -26,6 +26,8 @@ use crate::http::{
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
 use crate::route::{modify_headers, Rule};
+use crate::traffic::admit::Admission;
+use crate::traffic::policy::Limit;
 use crate::snapshot::{ServiceState, SvcKey};
 use crate::Body;
 
@@ -281,13 +283,6 @@ fn peers(inputs: &Inputs, key: &SvcKey, ep: Option<&Endpoint>) -> Peers {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// Routes a request to a mesh service and forwards it to one of its endpoints.
 async fn to_service(
     inputs: Arc<Inputs>,
@@ -301,8 +296,29 @@ async fn to_service(
         return e.into_response();
     }
     let path = req.uri().path().to_string();
-    let rule = svc.routes.find(&req, &path);
+    let matched = svc.routes.find_match(&req, &path);
+    let rule = matched.map(|m| m.rule);
     let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
+    // Rate limit, faults, redirect and rewrite (see traffic::admit).
+    let admission =
+        crate::traffic::admit::admit(&inputs.metrics.traffic, &svc, matched, &mut req, target.port)
+            .await;
+    let delayed = match admission {
+        Admission::Answer(mut resp) => {
+            inputs.telemetry.end(
+                begun,
+                crate::telemetry::Done {
+                    peers: &peers(&inputs, &svc.key, None),
+                    route: &route_name,
+                    tls: false,
+                    peer_identity: "",
+                },
+                &mut resp,
+            );
+            return resp;
+        }
+        Admission::Forward { delayed } => delayed,
+    };
     let backend = match rule {
         None => svc.clone(),
         Some(rule) => match rule.pick_backend() {
@@ -347,6 +363,9 @@ async fn to_service(
     if let Some(m) = rule.and_then(|r| r.response_headers.as_ref()) {
         modify_headers(resp.headers_mut(), m);
     }
+    if delayed {
+        crate::traffic::add_flag(&mut resp, "DI");
+    }
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
@@ -361,11 +380,11 @@ async fn to_service(
     resp
 }
 
-type Forwarded = (Result<Response<Body>, ProxyError>, Option<Arc<Endpoint>>);
+type Forwarded = crate::traffic::forward::Forwarded;
 
-/// Tries endpoints of `backend`: connect failures move on to another
-/// endpoint whatever the request; listed status codes are retried for
-/// idempotent requests without a body.
+/// Prepares a request for the peer and sends it to `backend`'s endpoints
+/// with the traffic policy's circuit breaking, retries and outlier
+/// detection (see `traffic::forward`).
 async fn forward(
     inputs: &Inputs,
     req: Request<Incoming>,
@@ -386,9 +405,24 @@ async fn forward(
         return (Err(e), None);
     }
     if is_upgrade(&req) {
-        let ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
+        let ep = backend
+            .balancer
+            .pick(&backend.endpoints, &backend.rr, &PickCtx::default())
+            .map(|p| p.endpoint.clone());
         let Some(ep) = ep else {
             return (Err(ProxyError::upstream("no endpoint")), None);
+        };
+        // An upgraded connection is one of the pool's connections.
+        let Some(_conn) = backend
+            .traffic
+            .acquire(Limit::Connections, backend.policy.max_connections)
+        else {
+            let resp = crate::traffic::forward::overflow(
+                &inputs.metrics.traffic,
+                backend,
+                Limit::Connections,
+            );
+            return (Ok(resp), None);
         };
         let creds = match peer_credentials(inputs) {
             Ok(c) => c,
@@ -405,10 +439,6 @@ async fn forward(
         Err(e) => return (Err(e), None),
     };
     let (mut parts, body) = req.into_parts();
-    let replayable = body.is_end_stream();
-    let retry = rule.and_then(|r| r.retry.as_ref());
-    let max_tries = 1 + retry.map(|r| r.attempts).unwrap_or(0).max(1) as usize;
-    let status_retry_ok = replayable && is_idempotent(&parts.method);
     let authority = parts
         .headers
         .get(HOST)
@@ -441,77 +471,7 @@ async fn forward(
     if let Some(m) = rule.and_then(|r| r.request_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
     }
-    let mut body = Some(boxed(body));
-    let mut last: Forwarded = (Err(ProxyError::upstream("no attempt made")), None);
-    let mut tried: Option<SocketAddr> = None;
-    for attempt in 0..max_tries {
-        if attempt > 0 {
-            if let Some(r) = retry {
-                tokio::time::sleep(r.backoff.mul_f64(rand::random::<f64>() + 0.5)).await;
-            }
-        }
-        // Prefer an endpoint that has not just failed.
-        let mut ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
-        if backend.endpoints.len() > 1
-            && ep.as_ref().map(|e| Some(e.addr) == tried).unwrap_or(false)
-        {
-            ep = pick(backend.algorithm, &backend.endpoints, &backend.rr).cloned();
-        }
-        let Some(ep) = ep else { break };
-        tried = Some(ep.addr);
-        let guard = ep.load.start();
-        let conn = match ep.h2(creds.as_deref()).await {
-            Ok(c) => c,
-            Err(e) => {
-                // Nothing was sent: any request may go to another endpoint.
-                last = (Err(e), Some(ep));
-                continue;
-            }
-        };
-        let try_body = if replayable {
-            empty()
-        } else {
-            match body.take() {
-                Some(b) => b,
-                None => break,
-            }
-        };
-        let mut upstream_req = Request::new(try_body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri.clone();
-        *upstream_req.version_mut() = Version::HTTP_2;
-        *upstream_req.headers_mut() = parts.headers.clone();
-        let mut conn = conn;
-        let send = conn.send_request(upstream_req);
-        let result = match rule.and_then(|r| r.backend_timeout) {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r.map_err(ProxyError::upstream),
-                Err(_) => Err(ProxyError::timeout("backend request")),
-            },
-            None => send.await.map_err(ProxyError::upstream),
-        };
-        match result {
-            Ok(resp) => {
-                let code = resp.status().as_u16();
-                let retryable = retry.is_some_and(|r| r.codes.contains(&code)) && status_retry_ok;
-                if retryable && attempt + 1 < max_tries {
-                    drop(guard);
-                    last = (Ok(resp.map(boxed)), Some(ep));
-                    continue;
-                }
-                guard.finish();
-                return (Ok(resp.map(boxed)), Some(ep));
-            }
-            Err(e) => {
-                let can_retry = replayable && is_idempotent(&parts.method);
-                last = (Err(e), Some(ep));
-                if !can_retry {
-                    break;
-                }
-            }
-        }
-    }
-    last
+    crate::traffic::forward::forward(inputs, parts, uri, body, creds, svc, backend, rule).await
 }
 
 /// A request for a host outside the mesh goes there directly.
@@ -587,12 +547,29 @@ where
         Name::External => None,
     };
     let mut tls = false;
+    // Held while the connection lasts: it counts against maxConnections.
+    let mut _pool_permit = None;
     let (mut upstream, key, ep): (Box<dyn crate::endpoint::Io>, _, _) = match svc {
         Some(svc) => {
-            let Some(ep) = pick(svc.algorithm, &svc.endpoints, &svc.rr).cloned() else {
+            let ep = svc
+                .balancer
+                .pick(&svc.endpoints, &svc.rr, &PickCtx::default())
+                .map(|p| p.endpoint.clone());
+            let Some(ep) = ep else {
                 tracing::warn!(service = %svc.key, "closing TCP connection: the service has no endpoints");
                 return;
             };
+            _pool_permit = svc
+                .traffic
+                .acquire(Limit::Connections, svc.policy.max_connections);
+            if _pool_permit.is_none() {
+                inputs
+                    .metrics
+                    .traffic
+                    .overflow(&svc.key, Limit::Connections);
+                tracing::warn!(service = %svc.key, "closing TCP connection: the connection pool is full (TrafficPolicy maxConnections)");
+                return;
+            }
             let creds = match peer_credentials(&inputs) {
                 Ok(c) => c,
                 Err(e) => {
@@ -673,7 +650,7 @@ mod tests {
 /// The credentials for a connection to a peer proxy: none when the mesh's
 /// mTLS mode is `disabled`; otherwise this proxy's certificate, without
 /// which it does not call peers at all.
-fn peer_credentials(inputs: &Inputs) -> Result<Option<Arc<crate::tls::Credentials>>, ProxyError> {
+pub(crate) fn peer_credentials(inputs: &Inputs) -> Result<Option<Arc<crate::tls::Credentials>>, ProxyError> {
     if inputs.discovery.snapshot().mesh.mtls == trellis_resource::MtlsMode::Disabled {
         return Ok(None);
     }

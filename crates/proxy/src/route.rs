@@ -1,9 +1,12 @@
-//! HTTPRoute rules compiled for matching on the request path.
+//! HTTPRoute and GRPCRoute rules compiled for matching on the request path.
 //!
-//! Precedence follows the Gateway API: an exact path beats a prefix, a
-//! longer prefix beats a shorter one, then a method match, then more header
-//! matches, then more query matches; ties go to the route that sorts first
-//! by namespace/name, then to rule order.
+//! HTTPRoute precedence follows the Gateway API: an exact path beats a
+//! prefix, a longer prefix beats a shorter one, then a method match, then
+//! more header matches, then more query matches. GRPCRoute precedence: the
+//! longer matching service, then the longer method, then more header
+//! matches. Ties go to the route that sorts first by namespace/name, then
+//! to rule order. A Service with GRPCRoutes is routed by them alone
+//! (GEP-1426: an HTTPRoute on the same parent is ignored).
 
 use std::time::Duration;
 
@@ -11,7 +14,9 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use rand::Rng;
 use regex::Regex;
 use trellis_resource::{
-    parse_duration, HeaderModifier, PathMatchType, Resource, RouteRule, ValueMatchType,
+    parse_duration, BackendRef, GrpcRouteRule, HeaderMatch, HeaderModifier, PathMatchType,
+    RequestRedirect, Resource, RouteFilter, RouteRule, UrlRewrite, ValueMatchType,
+    RETRY_NON_IDEMPOTENT_ANNOTATION,
 };
 
 use crate::snapshot::SvcKey;
@@ -27,12 +32,28 @@ pub struct Rule {
     pub retry: Option<Retry>,
     pub request_headers: Option<HeaderModifier>,
     pub response_headers: Option<HeaderModifier>,
+    /// Answer with a redirect instead of forwarding.
+    pub redirect: Option<RequestRedirect>,
+    pub rewrite: Option<UrlRewrite>,
+    pub mirrors: Vec<Mirror>,
+    /// The route's annotation lets retries resend POST and PATCH.
+    pub retry_non_idempotent: bool,
 }
 
 #[derive(Debug)]
 pub struct Backend {
     pub service: SvcKey,
     pub weight: u32,
+    /// Header filters of the backendRef: only for requests sent to it.
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+}
+
+/// A RequestMirror filter: where copies go, and which share of requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    pub service: SvcKey,
+    pub share: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +92,8 @@ struct Match {
     query: Vec<(String, ValueM)>,
     method: Option<Method>,
     rule: usize,
+    /// Precedence, compared in order; higher wins.
+    rank: [usize; 5],
 }
 
 /// The compiled routes of one service.
@@ -81,20 +104,28 @@ pub struct RouteTable {
     matches: Vec<Match>,
 }
 
+/// The rule that takes a request, and the prefix its match matched (for
+/// `ReplacePrefixMatch`).
+#[derive(Clone, Copy, Debug)]
+pub struct Matched<'a> {
+    pub rule: &'a Rule,
+    pub prefix: Option<&'a str>,
+}
+
 impl Match {
-    fn precedence(&self) -> (u8, usize, bool, usize, usize) {
+    fn http_rank(&self) -> [usize; 5] {
         let (kind, len) = match &self.path {
             PathM::Exact(p) => (2, p.len()),
             PathM::Prefix(p) => (1, p.len()),
             PathM::Regex(_) => (0, 0),
         };
-        (
+        [
             kind,
             len,
-            self.method.is_some(),
+            self.method.is_some() as usize,
             self.headers.len(),
             self.query.len(),
-        )
+        ]
     }
 
     fn matches<B>(&self, req: &Request<B>, path: &str) -> bool {
@@ -132,6 +163,21 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// `ReplacePrefixMatch`: the matched prefix of `path` becomes
+/// `replacement`, on whole path elements, as the Gateway API's table says
+/// (`/foo/bar` with prefix `/foo` and `/xyz` gives `/xyz/bar`; with `/`
+/// gives `/bar`).
+pub fn replace_prefix(path: &str, prefix: &str, replacement: &str) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let out = format!("{}{rest}", replacement.trim_end_matches('/'));
+    if out.is_empty() {
+        "/".to_string()
+    } else {
+        out
+    }
+}
+
 fn value_matcher(t: ValueMatchType, value: &str) -> Result<ValueM, String> {
     Ok(match t {
         ValueMatchType::Exact => ValueM::Exact(value.to_string()),
@@ -141,13 +187,35 @@ fn value_matcher(t: ValueMatchType, value: &str) -> Result<ValueM, String> {
     })
 }
 
+fn header_matchers(headers: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueM)>, String> {
+    headers
+        .iter()
+        .map(|h| {
+            let name =
+                HeaderName::try_from(h.name.to_ascii_lowercase()).map_err(|e| e.to_string())?;
+            Ok((name, value_matcher(h.match_type, &h.value)?))
+        })
+        .collect()
+}
+
 fn duration(s: &Option<String>) -> Result<Option<Duration>, String> {
     s.as_deref().map(parse_duration).transpose()
 }
 
+fn catch_all(rule: usize) -> Match {
+    Match {
+        path: PathM::Prefix("/".into()),
+        headers: vec![],
+        query: vec![],
+        method: None,
+        rule,
+        rank: [0; 5],
+    }
+}
+
 impl RouteTable {
-    /// Compiles the routes attached to a service. Routes must be sorted by
-    /// namespace/name by the caller.
+    /// Compiles the HTTPRoutes attached to a service. Routes must be sorted
+    /// by namespace/name by the caller.
     pub fn compile(routes: &[Resource]) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         for route in routes {
@@ -155,19 +223,20 @@ impl RouteTable {
                 continue;
             };
             let ns = &route.metadata.namespace;
+            let retry_any = route
+                .metadata
+                .annotations
+                .get(RETRY_NON_IDEMPOTENT_ANNOTATION)
+                .is_some_and(|v| v == "true");
             for rule in &spec.rules {
                 let idx = table.rules.len();
-                table
-                    .rules
-                    .push(compile_rule(&route.metadata.name, ns, rule)?);
+                let mut compiled = compile_rule(&route.metadata.name, ns, rule)?;
+                compiled.retry_non_idempotent = retry_any;
+                table.rules.push(compiled);
                 if rule.matches.is_empty() {
-                    table.matches.push(Match {
-                        path: PathM::Prefix("/".into()),
-                        headers: vec![],
-                        query: vec![],
-                        method: None,
-                        rule: idx,
-                    });
+                    let mut m = catch_all(idx);
+                    m.rank = m.http_rank();
+                    table.matches.push(m);
                 }
                 for m in &rule.matches {
                     let path = match &m.path {
@@ -181,15 +250,6 @@ impl RouteTable {
                             ),
                         },
                     };
-                    let headers = m
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            let name = HeaderName::try_from(h.name.to_ascii_lowercase())
-                                .map_err(|e| e.to_string())?;
-                            Ok((name, value_matcher(h.match_type, &h.value)?))
-                        })
-                        .collect::<Result<_, String>>()?;
                     let query = m
                         .query_params
                         .iter()
@@ -200,21 +260,90 @@ impl RouteTable {
                         .as_deref()
                         .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| e.to_string()))
                         .transpose()?;
-                    table.matches.push(Match {
+                    let mut compiled = Match {
                         path,
-                        headers,
+                        headers: header_matchers(&m.headers)?,
                         query,
                         method,
                         rule: idx,
+                        rank: [0; 5],
+                    };
+                    compiled.rank = compiled.http_rank();
+                    table.matches.push(compiled);
+                }
+            }
+        }
+        table.sort();
+        Ok(table)
+    }
+
+    /// Compiles the GRPCRoutes attached to a service, sorted by
+    /// namespace/name by the caller. gRPC calls `/package.Service/Method`.
+    pub fn compile_grpc(routes: &[Resource]) -> Result<RouteTable, String> {
+        let mut table = RouteTable::default();
+        for route in routes {
+            let Some(spec) = route.as_grpc_route() else {
+                continue;
+            };
+            let ns = &route.metadata.namespace;
+            for rule in &spec.rules {
+                let idx = table.rules.len();
+                table
+                    .rules
+                    .push(compile_grpc_rule(&route.metadata.name, ns, rule)?);
+                if rule.matches.is_empty() {
+                    table.matches.push(catch_all(idx));
+                }
+                for m in &rule.matches {
+                    let (path, service_len, method_len) = match &m.method {
+                        None => (PathM::Prefix("/".into()), 0, 0),
+                        Some(mm) => grpc_path(mm)?,
+                    };
+                    let headers = header_matchers(&m.headers)?;
+                    let rank = [service_len, method_len, headers.len(), 0, 0];
+                    table.matches.push(Match {
+                        path,
+                        headers,
+                        query: vec![],
+                        method: None,
+                        rule: idx,
+                        rank,
                     });
                 }
             }
         }
-        // A stable sort keeps route order, then rule order, for ties.
-        table
-            .matches
-            .sort_by_key(|m| std::cmp::Reverse(m.precedence()));
+        table.sort();
         Ok(table)
+    }
+
+    /// The table of a service config: its GRPCRoutes if it has any (an
+    /// HTTPRoute on the same parent is then ignored, as GEP-1426 says),
+    /// else its HTTPRoutes.
+    pub fn from_config(
+        routes_json: &[String],
+        grpc_routes_json: &[String],
+    ) -> Result<RouteTable, String> {
+        let parse = |list: &[String]| -> Result<Vec<Resource>, String> {
+            let mut routes = list
+                .iter()
+                .map(|r| serde_json::from_str::<Resource>(r).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            routes.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            Ok(routes)
+        };
+        if grpc_routes_json.is_empty() {
+            RouteTable::compile(&parse(routes_json)?)
+        } else {
+            RouteTable::compile_grpc(&parse(grpc_routes_json)?)
+        }
+    }
+
+    fn sort(&mut self) {
+        // A stable sort keeps route order, then rule order, for ties.
+        self.matches.sort_by_key(|m| std::cmp::Reverse(m.rank));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -223,54 +352,131 @@ impl RouteTable {
 
     /// The rule that takes this request, if any route matches it.
     pub fn find<B>(&self, req: &Request<B>, path: &str) -> Option<&Rule> {
+        self.find_match(req, path).map(|m| m.rule)
+    }
+
+    /// The rule that takes this request and what its match matched.
+    pub fn find_match<B>(&self, req: &Request<B>, path: &str) -> Option<Matched<'_>> {
         self.matches
             .iter()
             .find(|m| m.matches(req, path))
-            .map(|m| &self.rules[m.rule])
+            .map(|m| Matched {
+                rule: &self.rules[m.rule],
+                prefix: match &m.path {
+                    PathM::Prefix(p) => Some(p.as_str()),
+                    _ => None,
+                },
+            })
+    }
+}
+
+/// The path matcher of a gRPC method match, and the lengths of its service
+/// and method (its precedence).
+fn grpc_path(m: &trellis_resource::GrpcMethodMatch) -> Result<(PathM, usize, usize), String> {
+    let service = m.service.as_deref().filter(|s| !s.is_empty());
+    let method = m.method.as_deref().filter(|s| !s.is_empty());
+    let lens = (service.map_or(0, str::len), method.map_or(0, str::len));
+    let path = match (m.match_type, service, method) {
+        (ValueMatchType::Exact, Some(s), Some(me)) => PathM::Exact(format!("/{s}/{me}")),
+        (ValueMatchType::Exact, Some(s), None) => PathM::Prefix(format!("/{s}")),
+        (ValueMatchType::Exact, None, Some(me)) => PathM::Regex(
+            Regex::new(&format!("^/[^/]+/{}$", regex::escape(me))).map_err(|e| e.to_string())?,
+        ),
+        (ValueMatchType::RegularExpression, s, me) => PathM::Regex(
+            Regex::new(&format!(
+                "^/(?:{})/(?:{})$",
+                s.unwrap_or("[^/]+"),
+                me.unwrap_or("[^/]+")
+            ))
+            .map_err(|e| e.to_string())?,
+        ),
+        (ValueMatchType::Exact, None, None) => {
+            return Err("a gRPC method match names neither service nor method".into())
+        }
+    };
+    Ok((path, lens.0, lens.1))
+}
+
+fn backends(ns: &str, refs: &[BackendRef]) -> Vec<Backend> {
+    refs.iter()
+        .map(|b| {
+            let (request_headers, response_headers, _) = filters(ns, &b.filters);
+            Backend {
+                service: SvcKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name),
+                weight: b.weight,
+                request_headers,
+                response_headers,
+            }
+        })
+        .collect()
+}
+
+type HeaderFilters = (Option<HeaderModifier>, Option<HeaderModifier>, Vec<Mirror>);
+
+/// Header modifiers and mirrors of a filter list.
+fn filters(ns: &str, list: &[RouteFilter]) -> HeaderFilters {
+    let (mut request, mut response, mut mirrors) = (None, None, Vec::new());
+    for f in list {
+        if let Some(m) = &f.request_header_modifier {
+            request = Some(m.clone());
+        }
+        if let Some(m) = &f.response_header_modifier {
+            response = Some(m.clone());
+        }
+        if let Some(m) = &f.request_mirror {
+            let share = match (&m.percent, &m.fraction) {
+                (Some(p), _) => *p as f64 / 100.0,
+                (None, Some(fr)) => fr.numerator as f64 / fr.denominator.max(1) as f64,
+                (None, None) => 1.0,
+            };
+            let b = &m.backend_ref;
+            mirrors.push(Mirror {
+                service: SvcKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name),
+                share,
+            });
+        }
+    }
+    (request, response, mirrors)
+}
+
+fn new_rule(route: &str, ns: &str, refs: &[BackendRef], list: &[RouteFilter]) -> Rule {
+    let backends = backends(ns, refs);
+    let total_weight = backends.iter().map(|b| b.weight as u64).sum();
+    let (request_headers, response_headers, mirrors) = filters(ns, list);
+    Rule {
+        route: route.to_string(),
+        backends,
+        total_weight,
+        request_timeout: None,
+        backend_timeout: None,
+        retry: None,
+        request_headers,
+        response_headers,
+        redirect: list.iter().find_map(|f| f.request_redirect.clone()),
+        rewrite: list.iter().find_map(|f| f.url_rewrite.clone()),
+        mirrors,
+        retry_non_idempotent: false,
     }
 }
 
 fn compile_rule(route: &str, ns: &str, rule: &RouteRule) -> Result<Rule, String> {
-    let backends: Vec<Backend> = rule
-        .backend_refs
-        .iter()
-        .map(|b| Backend {
-            service: SvcKey::new(b.namespace.as_deref().unwrap_or(ns), &b.name),
-            weight: b.weight,
-        })
-        .collect();
-    let total_weight = backends.iter().map(|b| b.weight as u64).sum();
-    let (mut request_headers, mut response_headers) = (None, None);
-    for f in &rule.filters {
-        if let Some(m) = &f.request_header_modifier {
-            request_headers = Some(m.clone());
-        }
-        if let Some(m) = &f.response_header_modifier {
-            response_headers = Some(m.clone());
-        }
+    let mut r = new_rule(route, ns, &rule.backend_refs, &rule.filters);
+    if let Some(t) = &rule.timeouts {
+        r.request_timeout = duration(&t.request)?.filter(|d| !d.is_zero());
+        r.backend_timeout = duration(&t.backend_request)?.filter(|d| !d.is_zero());
     }
-    let (request_timeout, backend_timeout) = match &rule.timeouts {
-        Some(t) => (duration(&t.request)?, duration(&t.backend_request)?),
-        None => (None, None),
-    };
-    let retry = match &rule.retry {
-        Some(r) => Some(Retry {
-            attempts: r.attempts.unwrap_or(2),
-            codes: r.codes.clone(),
-            backoff: duration(&r.backoff)?.unwrap_or(Duration::from_millis(25)),
-        }),
-        None => None,
-    };
-    Ok(Rule {
-        route: route.to_string(),
-        backends,
-        total_weight,
-        request_timeout,
-        backend_timeout,
-        retry,
-        request_headers,
-        response_headers,
-    })
+    if let Some(retry) = &rule.retry {
+        r.retry = Some(Retry {
+            attempts: retry.attempts.unwrap_or(2),
+            codes: retry.codes.clone(),
+            backoff: duration(&retry.backoff)?.unwrap_or(Duration::from_millis(25)),
+        });
+    }
+    Ok(r)
+}
+
+fn compile_grpc_rule(route: &str, ns: &str, rule: &GrpcRouteRule) -> Result<Rule, String> {
+    Ok(new_rule(route, ns, &rule.backend_refs, &rule.filters))
 }
 
 impl Rule {
@@ -288,6 +494,11 @@ impl Rule {
             n -= b.weight as u64;
         }
         None
+    }
+
+    /// The backendRef of a service this rule sends to.
+    pub fn backend(&self, service: &SvcKey) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.service == *service)
     }
 }
 
@@ -371,5 +582,110 @@ spec:
         assert!(prefix_matches("/foo/", "/foo/bar"));
         assert!(!prefix_matches("/foo", "/foobar"));
         assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn replace_prefix_follows_the_gateway_api_table() {
+        for (path, prefix, replacement, want) in [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "", "/bar"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+        ] {
+            assert_eq!(
+                replace_prefix(path, prefix, replacement),
+                want,
+                "{path} {prefix} {replacement}"
+            );
+        }
+    }
+
+    const GRPC: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter}
+spec:
+  parentRefs: [{name: greeter}]
+  rules:
+  - matches: [{method: {service: helloworld.Greeter}}]
+    backendRefs: [{name: service-only}]
+  - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]
+    backendRefs: [{name: exact}]
+  - matches: [{method: {method: SayHello}, headers: [{name: x-canary, value: "yes"}]}]
+    backendRefs: [{name: method-only}]
+  - matches: [{method: {type: RegularExpression, service: "helloworld\\..*", method: "Say.*"}}]
+    backendRefs: [{name: regex}]
+"#;
+
+    #[test]
+    fn grpc_matches_follow_service_then_method_length() {
+        let table = RouteTable::compile_grpc(&[route(GRPC)]).unwrap();
+        let to = |path: &str, canary: bool| {
+            table
+                .find(&req(path, canary), path)
+                .map(|r| r.backends[0].service.name.clone())
+        };
+        assert_eq!(to("/helloworld.Greeter/SayHello", true).unwrap(), "exact");
+        assert_eq!(
+            to("/helloworld.Greeter/Other", false).unwrap(),
+            "service-only"
+        );
+        assert_eq!(to("/other.Svc/SayHello", true).unwrap(), "method-only");
+        assert_eq!(to("/helloworld.Other/SayHi", false).unwrap(), "regex");
+        assert_eq!(to("/other.Svc/SayHello", false), None);
+    }
+
+    #[test]
+    fn filters_compile_into_the_rule() {
+        let table = RouteTable::compile(&[route(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: r
+  annotations: {trellis.dev/retry-non-idempotent: "true"}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, namespace: test}, percent: 25}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow2}, fraction: {numerator: 1, denominator: 1000}}}
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+    backendRefs:
+    - name: catalog
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-b, value: "1"}]}}]
+"#,
+        )])
+        .unwrap();
+        let m = table
+            .find_match(&req("/api/items", false), "/api/items")
+            .unwrap();
+        assert_eq!(m.prefix, Some("/api"));
+        let r = m.rule;
+        assert!(r.retry_non_idempotent);
+        assert_eq!(
+            r.mirrors,
+            vec![
+                Mirror {
+                    service: SvcKey::new("test", "shadow"),
+                    share: 0.25
+                },
+                Mirror {
+                    service: SvcKey::new("default", "shadow2"),
+                    share: 0.001
+                }
+            ]
+        );
+        assert!(r.rewrite.is_some());
+        let b = r.backend(&SvcKey::new("default", "catalog")).unwrap();
+        assert_eq!(b.request_headers.as_ref().unwrap().set[0].name, "x-b");
     }
 }
