@@ -62,23 +62,30 @@ async fn access_log_lines_are_json_with_the_listed_fields() {
         assert_eq!(status, 200);
     }
     let catalog_log = dir.join("catalog.log");
-    let entries = eventually("catalog's log has both directions", Duration::from_secs(10), || {
-        let e = lines(&catalog_log);
-        async move {
-            let inbound = e.iter().filter(|l| l["direction"] == "inbound").count();
-            let outbound = e.iter().filter(|l| l["direction"] == "outbound").count();
-            (inbound >= n && outbound >= n)
-                .then_some(e)
-                .ok_or(format!("{inbound} inbound, {outbound} outbound"))
-        }
-    })
+    let entries = eventually(
+        "catalog's log has both directions",
+        Duration::from_secs(10),
+        || {
+            let e = lines(&catalog_log);
+            async move {
+                let inbound = e.iter().filter(|l| l["direction"] == "inbound").count();
+                let outbound = e.iter().filter(|l| l["direction"] == "outbound").count();
+                (inbound >= n && outbound >= n)
+                    .then_some(e)
+                    .ok_or(format!("{inbound} inbound, {outbound} outbound"))
+            }
+        },
+    )
     .await;
     for e in &entries {
         for f in FIELDS {
             assert!(e.get(*f).is_some(), "field {f} missing in {e}");
         }
     }
-    let inbound = entries.iter().find(|e| e["direction"] == "inbound").unwrap();
+    let inbound = entries
+        .iter()
+        .find(|e| e["direction"] == "inbound")
+        .unwrap();
     assert_eq!(inbound["traceId"], trace);
     assert_eq!(inbound["method"], "GET");
     assert_eq!(inbound["path"], "/items");
@@ -88,9 +95,15 @@ async fn access_log_lines_are_json_with_the_listed_fields() {
     assert_eq!(inbound["destinationWorkload"], "catalog");
     assert_eq!(inbound["responseFlags"], "-");
     assert!(inbound["bytesSent"].as_u64().unwrap() > 0, "{inbound}");
-    assert!(inbound["destinationIdentity"].as_str().unwrap().starts_with("spiffe://"));
+    assert!(inbound["destinationIdentity"]
+        .as_str()
+        .unwrap()
+        .starts_with("spiffe://"));
     assert!(inbound["time"].as_str().unwrap().ends_with('Z'));
-    let outbound = entries.iter().find(|e| e["direction"] == "outbound").unwrap();
+    let outbound = entries
+        .iter()
+        .find(|e| e["direction"] == "outbound")
+        .unwrap();
     assert_eq!(outbound["destinationService"], "reviews");
     assert_eq!(outbound["authority"], "reviews:8080");
 

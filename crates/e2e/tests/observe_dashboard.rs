@@ -40,7 +40,10 @@ async fn dashboard_is_self_contained_and_refuses_foreign_hosts() {
         let (status, headers, body) = fetch(&mesh, path, &local).await;
         assert_eq!(status, 200, "{path}");
         let csp = headers["content-security-policy"].to_str().unwrap();
-        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
         assert_eq!(headers["x-frame-options"], "DENY");
         assert_eq!(headers["x-content-type-options"], "nosniff");
         // Nothing is fetched from elsewhere: the only URL is the SVG namespace.
@@ -146,7 +149,10 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
         );
     }
     assert!(dom.contains("<svg"), "the graph is drawn:\n{dom}");
-    assert!(dom.contains("data-name=\"catalog\""), "catalog is in the graph");
+    assert!(
+        dom.contains("data-name=\"catalog\""),
+        "catalog is in the graph"
+    );
     assert!(
         dom.contains("data-from=\"default/frontend\" data-to=\"default/catalog\""),
         "the graph has the frontend → catalog edge:\n{dom}"
@@ -159,18 +165,35 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
     let service = shots.join("dashboard-service.png");
     let _ = std::fs::remove_file(&overview);
     let _ = std::fs::remove_file(&service);
-    chromium(&bin, &base, &[format!("--screenshot={}", overview.display())]).await;
+    chromium(
+        &bin,
+        &base,
+        &[format!("--screenshot={}", overview.display())],
+    )
+    .await;
     chromium(
         &bin,
         &format!("{base}#/service/default/catalog"),
         &[format!("--screenshot={}", service.display())],
     )
     .await;
-    let dom = chromium(&bin, &format!("{base}#/service/default/catalog"), &["--dump-dom".into()]).await;
-    assert!(dom.contains("data-trace="), "the service page lists recent traces:\n{dom}");
+    let dom = chromium(
+        &bin,
+        &format!("{base}#/service/default/catalog"),
+        &["--dump-dom".into()],
+    )
+    .await;
+    assert!(
+        dom.contains("data-trace="),
+        "the service page lists recent traces:\n{dom}"
+    );
     for shot in [&overview, &service] {
         let size = std::fs::metadata(shot).map(|m| m.len()).unwrap_or(0);
-        assert!(size > 10_000, "{} is a real screenshot ({size} bytes)", shot.display());
+        assert!(
+            size > 10_000,
+            "{} is a real screenshot ({size} bytes)",
+            shot.display()
+        );
         println!("screenshot: {}", shot.display());
     }
     load.abort();

@@ -52,7 +52,9 @@ fn scalar(result: &[Value]) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_discovers_every_proxy_and_answers_promql() {
-    let Some(prometheus) = tool("prometheus") else { return };
+    let Some(prometheus) = tool("prometheus") else {
+        return;
+    };
     let mesh = TestMesh::start().await;
     mesh.apply(&format!(
         "{}\n---\n{SERVICES}",
@@ -85,7 +87,10 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     let listen = trellis_testkit::free_addr();
     let child = Command::new(&prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address={listen}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
@@ -95,10 +100,16 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     let prom = listen.to_string();
 
     // Every proxy is found and scraped, with the SD labels.
-    let targets = eventually("prometheus scrapes 3 proxies", Duration::from_secs(30), || async {
-        let r = query(&prom, "up{job=\"trellis-proxies\"} == 1").await?;
-        (r.len() == 3).then_some(r.clone()).ok_or(format!("{} up: {r:?}", r.len()))
-    })
+    let targets = eventually(
+        "prometheus scrapes 3 proxies",
+        Duration::from_secs(30),
+        || async {
+            let r = query(&prom, "up{job=\"trellis-proxies\"} == 1").await?;
+            (r.len() == 3)
+                .then_some(r.clone())
+                .ok_or(format!("{} up: {r:?}", r.len()))
+        },
+    )
     .await;
     let mut workloads: Vec<&str> = targets
         .iter()
@@ -106,7 +117,9 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
         .collect();
     workloads.sort();
     assert_eq!(workloads, ["catalog", "frontend", "reviews"]);
-    assert!(targets.iter().all(|t| t["metric"]["namespace"] == "default"));
+    assert!(targets
+        .iter()
+        .all(|t| t["metric"]["namespace"] == "default"));
 
     let n = 300u64;
     let mut failed = 0u64;
@@ -120,25 +133,38 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
             failed += 1;
         }
     }
-    let count = "sum(trellis_requests_total{direction=\"inbound\",destination_service=\"catalog\"})";
-    let got = eventually("prometheus counts every request", Duration::from_secs(30), || async {
-        let v = scalar(&query(&prom, count).await?).unwrap_or(0.0);
-        (v >= n as f64).then_some(v).ok_or(format!("{v} of {n}"))
-    })
+    let count =
+        "sum(trellis_requests_total{direction=\"inbound\",destination_service=\"catalog\"})";
+    let got = eventually(
+        "prometheus counts every request",
+        Duration::from_secs(30),
+        || async {
+            let v = scalar(&query(&prom, count).await?).unwrap_or(0.0);
+            (v >= n as f64).then_some(v).ok_or(format!("{v} of {n}"))
+        },
+    )
     .await;
     assert_eq!(got, n as f64, "{count}");
 
     let ratio_q = "sum(trellis_requests_total{direction=\"inbound\",destination_service=\"reviews\",status_code!~\"5..\"}) / sum(trellis_requests_total{direction=\"inbound\",destination_service=\"reviews\"})";
     let expected = (n - failed) as f64 / n as f64;
-    let ratio = eventually("the success ratio of reviews", Duration::from_secs(15), || async {
-        let v = scalar(&query(&prom, ratio_q).await?).unwrap_or(-1.0);
-        ((v - expected).abs() < 1e-9).then_some(v).ok_or(format!("{v}, expected {expected}"))
-    })
+    let ratio = eventually(
+        "the success ratio of reviews",
+        Duration::from_secs(15),
+        || async {
+            let v = scalar(&query(&prom, ratio_q).await?).unwrap_or(-1.0);
+            ((v - expected).abs() < 1e-9)
+                .then_some(v)
+                .ok_or(format!("{v}, expected {expected}"))
+        },
+    )
     .await;
 
     let p99_q = "histogram_quantile(0.99, sum by (le) (rate(trellis_request_duration_seconds_bucket{direction=\"inbound\",destination_service=\"catalog\"}[5m])))";
     let p99 = eventually("a p99", Duration::from_secs(15), || async {
-        scalar(&query(&prom, p99_q).await?).filter(|v| v.is_finite()).ok_or("none yet".to_string())
+        scalar(&query(&prom, p99_q).await?)
+            .filter(|v| v.is_finite())
+            .ok_or("none yet".to_string())
     })
     .await;
     assert!(p99 > 0.0 && p99 < 1.0, "p99 {p99}s");

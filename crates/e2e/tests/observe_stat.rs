@@ -31,7 +31,11 @@ async fn stat_agrees_with_what_was_sent_and_edges_name_the_callers() {
         assert_eq!(status, 200);
     }
     let sent_for = started.elapsed();
-    for (kind, name) in [("service", "catalog"), ("service", "reviews"), ("workload", "catalog")] {
+    for (kind, name) in [
+        ("service", "catalog"),
+        ("service", "reviews"),
+        ("workload", "catalog"),
+    ] {
         let answer = eventually(
             &format!("stat {kind}/{name} counts every request"),
             Duration::from_secs(15),
@@ -39,7 +43,9 @@ async fn stat_agrees_with_what_was_sent_and_edges_name_the_callers() {
                 let a = mesh
                     .get_json(&format!("/api/v1/stat?kind={kind}&window=1m"))
                     .await;
-                let got = row(&a, name).and_then(|r| r["requests"].as_u64()).unwrap_or(0);
+                let got = row(&a, name)
+                    .and_then(|r| r["requests"].as_u64())
+                    .unwrap_or(0);
                 (got >= n).then_some(a).ok_or(format!("{got} of {n}"))
             },
         )
@@ -60,13 +66,15 @@ async fn stat_agrees_with_what_was_sent_and_edges_name_the_callers() {
         assert!(r["p50Ms"].as_f64().unwrap() > 0.0);
     }
     // Route rows are measured at the caller: frontend's calls to catalog.
-    let routes = mesh.get_json("/api/v1/stat?kind=route&window=1m").await;
-    let to_catalog = routes["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["service"] == "catalog")
-        .expect("a route row for catalog");
+    let to_catalog = eventually("a route row for catalog", Duration::from_secs(15), || async {
+        let routes = mesh.get_json("/api/v1/stat?kind=route&window=1m").await;
+        routes["rows"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["service"] == "catalog").cloned())
+            .filter(|r| r["requests"].as_u64() >= Some(n))
+            .ok_or(format!("{routes}"))
+    })
+    .await;
     let off = (to_catalog["requests"].as_f64().unwrap() - n as f64).abs() / n as f64;
     assert!(off <= 0.05, "{to_catalog}");
 
@@ -100,7 +108,9 @@ async fn open_tap(
     query: &str,
     token: Option<&str>,
 ) -> Result<tokio::sync::mpsc::Receiver<Value>, (u16, String)> {
-    let tcp = tokio::net::TcpStream::connect(mesh.http_addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.http_addr)
+        .await
+        .unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
@@ -148,14 +158,20 @@ async fn tap_streams_metadata_to_admins_only() {
     let token = std::fs::read_to_string(mesh.dir.path().join("control").join("admin-token"))
         .expect("the control plane writes an admin token");
 
-    let refused = open_tap(&mesh, "workload=catalog", None).await.err().expect("refused");
+    let refused = open_tap(&mesh, "workload=catalog", None)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(refused.0, 401, "{}", refused.1);
     let refused = open_tap(&mesh, "workload=catalog", Some("not-the-token"))
         .await
         .err()
         .expect("refused");
     assert_eq!(refused.0, 401);
-    let missing = open_tap(&mesh, "workload=nope", Some(token.trim())).await.err().expect("no proxy");
+    let missing = open_tap(&mesh, "workload=nope", Some(token.trim()))
+        .await
+        .err()
+        .expect("no proxy");
     assert_eq!(missing.0, 404, "{}", missing.1);
 
     let mut rx = open_tap(&mesh, "workload=catalog&path=/items", Some(token.trim()))

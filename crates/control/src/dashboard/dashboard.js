@@ -163,7 +163,7 @@ function drawGraph(svcs, edges) {
     const success = l.req ? l.ok / l.req : null;
     const lx = back ? (l.from.x + l.to.x + W) / 2 : (x1 + x2) / 2, ly = back ? Math.max(l.from.y, l.to.y) + H + 34 : (y1 + y2) / 2 - 6;
     root.append(svg('text', { x: lx, y: ly, 'text-anchor': 'middle', class: 'edge-label' },
-      `${rps(l.rps)} rps · ${pct(success)}${l.mtls === 'mtls' ? ' · 🔒' : ''}`));
+      `${rps(l.rps)} rps · ${pct(success)}${l.mtls === 'mtls' ? ' · mTLS' : ''}`));
   }
   const defs = svg('defs');
   const marker = svg('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 6, markerHeight: 6, orient: 'auto-start-reverse' });
