@@ -107,10 +107,15 @@ impl TestMesh {
             .join("tokens")
             .join(format!("{namespace}-{service_account}"));
         if !path.exists() {
-            let control = self.control.as_ref().expect("the control plane makes tokens");
-            let (token, _) = control
-                .identity()
-                .create_token(namespace, service_account, Duration::from_secs(3600));
+            let control = self
+                .control
+                .as_ref()
+                .expect("the control plane makes tokens");
+            let (token, _) = control.identity().create_token(
+                namespace,
+                service_account,
+                Duration::from_secs(3600),
+            );
             std::fs::create_dir_all(path.parent().expect("a parent")).expect("token dir");
             std::fs::write(&path, token).expect("token file");
         }
@@ -125,7 +130,19 @@ impl TestMesh {
         labels: &[(&str, &str)],
         app_port: u16,
     ) -> ProxyConfig {
+        self.proxy_config_in("default", workload, labels, app_port)
+    }
+
+    /// [`proxy_config`] for a workload in `namespace`.
+    pub fn proxy_config_in(
+        &self,
+        namespace: &str,
+        workload: &str,
+        labels: &[(&str, &str)],
+        app_port: u16,
+    ) -> ProxyConfig {
         let mut cfg = ProxyConfig::new(self.grpc_addr.to_string(), workload, app_port);
+        cfg.namespace = namespace.to_string();
         cfg.labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -134,13 +151,26 @@ impl TestMesh {
         cfg.inbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.outbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.admin_addr = ([127, 0, 0, 1], 0).into();
-        cfg.cache_dir = Some(self.cache_dir(workload));
+        cfg.cache_dir = Some(self.cache_dir(&format!("{namespace}-{workload}")));
         cfg.drain_grace = Duration::from_secs(2);
         cfg
     }
 
     pub async fn sidecar(&self, workload: &str, labels: &[(&str, &str)], app_port: u16) -> Proxy {
         Proxy::start(self.proxy_config(workload, labels, app_port))
+            .await
+            .expect("proxy starts")
+    }
+
+    /// A sidecar for a workload in `namespace`.
+    pub async fn sidecar_in(
+        &self,
+        namespace: &str,
+        workload: &str,
+        labels: &[(&str, &str)],
+        app_port: u16,
+    ) -> Proxy {
+        Proxy::start(self.proxy_config_in(namespace, workload, labels, app_port))
             .await
             .expect("proxy starts")
     }
@@ -246,7 +276,10 @@ pub async fn metric_sum(admin: SocketAddr, metric: &str, filters: &[&str]) -> f6
     let (_, body) = trellis_testkit::http_get(&format!("http://{admin}/metrics"), None).await;
     let text = String::from_utf8_lossy(&body);
     text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| {
+            l.starts_with(metric)
+                && (l[metric.len()..].starts_with('{') || l[metric.len()..].starts_with(' '))
+        })
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

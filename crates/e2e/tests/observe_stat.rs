@@ -66,14 +66,18 @@ async fn stat_agrees_with_what_was_sent_and_edges_name_the_callers() {
         assert!(r["p50Ms"].as_f64().unwrap() > 0.0);
     }
     // Route rows are measured at the caller: frontend's calls to catalog.
-    let to_catalog = eventually("a route row for catalog", Duration::from_secs(15), || async {
-        let routes = mesh.get_json("/api/v1/stat?kind=route&window=1m").await;
-        routes["rows"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["service"] == "catalog").cloned())
-            .filter(|r| r["requests"].as_u64() >= Some(n))
-            .ok_or(format!("{routes}"))
-    })
+    let to_catalog = eventually(
+        "a route row for catalog",
+        Duration::from_secs(15),
+        || async {
+            let routes = mesh.get_json("/api/v1/stat?kind=route&window=1m").await;
+            routes["rows"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["service"] == "catalog").cloned())
+                .filter(|r| r["requests"].as_u64() >= Some(n))
+                .ok_or(format!("{routes}"))
+        },
+    )
     .await;
     let off = (to_catalog["requests"].as_f64().unwrap() - n as f64).abs() / n as f64;
     assert!(off <= 0.05, "{to_catalog}");
@@ -160,18 +164,15 @@ async fn tap_streams_metadata_to_admins_only() {
 
     let refused = open_tap(&mesh, "workload=catalog", None)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refused.0, 401, "{}", refused.1);
     let refused = open_tap(&mesh, "workload=catalog", Some("not-the-token"))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refused.0, 401);
     let missing = open_tap(&mesh, "workload=nope", Some(token.trim()))
         .await
-        .err()
-        .expect("no proxy");
+        .expect_err("no proxy");
     assert_eq!(missing.0, 404, "{}", missing.1);
 
     let mut rx = open_tap(&mesh, "workload=catalog&path=/items", Some(token.trim()))
