@@ -90,11 +90,17 @@ async fn show(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<()> {
         .find(|r| r.workload == "frontend")
         .ok_or_else(|| anyhow::anyhow!("the demo has no frontend workload"))?;
     let outbound = ReplicaPorts::addr(frontend.ports.outbound);
+    // The dashboard's live tap needs the admin token: a link that carries
+    // it (in the fragment, which browsers never send) saves pasting it.
+    let token = std::fs::read_to_string(mesh.data_dir.join("control").join("admin-token"))
+        .map(|t| format!("#token={}", t.trim()))
+        .unwrap_or_default();
     let header = format!(
         "{}\n\
          Trellis demo: frontend -> catalog (90% v1, 10% v2) -> reviews (2 replicas)\n  \
-         dashboard:  {url}/\n  \
+         dashboard:  {url}/{token}\n  \
          golden signals:  trellis stat --server {url}\n  \
+         traces:  trellis trace list --server {url}\n  \
          load:  {} rps to {TARGET} through the frontend's sidecar ({outbound})\n  \
          Ctrl-C stops the demo and removes everything it started.",
         mesh.ready_line(),

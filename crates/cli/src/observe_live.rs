@@ -405,14 +405,20 @@ pub async fn tap(global: &Global, args: &TapArgs) -> anyhow::Result<ExitCode> {
     let until = args.duration.map(|d| Instant::now() + d);
     let json = global.output == Output::Json;
     let mut out = std::io::stdout().lock();
+    // `--max` bounds each proxy's tap; several proxies may send that many.
+    let mut left = args.max.map(u64::from).unwrap_or(u64::MAX);
     stream_tap(global, args, until, |e| {
+        if left == 0 {
+            return false;
+        }
+        left -= 1;
         let line = if json {
             serde_json::to_string(&e).unwrap_or_default()
         } else {
             tap_text(&e)
         };
         // A closed pipe (`| head`) ends the tap.
-        writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+        writeln!(out, "{line}").and_then(|_| out.flush()).is_ok() && left > 0
     })
     .await?;
     Ok(ExitCode::SUCCESS)
