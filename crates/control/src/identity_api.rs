@@ -43,14 +43,14 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
-fn refuse_browsers(headers: &HeaderMap) -> Result<(), Response> {
-    if headers.contains_key(axum::http::header::ORIGIN) {
-        return Err(error(
+/// The refusal for a request from a web page (it carries `Origin`).
+fn refuse_browsers(headers: &HeaderMap) -> Option<Response> {
+    headers.contains_key(axum::http::header::ORIGIN).then(|| {
+        error(
             StatusCode::FORBIDDEN,
             "requests from web pages may not manage identities: use the trellis CLI",
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -77,7 +77,7 @@ async fn create_token(
     headers: HeaderMap,
     body: Json<TokenRequest>,
 ) -> Response {
-    if let Err(r) = refuse_browsers(&headers) {
+    if let Some(r) = refuse_browsers(&headers) {
         return r;
     }
     if !dns_label(&body.namespace) || !dns_label(&body.service_account) {
@@ -111,7 +111,7 @@ async fn revoke_token(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = refuse_browsers(&headers) {
+    if let Some(r) = refuse_browsers(&headers) {
         return r;
     }
     match s.identity.revoke(&id) {
@@ -137,7 +137,7 @@ async fn ca(State(s): State<IdState>) -> Response {
 }
 
 async fn rotate(State(s): State<IdState>, headers: HeaderMap) -> Response {
-    if let Err(r) = refuse_browsers(&headers) {
+    if let Some(r) = refuse_browsers(&headers) {
         return r;
     }
     let td = s.xds.snapshot().trust_domain.clone();
@@ -151,7 +151,7 @@ async fn rotate(State(s): State<IdState>, headers: HeaderMap) -> Response {
 }
 
 async fn retire(State(s): State<IdState>, headers: HeaderMap) -> Response {
-    if let Err(r) = refuse_browsers(&headers) {
+    if let Some(r) = refuse_browsers(&headers) {
         return r;
     }
     match s.identity.retire() {

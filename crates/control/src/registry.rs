@@ -514,7 +514,6 @@ impl Registry {
                 vip: String::new(),
                 traffic_policy_json: self.traffic_policy_json(&name),
                 grpc_routes_json: grpc_routes.iter().map(to_json).collect(),
-                ..Default::default()
             };
             services.insert(name, sc);
         }

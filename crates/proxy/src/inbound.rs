@@ -239,12 +239,12 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerI
     let http1 = req.version() < Version::HTTP_2 || req.headers().contains_key(ORIG_PROTO);
     strip_identity_claims(req.headers_mut());
     let resp = match authorize(&inputs, &mut req, &info) {
-        Err(resp) => Ok(resp),
-        Ok(()) if is_upgrade(&req) => match connect(inputs.app_addr).await {
+        Some(refusal) => Ok(refusal),
+        None if is_upgrade(&req) => match connect(inputs.app_addr).await {
             Ok(app) => forward_upgrade(req, app).await,
             Err(e) => Err(e),
         },
-        Ok(()) => forward_to_app(&inputs, req, http1).await,
+        None => forward_to_app(&inputs, req, http1).await,
     };
     let mut resp = resp.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "inbound request failed");
@@ -265,9 +265,12 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerI
 }
 
 /// Normalises the path (the one used from here on), applies the
-/// AuthorizationPolicies, and tells the app who is calling.
-fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> Result<(), Response<Body>> {
-    crate::outbound::normalize_uri(req).map_err(ProxyError::into_response)?;
+/// AuthorizationPolicies, and tells the app who is calling. Returns the
+/// refusal, if the request may not go on.
+fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> Option<Response<Body>> {
+    if let Err(e) = crate::outbound::normalize_uri(req) {
+        return Some(e.into_response());
+    }
     let snap = inputs.discovery.snapshot();
     let attrs = Attrs {
         peer: info.identity.as_ref(),
@@ -279,14 +282,14 @@ fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> R
     if let Decision::Deny(why) = snap.authz.evaluate(&attrs) {
         inputs.metrics.authz_denied.inc();
         tracing::debug!(identity = ?info.identity.as_ref().map(|i| i.to_string()), path = %req.uri().path(), %why, "request denied");
-        return Err(crate::http::text_response(http::StatusCode::FORBIDDEN, "RBAC: access denied\n"));
+        return Some(crate::http::text_response(http::StatusCode::FORBIDDEN, "RBAC: access denied\n"));
     }
     if let Some(id) = &info.identity {
         if let Ok(v) = http::HeaderValue::from_str(&id.to_string()) {
             req.headers_mut().insert(PEER_IDENTITY, v);
         }
     }
-    Ok(())
+    None
 }
 
 async fn forward_to_app(

@@ -615,38 +615,6 @@ where
     inputs.metrics.tcp_closed(&labels, sent, received);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_map_to_services() {
-        let td = "trellis.local";
-        assert_eq!(
-            classify("catalog", "shop", td),
-            Name::Mesh(SvcKey::new("shop", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod", "shop", td),
-            Name::Maybe(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.trellis.local", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.other.domain", "shop", td),
-            Name::External
-        );
-        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
-        assert_eq!(classify("www.example.com", "shop", td), Name::External);
-    }
-}
-
 /// The credentials for a connection to a peer proxy: none when the mesh's
 /// mTLS mode is `disabled`; otherwise this proxy's certificate, without
 /// which it does not call peers at all.
@@ -678,4 +646,36 @@ pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         *req.uri_mut() = http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_services() {
+        let td = "trellis.local";
+        assert_eq!(
+            classify("catalog", "shop", td),
+            Name::Mesh(SvcKey::new("shop", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod", "shop", td),
+            Name::Maybe(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.trellis.local", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.other.domain", "shop", td),
+            Name::External
+        );
+        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
+        assert_eq!(classify("www.example.com", "shop", td), Name::External);
+    }
 }
