@@ -132,6 +132,9 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
         if reviews_status == 0 || reviews_status >= 500 {
             failed += 1;
         }
+        // Spread over several scrapes (1s apart), so that rate() sees the
+        // counters grow.
+        tokio::time::sleep(Duration::from_millis(12)).await;
     }
     let count =
         "sum(trellis_requests_total{direction=\"inbound\",destination_service=\"catalog\"})";
