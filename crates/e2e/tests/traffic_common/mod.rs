@@ -29,6 +29,9 @@ pub struct Behaviour {
     /// Requests received, `/healthz` excluded.
     pub hits: AtomicU64,
     pub health_hits: AtomicU64,
+    /// Requests being answered now, and the most there ever were.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
     /// Path, method, headers and body of the last requests (up to 1000).
     pub seen: Mutex<Vec<Seen>>,
 }
@@ -101,8 +104,25 @@ async fn answer(b: &Behaviour, name: &str, req: Request<Incoming>) -> Response<F
         return r;
     }
     b.hits.fetch_add(1, Ordering::SeqCst);
+    let now = b.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    b.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let r = respond(b, name, path, req).await;
+    b.in_flight.fetch_sub(1, Ordering::SeqCst);
+    r
+}
+
+async fn respond(
+    b: &Behaviour,
+    name: &str,
+    path: String,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     {
         let mut seen = b.seen.lock().unwrap();
         if seen.len() < 1000 {
@@ -137,7 +157,12 @@ pub struct Replica {
     pub proxy: trellis_proxy::Proxy,
 }
 
-pub async fn replica(mesh: &TestMesh, app: &str, instance: &str, extra: &[(&str, &str)]) -> Replica {
+pub async fn replica(
+    mesh: &TestMesh,
+    app: &str,
+    instance: &str,
+    extra: &[(&str, &str)],
+) -> Replica {
     let a = App::start(instance).await;
     let mut labels = vec![("app", app)];
     labels.extend_from_slice(extra);

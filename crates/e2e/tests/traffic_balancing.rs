@@ -1,0 +1,251 @@
+//! Load balancers through a whole mesh: ring-hash stickiness and how few
+//! keys move when an endpoint leaves, peak-EWMA against round robin with a
+//! slow endpoint, and zone-aware routing with failover.
+
+mod traffic_common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use traffic_common::{caller, load, replica, wait_endpoints, wait_proxy_endpoints, Client};
+use trellis_e2e::{metric_sum, TestMesh};
+
+const CATALOG: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {selector: {app: catalog}, ports: [{port: 8080}]}
+"#;
+
+const RING_HASH: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  loadBalancer: {type: ring-hash, hashOn: {header: x-user}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(RING_HASH).await.expect("apply policy");
+    let mut replicas = Vec::new();
+    for i in 0..5 {
+        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
+    }
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 5).await;
+    let mut client = Client::new(frontend.outbound_addr);
+    assert_eq!(
+        client.get("http://catalog:8080/").await.status,
+        StatusCode::OK
+    );
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 5).await;
+
+    let keys: Vec<String> = (0..400).map(|k| format!("user-{k}")).collect();
+    let mut owner: HashMap<&str, String> = HashMap::new();
+    for round in 0..3 {
+        for k in &keys {
+            let a = client
+                .send(
+                    Method::GET,
+                    "http://catalog:8080/cart",
+                    &[("x-user", k)],
+                    Bytes::new(),
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::OK);
+            let prev = owner.entry(k).or_insert_with(|| a.instance());
+            assert_eq!(*prev, a.instance(), "{k} moved in round {round}");
+        }
+    }
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for o in owner.values() {
+        *per.entry(o.as_str()).or_default() += 1;
+    }
+    println!("ring-hash: keys per endpoint {per:?}");
+    assert_eq!(per.len(), 5, "every endpoint holds keys: {per:?}");
+
+    // catalog-2 leaves: its keys move, no other key does.
+    let gone = replicas.remove(2);
+    let gone_name = gone.app.instance.clone();
+    gone.proxy.shutdown().await;
+    wait_endpoints(&mesh, "catalog", 4).await;
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
+    let mut moved = 0;
+    for k in &keys {
+        let a = client
+            .send(
+                Method::GET,
+                "http://catalog:8080/cart",
+                &[("x-user", k)],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        if a.instance() != owner[k.as_str()] {
+            assert_eq!(
+                owner[k.as_str()],
+                gone_name,
+                "{k} moved off a staying endpoint"
+            );
+            moved += 1;
+        }
+    }
+    let share = moved as f64 / keys.len() as f64;
+    println!(
+        "ring-hash: removing 1 of 5 endpoints moved {:.1}% of keys",
+        share * 100.0
+    );
+    assert_eq!(
+        moved,
+        per[gone_name.as_str()],
+        "exactly the leaver's keys moved"
+    );
+    assert!(share <= 0.30, "{moved} of {} keys moved", keys.len());
+
+    // No key: a random endpoint, counted.
+    assert_eq!(
+        client.get("http://catalog:8080/cart").await.status,
+        StatusCode::OK
+    );
+    let missing = metric_sum(
+        frontend.admin_addr,
+        "trellis_hash_key_missing_total",
+        &["destination_service=\"catalog\""],
+    )
+    .await;
+    assert!(missing >= 1.0, "{missing}");
+}
+
+const TWO_BALANCERS: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-rr}
+spec: {selector: {app: catalog}, ports: [{port: 8080}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog-rr}
+spec:
+  targetRef: {kind: Service, name: catalog-rr}
+  loadBalancer: {type: round-robin}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-ewma}
+spec: {selector: {app: catalog}, ports: [{port: 8080}]}
+"#;
+
+/// A benchmark-like comparison: it prints both p99s and asserts only that
+/// peak-EWMA's is well under half of round robin's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_keeps_p99_far_below_round_robin_with_one_slow_endpoint() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(TWO_BALANCERS).await.expect("apply");
+    let mut replicas = Vec::new();
+    for i in 0..4 {
+        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
+    }
+    replicas[0]
+        .app
+        .behaviour
+        .delay_ms
+        .store(200, Ordering::SeqCst);
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog-rr", 4).await;
+    wait_endpoints(&mesh, "catalog-ewma", 4).await;
+
+    let mut figures = Vec::new();
+    for svc in ["catalog-rr", "catalog-ewma"] {
+        let url = format!("http://{svc}:8080/");
+        // Warm up: discovery, connections, and the latency estimates.
+        let warm = load(frontend.outbound_addr, &url, 100, 8).await;
+        assert_eq!(warm.ok_share(), 1.0);
+        wait_proxy_endpoints(frontend.admin_addr, svc, 4).await;
+        let l = load(frontend.outbound_addr, &url, 800, 8).await;
+        assert_eq!(l.ok_share(), 1.0, "{svc}");
+        let (p50, p99) = (l.quantile(0.5), l.quantile(0.99));
+        println!(
+            "{svc}: p50 {p50:?}, p99 {p99:?}, slow endpoint share {:.1}%",
+            l.share_of("catalog-0") * 100.0
+        );
+        figures.push(p99);
+    }
+    let (rr, ewma) = (figures[0], figures[1]);
+    println!("p99 with one of 4 endpoints 200ms slower: round-robin {rr:?}, peak-EWMA {ewma:?}");
+    assert!(rr >= Duration::from_millis(200), "round robin p99 {rr:?}");
+    assert!(
+        ewma < rr / 2,
+        "peak-EWMA p99 {ewma:?} vs round robin {rr:?}"
+    );
+}
+
+const ZONED: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  loadBalancer: {type: round-robin}
+  outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  retry: {attempts: 2, codes: [500]}
+  locality: {failoverThreshold: 0.7}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_stays_in_the_callers_zone_until_too_few_there_are_healthy() {
+    const ZONE: &str = "topology.trellis.dev/zone";
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(ZONED).await.expect("apply policy");
+    let a0 = replica(&mesh, "catalog", "catalog-a0", &[(ZONE, "a")]).await;
+    let _a1 = replica(&mesh, "catalog", "catalog-a1", &[(ZONE, "a")]).await;
+    let _b0 = replica(&mesh, "catalog", "catalog-b0", &[(ZONE, "b")]).await;
+    let _b1 = replica(&mesh, "catalog", "catalog-b1", &[(ZONE, "b")]).await;
+    let frontend = caller(&mesh, "frontend", &[(ZONE, "a")]).await;
+    wait_endpoints(&mesh, "catalog", 4).await;
+    let url = "http://catalog:8080/";
+    assert_eq!(
+        load(frontend.outbound_addr, url, 1, 1).await.ok_share(),
+        1.0
+    );
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
+
+    let l = load(frontend.outbound_addr, url, 300, 4).await;
+    assert_eq!(l.ok_share(), 1.0);
+    let zone_a = l.share_of("catalog-a0") + l.share_of("catalog-a1");
+    println!(
+        "locality: {:.1}% of requests stayed in zone a",
+        zone_a * 100.0
+    );
+    assert_eq!(
+        zone_a, 1.0,
+        "every request stays in zone a while it is healthy"
+    );
+
+    // One of the two zone-a endpoints fails and is ejected: 50% healthy is
+    // under the 70% threshold, so traffic spreads over both zones.
+    a0.app.behaviour.fail_with.store(500, Ordering::SeqCst);
+    let l = load(frontend.outbound_addr, url, 300, 4).await;
+    assert_eq!(l.ok_share(), 1.0, "retries hide the failing endpoint");
+    let l = load(frontend.outbound_addr, url, 300, 4).await;
+    let zone_b = l.share_of("catalog-b0") + l.share_of("catalog-b1");
+    println!(
+        "locality: after failover {:.1}% went to zone b",
+        zone_b * 100.0
+    );
+    assert!((0.5..0.8).contains(&zone_b), "zone b got {zone_b:.2}");
+    let failovers = metric_sum(
+        frontend.admin_addr,
+        "trellis_locality_failovers_total",
+        &["destination_service=\"catalog\""],
+    )
+    .await;
+    assert!(failovers >= 300.0, "{failovers}");
+}

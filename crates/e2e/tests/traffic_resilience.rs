@@ -1,0 +1,271 @@
+//! Resilience through a whole mesh: outlier detection with retries, the
+//! retry budget against a retry storm, circuit breaking, and active health
+//! checks.
+
+mod traffic_common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::StatusCode;
+use traffic_common::{caller, load, replica, wait_endpoints, wait_proxy_endpoints, Client};
+use trellis_e2e::{metric_sum, TestMesh};
+use trellis_testkit::{assert_eventually, eventually};
+
+const CATALOG: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {selector: {app: catalog}, ports: [{port: 8080}]}
+"#;
+
+const OUTLIER: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  loadBalancer: {type: round-robin}
+  outlierDetection:
+    consecutive5xxErrors: 5
+    baseEjectionTime: 2s
+    maxEjectionPercent: 50
+  retry: {attempts: 2, codes: [503]}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_healed() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(OUTLIER).await.expect("apply policy");
+    let mut replicas = Vec::new();
+    for i in 0..4 {
+        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
+    }
+    let bad = &replicas[0];
+    bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 4).await;
+    let mut client = Client::new(frontend.outbound_addr);
+    client.get("http://catalog:8080/").await;
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
+    let before = bad.app.hits();
+
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", 1000, 4).await;
+    let bad_hits = bad.app.hits() - before;
+    let ejections = metric_sum(
+        frontend.admin_addr,
+        "trellis_outlier_ejections_total",
+        &["destination_service=\"catalog\""],
+    )
+    .await;
+    println!(
+        "outlier detection: {:.2}% success over 1000 requests, the failing endpoint got {bad_hits} tries, {ejections} ejections, {:?}",
+        l.ok_share() * 100.0,
+        l.elapsed
+    );
+    assert!(l.ok_share() >= 0.995, "success {:.4}", l.ok_share());
+    assert!(ejections >= 1.0);
+    // Round robin alone would have sent it 250 of the 1000.
+    assert!(bad_hits < 100, "the failing endpoint got {bad_hits} tries");
+
+    // Healed, it comes back once its ejection is over.
+    bad.app.behaviour.fail_with.store(0, Ordering::SeqCst);
+    eventually(
+        "the healed endpoint serves again",
+        Duration::from_secs(20),
+        || async {
+            let l = load(frontend.outbound_addr, "http://catalog:8080/", 40, 2).await;
+            (l.share_of("catalog-0") > 0.0)
+                .then_some(())
+                .ok_or("not yet")
+        },
+    )
+    .await;
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", 400, 4).await;
+    assert_eq!(l.ok_share(), 1.0);
+    let share = l.share_of("catalog-0");
+    assert!((0.15..=0.35).contains(&share), "readmitted share {share}");
+}
+
+const STORM: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  retry:
+    attempts: 3
+    codes: [503]
+    backoff: 1ms
+    budget: {ratio: 0.2, minRetriesPerSecond: 1, ttl: 10s}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_a_retry_storm() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(STORM).await.expect("apply policy");
+    let a = replica(&mesh, "catalog", "catalog-0", &[]).await;
+    let b = replica(&mesh, "catalog", "catalog-1", &[]).await;
+    for r in [&a, &b] {
+        r.app.behaviour.fail_with.store(503, Ordering::SeqCst);
+    }
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 2).await;
+
+    let n = 500;
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", n, 4).await;
+    assert_eq!(l.count(StatusCode::SERVICE_UNAVAILABLE), n);
+    let tries = (a.app.hits() + b.app.hits()) as usize;
+    let retries = tries - n;
+    // 0.2 × 500 + 1/s × 10s = 110 (a few more if callers race on the last ones).
+    println!(
+        "retry storm: {n} requests made {retries} retries (without the budget: {})",
+        3 * n
+    );
+    assert!(retries <= 110 + 8, "{retries} retries");
+    assert!(
+        retries >= 100,
+        "the budget allows its share: {retries} retries"
+    );
+    let exhausted = metric_sum(
+        frontend.admin_addr,
+        "trellis_retry_budget_exhausted_total",
+        &["destination_service=\"catalog\""],
+    )
+    .await;
+    assert!(exhausted >= 300.0, "{exhausted}");
+    let mut client = Client::new(frontend.outbound_addr);
+    let answer = client.get("http://catalog:8080/").await;
+    assert!(answer.flags().contains("URX"), "{:?}", answer.headers);
+}
+
+const POOL: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  connectionPool: {maxRequests: 4}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_pool_limit_requests_fail_fast_with_a_flag() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(POOL).await.expect("apply policy");
+    let slow = replica(&mesh, "catalog", "catalog-0", &[]).await;
+    slow.app.behaviour.delay_ms.store(500, Ordering::SeqCst);
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 1).await;
+    let mut client = Client::new(frontend.outbound_addr);
+    assert_eq!(
+        client.get("http://catalog:8080/").await.status,
+        StatusCode::OK
+    );
+
+    // 20 at once against a limit of 4 requests in flight.
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 20).await;
+    let ok = l.count(StatusCode::OK);
+    let refused = l.count(StatusCode::SERVICE_UNAVAILABLE);
+    let fastest_refusal = l
+        .statuses
+        .iter()
+        .zip(&l.latencies)
+        .filter(|(s, _)| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .map(|(_, d)| *d)
+        .min()
+        .unwrap_or_default();
+    println!("circuit breaking: {ok} served, {refused} refused (fastest in {fastest_refusal:?})");
+    assert_eq!(ok + refused, 20);
+    assert!((4..=8).contains(&ok), "{ok} served");
+    assert!(fastest_refusal < Duration::from_millis(250));
+    assert!(slow.app.behaviour.max_in_flight.load(Ordering::SeqCst) <= 4);
+    let rejections = metric_sum(
+        frontend.admin_addr,
+        "trellis_circuit_breaker_rejections_total",
+        &["destination_service=\"catalog\"", "limit=\"requests\""],
+    )
+    .await;
+    assert_eq!(rejections as usize, refused);
+
+    // The flag tells the caller why.
+    slow.app.behaviour.delay_ms.store(2000, Ordering::SeqCst);
+    let busy = tokio::spawn(load(frontend.outbound_addr, "http://catalog:8080/", 4, 4));
+    assert_eventually!(slow.app.behaviour.in_flight.load(Ordering::SeqCst) == 4);
+    let a = client.get("http://catalog:8080/").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.flags(), "UO");
+    assert_eq!(busy.await.unwrap().ok_share(), 1.0);
+}
+
+const HEALTH: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  loadBalancer: {type: round-robin}
+  healthCheck: {path: /healthz, interval: 200ms, timeout: 500ms, healthyThreshold: 2, unhealthyThreshold: 2}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_an_endpoint_out_and_back() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(HEALTH).await.expect("apply policy");
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
+    }
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 3).await;
+    let url = "http://catalog:8080/";
+    load(frontend.outbound_addr, url, 3, 1).await;
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 3).await;
+    assert_eventually!(replicas
+        .iter()
+        .all(|r| r.app.behaviour.health_hits.load(Ordering::SeqCst) >= 2));
+
+    // catalog-0 answers requests but says it is unhealthy.
+    replicas[0]
+        .app
+        .behaviour
+        .unhealthy
+        .store(true, Ordering::SeqCst);
+    eventually(
+        "catalog-0 is taken out",
+        Duration::from_secs(10),
+        || async {
+            let l = load(frontend.outbound_addr, url, 30, 1).await;
+            (l.share_of("catalog-0") == 0.0)
+                .then_some(())
+                .ok_or("still served")
+        },
+    )
+    .await;
+    let l = load(frontend.outbound_addr, url, 300, 3).await;
+    assert_eq!(l.ok_share(), 1.0);
+    assert_eq!(l.share_of("catalog-0"), 0.0);
+    let fails = metric_sum(
+        frontend.admin_addr,
+        "trellis_health_checks_total",
+        &["destination_service=\"catalog\"", "result=\"fail\""],
+    )
+    .await;
+    assert!(fails >= 2.0, "{fails}");
+
+    replicas[0]
+        .app
+        .behaviour
+        .unhealthy
+        .store(false, Ordering::SeqCst);
+    eventually("catalog-0 is back", Duration::from_secs(10), || async {
+        let l = load(frontend.outbound_addr, url, 30, 1).await;
+        (l.share_of("catalog-0") > 0.0)
+            .then_some(())
+            .ok_or("not yet")
+    })
+    .await;
+}
