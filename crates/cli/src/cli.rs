@@ -91,6 +91,8 @@ pub enum Command {
     Token(TokenArgs),
     /// The mesh CA: show, rotate or retire roots.
     Ca(CaArgs),
+    /// Install a pod's redirect rules (nftables) in this network namespace.
+    Init(crate::init::InitArgs),
 }
 
 impl Command {
@@ -244,6 +246,10 @@ pub struct StatArgs {
     /// The time window the figures cover.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub window: std::time::Duration,
+    /// Show what traffic management did per service instead: retries,
+    /// ejections, circuit-breaker rejections, rate limits, faults, mirrors.
+    #[arg(long)]
+    pub traffic: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod demo_app;
 pub mod duration;
 pub mod http;
 pub mod identity_cmd;
+pub mod init;
 pub mod local;
 pub mod observe;
 pub mod observe_live;
@@ -20,6 +21,7 @@ pub mod resources;
 pub mod servers;
 pub mod signals;
 pub mod table;
+pub mod traffic_stat;
 
 use std::process::ExitCode;
 
@@ -41,6 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Get(args) => resources::get(g, args).await,
         Command::Delete(args) => resources::delete(g, args).await,
         Command::Describe(args) => resources::describe(g, args).await,
+        Command::Stat(args) if args.traffic => traffic_stat::stat(g, args).await,
         Command::Stat(args) => observe::stat(g, args).await,
         Command::Trace(args) => observe_live::trace(g, args).await,
         Command::Edges(args) => observe_live::edges(g, args).await,
@@ -50,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DemoApp(args) => demo_app::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Token(t) => identity_cmd::token(g, &t.command).await,
         Command::Ca(c) => identity_cmd::ca(g, &c.command).await,
+        Command::Init(a) => init::run(a),
     }
 }
 

@@ -139,6 +139,16 @@ async fn the_retry_budget_caps_a_retry_storm() {
     let mut client = Client::new(frontend.outbound_addr);
     let answer = client.get("http://catalog:8080/").await;
     assert!(answer.flags().contains("URX"), "{:?}", answer.headers);
+
+    // `trellis stat --traffic` shows the same figures.
+    let api = trellis::client::Api::new(&mesh.http_addr.to_string(), "test").unwrap();
+    let (rows, unreachable) = trellis::traffic_stat::collect(&api).await.unwrap();
+    assert!(unreachable.is_empty(), "{unreachable:?}");
+    print!("{}", trellis::traffic_stat::traffic_table(&rows));
+    let row = rows.iter().find(|r| r.service == "catalog").unwrap();
+    // The last request above may have had one more retry.
+    assert!((retries..=retries + 1).contains(&(row.retries as usize)));
+    assert!(row.budget_exhausted >= exhausted);
 }
 
 const POOL: &str = r#"
