@@ -105,14 +105,18 @@ async function overview() {
   drawGraph(svcs, edges.edges);
 }
 
-// Which service a workload serves (the first Service selecting it).
+// Which service a workload serves: the Service named like it, else the
+// most specific one selecting it (fewest endpoints: a version subset
+// rather than the whole service).
 function workloadServices(svcs) {
-  const m = new Map();
+  const best = new Map();
   for (const s of svcs) for (const e of s.endpoints) {
     const k = e.namespace + '/' + e.workload;
-    if (!m.has(k)) m.set(k, s.namespace + '/' + s.name);
+    const score = s.name === e.workload ? -1 : s.endpoints.length;
+    const cur = best.get(k);
+    if (!cur || score < cur.score) best.set(k, { score, id: s.namespace + '/' + s.name });
   }
-  return m;
+  return new Map([...best].map(([k, v]) => [k, v.id]));
 }
 
 function drawGraph(svcs, edges) {
@@ -131,7 +135,8 @@ function drawGraph(svcs, edges) {
     const existing = links.find((l) => l.from === a && l.to === b);
     if (existing) { existing.rps += e.rps; existing.req += e.requests; existing.ok += (e.successRate ?? 1) * e.requests; existing.mtls = existing.mtls === e.mtls ? e.mtls : 'partial'; continue; }
     const l = { from: a, to: b, rps: e.rps, req: e.requests, ok: (e.successRate ?? 1) * e.requests, mtls: e.mtls };
-    links.push(l); a.out.push(l); b.inn += 1;
+    links.push(l); a.out.push(l);
+    if (a !== b) b.inn += 1;
   }
   // Layers: longest path from the nodes nobody calls (bounded, for cycles).
   const layer = new Map();
@@ -139,6 +144,7 @@ function drawGraph(svcs, edges) {
   for (const r of (roots.length ? roots : [nodes.values().next().value])) layer.set(r.id, 0);
   for (let pass = 0; pass < nodes.size; pass++) {
     for (const l of links) {
+      if (l.from === l.to) continue;
       const d = (layer.get(l.from.id) ?? 0) + 1;
       if (layer.has(l.from.id) && d > (layer.get(l.to.id) ?? -1) && d < nodes.size) layer.set(l.to.id, d);
     }
@@ -146,13 +152,23 @@ function drawGraph(svcs, edges) {
   for (const n of nodes.values()) if (!layer.has(n.id)) layer.set(n.id, 0);
   const cols = [];
   for (const n of nodes.values()) { const c = layer.get(n.id); (cols[c] = cols[c] || []).push(n); }
-  const W = 170, H = 44, GX = 120, GY = 36;
-  cols.forEach((col, ci) => col.forEach((n, ri) => { n.x = 20 + ci * (W + GX); n.y = 20 + ri * (H + GY); }));
+  const W = 170, H = 44, GX = 160, GY = 36;
+  cols.forEach((col, ci) => col.forEach((n, ri) => { n.x = 20 + ci * (W + GX); n.y = 50 + ri * (H + GY); }));
   const width = 40 + cols.length * (W + GX) - GX;
-  const height = 40 + Math.max(...cols.map((c) => c.length)) * (H + GY) - GY;
+  const height = 100 + Math.max(...cols.map((c) => c.length)) * (H + GY) - GY;
   const root = svg('svg', { width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': 'service graph' });
   for (const l of links) {
     const x1 = l.from.x + W, y1 = l.from.y + H / 2, x2 = l.to.x, y2 = l.to.y + H / 2;
+    const success0 = l.req ? l.ok / l.req : null;
+    if (l.from === l.to) {
+      // A workload calling its own service (e.g. a load generator beside it).
+      const sx = l.from.x + W - 30, sy = l.from.y;
+      const p = svg('path', { d: `M${sx},${sy} C${sx - 10},${sy - 30} ${sx + 30},${sy - 30} ${sx + 20},${sy}`, class: 'edge ' + l.mtls, 'data-from': l.from.id, 'data-to': l.to.id, 'marker-end': 'url(#arrow)' });
+      p.append(svg('title', {}, `${l.from.id} → ${l.to.id}: ${l.mtls}`));
+      root.append(p);
+      root.append(svg('text', { x: sx + 5, y: sy - 26, 'text-anchor': 'middle', class: 'edge-label' }, `${rps(l.rps)} rps · ${pct(success0)}`));
+      continue;
+    }
     const back = x2 <= x1;
     const d = back
       ? `M${l.from.x + W / 2},${l.from.y + H} C${l.from.x + W / 2},${l.from.y + H + 40} ${l.to.x + W / 2},${l.to.y + H + 40} ${l.to.x + W / 2},${l.to.y + H}`
