@@ -572,7 +572,6 @@ async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,10 +152,11 @@ impl ControlPlane {
 
         let (tx, rx) = oneshot::channel::<()>();
         let observers = xds::Observers::default();
-        let admin_token = tap::admin_token(&cfg.data_dir).map_err(|source| StartError::DataDir {
-            path: cfg.data_dir.join(tap::ADMIN_TOKEN_FILE),
-            source,
-        })?;
+        let admin_token =
+            tap::admin_token(&cfg.data_dir).map_err(|source| StartError::DataDir {
+                path: cfg.data_dir.join(tap::ADMIN_TOKEN_FILE),
+                source,
+            })?;
         let service = ProxyApiServer::new(
             xds::ProxyApiService::new(&xds, stats.clone(), identity.clone())
                 .with_observers(observers.clone()),
