@@ -314,3 +314,84 @@ async fn a_dead_collector_leaves_latency_and_memory_flat() {
         );
     }
 }
+
+/// An OTLP/gRPC collector that keeps the trace ids it gets.
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut got = self.0.lock().unwrap();
+        for rs in &request.get_ref().resource_spans {
+            for ss in &rs.scope_spans {
+                for s in &ss.spans {
+                    got.push(trellis_proxy::trace::hex(&s.trace_id));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_over_grpc_and_http() {
+    let mesh = TestMesh::start().await;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    Collector(got.clone()),
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let t = three_tier(
+        &mesh,
+        &observe_common::mesh(&format!(
+            "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{grpc}'}}"
+        )),
+    )
+    .await;
+    let url = format!("http://{}/", t.frontend.app);
+    let trace = "22222222222222222222222222222222";
+    let (status, _) = get(&url, &[("traceparent", &format!("00-{trace}-{PARENT}-01"))]).await;
+    assert_eq!(status, 200);
+    eventually(
+        "the collector gets 4 spans over gRPC",
+        Duration::from_secs(15),
+        || async {
+            let n = got.lock().unwrap().iter().filter(|t| *t == trace).count();
+            (n == 4).then_some(()).ok_or(format!("{n} spans"))
+        },
+    )
+    .await;
+
+    // OTLP/HTTP, to the control plane's own receiver at /v1/traces.
+    mesh.apply(&observe_common::mesh(&format!(
+        "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{}/v1/traces'}}",
+        mesh.http_addr
+    )))
+    .await
+    .expect("apply");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let trace = "33333333333333333333333333333333";
+    let (status, _) = get(&url, &[("traceparent", &format!("00-{trace}-{PARENT}-01"))]).await;
+    assert_eq!(status, 200);
+    let spans = wait_spans(&mesh, trace, 4).await;
+    assert_eq!(spans.len(), 4);
+}
