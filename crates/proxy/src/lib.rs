@@ -39,6 +39,7 @@ pub mod tls;
 pub mod tap;
 pub mod telemetry;
 pub mod trace;
+pub mod transparent;
 
 pub use crate::http::Body;
 pub use config::{ProxyConfig, Upstream};

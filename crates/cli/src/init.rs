@@ -1,0 +1,284 @@
+//! `trellis init`: the redirect rules of a pod (its network namespace), as
+//! one nftables table, `ip trellis`, installed and replaced atomically.
+//!
+//! - outbound TCP from the app → the proxy's outbound port (15001)
+//! - DNS (UDP and TCP port 53) → the proxy's DNS server (15053)
+//! - inbound TCP from other hosts/pods → the proxy's inbound port (15006)
+//!
+//! Left alone: packets of the proxy itself (it marks its sockets, see
+//! `trellis_proxy::transparent`), the app's loopback traffic, the proxy's
+//! admin port and any `--exclude-inbound-ports`.
+//!
+//! Why nftables rather than iptables: one table holds every rule and is
+//! replaced in one kernel transaction (`nft -f`), so `init` is idempotent
+//! without check-then-insert races, and `--remove` deletes exactly our
+//! table without touching anyone else's chains. The Kubernetes init
+//! container will use the same rules.
+
+use std::io::Write as _;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::Context as _;
+use clap::Args;
+use trellis_proxy::transparent;
+
+/// The nftables table `init` owns in the namespace.
+pub const TABLE: &str = "trellis";
+
+#[derive(Clone, Debug, Args)]
+pub struct InitArgs {
+    /// Print the rules instead of installing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove the rules (nothing to remove is fine).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub remove: bool,
+    /// Where outbound TCP goes (the proxy's outbound listener).
+    #[arg(long, default_value_t = transparent::OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    /// Where inbound TCP goes (the proxy's inbound listener).
+    #[arg(long, default_value_t = transparent::INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// Where DNS goes (the proxy's DNS server).
+    #[arg(long, default_value_t = transparent::DNS_PORT)]
+    pub dns_port: u16,
+    /// The proxy's admin port: reachable from outside, never redirected.
+    #[arg(long, default_value_t = transparent::ADMIN_PORT)]
+    pub admin_port: u16,
+    /// The socket mark of the proxy's own connections, which pass unredirected.
+    #[arg(long, default_value = "0x7e11", value_parser = parse_mark)]
+    pub mark: u32,
+    /// Inbound ports that reach the app directly (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Do not redirect DNS.
+    #[arg(long)]
+    pub no_dns: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("`nft` was not found: install nftables (e.g. `apt-get install nftables`)")]
+    NoNft,
+    #[error("installing redirect rules needs root (CAP_NET_ADMIN): run `sudo trellis init` or inside the pod's namespace as root")]
+    NotRoot,
+    #[error("nft refused the rules: {0}")]
+    Nft(String),
+}
+
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match r {
+        Ok(0) => Err("the mark must not be 0 (0 is every unmarked packet)".into()),
+        Ok(m) => Ok(m),
+        Err(_) => Err(format!("{s:?} is not a number (e.g. 0x7e11 or 32273)")),
+    }
+}
+
+/// The nft script that (re)installs the table. Declaring the table before
+/// deleting it makes the delete succeed on first install; the whole script
+/// is one transaction, so traffic never sees a half-built rule set.
+pub fn rules(a: &InitArgs) -> String {
+    let mut inbound_excluded: Vec<u16> = vec![a.admin_port];
+    inbound_excluded.extend(&a.exclude_inbound_ports);
+    inbound_excluded.sort_unstable();
+    inbound_excluded.dedup();
+    let excluded = inbound_excluded
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let dns = if a.no_dns {
+        String::new()
+    } else {
+        format!(
+            "\t\tudp dport 53 redirect to :{p}\n\t\ttcp dport 53 redirect to :{p}\n",
+            p = a.dns_port
+        )
+    };
+    format!(
+        "table ip {TABLE}\n\
+         delete table ip {TABLE}\n\
+         table ip {TABLE} {{\n\
+         \tchain output {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         \t\tmeta mark {mark:#x} return\n\
+         {dns}\
+         \t\toifname \"lo\" return\n\
+         \t\tip daddr 127.0.0.0/8 return\n\
+         \t\tmeta l4proto tcp redirect to :{out}\n\
+         \t}}\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority -100; policy accept;\n\
+         \t\tiifname \"lo\" return\n\
+         \t\ttcp dport {{ {excluded} }} return\n\
+         \t\tmeta l4proto tcp redirect to :{inb}\n\
+         \t}}\n\
+         }}\n",
+        mark = a.mark,
+        out = a.outbound_port,
+        inb = a.inbound_port,
+    )
+}
+
+/// The nft script that removes the table (fine when it is not there).
+pub fn remove_rules() -> String {
+    format!("table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+/// Runs `nft -f -` with `script`.
+pub fn nft(script: &str) -> Result<(), InitError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => InitError::NoNft,
+            _ => InitError::Nft(e.to_string()),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| InitError::Nft(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| InitError::Nft(e.to_string()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if err.contains("Operation not permitted") {
+        return Err(InitError::NotRoot);
+    }
+    Err(InitError::Nft(err))
+}
+
+pub fn is_root() -> bool {
+    // The effective uid of /proc/self is ours: no libc call needed.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Installs (or with `--remove`, removes) the rules in the current network
+/// namespace; with `--dry-run` only prints them.
+pub fn apply(a: &InitArgs) -> Result<(), InitError> {
+    let script = if a.remove { remove_rules() } else { rules(a) };
+    if !is_root() {
+        return Err(InitError::NotRoot);
+    }
+    nft(&script)
+}
+
+pub fn run(a: &InitArgs) -> anyhow::Result<ExitCode> {
+    if a.dry_run {
+        print!("{}", rules(a));
+        return Ok(ExitCode::SUCCESS);
+    }
+    apply(a).context(if a.remove {
+        "trellis init --remove"
+    } else {
+        "trellis init"
+    })?;
+    if a.remove {
+        eprintln!("removed table ip {TABLE}");
+    } else {
+        eprintln!(
+            "installed table ip {TABLE}: outbound TCP → :{}, inbound TCP → :{}{}, mark {:#x} and loopback pass",
+            a.outbound_port,
+            a.inbound_port,
+            if a.no_dns {
+                String::new()
+            } else {
+                format!(", DNS → :{}", a.dns_port)
+            },
+            a.mark
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: InitArgs,
+    }
+
+    fn args(extra: &[&str]) -> InitArgs {
+        let mut v = vec!["t"];
+        v.extend(extra);
+        T::parse_from(v).a
+    }
+
+    #[test]
+    fn default_rules_redirect_and_exclude() {
+        let r = rules(&args(&[]));
+        assert!(r.starts_with("table ip trellis\ndelete table ip trellis\n"));
+        assert!(r.contains("meta mark 0x7e11 return"));
+        assert!(r.contains("udp dport 53 redirect to :15053"));
+        assert!(r.contains("tcp dport 53 redirect to :15053"));
+        assert!(r.contains("meta l4proto tcp redirect to :15001"));
+        assert!(r.contains("tcp dport { 15000 } return"));
+        assert!(r.contains("meta l4proto tcp redirect to :15006"));
+        // The mark is checked before anything is redirected, DNS before the
+        // loopback exclusion (a resolver on 127.0.0.53 is still caught).
+        let at = |s: &str| r.find(s).unwrap();
+        assert!(at("meta mark") < at("udp dport 53"));
+        assert!(at("udp dport 53") < at("oifname \"lo\""));
+        assert!(at("oifname \"lo\"") < at("redirect to :15001"));
+    }
+
+    #[test]
+    fn flags_change_ports_and_exclusions() {
+        let r = rules(&args(&[
+            "--outbound-port",
+            "1",
+            "--inbound-port",
+            "2",
+            "--admin-port",
+            "3",
+            "--mark",
+            "77",
+            "--exclude-inbound-ports",
+            "22,3",
+            "--no-dns",
+        ]));
+        assert!(r.contains("redirect to :1\n"));
+        assert!(r.contains("redirect to :2\n"));
+        assert!(r.contains("tcp dport { 3, 22 } return"));
+        assert!(r.contains("meta mark 0x4d return"));
+        assert!(!r.contains("dport 53"));
+    }
+
+    #[test]
+    fn marks_parse_in_hex_and_decimal() {
+        assert_eq!(parse_mark("0x7e11"), Ok(0x7e11));
+        assert_eq!(parse_mark("12"), Ok(12));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("x").is_err());
+    }
+
+    #[test]
+    fn removal_is_idempotent_by_construction() {
+        assert_eq!(
+            remove_rules(),
+            "table ip trellis\ndelete table ip trellis\n"
+        );
+    }
+}
