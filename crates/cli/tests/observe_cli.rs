@@ -1,0 +1,161 @@
+//! `trellis trace list|show -o json`, `edges` and `tap` against a real
+//! control plane: the JSON that scripts rely on, and tap's refusal
+//! without the admin token.
+
+use std::process::Command;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+use trellis_control::{ControlConfig, ControlPlane};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+
+fn span(id: u8, parent: Option<u8>, start: u64) -> Span {
+    Span {
+        trace_id: vec![0xab; 16],
+        span_id: vec![id; 8],
+        parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+        name: format!("GET s{id}"),
+        kind: 2,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + 2_000_000,
+        ..Default::default()
+    }
+}
+
+fn trellis(server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--server", server])
+        .env_remove("TRELLIS_ADMIN_TOKEN")
+        .env("TRELLIS_SERVER", server)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("trellis runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_edges_and_tap_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControlConfig::new(dir.path().join("control"));
+    cfg.http_addr = ([127, 0, 0, 1], 0).into();
+    cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
+    let control = ControlPlane::start(cfg)
+        .await
+        .expect("control plane starts");
+    let server = format!("http://{}", control.http_addr);
+
+    // Spans from an app, over OTLP/HTTP.
+    let req = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("shop".into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span(1, None, 1_000), span(2, Some(1), 2_000)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let resp = trellis_testkit::http_request(
+        http::Method::POST,
+        &format!("{server}/v1/traces"),
+        &[("content-type", "application/x-protobuf")],
+        req.encode_to_vec().into(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let server2 = server.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || trellis(&server2, &["trace", "list", "-o", "json"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = "ab".repeat(16);
+    assert_eq!(v["traces"][0]["traceId"], id, "{v}");
+    assert_eq!(v["traces"][0]["rootService"], "shop");
+
+    let server2 = server.clone();
+    let id2 = id.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        trellis(&server2, &["trace", "show", &id2, "-o", "json"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let spans = v["spans"].as_array().unwrap();
+    assert_eq!(spans.len(), 2);
+    assert_eq!(spans[0]["spanId"], "01".repeat(8));
+    assert_eq!(spans[0]["parentSpanId"], "");
+    assert_eq!(spans[1]["parentSpanId"], "01".repeat(8));
+
+    let server2 = server.clone();
+    let (ok, out, _) =
+        tokio::task::spawn_blocking(move || trellis(&server2, &["trace", "show", &id]))
+            .await
+            .unwrap();
+    assert!(ok);
+    assert!(
+        out.contains("\n  GET s2"),
+        "the child is indented under its parent:\n{out}"
+    );
+
+    let server2 = server.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || trellis(&server2, &["edges", "-o", "json"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["edges"].is_array());
+
+    // No admin token: refused.
+    let server2 = server.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        trellis(
+            &server2,
+            &["--data-dir", "/nonexistent", "tap", "--duration", "1s"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("admin token"), "{err}");
+    // A wrong token: the control plane refuses it.
+    let bad = dir.path().join("bad-token");
+    std::fs::write(&bad, "nope").unwrap();
+    let server2 = server.clone();
+    let bad2 = bad.display().to_string();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        trellis(
+            &server2,
+            &["tap", "--token-file", &bad2, "--duration", "1s"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    control.shutdown().await;
+}
