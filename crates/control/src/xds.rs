@@ -180,6 +180,8 @@ impl Actor {
         mut store_events: broadcast::Receiver<StoreEvent>,
     ) {
         let mut store_open = true;
+        // Publish at once: the CA reads the certificate TTL from here.
+        self.publish();
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {

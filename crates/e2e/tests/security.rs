@@ -552,8 +552,11 @@ async fn certificates_rotate_under_load_without_a_failure() {
         failed, 0,
         "{failed} of {sent} requests failed across rotations"
     );
+    // Renewal at about half-life: some 8 certificates in 2 minutes, never a
+    // renewal storm.
     assert!(
-        serials.len() >= 4,
-        "expected several rotations in 2 minutes with a 30s TTL, saw {serials:?}"
+        (4..=16).contains(&serials.len()),
+        "expected about 8 certificates in 2 minutes with a 30s TTL, saw {}",
+        serials.len()
     );
 }

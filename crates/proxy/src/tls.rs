@@ -33,6 +33,9 @@ pub struct Credentials {
     pub bundle_pem: Vec<String>,
     pub info: CertInfo,
     pub server: Arc<ServerConfig>,
+    /// When this proxy got the certificate (unix seconds): its useful life
+    /// starts here, not at the backdated not-before.
+    installed_at: i64,
 }
 
 impl Credentials {
@@ -64,6 +67,10 @@ impl Credentials {
             bundle_pem,
             info,
             server: Arc::new(server),
+            installed_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64,
         })
     }
 
@@ -206,9 +213,12 @@ impl Tls {
         let Some(c) = self.current() else {
             return Duration::ZERO;
         };
-        let life = (c.info.not_after - c.info.not_before).max(1) as f64;
+        // The useful life starts when the certificate arrived, not at its
+        // backdated not-before.
+        let start = c.installed_at.max(c.info.not_before);
+        let life = (c.info.not_after - start).max(1) as f64;
         let jitter = rand::rng().random_range(0.4..0.6);
-        let at = c.info.not_before as f64 + life * jitter;
+        let at = start as f64 + life * jitter;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
