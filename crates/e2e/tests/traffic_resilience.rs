@@ -279,3 +279,122 @@ async fn active_health_checks_take_an_endpoint_out_and_back() {
     })
     .await;
 }
+
+const RETRY_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: orders
+  annotations: {trellis.dev/retry-non-idempotent: "ANNOTATION"}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+  - backendRefs: [{name: catalog}]
+    timeouts: {backendRequest: 200ms}
+    retry: {attempts: 2, codes: [503], backoff: 1ms}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  loadBalancer: {type: round-robin}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() {
+    use bytes::Bytes;
+    use http::Method;
+
+    let mesh = TestMesh::start().await;
+    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&RETRY_ROUTE.replace("ANNOTATION", "false"))
+        .await
+        .expect("apply route");
+    let bad = replica(&mesh, "catalog", "catalog-0", &[]).await;
+    let good = replica(&mesh, "catalog", "catalog-1", &[]).await;
+    bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    wait_endpoints(&mesh, "catalog", 2).await;
+    let mut client = Client::new(frontend.outbound_addr);
+    let post = |i: usize| {
+        (
+            Method::POST,
+            format!("http://catalog:8080/orders/{i}"),
+            Bytes::from(format!("order {i}")),
+        )
+    };
+    client.get("http://catalog:8080/").await;
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 2).await;
+
+    // Not allowed: a POST that reached the failing instance fails.
+    let mut failed = 0;
+    for i in 0..40 {
+        let (m, url, body) = post(i);
+        let a = client.send(m, &url, &[], body).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        }
+    }
+    assert!((10..=30).contains(&failed), "{failed} of 40 POSTs failed");
+    // GETs are idempotent: all retried to success.
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", 40, 1).await;
+    assert_eq!(l.ok_share(), 1.0);
+
+    // Allowed: every POST succeeds, its body sent again intact.
+    mesh.apply(&RETRY_ROUTE.replace("ANNOTATION", "true"))
+        .await
+        .expect("apply route");
+    eventually(
+        "the annotation is in force",
+        Duration::from_secs(10),
+        || async {
+            let mut c = Client::new(frontend.outbound_addr);
+            for i in 0..6 {
+                let (m, url, body) = post(1000 + i);
+                if c.send(m, &url, &[], body).await.status != StatusCode::OK {
+                    return Err("a POST failed");
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    for i in 0..40 {
+        let (m, url, body) = post(100 + i);
+        let a = client.send(m, &url, &[], body).await;
+        assert_eq!(a.status, StatusCode::OK, "POST {i}");
+    }
+    let retried = bad
+        .app
+        .seen()
+        .into_iter()
+        .filter(|s| s.path_and_query == "/orders/120")
+        .count()
+        + good
+            .app
+            .seen()
+            .into_iter()
+            .filter(|s| s.path_and_query == "/orders/120")
+            .count();
+    assert!((1..=2).contains(&retried));
+    let copy = good
+        .app
+        .seen()
+        .into_iter()
+        .find(|s| s.path_and_query == "/orders/120")
+        .expect("the good instance got order 120");
+    assert_eq!(copy.body, Bytes::from("order 120"));
+
+    // A try slower than backendRequest (200ms) is abandoned and retried.
+    bad.app.behaviour.fail_with.store(0, Ordering::SeqCst);
+    bad.app.behaviour.delay_ms.store(1000, Ordering::SeqCst);
+    let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 1).await;
+    assert_eq!(l.ok_share(), 1.0);
+    assert_eq!(l.share_of("catalog-1"), 1.0);
+    assert!(
+        l.quantile(1.0) < Duration::from_millis(900),
+        "{:?}",
+        l.quantile(1.0)
+    );
+}

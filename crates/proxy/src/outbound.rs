@@ -413,7 +413,7 @@ async fn forward(
             return (Err(ProxyError::upstream("no endpoint")), None);
         };
         // An upgraded connection is one of the pool's connections.
-        let Some(_conn) = backend
+        let Some(permit) = backend
             .traffic
             .acquire(Limit::Connections, backend.policy.max_connections)
         else {
@@ -429,7 +429,7 @@ async fn forward(
             Err(e) => return (Err(e), Some(ep)),
         };
         let io = match ep.open(creds.as_deref(), trellis_identity::ALPN_HTTP1).await {
-            Ok(io) => io,
+            Ok(io) => crate::traffic::forward::HeldIo::new(io, permit),
             Err(e) => return (Err(e), Some(ep)),
         };
         return (forward_upgrade(req, io).await, Some(ep));
