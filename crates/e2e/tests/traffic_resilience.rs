@@ -265,6 +265,25 @@ async fn active_health_checks_take_an_endpoint_out_and_back() {
     )
     .await;
     assert!(fails >= 2.0, "{fails}");
+    // The caller's /config shows why.
+    let (_, body) =
+        trellis_testkit::http_get(&format!("http://{}/config", frontend.admin_addr), None).await;
+    let cfg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let catalog = cfg["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "catalog")
+        .unwrap();
+    assert_eq!(catalog["loadBalancer"], "round-robin");
+    assert_eq!(
+        catalog["trafficPolicy"]["spec"]["healthCheck"]["path"],
+        "/healthz"
+    );
+    for ep in catalog["endpoints"].as_array().unwrap() {
+        let failing = ep["workload"] == "catalog-0";
+        assert_eq!(ep["failingHealthChecks"], failing, "{ep}");
+    }
 
     replicas[0]
         .app

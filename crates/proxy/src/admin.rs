@@ -102,15 +102,30 @@ pub fn config_json(inputs: &Inputs) -> serde_json::Value {
         .services
         .iter()
         .map(|s| {
+            let live = snap
+                .services
+                .get(&crate::snapshot::SvcKey::new(&s.namespace, &s.name));
             serde_json::json!({
                 "namespace": s.namespace,
                 "name": s.name,
                 "service": parse(&s.service_json),
                 "routes": s.routes_json.iter().map(|r| parse(r)).collect::<Vec<_>>(),
-                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
-                    "address": e.address, "instance": e.instance, "workload": e.workload,
-                    "namespace": e.namespace, "identity": e.identity,
-                })).collect::<Vec<_>>(),
+                "grpcRoutes": s.grpc_routes_json.iter().map(|r| parse(r)).collect::<Vec<_>>(),
+                "trafficPolicy": parse(&s.traffic_policy_json),
+                "loadBalancer": live.map(|l| l.policy.balancer.as_str()),
+                "endpoints": s.endpoints.iter().map(|e| {
+                    let state = live.and_then(|l| {
+                        l.endpoints.iter().find(|x| x.addr.to_string() == e.address)
+                    });
+                    serde_json::json!({
+                        "address": e.address, "instance": e.instance, "workload": e.workload,
+                        "namespace": e.namespace, "identity": e.identity,
+                        // Traffic management's view of the endpoint.
+                        "ejected": state.map(|x| x.health.ejected(crate::traffic::now_nanos())),
+                        "failingHealthChecks": state.map(|x| x.health.actively_unhealthy()),
+                        "inFlight": state.map(|x| x.load.pending()),
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();
