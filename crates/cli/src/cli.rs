@@ -214,6 +214,9 @@ pub struct ProxyArgs {
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_grace: std::time::Duration,
+    /// Pods mode (transparent interception).
+    #[command(flatten)]
+    pub pods: crate::init::TransparentArgs,
 }
 
 #[derive(Debug, Args)]

@@ -56,6 +56,51 @@ pub struct InitArgs {
     pub no_dns: bool,
 }
 
+/// `trellis proxy` flags for pods mode.
+#[derive(Clone, Debug, Args)]
+pub struct TransparentArgs {
+    /// Take connections redirected by `trellis init` (SO_ORIGINAL_DST),
+    /// mark the proxy's own sockets and serve DNS for service names.
+    #[arg(long)]
+    pub transparent: bool,
+    /// The mark of the proxy's sockets (must match `trellis init --mark`).
+    #[arg(long = "mark", default_value = "0x7e11", value_parser = parse_mark, requires = "transparent")]
+    pub transparent_mark: u32,
+    /// Where the DNS server listens (UDP and TCP); `off` for none.
+    #[arg(long, default_value = "127.0.0.1:15053", value_parser = parse_dns_addr, requires = "transparent")]
+    pub dns_addr: DnsAddr,
+    /// Nameservers for names outside the mesh (default: the non-loopback
+    /// nameservers of /etc/resolv.conf).
+    #[arg(
+        long = "dns-upstream",
+        value_name = "IP:PORT",
+        requires = "transparent"
+    )]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DnsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
+    if s == "off" {
+        return Ok(DnsAddr(None));
+    }
+    s.parse()
+        .map(|a| DnsAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not IP:PORT or `off`"))
+}
+
+impl TransparentArgs {
+    pub fn settings(&self) -> Option<transparent::Settings> {
+        self.transparent.then(|| transparent::Settings {
+            mark: self.transparent_mark,
+            dns_addr: self.dns_addr.0,
+            dns_upstreams: self.dns_upstreams.clone(),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("`nft` was not found: install nftables (e.g. `apt-get install nftables`)")]

@@ -52,6 +52,7 @@ pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyCo
     cfg.upstreams = args.upstreams.clone();
     cfg.instance = args.instance.clone();
     cfg.drain_grace = args.drain_grace;
+    cfg.transparent = args.pods.settings();
     cfg.validate()?;
     Ok(cfg)
 }

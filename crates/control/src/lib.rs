@@ -15,6 +15,7 @@ pub mod observe_api;
 pub mod registry;
 pub mod stats;
 pub mod store;
+pub mod vips;
 pub mod tap;
 pub mod traces;
 pub mod xds;

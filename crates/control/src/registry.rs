@@ -381,6 +381,8 @@ pub struct Registry {
     pub resources: ResourceIndex,
     /// The roots every proxy must trust, current first.
     pub trust_bundle: Vec<String>,
+    /// Each Service's stable virtual IP (pods mode).
+    pub vips: crate::vips::Vips,
 }
 
 /// Endpoints per service, computed once per round of config updates.
@@ -511,7 +513,7 @@ impl Registry {
                 service_json: to_json(svc),
                 routes_json: routes.iter().map(to_json).collect(),
                 endpoints: self.endpoints(&name, cache),
-                vip: String::new(),
+                vip: self.vips.get(&name).map(|v| v.to_string()).unwrap_or_default(),
                 traffic_policy_json: self.traffic_policy_json(&name),
                 grpc_routes_json: grpc_routes.iter().map(to_json).collect(),
             };
@@ -531,7 +533,7 @@ impl Registry {
                     service_json: to_json(svc),
                     routes_json: Vec::new(),
                     endpoints: self.endpoints(&name, cache),
-                    vip: String::new(),
+                    vip: self.vips.get(&name).map(|v| v.to_string()).unwrap_or_default(),
                     // Endpoint-level settings (balancer, pool, outlier
                     // detection, health checks) follow the backend.
                     traffic_policy_json: self.traffic_policy_json(&name),

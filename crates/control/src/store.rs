@@ -19,6 +19,8 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 /// Store-wide values; only the revision for now.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
+/// The control plane's own state values (see `Store::get_state`).
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 /// How many events a slow watcher may fall behind before it sees `Lagged`.
 /// Watchers reload the whole state on lag, so this only bounds memory.
@@ -113,6 +115,15 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything durable and releases the backend; later calls fail
     /// with `StoreError::Closed`.
     async fn close(&self) -> Result<()>;
+    /// A small value of the control plane's own state (not a resource, no
+    /// revision, no event), e.g. the service VIP table.
+    async fn get_state(&self, _key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Stores a state value durably. Backends without state keep nothing.
+    async fn put_state(&self, _key: &str, _value: Vec<u8>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The embedded store: one redb file. redb commits are durable and
@@ -382,6 +393,40 @@ impl Store for RedbStore {
 
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
+    }
+
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            // Stores written before the state table existed have none.
+            let table = match txn.open_table(STATE) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(redb::Error::from(e).into()),
+            };
+            let v = table.get(key.as_str()).map_err(redb::Error::from)?;
+            Ok(v.map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        let key = key.to_string();
+        let write_lock = self.write_lock.clone();
+        self.blocking(move |db| {
+            let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let txn = db.begin_write().map_err(redb::Error::from)?;
+            {
+                let mut table = txn.open_table(STATE).map_err(redb::Error::from)?;
+                table
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(redb::Error::from)?;
+            }
+            txn.commit().map_err(redb::Error::from)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn close(&self) -> Result<()> {

@@ -119,6 +119,16 @@ enum Scope {
     Affected(BTreeSet<ServiceName>, Option<ConnId>),
 }
 
+/// Gives new Services a VIP and stores the table before any proxy sees
+/// it, so an address handed out survives a restart.
+async fn assign_vips(registry: &mut Registry, store: &dyn Store) {
+    if registry.vips.assign(registry.resources.services.keys()) {
+        if let Err(e) = registry.vips.save(store).await {
+            warn!(error = %e, "cannot store the service VIP table; VIPs may change on restart");
+        }
+    }
+}
+
 /// Starts the actor on the store's current state.
 pub async fn start(
     store: Arc<dyn Store>,
@@ -128,11 +138,18 @@ pub async fn start(
     // Watch before listing, so no change falls between the two.
     let store_events = store.watch();
     let (resources, revision) = store.list(None).await?;
-    let registry = Registry {
+    let mut registry = Registry {
         proxies: Default::default(),
         resources: ResourceIndex::new(&resources),
         trust_bundle,
+        vips: crate::vips::Vips::load(store.as_ref())
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the service VIP table; assigning anew");
+                Default::default()
+            }),
     };
+    assign_vips(&mut registry, store.as_ref()).await;
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     // Versions start at the wall clock so that they keep growing across
@@ -215,6 +232,7 @@ impl Actor {
         match self.store.list(None).await {
             Ok((resources, revision)) => {
                 self.registry.resources = ResourceIndex::new(&resources);
+                assign_vips(&mut self.registry, self.store.as_ref()).await;
                 self.revision = revision;
                 self.update(Scope::All);
             }

@@ -48,6 +48,10 @@ pub struct ProxyConfig {
     /// How long in-flight requests may take to finish on shutdown.
     #[serde(with = "secs")]
     pub drain_grace: Duration,
+    /// Pods mode: take connections redirected by `trellis init` (see
+    /// `transparent`); omitted: explicit proxy and `--upstream` only.
+    #[serde(default)]
+    pub transparent: Option<crate::transparent::Settings>,
 }
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
@@ -114,6 +118,7 @@ impl ProxyConfig {
             upstreams: Vec::new(),
             instance: None,
             drain_grace: Duration::from_secs(10),
+            transparent: None,
         }
     }
 

@@ -125,7 +125,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Opens a TCP connection with a bounded wait and Nagle off.
 pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    // Marked in pods mode, so the redirect rules let it pass.
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::transparent::connect_marked(addr))
         .await
         .map_err(|_| ProxyError::upstream_connect(addr, "connect timed out"))?
         .map_err(|e| ProxyError::upstream_connect(addr, e))?;

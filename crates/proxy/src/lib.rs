@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod detect;
 pub mod discovery;
+pub mod dns;
 pub mod endpoint;
 pub mod error;
 pub mod http;
@@ -184,6 +185,7 @@ impl Proxy {
         let inbound = inbound::Inbound::new(inputs.clone()).await?;
         let outbound = outbound::Outbound::new(inputs.clone()).await?;
         let admin = admin::Admin::new(inputs.clone()).await?;
+        let dns = transparent::start(&cfg, inputs.clone()).await?;
         let proxy = Proxy {
             inbound_addr: inbound.local_addr(),
             outbound_addr: outbound.local_addr(),
@@ -224,6 +226,9 @@ impl Proxy {
         tokio::spawn(tls.clone().run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
+        if let Some(dns) = dns {
+            tokio::spawn(dns.run(shutdown_rx.clone()));
+        }
         tokio::spawn(outbound.run(shutdown_rx));
         tracing::info!(inbound = %proxy.inbound_addr, outbound = %proxy.outbound_addr, admin = %proxy.admin_addr, "proxy ready");
         Ok(proxy)

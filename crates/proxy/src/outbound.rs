@@ -141,6 +141,11 @@ impl Outbound {
                     let _ = tcp.set_nodelay(true);
                     let inputs = self.inputs.clone();
                     let sd = shutdown.clone();
+                    // Pods mode: a redirected connection keeps its original destination.
+                    if let Some(orig) = inputs.cfg.transparent.as_ref().and_then(|_| crate::transparent::original_dst(&tcp)) {
+                        tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
+                        continue;
+                    }
                     tokio::spawn(serve_connection(tcp, sd.clone(), move |req| handle(inputs.clone(), req, None, sd.clone())));
                 }
                 _ = shutdown.changed() => return,
@@ -151,7 +156,7 @@ impl Outbound {
 
 /// A connection bound for one service: HTTP is served and routed, anything
 /// else is carried as opaque TCP.
-async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target, shutdown: watch::Receiver<bool>)
+pub(crate) async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target, shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -525,7 +530,7 @@ async fn egress(inputs: Arc<Inputs>, mut req: Request<Incoming>, target: &Target
 }
 
 /// Opaque TCP to a service (or, outside the mesh, straight to the target).
-async fn tcp_to<S>(inputs: Arc<Inputs>, mut io: S, target: Target)
+pub(crate) async fn tcp_to<S>(inputs: Arc<Inputs>, mut io: S, target: Target)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -6,10 +6,46 @@
 //! The mark is process-wide: it is set once at start-up (`--mark`) and read
 //! by every connect, so call sites need no extra argument.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use trellis_resource::Protocol;
+
+use crate::inputs::Inputs;
+use crate::metrics::{Direction, Peers, TcpLabels};
+use crate::outbound::Target;
+use crate::snapshot::SvcKey;
+
+/// `trellis proxy --transparent`: what pods mode adds to the proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The mark of every socket the proxy opens, which the redirect rules
+    /// let pass (it must match `trellis init --mark`).
+    pub mark: u32,
+    /// Where the DNS server for service names listens (UDP and TCP);
+    /// omitted: no DNS server.
+    pub dns_addr: Option<SocketAddr>,
+    /// Nameservers for names outside the mesh; empty: the non-loopback
+    /// nameservers of /etc/resolv.conf.
+    #[serde(default)]
+    pub dns_upstreams: Vec<SocketAddr>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mark: DEFAULT_MARK,
+            dns_addr: Some(SocketAddr::from(([127, 0, 0, 1], DNS_PORT))),
+            dns_upstreams: Vec::new(),
+        }
+    }
+}
 
 /// The mark `trellis init` excludes and `trellis proxy --transparent` sets
 /// by default ("te11" in a hex-ish spelling; any value unused on the host
@@ -77,6 +113,106 @@ pub fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
         return None;
     }
     Some(orig)
+}
+
+/// Pods mode at start-up: marks this process's sockets and binds the DNS
+/// server (started by the caller once the proxy is ready).
+pub async fn start(
+    cfg: &crate::ProxyConfig,
+    inputs: Arc<Inputs>,
+) -> anyhow::Result<Option<crate::dns::DnsServer>> {
+    let Some(t) = &cfg.transparent else {
+        return Ok(None);
+    };
+    set_mark(t.mark);
+    // Fail now, not on the first connection, when marking is not allowed.
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    mark_socket(&probe)?;
+    let Some(addr) = t.dns_addr else {
+        return Ok(None);
+    };
+    Ok(Some(
+        crate::dns::DnsServer::new(inputs, addr, t.dns_upstreams.clone()).await?,
+    ))
+}
+
+/// The mesh service whose VIP is `ip`, among those this proxy knows (its
+/// app resolved the name through this proxy's DNS server, which subscribed
+/// to it), and whether `port` is declared `protocol: tcp`.
+pub fn service_of_vip(inputs: &Inputs, ip: IpAddr, port: u16) -> Option<(SvcKey, bool)> {
+    let snap = inputs.discovery.snapshot();
+    let sc = snap
+        .raw
+        .services
+        .iter()
+        .find(|s| s.vip.parse::<IpAddr>().ok() == Some(ip))?;
+    let key = SvcKey::new(&sc.namespace, &sc.name);
+    let opaque = snap.service(&key).is_some_and(|svc| {
+        svc.spec
+            .ports
+            .iter()
+            .any(|p| p.port == port && p.protocol == Some(Protocol::Tcp))
+    });
+    Some((key, opaque))
+}
+
+/// A connection the redirect rules sent to the outbound listener: to a
+/// service VIP it is routed like an `--upstream` connection (HTTP detected
+/// and routed per request, else opaque TCP; ports declared `protocol: tcp`
+/// skip detection); to any other address it passes through unchanged.
+pub async fn serve_outbound(
+    inputs: Arc<Inputs>,
+    tcp: TcpStream,
+    orig: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    match service_of_vip(&inputs, orig.ip(), orig.port()) {
+        Some((key, opaque)) => {
+            let target = Target {
+                host: format!("{}.{}.svc", key.name, key.namespace),
+                port: orig.port(),
+            };
+            if opaque {
+                crate::outbound::tcp_to(inputs, tcp, target).await
+            } else {
+                crate::outbound::serve_fixed(inputs, tcp, target, shutdown).await
+            }
+        }
+        None => passthrough(inputs, tcp, orig).await,
+    }
+}
+
+/// Egress: a marked connection to where the app was going.
+async fn passthrough(inputs: Arc<Inputs>, mut tcp: TcpStream, orig: SocketAddr) {
+    let up = tokio::time::timeout(Duration::from_secs(10), connect_marked(orig)).await;
+    let mut up = match up {
+        Ok(Ok(up)) => up,
+        Ok(Err(e)) => {
+            tracing::debug!(%orig, error = %e, "egress connection failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%orig, "egress connection timed out");
+            return;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    let labels = TcpLabels {
+        peers: Peers {
+            direction: Direction::outbound,
+            source_namespace: inputs.cfg.namespace.clone(),
+            source_workload: inputs.cfg.workload.clone(),
+            destination_namespace: String::new(),
+            destination_service: orig.ip().to_string(),
+            destination_workload: String::new(),
+        },
+        tls: false,
+    };
+    inputs.metrics.tcp_opened(&labels);
+    let (sent, received) = tokio::io::copy_bidirectional(&mut tcp, &mut up)
+        .await
+        .unwrap_or((0, 0));
+    inputs.metrics.tcp_closed(&labels, sent, received);
 }
 
 #[cfg(test)]
