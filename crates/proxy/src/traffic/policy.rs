@@ -444,4 +444,44 @@ mod tests {
         let _c = t.acquire(Limit::Pending, None).unwrap();
         assert_eq!(t.in_use(Limit::Pending), 1);
     }
+
+    #[test]
+    fn counters_and_endpoint_health_outlive_config_versions() {
+        use crate::snapshot::{Snapshot, SvcKey};
+        use trellis_api::v1::{Config, Endpoint, ServiceConfig};
+        let service = r#"{"apiVersion":"trellis.dev/v1alpha1","kind":"Service","metadata":{"name":"catalog"},"spec":{"selector":{"app":"catalog"},"ports":[{"port":80}]}}"#;
+        let policy = r#"{"apiVersion":"trellis.dev/v1alpha1","kind":"TrafficPolicy","metadata":{"name":"catalog"},"spec":{"targetRef":{"name":"catalog"},"loadBalancer":{"type":"least-request"},"connectionPool":{"maxRequests":3}}}"#;
+        let config = |version: u64, policy: &str| Config {
+            version,
+            services: vec![ServiceConfig {
+                namespace: "default".into(),
+                name: "catalog".into(),
+                service_json: service.into(),
+                traffic_policy_json: policy.into(),
+                endpoints: vec![Endpoint {
+                    address: "127.0.0.1:7000".into(),
+                    instance: "catalog-0".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let key = SvcKey::new("default", "catalog");
+        let first = Snapshot::build(config(1, policy), &Snapshot::default()).unwrap();
+        let svc = first.service(&key).unwrap();
+        assert_eq!(svc.policy.balancer, LoadBalancerType::LeastRequest);
+        assert_eq!(svc.policy.max_requests, Some(3));
+        let _held = svc.traffic.acquire(Limit::Requests, Some(3)).unwrap();
+        let second = Snapshot::build(config(2, ""), &first).unwrap();
+        let svc2 = second.service(&key).unwrap();
+        assert!(Arc::ptr_eq(&svc.traffic, &svc2.traffic));
+        assert_eq!(svc2.traffic.in_use(Limit::Requests), 1);
+        assert!(Arc::ptr_eq(&svc.endpoints[0], &svc2.endpoints[0]));
+        assert_eq!(svc2.policy, Policy::default());
+        // A policy the proxy cannot use rejects the whole config.
+        let bad = r#"{"apiVersion":"trellis.dev/v1alpha1","kind":"TrafficPolicy","metadata":{"name":"catalog"},"spec":{"targetRef":{"name":"catalog"},"retry":{"backoff":"soon"}}}"#;
+        let err = Snapshot::build(config(3, bad), &second).err().unwrap();
+        assert!(err.contains("retry.backoff"), "{err}");
+    }
 }
