@@ -141,7 +141,7 @@ async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
     for t in tasks {
         t.await.unwrap();
     }
-    let results = results.lock().unwrap();
+    let results = std::mem::take(&mut *results.lock().unwrap());
     let passed = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
     let limited = results
         .iter()
