@@ -412,7 +412,7 @@ async fn forward(
     if is_upgrade(&req) {
         let ep = backend
             .balancer
-            .pick(&backend.endpoints, &backend.rr, &PickCtx::default())
+            .pick(&backend.endpoints, &backend.rr, &zone_ctx(inputs))
             .map(|p| p.endpoint.clone());
         let Some(ep) = ep else {
             return (Err(ProxyError::upstream("no endpoint")), None);
@@ -477,6 +477,19 @@ async fn forward(
         modify_headers(&mut parts.headers, m);
     }
     crate::traffic::forward::forward(inputs, parts, uri, body, creds, svc, backend, rule).await
+}
+
+/// The balancer's context for a connection (no hash key): the caller's zone
+/// (`ZONE_LABEL`), so that locality applies to tunnels and TCP too.
+fn zone_ctx(inputs: &Inputs) -> PickCtx<'_> {
+    PickCtx {
+        zone: inputs
+            .cfg
+            .labels
+            .get(trellis_resource::ZONE_LABEL)
+            .map(String::as_str),
+        ..Default::default()
+    }
 }
 
 /// A request for a host outside the mesh goes there directly.
@@ -558,7 +571,7 @@ where
         Some(svc) => {
             let ep = svc
                 .balancer
-                .pick(&svc.endpoints, &svc.rr, &PickCtx::default())
+                .pick(&svc.endpoints, &svc.rr, &zone_ctx(&inputs))
                 .map(|p| p.endpoint.clone());
             let Some(ep) = ep else {
                 tracing::warn!(service = %svc.key, "closing TCP connection: the service has no endpoints");
