@@ -148,6 +148,10 @@ pub struct UpArgs {
     /// How long to wait for the mesh to become ready.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
+    /// Pods mode: the pods' IPv4 subnet (default: a free /24 in
+    /// 10.200.0.0-10.249.255.0); must not overlap the host's routes.
+    #[arg(long, value_name = "CIDR")]
+    pub subnet: Option<String>,
 }
 
 #[derive(Debug, Args)]

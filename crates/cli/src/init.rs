@@ -54,6 +54,18 @@ pub struct InitArgs {
     /// Do not redirect DNS.
     #[arg(long)]
     pub no_dns: bool,
+    /// Destinations the app reaches directly (comma-separated IPv4 CIDRs),
+    /// e.g. the control plane's address for the proxy's own API calls.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...", value_parser = parse_cidr)]
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+fn parse_cidr(s: &str) -> Result<String, String> {
+    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+    match (ip.parse::<std::net::Ipv4Addr>(), len.parse::<u8>()) {
+        (Ok(ip), Ok(len)) if len <= 32 => Ok(format!("{ip}/{len}")),
+        _ => Err(format!("{s:?} is not an IPv4 CIDR (e.g. 10.1.0.1/32)")),
+    }
 }
 
 /// `trellis proxy` flags for pods mode.
@@ -136,6 +148,14 @@ pub fn rules(a: &InitArgs) -> String {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    let excluded_out = if a.exclude_outbound_cidrs.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\t\tip daddr {{ {} }} return\n",
+            a.exclude_outbound_cidrs.join(", ")
+        )
+    };
     let dns = if a.no_dns {
         String::new()
     } else {
@@ -154,6 +174,7 @@ pub fn rules(a: &InitArgs) -> String {
          {dns}\
          \t\toifname \"lo\" return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
+         {excluded_out}\
          \t\tmeta l4proto tcp redirect to :{out}\n\
          \t}}\n\
          \tchain prerouting {{\n\
@@ -303,7 +324,10 @@ mod tests {
             "--exclude-inbound-ports",
             "22,3",
             "--no-dns",
+            "--exclude-outbound-cidrs",
+            "10.9.0.1,10.8.0.0/16",
         ]));
+        assert!(r.contains("ip daddr { 10.9.0.1/32, 10.8.0.0/16 } return"));
         assert!(r.contains("redirect to :1\n"));
         assert!(r.contains("redirect to :2\n"));
         assert!(r.contains("tcp dport { 3, 22 } return"));

@@ -235,8 +235,19 @@ fn commands_without_a_mesh_say_what_to_do() {
     );
     assert!(ok(dir, &["down"]).starts_with("nothing to stop"));
 
-    let pods = trellis(dir, &["up", "-f", DEMO, "--mode", "pods"]);
-    assert!(text(&pods.stderr).contains("pods mode is not available yet"));
+    // Pods mode refuses a bad subnet (as root) or says it needs root.
+    let pods = trellis(
+        dir,
+        &["up", "-f", DEMO, "--mode", "pods", "--subnet", "nonsense"],
+    );
+    assert!(!pods.status.success());
+    let err = text(&pods.stderr);
+    assert!(
+        err.contains("--subnet \"nonsense\"")
+            || err.contains("--subnet nonsense")
+            || err.contains("needs root"),
+        "{err}"
+    );
 
     let token = trellis(
         dir,

@@ -178,8 +178,10 @@ impl Resolver {
                 return resp.to_vec().ok();
             }
             Mesh::Outside => {}
+            // The mesh is authoritative for its name forms (`NAME`, `.svc`):
+            // no upstream is asked, so a typo fails fast with NXDOMAIN.
             Mesh::NoSuchService => {
-                if self.upstreams.is_empty() && hosts_lookup(&self.read_hosts(), &name).is_empty() {
+                if hosts_lookup(&self.read_hosts(), &name).is_empty() {
                     resp.metadata.response_code = ResponseCode::NXDomain;
                     return resp.to_vec().ok();
                 }
@@ -257,28 +259,34 @@ impl Resolver {
     /// Asks each upstream in turn over UDP from a marked socket (so the
     /// redirect rules let it out); returns the first answer as is.
     async fn forward(&self, query: &[u8]) -> Option<Vec<u8>> {
-        for up in &self.upstreams {
-            let r = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-                let sock = marked_udp(up)?;
-                sock.send_to(query, up).await?;
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    let (n, from) = sock.recv_from(&mut buf).await?;
-                    if from == *up && n >= 2 && buf[..2] == query[..2] {
-                        buf.truncate(n);
-                        return Ok::<_, std::io::Error>(buf);
-                    }
-                }
-            })
-            .await;
-            match r {
-                Ok(Ok(answer)) => return Some(answer),
-                Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "DNS upstream failed"),
-                Err(_) => tracing::debug!(upstream = %up, "DNS upstream timed out"),
-            }
-        }
-        None
+        forward(&self.upstreams, query).await
     }
+}
+
+/// Asks each upstream in turn over UDP from a marked socket; the first
+/// answer is returned as is.
+pub async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let r = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
+            let sock = marked_udp(up)?;
+            sock.send_to(query, up).await?;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, from) = sock.recv_from(&mut buf).await?;
+                if from == *up && n >= 2 && buf[..2] == query[..2] {
+                    buf.truncate(n);
+                    return Ok::<_, std::io::Error>(buf);
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(Ok(answer)) => return Some(answer),
+            Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "DNS upstream failed"),
+            Err(_) => tracing::debug!(upstream = %up, "DNS upstream timed out"),
+        }
+    }
+    None
 }
 
 enum Mesh {
@@ -365,6 +373,36 @@ mod tests {
         );
         assert_eq!(hosts_lookup(h, "localhost").len(), 2);
         assert!(hosts_lookup(h, "gone").is_empty());
+    }
+
+    #[tokio::test]
+    async fn forwards_to_the_first_upstream_that_answers() {
+        // A fake upstream that echoes the query back as a NOERROR answer.
+        let up = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, peer) = up.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.add_query(q.queries[0].clone());
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
+            ));
+            up.send_to(&r.to_vec().unwrap(), peer).await.unwrap();
+        });
+        // A dead upstream first: it is skipped after its timeout.
+        let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let q = query("www.example.com", RecordType::A);
+        let answer = forward(&[dead.local_addr().unwrap(), up_addr], &q)
+            .await
+            .expect("an answer");
+        let m = Message::from_vec(&answer).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.answers.len(), 1);
+        assert!(forward(&[dead.local_addr().unwrap()], &q).await.is_none());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 pub mod mesh;
 pub mod plan;
+pub mod podnet;
+pub mod pods;
 pub mod process;
 pub mod state;
 
@@ -22,7 +24,7 @@ fn no_mesh(global: &Global) -> String {
 pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
     match args.mode {
         Mode::Auto | Mode::Process => {}
-        Mode::Pods => anyhow::bail!("pods mode is not available yet: use --mode process (or auto)"),
+        Mode::Pods => return pods::up(global, args, args.subnet.clone()).await,
     }
     let loaded = crate::resources::load(&args.file)?;
     let opts = Options {
@@ -50,12 +52,23 @@ pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
 pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
     let dir = &global.data_dir;
     let Some(state) = RunState::read(dir)? else {
-        println!("nothing to stop in {}", dir.display());
+        // A pods-mode run that died before writing run.json: its network.
+        let removed = podnet::cleanup(dir)?;
+        if removed.is_empty() {
+            println!("nothing to stop in {}", dir.display());
+        } else {
+            println!("removed {}", removed.join(", "));
+        }
         return Ok(ExitCode::SUCCESS);
     };
     let marker = dir.join(mesh::STOPPING);
     let _ = std::fs::write(&marker, b"");
     let stopped = mesh::stop_state(&state);
+    // Pods mode: namespaces, links, bridge (after their processes stopped).
+    let removed = podnet::cleanup(dir)?;
+    if !removed.is_empty() {
+        println!("removed {}", removed.join(", "));
+    }
     RunState::remove(dir)?;
     let _ = std::fs::remove_file(&marker);
     if let Err(e) = mesh::remove_state_dirs(dir) {
@@ -156,6 +169,9 @@ fn parse_target(target: &str) -> anyhow::Result<(&str, u32)> {
 
 pub fn exec(global: &Global, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let (workload, replica) = parse_target(&args.target)?;
+    if let Some(code) = pods::exec(global, args, workload, replica)? {
+        return Ok(code);
+    }
     let state =
         RunState::read(&global.data_dir)?.ok_or_else(|| anyhow::anyhow!(no_mesh(global)))?;
     let ns = global.namespace.as_deref();
