@@ -1,0 +1,424 @@
+//! `trellis up --mode pods` end to end (needs root; see `netns::can_run`):
+//! unmodified clients in pods call services by name with no proxy
+//! settings, through their sidecars, and `down` leaves nothing behind.
+
+mod netns;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A server-speaks-first TCP service: greets, then answers one line.
+const GREETER: &str = r#"
+import os, socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"]))); s.listen(64)
+def serve(c):
+    try:
+        c.sendall(b"220 greeter ready\r\n")
+        line = c.makefile("rb").readline().strip()
+        c.sendall(b"250 got " + line + b"\r\n")
+    finally:
+        c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Talks to a server-speaks-first service: prints its greeting and reply.
+const SMTP_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = c.makefile("rb")
+print(f.readline().decode().strip())
+c.sendall(b"HELO pods\r\n")
+print(f.readline().decode().strip())
+"#;
+
+/// One DNS query over UDP to any address (the pod's rules send port 53 to
+/// the sidecar): prints "rcode ancount".
+const DIG: &str = r#"
+import socket, struct, sys
+name, qtype = sys.argv[1], {"A": 1, "AAAA": 28}[sys.argv[2]]
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+q += struct.pack(">HH", qtype, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(q, ("10.0.0.53", 53))
+r = s.recv(512)
+_, flags, _, an, _, _ = struct.unpack(">HHHHHH", r[:12])
+print(flags & 0xf, an)
+"#;
+
+const URLLIB: &str = r#"
+import json, sys, urllib.request
+r = urllib.request.urlopen(sys.argv[1], timeout=10)
+print(r.status, json.load(r)["service"])
+"#;
+
+fn mesh_yaml() -> String {
+    format!(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Mesh
+metadata: {{name: default}}
+spec: {{mtls: strict}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: catalog}}
+spec:
+  selector: {{app: catalog}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: greeter}}
+spec:
+  selector: {{app: greeter}}
+  ports: [{{name: smtp, port: 2525, protocol: tcp}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: greeter-detected}}
+spec:
+  selector: {{app: greeter}}
+  ports: [{{name: smtp, port: 2526}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: client}}
+spec:
+  selector: {{app: client}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: catalog
+  labels: {{app: catalog}}
+spec:
+  replicas: 2
+  command: [trellis, demo-app]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: greeter
+  labels: {{app: greeter}}
+spec:
+  port: 2525
+  command: [python3, -c, {greeter:?}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: client
+  labels: {{app: client}}
+spec:
+  command: [trellis, demo-app]
+"#,
+        greeter = GREETER
+    )
+}
+
+fn small_mesh_yaml() -> &'static str {
+    r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec:
+  selector: {app: catalog}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: catalog
+  labels: {app: catalog}
+spec:
+  command: [trellis, demo-app]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: client
+  labels: {app: client}
+spec:
+  command: [trellis, demo-app]
+"#
+}
+
+fn trellis(dir: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(TRELLIS)
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run trellis")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `trellis exec WORKLOAD -- CMD` (bounded), its stdout.
+fn exec(dir: &Path, target: &str, cmd: &[&str]) -> (bool, String) {
+    let mut args = vec!["exec", target, "--", "timeout", "30"];
+    args.extend(cmd);
+    let out = trellis(dir, &args);
+    (
+        out.status.success(),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+/// A pods-mode mesh in its own temporary data dir, taken down on drop
+/// even when an assertion fails.
+struct Up {
+    tmp: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(yaml: &str) -> Up {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("mesh.yaml"), yaml).unwrap();
+        let out = trellis(
+            tmp.path(),
+            &["up", "-f", "mesh.yaml", "--mode", "pods", "--detach"],
+        );
+        let up = Up { tmp };
+        assert!(
+            out.status.success() && text(&out.stdout).starts_with("ready: "),
+            "up failed:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        up
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn pods(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir().join(".trellis/pods.json")).unwrap())
+            .unwrap()
+    }
+
+    fn run(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir().join(".trellis/run.json")).unwrap())
+            .unwrap()
+    }
+
+    fn pod_ip(&self, instance: &str) -> String {
+        self.pods()["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["instance"] == instance)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn down(&self) -> String {
+        let out = trellis(self.dir(), &["down"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = trellis(self.dir(), &["down"]);
+    }
+}
+
+/// Everything on the host that carries the run's id.
+fn leftovers(id: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let ns = netns::sh(&["ip", "netns", "list"]);
+    left.extend(ns.lines().filter(|l| l.contains(id)).map(str::to_string));
+    let links = netns::sh(&["ip", "-br", "link"]);
+    left.extend(links.lines().filter(|l| l.contains(id)).map(str::to_string));
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        left.extend(
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(id)),
+        );
+    }
+    left
+}
+
+fn metric_sum(text: &str, name: &str, must_contain: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && must_contain.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metrics(ip: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://{ip}:15000/metrics")])
+        .output()
+        .unwrap();
+    text(&out.stdout)
+}
+
+#[test]
+fn apps_in_pods_call_services_by_name_through_their_sidecars() {
+    if !netns::can_run("apps_in_pods_call_services_by_name_through_their_sidecars") {
+        return;
+    }
+    let up = Up::start(&mesh_yaml());
+    let d = up.dir();
+    let id = up.pods()["id"].as_str().unwrap().to_string();
+
+    // curl by the plain name, no proxy settings anywhere.
+    for _ in 0..3 {
+        let (ok, out) = exec(
+            d,
+            "client",
+            &["curl", "-s", "-m", "10", "http://catalog:8080/items"],
+        );
+        assert!(ok && out.contains("\"service\": \"catalog\""), "{out}");
+        assert!(
+            out.contains("x-trellis-peer-identity"),
+            "went through the mesh: {out}"
+        );
+    }
+    // Python urllib with the full name.
+    let (ok, out) = exec(
+        d,
+        "client",
+        &[
+            "python3",
+            "-c",
+            URLLIB,
+            "http://catalog.default.svc.trellis.local:8080/x",
+        ],
+    );
+    assert!(ok && out.trim() == "200 catalog", "{out}");
+
+    // A server-speaks-first protocol: declared `tcp`, and detected (the
+    // client stays silent until the greeting comes).
+    for (svc, port) in [("greeter", "2525"), ("greeter-detected", "2526")] {
+        let (ok, out) = exec(d, "client", &["python3", "-c", SMTP_CLIENT, svc, port]);
+        assert!(ok, "{svc}: {out}");
+        assert_eq!(out.trim(), "220 greeter ready\n250 got HELO pods", "{svc}");
+    }
+
+    // The sidecar's DNS: a VIP for mesh names, an empty answer for AAAA,
+    // NXDOMAIN for a missing service, /etc/hosts for names outside the mesh.
+    let dig = |name: &str, t: &str| exec(d, "client", &["python3", "-c", DIG, name, t]).1;
+    assert_eq!(dig("catalog", "A").trim(), "0 1");
+    assert_eq!(dig("catalog.default", "A").trim(), "0 1");
+    assert_eq!(dig("catalog", "AAAA").trim(), "0 0");
+    assert_eq!(dig("no-such-service", "A").trim(), "3 0");
+    assert_eq!(dig("localhost", "A").trim(), "0 1");
+    let (_, vip) = exec(d, "client", &["getent", "ahostsv4", "catalog"]);
+    assert!(vip.starts_with("240.240."), "{vip}");
+    let (ok, _) = exec(d, "client", &["getent", "hosts", "no-such-service"]);
+    assert!(!ok, "a missing name does not resolve");
+
+    // The sidecars carried it: the client's outbound and catalog's inbound.
+    let client = metrics(&up.pod_ip("client-0"));
+    let out_http = metric_sum(
+        &client,
+        "trellis_requests_total{",
+        &["direction=\"outbound\"", "destination_service=\"catalog\""],
+    );
+    assert!(
+        out_http >= 4.0,
+        "client outbound requests to catalog: {out_http}\n{client}"
+    );
+    let tcp = metric_sum(
+        &client,
+        "trellis_tcp_connections_opened_total{",
+        &["destination_service=\"greeter"],
+    );
+    assert!(tcp >= 2.0, "client TCP connections to the greeters: {tcp}");
+    let inbound: f64 = ["catalog-0", "catalog-1"]
+        .iter()
+        .map(|i| {
+            metric_sum(
+                &metrics(&up.pod_ip(i)),
+                "trellis_requests_total{",
+                &["direction=\"inbound\"", "tls=\"true\""],
+            )
+        })
+        .sum();
+    assert!(inbound >= 4.0, "catalog inbound mTLS requests: {inbound}");
+
+    // After down: no namespace, link, bridge or resolv.conf of this run,
+    // and no process.
+    let pids: Vec<u64> = up.run()["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    let said = up.down();
+    assert!(said.contains("bridge trb"), "{said}");
+    assert_eq!(leftovers(&id), Vec::<String>::new());
+    assert!(!d.join(".trellis/pods.json").exists());
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "process {pid} still runs after down");
+    }
+    assert!(up.down().contains("nothing to stop"));
+}
+
+#[test]
+fn two_meshes_coexist_and_a_crashed_one_is_cleaned_up() {
+    if !netns::can_run("two_meshes_coexist_and_a_crashed_one_is_cleaned_up") {
+        return;
+    }
+    let a = Up::start(small_mesh_yaml());
+    let b = Up::start(small_mesh_yaml());
+    let (ida, idb) = (
+        a.pods()["id"].as_str().unwrap().to_string(),
+        b.pods()["id"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(ida, idb);
+    assert_ne!(a.pods()["subnet"], b.pods()["subnet"]);
+    for m in [&a, &b] {
+        let (ok, out) = exec(
+            m.dir(),
+            "client",
+            &["curl", "-s", "-m", "10", "http://catalog:8080/"],
+        );
+        assert!(ok && out.contains("\"service\": \"catalog\""), "{out}");
+    }
+
+    // Mesh b "crashes": every process it started is killed at once.
+    for p in b.run()["processes"].as_array().unwrap() {
+        let pid = p["pid"].as_u64().unwrap().to_string();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let said = b.down();
+    assert!(said.contains(&format!("bridge trb{idb}")), "{said}");
+    assert_eq!(leftovers(&idb), Vec::<String>::new());
+
+    // Mesh a is untouched by b's removal.
+    let (ok, out) = exec(
+        a.dir(),
+        "client",
+        &["curl", "-s", "-m", "10", "http://catalog:8080/"],
+    );
+    assert!(ok && out.contains("\"service\": \"catalog\""), "{out}");
+    a.down();
+    assert_eq!(leftovers(&ida), Vec::<String>::new());
+}
