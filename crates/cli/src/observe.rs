@@ -266,6 +266,62 @@ pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Each proxy's workload certificate, read from its admin `/certs`: present,
+/// valid now, and not about to expire without renewal.
+async fn check_certificates(proxies: &[ProxyInfo], report: &mut Report) {
+    let client = crate::http::HttpClient::direct();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for p in proxies {
+        let who = format!("proxy {} certificate", p.instance);
+        let Some(admin) = p.admin_addr.as_deref().filter(|a| !a.is_empty()) else {
+            continue;
+        };
+        let certs = match client
+            .get(&format!("http://{admin}/certs"), std::time::Duration::from_secs(3))
+            .await
+        {
+            Ok(r) => serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default(),
+            Err(e) => {
+                report.fail(
+                    format!("{who}: its admin port {admin} does not answer ({})", e.reason()),
+                    "check that the proxy runs and that --admin-addr is reachable from here",
+                );
+                continue;
+            }
+        };
+        let cert = &certs["certificate"];
+        if cert.is_null() {
+            report.fail(
+                format!("{who}: none ({})", certs["error"].as_str().unwrap_or("no certificate")),
+                "check its join token (`trellis token create`) and that it reaches the control plane",
+            );
+            continue;
+        }
+        let (nb, na) = (cert["notBefore"].as_i64().unwrap_or(0), cert["notAfter"].as_i64().unwrap_or(0));
+        let life = (na - nb).max(1);
+        let left = na - now;
+        if left <= 0 {
+            report.fail(
+                format!("{who}: expired {}s ago", -left),
+                "the proxy cannot renew: check that the control plane runs and that its token is valid and not revoked",
+            );
+        } else if left * 10 < life {
+            report.fail(
+                format!("{who}: expires in {left}s and was not renewed"),
+                "renewal happens at half-life: see the proxy's log for why it fails",
+            );
+        } else {
+            report.ok(format!(
+                "{who} for {} is valid for {left}s more",
+                certs["identity"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,61 +384,5 @@ mod tests {
         assert!(out.starts_with("NAME     SERVICE      RPS"), "{out}");
         assert!(out.contains("\n<none>   frontend     20.0   100%"), "{out}");
         assert!(out.contains("\nsplit    catalog-v2   20.0"), "{out}");
-    }
-}
-
-/// Each proxy's workload certificate, read from its admin `/certs`: present,
-/// valid now, and not about to expire without renewal.
-async fn check_certificates(proxies: &[ProxyInfo], report: &mut Report) {
-    let client = crate::http::HttpClient::direct();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    for p in proxies {
-        let who = format!("proxy {} certificate", p.instance);
-        let Some(admin) = p.admin_addr.as_deref().filter(|a| !a.is_empty()) else {
-            continue;
-        };
-        let certs = match client
-            .get(&format!("http://{admin}/certs"), std::time::Duration::from_secs(3))
-            .await
-        {
-            Ok(r) => serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default(),
-            Err(e) => {
-                report.fail(
-                    format!("{who}: its admin port {admin} does not answer ({})", e.reason()),
-                    "check that the proxy runs and that --admin-addr is reachable from here",
-                );
-                continue;
-            }
-        };
-        let cert = &certs["certificate"];
-        if cert.is_null() {
-            report.fail(
-                format!("{who}: none ({})", certs["error"].as_str().unwrap_or("no certificate")),
-                "check its join token (`trellis token create`) and that it reaches the control plane",
-            );
-            continue;
-        }
-        let (nb, na) = (cert["notBefore"].as_i64().unwrap_or(0), cert["notAfter"].as_i64().unwrap_or(0));
-        let life = (na - nb).max(1);
-        let left = na - now;
-        if left <= 0 {
-            report.fail(
-                format!("{who}: expired {}s ago", -left),
-                "the proxy cannot renew: check that the control plane runs and that its token is valid and not revoked",
-            );
-        } else if left * 10 < life {
-            report.fail(
-                format!("{who}: expires in {left}s and was not renewed"),
-                "renewal happens at half-life: see the proxy's log for why it fails",
-            );
-        } else {
-            report.ok(format!(
-                "{who} for {} is valid for {left}s more",
-                certs["identity"].as_str().unwrap_or("?")
-            ));
-        }
     }
 }
