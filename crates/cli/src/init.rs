@@ -58,6 +58,9 @@ pub struct InitArgs {
     /// e.g. the control plane's address for the proxy's own API calls.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...", value_parser = parse_cidr)]
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Destination ports the app reaches directly (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub exclude_outbound_ports: Vec<u16>,
 }
 
 fn parse_cidr(s: &str) -> Result<String, String> {
@@ -154,6 +157,18 @@ pub fn rules(a: &InitArgs) -> String {
         format!(
             "\t\tip daddr {{ {} }} return\n",
             a.exclude_outbound_cidrs.join(", ")
+        )
+    };
+    let mut out_ports = a.exclude_outbound_ports.clone();
+    out_ports.sort_unstable();
+    out_ports.dedup();
+    let excluded_out = if out_ports.is_empty() {
+        excluded_out
+    } else {
+        let ports: Vec<String> = out_ports.iter().map(u16::to_string).collect();
+        format!(
+            "{excluded_out}\t\ttcp dport {{ {} }} return\n",
+            ports.join(", ")
         )
     };
     let dns = if a.no_dns {
@@ -328,6 +343,9 @@ mod tests {
             "10.9.0.1,10.8.0.0/16",
         ]));
         assert!(r.contains("ip daddr { 10.9.0.1/32, 10.8.0.0/16 } return"));
+        let p = rules(&args(&["--exclude-outbound-ports", "9000,80"]));
+        assert!(p.contains("tcp dport { 80, 9000 } return"), "{p}");
+        assert!(p.find("dport { 80, 9000 }") < p.find("redirect to :15001"));
         assert!(r.contains("redirect to :1\n"));
         assert!(r.contains("redirect to :2\n"));
         assert!(r.contains("tcp dport { 3, 22 } return"));

@@ -330,8 +330,42 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
     let (ok, _) = exec(d, "client", &["getent", "hosts", "no-such-service"]);
     assert!(!ok, "a missing name does not resolve");
 
+    // An address outside the mesh (a listener on the host, at the bridge's
+    // gateway) passes through the sidecar as egress.
+    let gw = up.pods()["gateway"].as_str().unwrap().to_string();
+    let host = std::net::TcpListener::bind((gw.as_str(), 0)).unwrap();
+    let host_port = host.local_addr().unwrap().port().to_string();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut c, _) = host.accept().unwrap();
+        c.write_all(b"220 host\r\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        c.write_all(format!("250 got {}\r\n", line.trim()).as_bytes())
+            .unwrap();
+    });
+    let (ok, out) = exec(
+        d,
+        "client",
+        &["python3", "-c", SMTP_CLIENT, &gw, &host_port],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "220 host\n250 got HELO pods");
+    server.join().unwrap();
+
     // The sidecars carried it: the client's outbound and catalog's inbound.
     let client = metrics(&up.pod_ip("client-0"));
+    let egress = metric_sum(
+        &client,
+        "trellis_tcp_connections_opened_total{",
+        &[&format!("destination_service=\"{gw}\"")],
+    );
+    assert!(
+        egress >= 1.0,
+        "egress through the sidecar: {egress}\n{client}"
+    );
     let out_http = metric_sum(
         &client,
         "trellis_requests_total{",

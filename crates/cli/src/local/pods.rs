@@ -157,9 +157,14 @@ impl PodMesh {
         self.net.create_bridge()?;
         for (_, pod) in &self.replicas {
             self.net.create_pod(pod)?;
-            // The pod's redirect rules; the control plane (the gateway) is
-            // reached directly by the proxy's API client.
-            let excluded = format!("{}/32", self.net.gateway);
+            // The pod's redirect rules; the control plane's ports are
+            // reached directly (its API and OTLP clients do not mark their
+            // sockets).
+            let excluded = format!(
+                "{},{}",
+                self.state.control.http.port(),
+                self.state.control.grpc.port()
+            );
             podnet::run(&[
                 "ip",
                 "netns",
@@ -167,7 +172,7 @@ impl PodMesh {
                 &pod.netns,
                 &exe.display().to_string(),
                 "init",
-                "--exclude-outbound-cidrs",
+                "--exclude-outbound-ports",
                 &excluded,
             ])?;
         }
