@@ -296,6 +296,25 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
             "went through the mesh: {out}"
         );
     }
+    // HTTP/2 with prior knowledge (what gRPC clients speak): the preface is
+    // detected on the redirected connection.
+    let (ok, out) = exec(
+        d,
+        "client",
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "http://catalog:8080/h2",
+        ],
+    );
+    assert!(ok && out.trim() == "2 200", "{out}");
     // Python urllib with the full name.
     let (ok, out) = exec(
         d,
