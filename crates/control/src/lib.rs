@@ -15,9 +15,9 @@ pub mod observe_api;
 pub mod registry;
 pub mod stats;
 pub mod store;
-pub mod vips;
 pub mod tap;
 pub mod traces;
+pub mod vips;
 pub mod xds;
 
 use std::net::SocketAddr;

@@ -513,7 +513,11 @@ impl Registry {
                 service_json: to_json(svc),
                 routes_json: routes.iter().map(to_json).collect(),
                 endpoints: self.endpoints(&name, cache),
-                vip: self.vips.get(&name).map(|v| v.to_string()).unwrap_or_default(),
+                vip: self
+                    .vips
+                    .get(&name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
                 traffic_policy_json: self.traffic_policy_json(&name),
                 grpc_routes_json: grpc_routes.iter().map(to_json).collect(),
             };
@@ -533,7 +537,11 @@ impl Registry {
                     service_json: to_json(svc),
                     routes_json: Vec::new(),
                     endpoints: self.endpoints(&name, cache),
-                    vip: self.vips.get(&name).map(|v| v.to_string()).unwrap_or_default(),
+                    vip: self
+                        .vips
+                        .get(&name)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
                     // Endpoint-level settings (balancer, pool, outlier
                     // detection, health checks) follow the backend.
                     traffic_policy_json: self.traffic_policy_json(&name),

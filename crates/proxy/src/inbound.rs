@@ -61,6 +61,10 @@ impl Inbound {
                 accepted = self.listener.accept() => {
                     let Ok((tcp, peer)) = accepted else { continue };
                     let _ = tcp.set_nodelay(true);
+                    // Pods mode: a redirected connection for a port the app does not serve is closed.
+                    if !crate::transparent::inbound_wanted(&self.inputs, &tcp, peer) {
+                        continue;
+                    }
                     tokio::spawn(serve(self.inputs.clone(), tcp, peer, shutdown.clone()));
                 }
                 _ = shutdown.changed() => return,

@@ -156,8 +156,12 @@ impl Outbound {
 
 /// A connection bound for one service: HTTP is served and routed, anything
 /// else is carried as opaque TCP.
-pub(crate) async fn serve_fixed<S>(inputs: Arc<Inputs>, io: S, target: Target, shutdown: watch::Receiver<bool>)
-where
+pub(crate) async fn serve_fixed<S>(
+    inputs: Arc<Inputs>,
+    io: S,
+    target: Target,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (protocol, io) = match detect(io, DETECT_TIMEOUT).await {

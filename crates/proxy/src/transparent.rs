@@ -182,6 +182,23 @@ pub async fn serve_outbound(
     }
 }
 
+/// Inbound, pods mode: the redirect rules send every inbound port to the
+/// inbound listener; a connection whose original destination port is not
+/// the app's (nor the listener's own, where peer proxies connect) is for a
+/// port nothing serves, and is closed as the kernel would refuse it.
+pub fn inbound_wanted(inputs: &Inputs, tcp: &TcpStream, peer: SocketAddr) -> bool {
+    if inputs.cfg.transparent.is_none() {
+        return true;
+    }
+    match original_dst(tcp) {
+        Some(orig) if orig.port() != inputs.cfg.app_port => {
+            tracing::debug!(%peer, %orig, app_port = inputs.cfg.app_port, "closed an inbound connection for a port the app does not serve");
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Egress: a marked connection to where the app was going.
 async fn passthrough(inputs: Arc<Inputs>, mut tcp: TcpStream, orig: SocketAddr) {
     let up = tokio::time::timeout(Duration::from_secs(10), connect_marked(orig)).await;
