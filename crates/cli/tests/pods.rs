@@ -475,3 +475,56 @@ fn two_meshes_coexist_and_a_crashed_one_is_cleaned_up() {
     a.down();
     assert_eq!(leftovers(&ida), Vec::<String>::new());
 }
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    if !netns::can_run("bad_input_is_refused_and_leaves_nothing") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("mesh.yaml"), small_mesh_yaml()).unwrap();
+
+    // A subnet that overlaps a host route (loopback is always routed).
+    let out = trellis(
+        d,
+        &[
+            "up",
+            "-f",
+            "mesh.yaml",
+            "--mode",
+            "pods",
+            "--subnet",
+            "127.0.0.0/24",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("overlaps the host route 127.0.0.0/8"), "{err}");
+    assert!(!d.join(".trellis/pods.json").exists());
+
+    // A pod whose app exits at once: `up` names it, shows its log, and
+    // removes everything it had created.
+    let exits = small_mesh_yaml().replace(
+        "command: [trellis, demo-app]\n---",
+        "command: [sh, -c, \"echo giving up; exit 3\"]\n---",
+    );
+    assert_ne!(exits, small_mesh_yaml());
+    std::fs::write(d.join("mesh.yaml"), exits).unwrap();
+    let out = trellis(d, &["up", "-f", "mesh.yaml", "--mode", "pods", "--detach"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("catalog-0 exited during start-up") && err.contains("giving up"),
+        "{err}"
+    );
+    let id = err
+        .split("creating bridge trb")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the bridge's name in the output")
+        .to_string();
+    assert_eq!(leftovers(&id), Vec::<String>::new());
+    assert!(!d.join(".trellis/pods.json").exists());
+    assert!(!d.join(".trellis/run.json").exists());
+}
