@@ -528,3 +528,156 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert!(!d.join(".trellis/pods.json").exists());
     assert!(!d.join(".trellis/run.json").exists());
 }
+
+/// Set in a pod to make this test binary a gRPC server or client there.
+const HELPER: &str = "TRELLIS_POD_HELPER";
+
+/// Inside a pod (`TRELLIS_POD_HELPER=grpc-server`): a gRPC health server on
+/// 127.0.0.1:$PORT, until killed. Elsewhere: nothing.
+#[test]
+fn pod_helper_grpc_server() {
+    if std::env::var(HELPER).as_deref() != Ok("grpc-server") {
+        return;
+    }
+    let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("catalog", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}
+
+/// Inside a pod (`TRELLIS_POD_HELPER=grpc-client`, `GRPC_TARGET=host:port`):
+/// a unary call and the first message of a server stream; prints what it
+/// got.
+#[test]
+fn pod_helper_grpc_client() {
+    if std::env::var(HELPER).as_deref() != Ok("grpc-client") {
+        return;
+    }
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let target = std::env::var("GRPC_TARGET").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connects");
+        let mut client = HealthClient::new(channel);
+        let unary = client
+            .check(HealthCheckRequest {
+                service: "catalog".into(),
+            })
+            .await
+            .expect("unary call")
+            .into_inner()
+            .status;
+        let mut stream = client
+            .watch(HealthCheckRequest {
+                service: "catalog".into(),
+            })
+            .await
+            .expect("streaming call")
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .expect("a streamed message")
+            .expect("not the end")
+            .status;
+        let missing = client
+            .check(HealthCheckRequest {
+                service: "nope".into(),
+            })
+            .await
+            .expect_err("an unknown service is an error status")
+            .code();
+        println!("GRPC unary={unary} stream={first} missing={missing:?}");
+    });
+}
+
+#[test]
+fn grpc_through_pods() {
+    if !netns::can_run("grpc_through_pods") {
+        return;
+    }
+    let me = std::env::current_exe().unwrap().display().to_string();
+    let yaml = format!(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: health}}
+spec:
+  selector: {{app: health}}
+  ports: [{{port: 50051, protocol: grpc}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: health
+  labels: {{app: health}}
+spec:
+  port: 50051
+  env: {{{HELPER}: grpc-server}}
+  command: [{me:?}, pod_helper_grpc_server, --exact, --nocapture, --test-threads, "1"]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: client
+  labels: {{app: client}}
+spec:
+  command: [trellis, demo-app]
+"#
+    );
+    let up = Up::start(&yaml);
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(TRELLIS)
+        .args([
+            "exec",
+            "client",
+            "--",
+            &me,
+            "pod_helper_grpc_client",
+            "--exact",
+            "--nocapture",
+        ])
+        .current_dir(up.dir())
+        .env(HELPER, "grpc-client")
+        .env("GRPC_TARGET", "health:50051")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let got = text(&out.stdout);
+    assert!(
+        got.contains("GRPC unary=1 stream=1 missing=NotFound"),
+        "{got}{}",
+        text(&out.stderr)
+    );
+    let client = metrics(&up.pod_ip("client-0"));
+    let calls = metric_sum(
+        &client,
+        "trellis_requests_total{",
+        &["direction=\"outbound\"", "destination_service=\"health\""],
+    );
+    assert!(
+        calls >= 2.0,
+        "gRPC calls through the client's sidecar: {calls}"
+    );
+    up.down();
+}
