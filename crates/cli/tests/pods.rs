@@ -346,6 +346,10 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
     assert_eq!(dig("localhost", "A").trim(), "0 1");
     let (_, vip) = exec(d, "client", &["getent", "ahostsv4", "catalog"]);
     assert!(vip.starts_with("240.240."), "{vip}");
+    // The same VIP the control plane shows.
+    let vip = vip.split_whitespace().next().unwrap().to_string();
+    let described = text(&trellis(d, &["describe", "svc", "catalog"]).stdout);
+    assert!(described.contains(&format!("VIP: {vip}")), "{described}");
     let (ok, _) = exec(d, "client", &["getent", "hosts", "no-such-service"]);
     assert!(!ok, "a missing name does not resolve");
 

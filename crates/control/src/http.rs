@@ -510,7 +510,9 @@ async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
                 .collect();
             endpoints.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
             json!({
-                "namespace": ns, "name": r.metadata.name, "vip": "",
+                "namespace": ns, "name": r.metadata.name,
+                "vip": snap.vips.get(&crate::registry::ServiceName::new(ns, &r.metadata.name))
+                    .map(|v| v.to_string()).unwrap_or_default(),
                 "ports": spec.ports, "endpoints": endpoints,
             })
         })

@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub trust_domain: String,
     /// `Mesh.certificateTTL`.
     pub certificate_ttl: std::time::Duration,
+    /// Each Service's VIP (pods mode).
+    pub vips: crate::vips::Vips,
 }
 
 /// Shared by the gRPC server, the HTTP API and `ControlPlane`.
@@ -407,6 +409,7 @@ impl Actor {
             proxies,
             trust_domain: td,
             certificate_ttl: self.registry.resources.certificate_ttl(),
+            vips: self.registry.vips.clone(),
         }));
     }
 
@@ -415,6 +418,7 @@ impl Actor {
             proxies: Vec::new(),
             trust_domain: self.registry.trust_domain().to_string(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
+            vips: self.registry.vips.clone(),
         }));
     }
 }
