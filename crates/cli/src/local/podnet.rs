@@ -349,9 +349,24 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// A short random run id (hex), for names unique per run.
+/// A short random run id (hex), for names unique per run. An id whose
+/// bridge or first namespace already exists is skipped: cleanup removes
+/// what the record names, so it must never name another run's links.
 pub fn run_id() -> String {
-    format!("{:05x}", rand::random::<u32>() & 0xf_ffff)
+    loop {
+        let id = format!("{:05x}", rand::random::<u32>() & 0xf_ffff);
+        let taken = link_exists(&format!("trb{id}"))
+            || netns_exists(&format!("trellis-{id}-0"))
+            || std::fs::read_dir("/sys/class/net")
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().contains(&id))
+                })
+                .unwrap_or(false);
+        if !taken {
+            return id;
+        }
+    }
 }
 
 /// Removes what `data_dir`'s pods.json records, then the record. Nothing
