@@ -280,13 +280,19 @@ async fn check_certificates(proxies: &[ProxyInfo], report: &mut Report) {
             continue;
         };
         let certs = match client
-            .get(&format!("http://{admin}/certs"), std::time::Duration::from_secs(3))
+            .get(
+                &format!("http://{admin}/certs"),
+                std::time::Duration::from_secs(3),
+            )
             .await
         {
             Ok(r) => serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default(),
             Err(e) => {
                 report.fail(
-                    format!("{who}: its admin port {admin} does not answer ({})", e.reason()),
+                    format!(
+                        "{who}: its admin port {admin} does not answer ({})",
+                        e.reason()
+                    ),
                     "check that the proxy runs and that --admin-addr is reachable from here",
                 );
                 continue;
@@ -300,7 +306,10 @@ async fn check_certificates(proxies: &[ProxyInfo], report: &mut Report) {
             );
             continue;
         }
-        let (nb, na) = (cert["notBefore"].as_i64().unwrap_or(0), cert["notAfter"].as_i64().unwrap_or(0));
+        let (nb, na) = (
+            cert["notBefore"].as_i64().unwrap_or(0),
+            cert["notAfter"].as_i64().unwrap_or(0),
+        );
         let life = (na - nb).max(1);
         let left = na - now;
         if left <= 0 {

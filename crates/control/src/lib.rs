@@ -164,8 +164,9 @@ impl ControlPlane {
         );
         // The proxy API is served over TLS only; proxies verify this chain
         // against the root their join token pins.
-        let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(server_chain, server_key));
+        let tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(server_chain, server_key),
+        );
         let grpc = tonic::transport::Server::builder()
             .tls_config(tls)?
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))

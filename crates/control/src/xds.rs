@@ -441,7 +441,11 @@ pub struct Observers {
 }
 
 impl ProxyApiService {
-    pub fn new(handle: &XdsHandle, stats: Arc<Stats>, identity: Arc<crate::mesh_identity::MeshIdentity>) -> Self {
+    pub fn new(
+        handle: &XdsHandle,
+        stats: Arc<Stats>,
+        identity: Arc<crate::mesh_identity::MeshIdentity>,
+    ) -> Self {
         ProxyApiService {
             events: handle.events.clone(),
             stats,
@@ -470,9 +474,9 @@ impl ProxyApi for ProxyApiService {
         request: Request<trellis_api::v1::SignRequest>,
     ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
         let snap = self.snapshot.load();
-        let resp = self
-            .identity
-            .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)?;
+        let resp =
+            self.identity
+                .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)?;
         Ok(Response::new(resp))
     }
 
@@ -501,7 +505,9 @@ impl ProxyApi for ProxyApiService {
         }
         // A proxy is the identity its token grants, nothing else.
         let claims = self.identity.verify_token(&register.token)?;
-        if claims.namespace != register.namespace || claims.service_account != register.service_account {
+        if claims.namespace != register.namespace
+            || claims.service_account != register.service_account
+        {
             warn!(
                 instance = %register.instance,
                 claimed = %format!("{}/{}", register.namespace, register.service_account),

@@ -118,7 +118,9 @@ spec:
     let app_port = listener.local_addr().unwrap().port();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(trellis_api::v1::proxy_api_server::ProxyApiServer::new(EchoApi))
+            .add_service(trellis_api::v1::proxy_api_server::ProxyApiServer::new(
+                EchoApi,
+            ))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let _server_proxy = mesh.sidecar("api", &[("app", "api")], app_port).await;
@@ -192,14 +194,19 @@ struct EchoApi;
 #[tonic::async_trait]
 impl trellis_api::v1::proxy_api_server::ProxyApi for EchoApi {
     type StreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<trellis_api::v1::ControlMessage, tonic::Status>> + Send>,
+        Box<
+            dyn futures::Stream<Item = Result<trellis_api::v1::ControlMessage, tonic::Status>>
+                + Send,
+        >,
     >;
 
     async fn stream(
         &self,
         request: tonic::Request<tonic::Streaming<trellis_api::v1::ProxyMessage>>,
     ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
-        use trellis_api::v1::{control_message, proxy_message, Config, ControlMessage, ServiceConfig};
+        use trellis_api::v1::{
+            control_message, proxy_message, Config, ControlMessage, ServiceConfig,
+        };
         let mut up = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
@@ -219,9 +226,15 @@ impl trellis_api::v1::proxy_api_server::ProxyApi for EchoApi {
                         .collect(),
                     _ => Vec::new(),
                 };
-                let config = Config { version, services, ..Default::default() };
+                let config = Config {
+                    version,
+                    services,
+                    ..Default::default()
+                };
                 if tx
-                    .send(Ok(ControlMessage { msg: Some(control_message::Msg::Config(config)) }))
+                    .send(Ok(ControlMessage {
+                        msg: Some(control_message::Msg::Config(config)),
+                    }))
                     .await
                     .is_err()
                 {
@@ -230,7 +243,9 @@ impl trellis_api::v1::proxy_api_server::ProxyApi for EchoApi {
             }
             // The client closed its side: end ours (status OK in the trailers).
         });
-        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn sign(

@@ -114,7 +114,9 @@ async fn requests_reach_the_app_through_both_sidecars() {
     );
     // The app learns the caller's verified identity, and nothing else of the mesh's.
     assert_eq!(
-        headers.get("x-trellis-peer-identity").and_then(|h| h.as_str()),
+        headers
+            .get("x-trellis-peer-identity")
+            .and_then(|h| h.as_str()),
         Some("spiffe://trellis.local/ns/default/sa/frontend")
     );
     assert!(

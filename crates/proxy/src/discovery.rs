@@ -20,9 +20,9 @@ use trellis_api::v1::{
 
 use crate::control::ControlClient;
 use crate::metrics::Metrics;
-use crate::tls::Tls;
 use crate::snapshot::{ServiceState, Snapshot, SvcKey};
 use crate::telemetry::Telemetry;
+use crate::tls::Tls;
 
 const CACHE_FILE: &str = "config.pb";
 const STATS_INTERVAL: Duration = Duration::from_secs(2);

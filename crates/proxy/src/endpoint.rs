@@ -18,8 +18,8 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::balance::Load;
-use crate::tls::Credentials;
 use crate::error::ProxyError;
+use crate::tls::Credentials;
 use crate::Body;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -64,22 +64,37 @@ impl Endpoint {
     /// Opens a connection to the peer: mutual TLS with `alpn` when `creds`
     /// are given (the peer must prove exactly this endpoint's identity),
     /// else plaintext.
-    pub async fn open(&self, creds: Option<&Credentials>, alpn: &[u8]) -> Result<Box<dyn Io>, ProxyError> {
+    pub async fn open(
+        &self,
+        creds: Option<&Credentials>,
+        alpn: &[u8],
+    ) -> Result<Box<dyn Io>, ProxyError> {
         let tcp = connect(self.addr).await?;
         let Some(creds) = creds else {
             return Ok(Box::new(tcp));
         };
         if self.identity.is_empty() {
-            return Err(ProxyError::upstream_connect(self.addr, "the endpoint has no identity to verify"));
+            return Err(ProxyError::upstream_connect(
+                self.addr,
+                "the endpoint has no identity to verify",
+            ));
         }
         let config = creds
             .client(&self.identity, alpn)
             .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
         let name = ServerName::try_from("peer.trellis").expect("a valid DNS name");
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
-            .await
-            .map_err(|_| ProxyError::upstream_connect(self.addr, "TLS handshake timed out"))?
-            .map_err(|e| ProxyError::upstream_connect(self.addr, format!("mutual TLS with {} failed: {e}", self.identity)))?;
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ProxyError::upstream_connect(self.addr, "TLS handshake timed out"))?
+        .map_err(|e| {
+            ProxyError::upstream_connect(
+                self.addr,
+                format!("mutual TLS with {} failed: {e}", self.identity),
+            )
+        })?;
         Ok(Box::new(tls))
     }
 

@@ -97,7 +97,10 @@ pub fn absolute_uri(authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
 
 /// Forwards an HTTP/1 upgrade (WebSocket and friends) to `addr` on a
 /// dedicated connection, then splices the two upgraded streams.
-pub async fn forward_upgrade<S>(mut req: Request<Incoming>, tcp: S) -> Result<Response<Body>, ProxyError>
+pub async fn forward_upgrade<S>(
+    mut req: Request<Incoming>,
+    tcp: S,
+) -> Result<Response<Body>, ProxyError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

@@ -13,8 +13,6 @@ use tokio::sync::watch;
 
 use crate::authz::{Attrs, Decision};
 use crate::detect::{detect, Protocol, Rewind};
-use trellis_identity::SpiffeId;
-use trellis_resource::MtlsMode;
 use crate::endpoint::connect;
 use crate::error::ProxyError;
 use crate::http::{
@@ -24,6 +22,8 @@ use crate::http::{
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
 use crate::Body;
+use trellis_identity::SpiffeId;
+use trellis_resource::MtlsMode;
 
 /// Peers speak first; a client silent this long is treated as opaque TCP.
 const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -99,7 +99,10 @@ async fn serve(
     let info = Arc::new(PeerInfo::default());
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_connection(io, shutdown, move |req| handle(inputs.clone(), req, info.clone())).await;
+            serve_connection(io, shutdown, move |req| {
+                handle(inputs.clone(), req, info.clone())
+            })
+            .await;
         }
         Protocol::Tls => {}
         Protocol::PeerTcp | Protocol::Opaque => tcp_to_app(inputs, io, peer, &info).await,
@@ -107,7 +110,12 @@ async fn serve(
 }
 
 /// Terminates mutual TLS from a peer proxy, then serves what its ALPN says.
-async fn serve_tls(inputs: Arc<Inputs>, io: Rewind<TcpStream>, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
+async fn serve_tls(
+    inputs: Arc<Inputs>,
+    io: Rewind<TcpStream>,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
     let Some(creds) = inputs.discovery.tls().and_then(|t| t.current()) else {
         tracing::warn!(%peer, "refused a TLS connection: this proxy has no certificate yet");
         return;
@@ -135,7 +143,10 @@ async fn serve_tls(inputs: Arc<Inputs>, io: Rewind<TcpStream>, peer: SocketAddr,
     if alpn.as_deref() == Some(trellis_identity::ALPN_TCP) {
         return tcp_to_app(inputs, tls, peer, &info).await;
     }
-    serve_connection(tls, shutdown, move |req| handle(inputs.clone(), req, info.clone())).await;
+    serve_connection(tls, shutdown, move |req| {
+        handle(inputs.clone(), req, info.clone())
+    })
+    .await;
 }
 
 /// Opaque TCP to the app, if policy allows the peer.
@@ -159,22 +170,29 @@ where
         }
     }
     {
-            let labels = TcpLabels {
-                peers: peers(&inputs, info.identity.as_ref().map(|i| format!("{}/", i.namespace)).as_deref(), None),
-                tls: info.tls,
-            };
-            let mut app = match connect(inputs.app_addr).await {
-                Ok(app) => app,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "closing inbound TCP connection: the app is not reachable");
-                    return;
-                }
-            };
-            inputs.metrics.tcp_opened(&labels);
-            let (from_peer, to_peer) = tokio::io::copy_bidirectional(&mut io, &mut app)
-                .await
-                .unwrap_or((0, 0));
-            inputs.metrics.tcp_closed(&labels, to_peer, from_peer);
+        let labels = TcpLabels {
+            peers: peers(
+                &inputs,
+                info.identity
+                    .as_ref()
+                    .map(|i| format!("{}/", i.namespace))
+                    .as_deref(),
+                None,
+            ),
+            tls: info.tls,
+        };
+        let mut app = match connect(inputs.app_addr).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing inbound TCP connection: the app is not reachable");
+                return;
+            }
+        };
+        inputs.metrics.tcp_opened(&labels);
+        let (from_peer, to_peer) = tokio::io::copy_bidirectional(&mut io, &mut app)
+            .await
+            .unwrap_or((0, 0));
+        inputs.metrics.tcp_closed(&labels, to_peer, from_peer);
     }
 }
 
@@ -198,7 +216,8 @@ fn peers(inputs: &Inputs, source: Option<&str>, destination: Option<&str>) -> Pe
 }
 
 /// The header in which the app learns the caller's verified identity.
-pub const PEER_IDENTITY: http::HeaderName = http::HeaderName::from_static("x-trellis-peer-identity");
+pub const PEER_IDENTITY: http::HeaderName =
+    http::HeaderName::from_static("x-trellis-peer-identity");
 
 /// Removes every header that claims an identity: only this proxy may say
 /// who the caller is.
@@ -213,7 +232,11 @@ fn strip_identity_claims(headers: &mut http::HeaderMap) {
     }
 }
 
-async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerInfo>) -> Response<Body> {
+async fn handle(
+    inputs: Arc<Inputs>,
+    mut req: Request<Incoming>,
+    info: Arc<PeerInfo>,
+) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
     let begun = inputs
         .telemetry
@@ -254,7 +277,11 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerI
         tracing::debug!(error = %e, "inbound request failed");
         e.into_response()
     });
-    let peer_identity = info.identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+    let peer_identity = info
+        .identity
+        .as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
@@ -271,7 +298,11 @@ async fn handle(inputs: Arc<Inputs>, mut req: Request<Incoming>, info: Arc<PeerI
 /// Normalises the path (the one used from here on), applies the
 /// AuthorizationPolicies, and tells the app who is calling. Returns the
 /// refusal, if the request may not go on.
-fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> Option<Response<Body>> {
+fn authorize(
+    inputs: &Inputs,
+    req: &mut Request<Incoming>,
+    info: &PeerInfo,
+) -> Option<Response<Body>> {
     if let Err(e) = crate::outbound::normalize_uri(req) {
         return Some(e.into_response());
     }
@@ -286,7 +317,10 @@ fn authorize(inputs: &Inputs, req: &mut Request<Incoming>, info: &PeerInfo) -> O
     if let Decision::Deny(why) = snap.authz.evaluate(&attrs) {
         inputs.metrics.authz_denied.inc();
         tracing::debug!(identity = ?info.identity.as_ref().map(|i| i.to_string()), path = %req.uri().path(), %why, "request denied");
-        return Some(crate::http::text_response(http::StatusCode::FORBIDDEN, "RBAC: access denied\n"));
+        return Some(crate::http::text_response(
+            http::StatusCode::FORBIDDEN,
+            "RBAC: access denied\n",
+        ));
     }
     if let Some(id) = &info.identity {
         if let Ok(v) = http::HeaderValue::from_str(&id.to_string()) {

@@ -35,11 +35,11 @@ pub mod outbound;
 pub mod process;
 pub mod route;
 pub mod snapshot;
-pub mod traffic;
-pub mod tls;
 pub mod tap;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
+pub mod traffic;
 pub mod transparent;
 
 pub use crate::http::Body;
@@ -167,7 +167,8 @@ impl Proxy {
             &trellis_resource::MeshSpec::default(),
             metrics.clone(),
         );
-        let control = control::ControlClient::new(&cfg.control_plane, &identity.token).map_err(|e| anyhow::anyhow!(e))?;
+        let control = control::ControlClient::new(&cfg.control_plane, &identity.token)
+            .map_err(|e| anyhow::anyhow!(e))?;
         let discovery = discovery::Discovery::start(
             control.clone(),
             identity,
@@ -176,12 +177,7 @@ impl Proxy {
             telemetry.clone(),
             shutdown_rx.clone(),
         );
-        let inputs = inputs::Inputs::new(
-            cfg_bound,
-            discovery.clone(),
-            metrics.clone(),
-            telemetry,
-        );
+        let inputs = inputs::Inputs::new(cfg_bound, discovery.clone(), metrics.clone(), telemetry);
         let inbound = inbound::Inbound::new(inputs.clone()).await?;
         let outbound = outbound::Outbound::new(inputs.clone()).await?;
         let admin = admin::Admin::new(inputs.clone()).await?;
@@ -212,14 +208,20 @@ impl Proxy {
         // The workload identity needs the trust domain, which the config
         // (from the control plane or the cache) carries.
         let trust_domain = discovery.snapshot().mesh.trust_domain.clone();
-        let spiffe = trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
-        let tls = tls::Tls::new(spiffe, cfg.cache_dir.clone()).map_err(|e| anyhow::anyhow!("workload key: {e}"))?;
+        let spiffe =
+            trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
+        let tls = tls::Tls::new(spiffe, cfg.cache_dir.clone())
+            .map_err(|e| anyhow::anyhow!("workload key: {e}"))?;
         control.trust(tls.trusted_roots());
         discovery.set_tls(tls.clone());
         if tls.current().is_none() {
             if let Err(e) = tls.renew(&control).await {
                 let _ = proxy.shutdown.send(true);
-                anyhow::bail!("cannot get a certificate for {} from the control plane at {}: {e}", tls.identity(), cfg.control_plane);
+                anyhow::bail!(
+                    "cannot get a certificate for {} from the control plane at {}: {e}",
+                    tls.identity(),
+                    cfg.control_plane
+                );
             }
             control.trust(tls.trusted_roots());
         }

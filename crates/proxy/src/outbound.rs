@@ -26,9 +26,9 @@ use crate::http::{
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
 use crate::route::{modify_headers, Rule};
+use crate::snapshot::{ServiceState, SvcKey};
 use crate::traffic::admit::Admission;
 use crate::traffic::policy::Limit;
-use crate::snapshot::{ServiceState, SvcKey};
 use crate::Body;
 
 /// How long a client of an `--upstream` listener may stay silent before its
@@ -309,9 +309,14 @@ async fn to_service(
     let rule = matched.map(|m| m.rule);
     let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
     // Rate limit, faults, redirect and rewrite (see traffic::admit).
-    let admission =
-        crate::traffic::admit::admit(&inputs.metrics.traffic, &svc, matched, &mut req, target.port)
-            .await;
+    let admission = crate::traffic::admit::admit(
+        &inputs.metrics.traffic,
+        &svc,
+        matched,
+        &mut req,
+        target.port,
+    )
+    .await;
     let delayed = match admission {
         Admission::Answer(mut resp) => {
             inputs.telemetry.end(
@@ -381,7 +386,8 @@ async fn to_service(
             peers: &peers(&inputs, &backend.key, ep.as_deref()),
             route: &route_name,
             // Every call to a peer is mutual TLS unless the mesh disables it.
-            tls: ep.is_some() && inputs.discovery.snapshot().mesh.mtls != trellis_resource::MtlsMode::Disabled,
+            tls: ep.is_some()
+                && inputs.discovery.snapshot().mesh.mtls != trellis_resource::MtlsMode::Disabled,
             peer_identity: ep.as_deref().map(|e| e.identity.as_str()).unwrap_or(""),
         },
         &mut resp,
@@ -437,7 +443,10 @@ async fn forward(
             Ok(c) => c,
             Err(e) => return (Err(e), Some(ep)),
         };
-        let io = match ep.open(creds.as_deref(), trellis_identity::ALPN_HTTP1).await {
+        let io = match ep
+            .open(creds.as_deref(), trellis_identity::ALPN_HTTP1)
+            .await
+        {
             Ok(io) => crate::traffic::forward::HeldIo::new(io, permit),
             Err(e) => return (Err(e), Some(ep)),
         };
@@ -497,7 +506,11 @@ fn zone_ctx(inputs: &Inputs) -> PickCtx<'_> {
 }
 
 /// A request for a host outside the mesh goes there directly.
-async fn egress(inputs: Arc<Inputs>, mut req: Request<Incoming>, target: &Target) -> Response<Body> {
+async fn egress(
+    inputs: Arc<Inputs>,
+    mut req: Request<Incoming>,
+    target: &Target,
+) -> Response<Body> {
     let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     let key = SvcKey::new("", &target.host);
     let result = if is_upgrade(&req) {
@@ -640,7 +653,9 @@ where
 /// The credentials for a connection to a peer proxy: none when the mesh's
 /// mTLS mode is `disabled`; otherwise this proxy's certificate, without
 /// which it does not call peers at all.
-pub(crate) fn peer_credentials(inputs: &Inputs) -> Result<Option<Arc<crate::tls::Credentials>>, ProxyError> {
+pub(crate) fn peer_credentials(
+    inputs: &Inputs,
+) -> Result<Option<Arc<crate::tls::Credentials>>, ProxyError> {
     if inputs.discovery.snapshot().mesh.mtls == trellis_resource::MtlsMode::Disabled {
         return Ok(None);
     }
@@ -656,16 +671,20 @@ pub(crate) fn peer_credentials(inputs: &Inputs) -> Result<Option<Arc<crate::tls:
 
 /// Rewrites the request's path to its normalised form (see `normalize`).
 pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let normalized = crate::normalize::normalize_path_and_query(pq).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let normalized = crate::normalize::normalize_path_and_query(pq)
+        .map_err(|e| ProxyError::bad_request(e.to_string()))?;
     if normalized != pq {
         let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(
-            normalized
-                .parse()
-                .map_err(|_| ProxyError::bad_request("the normalised path is not a valid request target"))?,
-        );
-        *req.uri_mut() = http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+        parts.path_and_query = Some(normalized.parse().map_err(|_| {
+            ProxyError::bad_request("the normalised path is not a valid request target")
+        })?);
+        *req.uri_mut() =
+            http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
     }
     Ok(())
 }

@@ -141,7 +141,10 @@ impl Snapshot {
             .iter()
             .filter_map(|s| SvcKey::parse(s))
             .collect();
-        let authz = crate::authz::Authorizer::build(&config.authorization_policies_json, mesh.default_policy)?;
+        let authz = crate::authz::Authorizer::build(
+            &config.authorization_policies_json,
+            mesh.default_policy,
+        )?;
         Ok(Snapshot {
             version: config.version,
             mesh,
