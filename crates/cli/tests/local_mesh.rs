@@ -66,7 +66,19 @@ async fn up_serves_traffic_then_down_stops_everything() {
     let dir = tmp.path();
     let _down = Down(dir);
 
-    let up = ok(dir, &["up", "-f", DEMO, "--detach", "--timeout", "90s"]);
+    let up = ok(
+        dir,
+        &[
+            "up",
+            "-f",
+            DEMO,
+            "--mode",
+            "process",
+            "--detach",
+            "--timeout",
+            "90s",
+        ],
+    );
     assert!(
         up.starts_with("ready: 4 workloads, 5 replicas; control plane http://127.0.0.1:"),
         "{up}"
@@ -162,7 +174,7 @@ async fn up_serves_traffic_then_down_stops_everything() {
     assert!(text(&missing.stderr).contains("workload reviews has no replica 3"));
 
     // A second `up` on the same folder is refused.
-    let again = trellis(dir, &["up", "-f", DEMO, "--detach"]);
+    let again = trellis(dir, &["up", "-f", DEMO, "--mode", "process", "--detach"]);
     assert!(!again.status.success());
     assert!(
         text(&again.stderr).contains("trellis down"),
@@ -207,6 +219,8 @@ spec:
             "up",
             "-f",
             file.to_str().unwrap(),
+            "--mode",
+            "process",
             "--detach",
             "--timeout",
             "60s",

@@ -86,7 +86,19 @@ async fn the_resilience_example_keeps_every_call_up_with_a_broken_instance() {
     let dir = tmp.path();
     let _down = Down(dir);
     let example = format!("{EXAMPLES}/resilience");
-    let up = ok(dir, &["up", "-f", &example, "--detach", "--timeout", "90s"]);
+    let up = ok(
+        dir,
+        &[
+            "up",
+            "-f",
+            &example,
+            "--mode",
+            "process",
+            "--detach",
+            "--timeout",
+            "90s",
+        ],
+    );
     assert!(up.starts_with("ready: 3 workloads, 5 replicas"), "{up}");
     let ps: serde_json::Value = serde_json::from_str(&ok(dir, &["ps", "-o", "json"])).unwrap();
     let outbound = ps["processes"]

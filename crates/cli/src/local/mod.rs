@@ -21,10 +21,39 @@ fn no_mesh(global: &Global) -> String {
     format!("no mesh is running here ({dir}): start one with `trellis up -f FILE --detach`")
 }
 
+/// Whether pods mode can run here: root, network namespaces, and the `ip`
+/// and `nft` tools.
+pub fn pods_available() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective uid.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let netns = std::path::Path::new("/proc/self/ns/net").exists();
+    let tool = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
+    };
+    root && netns && tool("ip") && tool("nft")
+}
+
 pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
-    match args.mode {
-        Mode::Auto | Mode::Process => {}
-        Mode::Pods => return pods::up(global, args, args.subnet.clone()).await,
+    let pods = match args.mode {
+        Mode::Process => false,
+        Mode::Pods => true,
+        Mode::Auto => {
+            let ok = pods_available();
+            eprintln!(
+                "mode: {}",
+                if ok {
+                    "pods (root, network namespaces, ip and nft are available)"
+                } else {
+                    "process (pods mode needs root, network namespaces, ip and nft)"
+                }
+            );
+            ok
+        }
+    };
+    if pods {
+        return pods::up(global, args, args.subnet.clone()).await;
     }
     let loaded = crate::resources::load(&args.file)?;
     let opts = Options {
