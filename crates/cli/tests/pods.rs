@@ -248,6 +248,14 @@ fn leftovers(id: &str) -> Vec<String> {
     left.extend(ns.lines().filter(|l| l.contains(id)).map(str::to_string));
     let links = netns::sh(&["ip", "-br", "link"]);
     left.extend(links.lines().filter(|l| l.contains(id)).map(str::to_string));
+    // The run's egress NAT table on the host.
+    let tables = netns::sh(&["nft", "list", "tables"]);
+    left.extend(
+        tables
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_string),
+    );
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         left.extend(
             entries
@@ -416,8 +424,19 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
         .sum();
     assert!(inbound >= 4.0, "catalog inbound mTLS requests: {inbound}");
 
-    // After down: no namespace, link, bridge or resolv.conf of this run,
-    // and no process.
+    // Pods reach beyond the host through the run's masquerade table, with
+    // forwarding on while it runs.
+    let tables = netns::sh(&["nft", "list", "tables"]);
+    assert!(tables.contains(&format!("trellis-egress-{id}")), "{tables}");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+
+    // After down: no namespace, link, bridge, resolv.conf or NAT table of
+    // this run, and no process.
     let pids: Vec<u64> = up.run()["processes"]
         .as_array()
         .unwrap()

@@ -81,6 +81,12 @@ pub struct Pod {
     pub instance: String,
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// Present while a Trellis run turned IPv4 forwarding on.
+const FORWARD_MARKER: &str = "/run/trellis-ip-forward";
+/// Every run's bridge is named `trb<id>`.
+const BRIDGE_PREFIX: &str = "trb";
+
 /// What a pods-mode run created on the host.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PodNet {
@@ -249,6 +255,97 @@ impl PodNet {
             &self.bridge,
         ])?;
         run(&["ip", "link", "set", &self.bridge, "up"])?;
+        self.enable_egress()
+    }
+
+    /// The nftables table of this run's egress NAT on the host.
+    pub fn egress_table(&self) -> String {
+        format!("trellis-egress-{}", self.id)
+    }
+
+    /// Lets pods reach beyond the host: traffic from the subnet that leaves
+    /// by another interface is masqueraded, and forwarding is on. Both are
+    /// undone by `remove` (forwarding only if Trellis turned it on and no
+    /// other run still needs it).
+    fn enable_egress(&self) -> Result<(), PodNetError> {
+        let table = self.egress_table();
+        let subnet = self.subnet.to_string();
+        run(&["nft", "add", "table", "ip", &table])?;
+        run(&[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            &table,
+            "postrouting",
+            "{",
+            "type",
+            "nat",
+            "hook",
+            "postrouting",
+            "priority",
+            "100",
+            ";",
+            "policy",
+            "accept",
+            ";",
+            "}",
+        ])?;
+        run(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            &table,
+            "postrouting",
+            "ip",
+            "saddr",
+            &subnet,
+            "oifname",
+            "!=",
+            &self.bridge,
+            "masquerade",
+        ])?;
+        run(&[
+            "nft", "add", "chain", "ip", &table, "forward", "{", "type", "filter", "hook",
+            "forward", "priority", "0", ";", "policy", "accept", ";", "}",
+        ])?;
+        run(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            &table,
+            "forward",
+            "iifname",
+            &self.bridge,
+            "accept",
+        ])?;
+        run(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            &table,
+            "forward",
+            "oifname",
+            &self.bridge,
+            "ct",
+            "state",
+            "established,related",
+            "accept",
+        ])?;
+        let forwarding = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
+        if forwarding.trim() == "0" {
+            // Remembered on the host (not per run), so that the last run
+            // to go turns it off again.
+            std::fs::write(FORWARD_MARKER, b"trellis turned ip_forward on\n")
+                .and_then(|_| std::fs::write(IP_FORWARD, b"1"))
+                .map_err(|e| PodNetError::Command {
+                    cmd: format!("writing {IP_FORWARD}"),
+                    err: e.to_string(),
+                })?;
+        }
         Ok(())
     }
 
@@ -336,6 +433,25 @@ impl PodNet {
         }
         if link_exists(&self.bridge) && run(&["ip", "link", "del", &self.bridge]).is_ok() {
             removed.push(format!("bridge {}", self.bridge));
+        }
+        let table = self.egress_table();
+        if run(&["nft", "list", "table", "ip", &table]).is_ok()
+            && run(&["nft", "delete", "table", "ip", &table]).is_ok()
+        {
+            removed.push(format!("nftables table ip {table}"));
+        }
+        let other_runs = std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(BRIDGE_PREFIX))
+            })
+            .unwrap_or(false);
+        if !other_runs
+            && Path::new(FORWARD_MARKER).exists()
+            && std::fs::write(IP_FORWARD, b"0").is_ok()
+        {
+            let _ = std::fs::remove_file(FORWARD_MARKER);
+            removed.push("ip_forward (back to 0)".to_string());
         }
         removed
     }
