@@ -239,36 +239,14 @@ impl ResourceIndex {
                     r.clone(),
                 );
             } else if let Some(route) = r.as_route() {
-                let parents: BTreeSet<ServiceName> = route
-                    .parent_refs
-                    .iter()
-                    .filter(|p| names_service(p.group.as_deref(), p.kind.as_deref()))
-                    .map(|p| {
-                        ServiceName::new(
-                            p.namespace.as_deref().unwrap_or(&r.metadata.namespace),
-                            &p.name,
-                        )
-                    })
-                    .collect();
-                for parent in parents {
+                for parent in parent_services(r, &route.parent_refs) {
                     idx.routes_by_parent
                         .entry(parent)
                         .or_default()
                         .push(r.clone());
                 }
             } else if let Some(route) = r.as_grpc_route() {
-                let parents: BTreeSet<ServiceName> = route
-                    .parent_refs
-                    .iter()
-                    .filter(|p| names_service(p.group.as_deref(), p.kind.as_deref()))
-                    .map(|p| {
-                        ServiceName::new(
-                            p.namespace.as_deref().unwrap_or(&r.metadata.namespace),
-                            &p.name,
-                        )
-                    })
-                    .collect();
-                for parent in parents {
+                for parent in parent_services(r, &route.parent_refs) {
                     idx.grpc_routes_by_parent
                         .entry(parent)
                         .or_default()
@@ -322,6 +300,23 @@ impl ResourceIndex {
             None => "{}".into(),
         }
     }
+}
+
+/// The Services a route's parentRefs name (a parentRef without a namespace
+/// means the route's own).
+fn parent_services(
+    route: &Resource,
+    refs: &[trellis_resource::ParentRef],
+) -> BTreeSet<ServiceName> {
+    refs.iter()
+        .filter(|p| names_service(p.group.as_deref(), p.kind.as_deref()))
+        .map(|p| {
+            ServiceName::new(
+                p.namespace.as_deref().unwrap_or(&route.metadata.namespace),
+                &p.name,
+            )
+        })
+        .collect()
 }
 
 /// Whether a parentRef/backendRef's group and kind name a Service; in mesh
