@@ -109,7 +109,7 @@ lines = []
 lines.append(f"# Trellis benchmark, {env['date']} ({env['mode']})")
 lines.append("")
 lines.append(
-    f"Loopback, {env['nproc']} cores ({env['cpu']}), kernel {env['kernel']}; Trellis {env['trellis_commit']}, "
+    f"Loopback, {env['nproc']} cores ({env['cpu']}), kernel {env['kernel']}; Trellis {env['trellis_commit']} ({env.get('trellis_build', 'release')} build, proxy worker threads: {env.get('proxy_threads', 'cores')}), "
     f"HAProxy {env['haproxy']}, nginx {env['nginx']}, {env['oha']}, {env['h2load']}. "
     f"Fixed rate: {env['rate']} rps over {env['fixed_conns']} connections"
     f" (oha --latency-correction; h2load --rps, no correction), {env['duration_s']} s; "

@@ -20,7 +20,7 @@ use crate::http::{
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
-use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
+use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::Body;
 use trellis_identity::SpiffeId;
 use trellis_resource::MtlsMode;
@@ -36,6 +36,25 @@ pub struct PeerInfo {
     /// The identity the peer's certificate proved (mutual TLS only).
     pub identity: Option<SpiffeId>,
     pub tls: bool,
+    /// `identity` as a URI, made once per connection rather than per request.
+    identity_uri: String,
+    /// The same, ready for the `x-trellis-peer-identity` header.
+    identity_header: Option<http::HeaderValue>,
+}
+
+impl PeerInfo {
+    pub fn new(identity: Option<SpiffeId>, tls: bool) -> PeerInfo {
+        let identity_uri = identity.as_ref().map(|i| i.to_string()).unwrap_or_default();
+        let identity_header = identity
+            .as_ref()
+            .and_then(|_| http::HeaderValue::from_str(&identity_uri).ok());
+        PeerInfo {
+            identity,
+            tls,
+            identity_uri,
+            identity_header,
+        }
+    }
 }
 
 pub struct Inbound {
@@ -135,10 +154,10 @@ async fn serve_tls(
         }
     };
     let (_, conn) = tls.get_ref();
-    let info = Arc::new(PeerInfo {
-        identity: trellis_identity::verify::peer_identity(conn.peer_certificates()),
-        tls: true,
-    });
+    let info = Arc::new(PeerInfo::new(
+        trellis_identity::verify::peer_identity(conn.peer_certificates()),
+        true,
+    ));
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     if alpn.as_deref() == Some(trellis_identity::ALPN_TCP) {
         return tcp_to_app(inputs, tls, peer, &info).await;
@@ -171,14 +190,15 @@ where
     }
     {
         let labels = TcpLabels {
-            peers: peers(
-                &inputs,
-                info.identity
-                    .as_ref()
-                    .map(|i| format!("{}/", i.namespace))
-                    .as_deref(),
-                None,
-            ),
+            peers: PeerNames {
+                direction: Direction::inbound,
+                source_namespace: info.identity.as_ref().map_or("", |i| i.namespace.as_str()),
+                source_workload: "",
+                destination_namespace: &inputs.cfg.namespace,
+                destination_service: "",
+                destination_workload: &inputs.cfg.workload,
+            }
+            .to_owned(),
             tls: info.tls,
         };
         let mut app = match connect(inputs.app_addr).await {
@@ -196,22 +216,37 @@ where
     }
 }
 
-fn peers(inputs: &Inputs, source: Option<&str>, destination: Option<&str>) -> Peers {
-    let (source_namespace, source_workload) = source
-        .and_then(|s| s.split_once('/'))
-        .map(|(ns, w)| (ns.to_string(), w.to_string()))
-        .unwrap_or_default();
+/// Who called whom, from the caller's verified identity, the workload
+/// its proxy named (trusted only within the identity's namespace) and the
+/// service it called; borrowed, so that a request allocates nothing here.
+fn peers<'a>(
+    inputs: &'a Inputs,
+    info: &'a PeerInfo,
+    claimed_source: Option<&'a http::HeaderValue>,
+    destination: Option<&'a http::HeaderValue>,
+) -> PeerNames<'a> {
+    let (source_namespace, source_workload) = match &info.identity {
+        Some(id) => (
+            id.namespace.as_str(),
+            claimed_source
+                .and_then(|v| v.to_str().ok())
+                .and_then(|c| c.split_once('/'))
+                .filter(|(ns, _)| *ns == id.namespace)
+                .map_or("", |(_, w)| w),
+        ),
+        None => ("", ""),
+    };
     let (destination_namespace, destination_service) = destination
+        .and_then(|v| v.to_str().ok())
         .and_then(|s| s.split_once('/'))
-        .map(|(ns, s)| (ns.to_string(), s.to_string()))
-        .unwrap_or_else(|| (inputs.cfg.namespace.clone(), String::new()));
-    Peers {
+        .unwrap_or((inputs.cfg.namespace.as_str(), ""));
+    PeerNames {
         direction: Direction::inbound,
         source_namespace,
         source_workload,
         destination_namespace,
         destination_service,
-        destination_workload: inputs.cfg.workload.clone(),
+        destination_workload: &inputs.cfg.workload,
     }
 }
 
@@ -240,28 +275,11 @@ async fn handle(
     let begun = inputs
         .telemetry
         .begin(crate::metrics::Direction::inbound, &mut req);
-    let header = |req: &Request<Incoming>, h| {
-        req.headers()
-            .get(h)
-            .and_then(|v: &http::HeaderValue| v.to_str().ok())
-            .map(str::to_string)
-    };
-    // The source workload is only a metrics label; the namespace comes
-    // from the verified identity when there is one.
-    let source = match (&info.identity, header(&req, SOURCE)) {
-        (Some(id), claimed) => Some(format!(
-            "{}/{}",
-            id.namespace,
-            claimed
-                .as_deref()
-                .and_then(|c| c.split_once('/'))
-                .filter(|(ns, _)| *ns == id.namespace)
-                .map(|(_, w)| w)
-                .unwrap_or("")
-        )),
-        (None, _) => None,
-    };
-    let destination = header(&req, DESTINATION);
+    // Kept for the metrics labels (a header value clone shares its bytes);
+    // the source workload is only a label, and the namespace comes from the
+    // verified identity when there is one.
+    let claimed_source = req.headers().get(SOURCE).cloned();
+    let destination = req.headers().get(DESTINATION).cloned();
     let http1 = req.version() < Version::HTTP_2 || req.headers().contains_key(ORIG_PROTO);
     strip_identity_claims(req.headers_mut());
     let resp = match authorize(&inputs, &mut req, &info) {
@@ -276,18 +294,18 @@ async fn handle(
         tracing::debug!(error = %e, "inbound request failed");
         e.into_response()
     });
-    let peer_identity = info
-        .identity
-        .as_ref()
-        .map(|i| i.to_string())
-        .unwrap_or_default();
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
-            peers: &peers(&inputs, source.as_deref(), destination.as_deref()),
+            peers: peers(
+                &inputs,
+                &info,
+                claimed_source.as_ref(),
+                destination.as_ref(),
+            ),
             route: "",
             tls: info.tls,
-            peer_identity: &peer_identity,
+            peer_identity: &info.identity_uri,
         },
         &mut resp,
     );
@@ -321,10 +339,8 @@ fn authorize(
             "RBAC: access denied\n",
         ));
     }
-    if let Some(id) = &info.identity {
-        if let Ok(v) = http::HeaderValue::from_str(&id.to_string()) {
-            req.headers_mut().insert(PEER_IDENTITY, v);
-        }
+    if let Some(v) = &info.identity_header {
+        req.headers_mut().insert(PEER_IDENTITY, v.clone());
     }
     None
 }

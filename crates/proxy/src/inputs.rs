@@ -29,6 +29,9 @@ pub struct Inputs {
     /// To addresses outside the mesh.
     pub egress: Client<HttpConnector, Body>,
     pub app_addr: SocketAddr,
+    /// `namespace/workload`, for the source header every outbound mesh
+    /// request carries; made once.
+    pub source_header: Option<http::HeaderValue>,
 }
 
 impl Inputs {
@@ -57,7 +60,10 @@ impl Inputs {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(http);
+        let source_header =
+            http::HeaderValue::try_from(format!("{}/{}", cfg.namespace, cfg.workload)).ok();
         Arc::new(Inputs {
+            source_header,
             cfg,
             discovery,
             metrics,

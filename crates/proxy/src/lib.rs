@@ -34,6 +34,7 @@ pub mod otlp;
 pub mod outbound;
 pub mod process;
 pub mod route;
+pub mod series;
 pub mod snapshot;
 pub mod tap;
 pub mod telemetry;

@@ -1,21 +1,22 @@
 //! Metrics: the SPEC's Prometheus families for `/metrics`, and the traffic
 //! figures reported to the control plane for `trellis stat`.
 //!
-//! Both are fed from one call per request (`Metrics::record_request`), so
-//! the two views never disagree.
+//! Both are fed from one call per request (`Metrics::record_request`) into
+//! one table of atomics (`crate::series`), so the two views never disagree
+//! and the request path takes no lock and allocates nothing.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use trellis_api::v1::{StatEntry, StatsReport};
-use trellis_api::LATENCY_BUCKETS_MS;
+use trellis_api::v1::StatsReport;
+
+pub use crate::series::PeerNames;
+use crate::series::{RequestCollector, SeriesTable};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -25,7 +26,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::inbound => "inbound",
             Direction::outbound => "outbound",
@@ -68,27 +69,15 @@ pub struct TcpLabels {
     pub tls: bool,
 }
 
-/// Figures accumulated since the last report to the control plane.
-#[derive(Default)]
-struct StatCell {
-    requests: u64,
-    failures: u64,
-    tls: u64,
-    buckets: Vec<u64>,
-}
-
-type StatKey = (Peers, String);
-
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    durations: Family<DurationLabels, Histogram>,
+    /// Request counts and latencies per label set (both `trellis_requests`
+    /// and `trellis_request_duration_seconds`, and the traffic reports).
+    series: Arc<SeriesTable>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
-    // Held only to add to a map entry, never across an await.
-    stats: Mutex<HashMap<StatKey, StatCell>>,
     pub config_rejections: Counter,
     pub control_plane_connects: Counter,
     pub stats_dropped: Counter,
@@ -104,17 +93,10 @@ pub struct Metrics {
     in_flight: AtomicU64,
 }
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS_MS.iter().map(|ms| ms / 1000.0))
-}
-
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let durations = Family::<DurationLabels, Histogram>::new_with_constructor(
-            duration_histogram as fn() -> Histogram,
-        );
+        let series = Arc::new(SeriesTable::default());
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let tcp_sent = Family::<TcpLabels, Counter>::default();
@@ -140,16 +122,7 @@ impl Metrics {
             "Plaintext inbound connections refused in strict mTLS mode",
             plaintext_refused.clone(),
         );
-        registry.register(
-            "trellis_requests",
-            "HTTP requests handled",
-            requests.clone(),
-        );
-        registry.register(
-            "trellis_request_duration_seconds",
-            "Time from request to response headers",
-            durations.clone(),
-        );
+        registry.register_collector(Box::new(RequestCollector(series.clone())));
         registry.register(
             "trellis_tcp_connections_opened",
             "TCP connections opened",
@@ -192,13 +165,11 @@ impl Metrics {
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
-            requests,
-            durations,
+            series,
             tcp_opened,
             tcp_closed,
             tcp_sent,
             tcp_received,
-            stats: Mutex::new(HashMap::new()),
             config_rejections,
             control_plane_connects,
             stats_dropped,
@@ -214,47 +185,13 @@ impl Metrics {
     /// Records one finished request. `status` is 0 when no response came.
     pub fn record_request(
         &self,
-        peers: &Peers,
+        peers: PeerNames<'_>,
         route: &str,
         status: u16,
         tls: bool,
         elapsed: Duration,
     ) {
-        let peers = &*bounded_labels(peers);
-        let route = bounded_label(route).into_owned();
-        self.requests
-            .get_or_create(&RequestLabels {
-                peers: peers.clone(),
-                route: route.clone(),
-                status_code: status,
-                tls,
-            })
-            .inc();
-        self.durations
-            .get_or_create(&DurationLabels {
-                peers: peers.clone(),
-                route: route.clone(),
-                tls,
-            })
-            .observe(elapsed.as_secs_f64());
-        let ms = elapsed.as_secs_f64() * 1000.0;
-        let bucket = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let cell = stats.entry((peers.clone(), route)).or_default();
-        if cell.buckets.is_empty() {
-            cell.buckets = vec![0; LATENCY_BUCKETS_MS.len() + 1];
-        }
-        cell.requests += 1;
-        if status == 0 || status >= 500 {
-            cell.failures += 1;
-        }
-        if tls {
-            cell.tls += 1;
-        }
-        cell.buckets[bucket] += 1;
+        self.series.record(peers, route, status, tls, elapsed);
     }
 
     pub fn tcp_opened(&self, labels: &TcpLabels) {
@@ -277,26 +214,10 @@ impl Metrics {
 
     /// Takes the figures since the last call, for the control plane.
     pub fn take_report(&self, interval: Duration) -> Option<StatsReport> {
-        let taken = std::mem::take(&mut *self.stats.lock().unwrap_or_else(|e| e.into_inner()));
-        if taken.is_empty() {
+        let entries = self.series.take_deltas();
+        if entries.is_empty() {
             return None;
         }
-        let entries = taken
-            .into_iter()
-            .map(|((p, route), cell)| StatEntry {
-                direction: p.direction.as_str().to_string(),
-                source_namespace: p.source_namespace,
-                source_workload: p.source_workload,
-                destination_namespace: p.destination_namespace,
-                destination_service: p.destination_service,
-                destination_workload: p.destination_workload,
-                route,
-                requests: cell.requests,
-                failures: cell.failures,
-                tls_requests: cell.tls,
-                latency_buckets: cell.buckets,
-            })
-            .collect();
         Some(StatsReport {
             interval_seconds: interval.as_secs_f64(),
             entries,
@@ -323,15 +244,15 @@ impl Metrics {
 /// identity header from a plain client) must not make huge series.
 pub const MAX_LABEL: usize = 128;
 
-fn bounded_label(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn bounded_label(s: &str) -> &str {
     if s.len() <= MAX_LABEL {
-        return s.into();
+        return s;
     }
     let mut end = MAX_LABEL;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].into()
+    &s[..end]
 }
 
 fn bounded_labels(p: &Peers) -> std::borrow::Cow<'_, Peers> {
@@ -345,7 +266,7 @@ fn bounded_labels(p: &Peers) -> std::borrow::Cow<'_, Peers> {
     if fields.iter().all(|f| f.len() <= MAX_LABEL) {
         return std::borrow::Cow::Borrowed(p);
     }
-    let cut = |s: &String| bounded_label(s).into_owned();
+    let cut = |s: &String| bounded_label(s).to_owned();
     std::borrow::Cow::Owned(Peers {
         direction: p.direction,
         source_namespace: cut(&p.source_namespace),
@@ -376,22 +297,22 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
-    fn peers() -> Peers {
-        Peers {
+    fn peers() -> PeerNames<'static> {
+        PeerNames {
             direction: Direction::outbound,
-            source_namespace: "default".into(),
-            source_workload: "frontend".into(),
-            destination_namespace: "default".into(),
-            destination_service: "catalog".into(),
-            destination_workload: "catalog-v1".into(),
+            source_namespace: "default",
+            source_workload: "frontend",
+            destination_namespace: "default",
+            destination_service: "catalog",
+            destination_workload: "catalog-v1",
         }
     }
 
     #[test]
     fn report_holds_deltas_and_metrics_hold_totals() {
         let m = Metrics::new();
-        m.record_request(&peers(), "split", 200, false, Duration::from_millis(3));
-        m.record_request(&peers(), "split", 503, false, Duration::from_millis(30));
+        m.record_request(peers(), "split", 200, false, Duration::from_millis(3));
+        m.record_request(peers(), "split", 503, false, Duration::from_millis(30));
         let r = m.take_report(Duration::from_secs(2)).unwrap();
         assert_eq!(r.entries.len(), 1);
         assert_eq!(r.entries[0].requests, 2);

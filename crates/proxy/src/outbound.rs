@@ -24,7 +24,7 @@ use crate::http::{
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
-use crate::metrics::{Direction, InFlight, Peers, TcpLabels};
+use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::route::{modify_headers, Rule};
 use crate::snapshot::{ServiceState, SvcKey};
 use crate::traffic::admit::Admission;
@@ -281,14 +281,14 @@ fn connect_tunnel(
     Response::new(empty())
 }
 
-fn peers(inputs: &Inputs, key: &SvcKey, ep: Option<&Endpoint>) -> Peers {
-    Peers {
+fn peers<'a>(inputs: &'a Inputs, key: &'a SvcKey, ep: Option<&'a Endpoint>) -> PeerNames<'a> {
+    PeerNames {
         direction: Direction::outbound,
-        source_namespace: inputs.cfg.namespace.clone(),
-        source_workload: inputs.cfg.workload.clone(),
-        destination_namespace: key.namespace.clone(),
-        destination_service: key.name.clone(),
-        destination_workload: ep.map(|e| e.workload.clone()).unwrap_or_default(),
+        source_namespace: &inputs.cfg.namespace,
+        source_workload: &inputs.cfg.workload,
+        destination_namespace: &key.namespace,
+        destination_service: &key.name,
+        destination_workload: ep.map_or("", |e| e.workload.as_str()),
     }
 }
 
@@ -322,7 +322,7 @@ async fn to_service(
             inputs.telemetry.end(
                 begun,
                 crate::telemetry::Done {
-                    peers: &peers(&inputs, &svc.key, None),
+                    peers: peers(&inputs, &svc.key, None),
                     route: &route_name,
                     tls: false,
                     peer_identity: "",
@@ -383,7 +383,7 @@ async fn to_service(
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
-            peers: &peers(&inputs, &backend.key, ep.as_deref()),
+            peers: peers(&inputs, &backend.key, ep.as_deref()),
             route: &route_name,
             // Every call to a peer is mutual TLS unless the mesh disables it.
             tls: ep.is_some()
@@ -478,13 +478,11 @@ async fn forward(
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
-    if let Ok(v) =
-        HeaderValue::try_from(format!("{}/{}", inputs.cfg.namespace, inputs.cfg.workload))
-    {
-        parts.headers.insert(SOURCE, v);
+    if let Some(v) = &inputs.source_header {
+        parts.headers.insert(SOURCE, v.clone());
     }
-    if let Ok(v) = HeaderValue::try_from(svc.key.to_string()) {
-        parts.headers.insert(DESTINATION, v);
+    if let Some(v) = &svc.key_header {
+        parts.headers.insert(DESTINATION, v.clone());
     }
     if let Some(m) = rule.and_then(|r| r.request_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
@@ -549,7 +547,7 @@ async fn egress(
     inputs.telemetry.end(
         begun,
         crate::telemetry::Done {
-            peers: &peers(&inputs, &key, None),
+            peers: peers(&inputs, &key, None),
             route: "",
             tls: false,
             peer_identity: "",
@@ -640,7 +638,7 @@ where
         }
     };
     let labels = TcpLabels {
-        peers: peers(&inputs, &key, ep.as_deref()),
+        peers: peers(&inputs, &key, ep.as_deref()).to_owned(),
         tls,
     };
     inputs.metrics.tcp_opened(&labels);

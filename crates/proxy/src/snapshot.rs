@@ -58,6 +58,8 @@ pub struct ServiceState {
     /// over from the previous snapshot.
     pub traffic: Arc<crate::traffic::ServiceTraffic>,
     pub balancer: crate::balance::Balancer,
+    /// `namespace/name`, for the destination header of each request.
+    pub key_header: Option<http::HeaderValue>,
 }
 
 #[derive(Default)]
@@ -124,6 +126,7 @@ impl Snapshot {
             services.insert(
                 key.clone(),
                 Arc::new(ServiceState {
+                    key_header: http::HeaderValue::try_from(key.to_string()).ok(),
                     key,
                     spec,
                     routes,

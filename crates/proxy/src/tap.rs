@@ -87,6 +87,12 @@ impl Taps {
     }
 
     /// Offers one request to every active tap whose prefix matches `path`.
+    /// Whether any tap is running (one atomic load; no event is made
+    /// when none is).
+    pub fn active(&self) -> bool {
+        !self.active.load().is_empty()
+    }
+
     pub fn offer(&self, path: &str, event: impl FnOnce() -> TapEvent) {
         let list = self.active.load();
         if list.is_empty() {

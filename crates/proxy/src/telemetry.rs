@@ -21,7 +21,7 @@ use trellis_api::v1::{proxy_message, TapEvent};
 use trellis_resource::{MeshSpec, OtlpProtocol, TracingSpec};
 
 use crate::accesslog::{self, AccessLog, Destination, Entry};
-use crate::metrics::{Direction, Metrics, Peers};
+use crate::metrics::{Direction, Metrics, PeerNames};
 use crate::otlp::{self, Attr, Exporter, FinishedSpan, Kind};
 use crate::tap::Taps;
 use crate::trace::{self, SpanContext};
@@ -153,17 +153,35 @@ pub struct Telemetry {
     own: Own,
 }
 
-/// A request as it arrived, kept until its response.
+/// A request as it arrived, kept until its response. Holds cheap clones
+/// (the method, the URI and the Host header share the request's bytes);
+/// strings are made only for what is sampled, tapped or logged.
 pub struct Begun {
     pub ctx: SpanContext,
     started: Instant,
     wall: SystemTime,
     direction: Direction,
-    method: String,
-    authority: String,
-    path: String,
+    method: http::Method,
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
     protocol: &'static str,
     bytes_received: u64,
+}
+
+impl Begun {
+    fn authority(&self) -> String {
+        let a = self
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.host.as_ref()?.to_str().ok())
+            .unwrap_or("");
+        bounded(a)
+    }
+
+    fn path(&self) -> String {
+        bounded(self.uri.path())
+    }
 }
 
 impl Begun {
@@ -174,7 +192,7 @@ impl Begun {
 
 /// What is known once a response is ready.
 pub struct Done<'a> {
-    pub peers: &'a Peers,
+    pub peers: PeerNames<'a>,
     pub route: &'a str,
     pub tls: bool,
     /// The peer's identity: the caller's (inbound) or the endpoint's
@@ -261,19 +279,17 @@ impl Telemetry {
             sampling > 0.0 && rand::random::<f64>() < sampling
         });
         ctx.inject(req.headers_mut());
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
-            .unwrap_or("");
+        let host = match req.uri().authority() {
+            Some(_) => None,
+            None => req.headers().get(http::header::HOST).cloned(),
+        };
         Begun {
             started,
             wall: SystemTime::now(),
             direction,
-            method: req.method().as_str().to_string(),
-            authority: bounded(authority),
-            path: bounded(req.uri().path()),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host,
             protocol: protocol(req.version(), req.headers()),
             bytes_received: content_length(req.headers()),
             ctx,
@@ -281,12 +297,18 @@ impl Telemetry {
     }
 
     /// Records a finished request: metrics, span, tap event and access log
-    /// line (written when the response body ends).
+    /// line (written when the response body ends). Past the metrics, every
+    /// part is skipped (and allocates nothing) unless it is wanted.
     pub fn end(&self, b: Begun, done: Done<'_>, resp: &mut Response<Body>) {
         let elapsed = b.started.elapsed();
         let status = resp.status().as_u16();
         self.metrics
             .record_request(done.peers, done.route, status, done.tls, elapsed);
+        let settings = self.settings.load();
+        let tapped = self.taps.active();
+        if !b.ctx.sampled && !tapped && settings.access_log.is_none() {
+            return;
+        }
         let p = done.peers;
         let own = self.own_identity();
         let peer = bounded(done.peer_identity);
@@ -294,27 +316,25 @@ impl Telemetry {
             Direction::inbound => (peer, own),
             Direction::outbound => (own, peer),
         };
-        let direction = match b.direction {
-            Direction::inbound => "inbound",
-            Direction::outbound => "outbound",
-        };
+        let direction = b.direction.as_str();
         let flags = response_flags(resp);
+        let (method, authority, path) = (b.method.as_str(), b.authority(), b.path());
         if b.ctx.sampled {
             let start = unix_nanos(b.wall);
             let mut attributes = vec![
-                ("http.request.method", Attr::Str(b.method.clone())),
-                ("url.path", Attr::Str(b.path.clone())),
-                ("server.address", Attr::Str(b.authority.clone())),
+                ("http.request.method", Attr::Str(method.to_string())),
+                ("url.path", Attr::Str(path.clone())),
+                ("server.address", Attr::Str(authority.clone())),
                 ("http.response.status_code", Attr::Int(i64::from(status))),
                 ("trellis.direction", Attr::Str(direction.into())),
                 ("trellis.route", Attr::Str(done.route.to_string())),
                 (
                     "trellis.source.namespace",
-                    Attr::Str(p.source_namespace.clone()),
+                    Attr::Str(p.source_namespace.to_string()),
                 ),
                 (
                     "trellis.source.workload",
-                    Attr::Str(p.source_workload.clone()),
+                    Attr::Str(p.source_workload.to_string()),
                 ),
                 (
                     "trellis.source.identity",
@@ -322,15 +342,15 @@ impl Telemetry {
                 ),
                 (
                     "trellis.destination.namespace",
-                    Attr::Str(p.destination_namespace.clone()),
+                    Attr::Str(p.destination_namespace.to_string()),
                 ),
                 (
                     "trellis.destination.service",
-                    Attr::Str(p.destination_service.clone()),
+                    Attr::Str(p.destination_service.to_string()),
                 ),
                 (
                     "trellis.destination.workload",
-                    Attr::Str(p.destination_workload.clone()),
+                    Attr::Str(p.destination_workload.to_string()),
                 ),
                 (
                     "trellis.destination.identity",
@@ -342,13 +362,13 @@ impl Telemetry {
                 attributes.push(("trellis.response_flags", Attr::Str(flags.clone())));
             }
             let service = if p.destination_service.is_empty() {
-                b.authority.as_str()
+                authority.as_str()
             } else {
-                p.destination_service.as_str()
+                p.destination_service
             };
             self.exporter.submit(FinishedSpan {
                 ctx: b.ctx.clone(),
-                name: format!("{} {service}", b.method),
+                name: format!("{method} {service}"),
                 kind: match b.direction {
                     Direction::inbound => Kind::Server,
                     Direction::outbound => Kind::Client,
@@ -359,37 +379,42 @@ impl Telemetry {
                 error: status == 0 || status >= 500,
             });
         }
-        self.taps.offer(&b.path, || TapEvent {
-            timestamp_unix_nanos: unix_nanos(b.wall) as i64,
-            direction: direction.into(),
-            method: b.method.clone(),
-            authority: b.authority.clone(),
-            path: b.path.clone(),
-            status: u32::from(status),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            source_identity: source_identity.clone(),
-            destination_identity: destination_identity.clone(),
-            destination_service: format!("{}/{}", p.destination_namespace, p.destination_service),
-            route: done.route.to_string(),
-            tls: done.tls,
-            trace_id: b.ctx.trace_id_hex(),
-        });
-        if self.settings.load().access_log.is_some() {
+        if tapped {
+            self.taps.offer(&path, || TapEvent {
+                timestamp_unix_nanos: unix_nanos(b.wall) as i64,
+                direction: direction.into(),
+                method: method.to_string(),
+                authority: authority.clone(),
+                path: path.clone(),
+                status: u32::from(status),
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                source_identity: source_identity.clone(),
+                destination_identity: destination_identity.clone(),
+                destination_service: format!(
+                    "{}/{}",
+                    p.destination_namespace, p.destination_service
+                ),
+                route: done.route.to_string(),
+                tls: done.tls,
+                trace_id: b.ctx.trace_id_hex(),
+            });
+        }
+        if settings.access_log.is_some() {
             let entry = Entry {
                 time: accesslog::rfc3339(b.wall),
                 trace_id: b.ctx.trace_id_hex(),
                 span_id: b.ctx.span_id_hex(),
                 direction,
                 source_identity,
-                source_namespace: p.source_namespace.clone(),
-                source_workload: p.source_workload.clone(),
+                source_namespace: p.source_namespace.to_string(),
+                source_workload: p.source_workload.to_string(),
                 destination_identity,
-                destination_namespace: p.destination_namespace.clone(),
-                destination_service: p.destination_service.clone(),
-                destination_workload: p.destination_workload.clone(),
-                method: b.method,
-                authority: b.authority,
-                path: b.path,
+                destination_namespace: p.destination_namespace.to_string(),
+                destination_service: p.destination_service.to_string(),
+                destination_workload: p.destination_workload.to_string(),
+                method: method.to_string(),
+                authority,
+                path,
                 protocol: b.protocol,
                 route: done.route.to_string(),
                 status,
