@@ -989,7 +989,7 @@ fn env_facts(plan: &Plan, trellis: &Path, fd_limit: u64) -> BTreeMap<String, Val
     env
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     let plan = Plan::from(&args);
     let trellis = trellis_binary(&args)?;
     let fd_limit = sys::raise_fd_limit();
@@ -1005,7 +1005,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if (fd_limit as usize) < need / plan.streams_per_conn.max(1) + 1000 {
         bail!("the open-file limit {fd_limit} is too low");
     }
-    let dir = std::env::temp_dir().join(format!("trellis-scale.{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut res = Results {
         env: env_facts(&plan, &trellis, fd_limit),
@@ -1068,17 +1067,22 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let dir = std::env::temp_dir().join(format!("trellis-scale.{}", std::process::id()));
+    let mut interrupted = false;
     let result = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         tokio::select! {
-            r = run(args) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-            _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+            r = run(args, dir.clone()) => r,
+            _ = tokio::signal::ctrl_c() => { interrupted = true; Err(anyhow::anyhow!("interrupted")) }
+            _ = term.recv() => { interrupted = true; Err(anyhow::anyhow!("terminated")) }
         }
     });
     // Dropping the runtime drops every task, and with them the processes.
     drop(rt);
+    if interrupted {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
