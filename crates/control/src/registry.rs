@@ -383,6 +383,31 @@ pub struct Registry {
 /// Endpoints per service, computed once per round of config updates.
 pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
 
+/// The Services selecting each (namespace, labels) met in one round of
+/// config updates.
+#[derive(Debug, Default)]
+pub struct SelectionMemo(HashMap<String, HashMap<BTreeMap<String, String>, BTreeSet<ServiceName>>>);
+
+fn endpoint_of(p: &Proxy, trust_domain: &str) -> Endpoint {
+    Endpoint {
+        address: p.inbound_addr.clone(),
+        instance: p.instance.clone(),
+        workload: p.workload.clone(),
+        namespace: p.namespace.clone(),
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        identity: p.identity(trust_domain),
+    }
+}
+
+/// Stable order, so that equal content hashes equal.
+fn sort_endpoints(eps: &mut [Endpoint]) {
+    eps.sort_by(|a, b| (&a.address, &a.instance).cmp(&(&b.address, &b.instance)));
+}
+
 impl Registry {
     pub fn trust_domain(&self) -> &str {
         self.resources.trust_domain()
@@ -393,7 +418,17 @@ impl Registry {
     /// namespace, and those whose targetRef is a Service selecting it), and
     /// the trust bundle.
     pub fn add_own_config(&self, proxy: &Proxy, config: &mut Config) {
-        let own = self.services_selecting(proxy);
+        self.add_own_config_for(proxy, self.services_selecting(proxy), config);
+    }
+
+    /// `add_own_config`, with the Services that select the proxy (`own`)
+    /// already known.
+    pub fn add_own_config_for(
+        &self,
+        proxy: &Proxy,
+        own: BTreeSet<ServiceName>,
+        config: &mut Config,
+    ) {
         config.own_services = own.iter().map(|n| n.to_string()).collect();
         config.authorization_policies_json = self
             .resources
@@ -426,6 +461,57 @@ impl Registry {
             .collect()
     }
 
+    /// `services_selecting`, memoised by the proxy's namespace and labels:
+    /// proxies of one workload share them, so a round over every proxy
+    /// compares each distinct label set with each selector once.
+    pub fn services_selecting_memo(
+        &self,
+        proxy: &Proxy,
+        memo: &mut SelectionMemo,
+    ) -> BTreeSet<ServiceName> {
+        if proxy.inbound_addr.is_empty() {
+            // Nothing selects a proxy that peers cannot reach.
+            return BTreeSet::new();
+        }
+        if let Some(own) = memo
+            .0
+            .get(&proxy.namespace)
+            .and_then(|by_labels| by_labels.get(&proxy.labels))
+        {
+            return own.clone();
+        }
+        let own = self.services_selecting(proxy);
+        memo.0
+            .entry(proxy.namespace.clone())
+            .or_default()
+            .insert(proxy.labels.clone(), own.clone());
+        own
+    }
+
+    /// Every Service's endpoints, in one pass over the proxies (rather than
+    /// one pass per Service): what a round that recomputes every proxy's
+    /// Config starts from.
+    pub fn all_endpoints(&self, memo: &mut SelectionMemo) -> EndpointCache {
+        let td = self.trust_domain().to_string();
+        let mut cache: EndpointCache = self
+            .resources
+            .services
+            .keys()
+            .map(|n| (n.clone(), Vec::new()))
+            .collect();
+        for p in self.proxies.values() {
+            for name in self.services_selecting_memo(p, memo) {
+                if let Some(eps) = cache.get_mut(&name) {
+                    eps.push(endpoint_of(p, &td));
+                }
+            }
+        }
+        for eps in cache.values_mut() {
+            sort_endpoints(eps);
+        }
+        cache
+    }
+
     pub fn endpoints(&self, name: &ServiceName, cache: &mut EndpointCache) -> Vec<Endpoint> {
         if let Some(eps) = cache.get(name) {
             return eps.clone();
@@ -437,24 +523,12 @@ impl Registry {
                 self.proxies
                     .values()
                     .filter(|p| selector.is_some_and(|sel| p.selected_by(&name.namespace, sel)))
-                    .map(|p| Endpoint {
-                        address: p.inbound_addr.clone(),
-                        instance: p.instance.clone(),
-                        workload: p.workload.clone(),
-                        namespace: p.namespace.clone(),
-                        labels: p
-                            .labels
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                        identity: p.identity(&td),
-                    })
+                    .map(|p| endpoint_of(p, &td))
                     .collect()
             }
             None => Vec::new(),
         };
-        // Stable order, so that equal content hashes equal.
-        eps.sort_by(|a, b| (&a.address, &a.instance).cmp(&(&b.address, &b.instance)));
+        sort_endpoints(&mut eps);
         cache.insert(name.clone(), eps.clone());
         eps
     }
@@ -785,6 +859,71 @@ mod tests {
         );
         assert_ne!(h1, content_hash(&after));
         assert!(after.services[1].endpoints.is_empty());
+    }
+
+    #[test]
+    fn one_pass_endpoints_and_memoised_selection_match_the_direct_ones() {
+        let resources = vec![
+            service("default", "catalog", &[("app", "catalog")]),
+            service(
+                "default",
+                "catalog-v1",
+                &[("app", "catalog"), ("version", "v1")],
+            ),
+            service("shop", "catalog", &[("app", "catalog")]),
+            service("default", "none", &[]),
+        ];
+        let mut reg = Registry {
+            resources: ResourceIndex::new(&resources),
+            ..Default::default()
+        };
+        let procs = [
+            proxy(
+                1,
+                "default",
+                &[("app", "catalog"), ("version", "v1")],
+                "b:1",
+            ),
+            proxy(
+                2,
+                "default",
+                &[("app", "catalog"), ("version", "v1")],
+                "a:1",
+            ),
+            proxy(
+                3,
+                "default",
+                &[("app", "catalog"), ("version", "v2")],
+                "c:1",
+            ),
+            proxy(4, "shop", &[("app", "catalog")], "d:1"),
+            // Unreachable: selected by nothing.
+            proxy(5, "default", &[("app", "catalog")], ""),
+        ];
+        for p in procs {
+            reg.proxies.insert(p.conn, p);
+        }
+        let mut memo = SelectionMemo::default();
+        let all = reg.all_endpoints(&mut memo);
+        assert_eq!(all.len(), 4);
+        for name in reg.resources.services.keys() {
+            let direct = reg.endpoints(name, &mut EndpointCache::new());
+            assert_eq!(all[name], direct, "{name}");
+        }
+        assert_eq!(all[&ServiceName::new("default", "catalog")].len(), 3);
+        assert_eq!(
+            all[&ServiceName::new("default", "catalog-v1")][0].address,
+            "a:1"
+        );
+        for p in reg.proxies.values() {
+            // Twice: computed, then from the memo.
+            for _ in 0..2 {
+                assert_eq!(
+                    reg.services_selecting_memo(p, &mut memo),
+                    reg.services_selecting(p)
+                );
+            }
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    content_hash, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, ServiceName,
+    content_hash, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo,
+    ServiceName,
 };
 use crate::stats::Stats;
 use crate::store::{Store, StoreEvent};
@@ -205,7 +206,28 @@ impl Actor {
             tokio::select! {
                 ev = events.recv() => match ev {
                     None | Some(Event::Shutdown) => break,
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        self.handle(ev);
+                        // Handle what else is queued before publishing:
+                        // publishing copies every proxy's view, so doing it
+                        // after each of a burst of events (thousands of
+                        // proxies registering, or acking a mesh-wide
+                        // change) made that burst quadratic.
+                        let mut shutdown = false;
+                        for _ in 0..EVENT_QUEUE {
+                            match events.try_recv() {
+                                Ok(Event::Shutdown) => {
+                                    shutdown = true;
+                                    break;
+                                }
+                                Ok(ev) => self.handle(ev),
+                                Err(_) => break,
+                            }
+                        }
+                        if shutdown {
+                            break;
+                        }
+                    }
                 },
                 r = store_events.recv(), if store_open => match r {
                     Ok(ev) if ev.revision <= self.revision => continue,
@@ -355,7 +377,13 @@ impl Actor {
 
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
-        let mut cache = EndpointCache::new();
+        let mut memo = SelectionMemo::default();
+        // Every proxy's Config is recomputed: index every Service's
+        // endpoints in one pass over the proxies first.
+        let mut cache = match scope {
+            Scope::All => self.registry.all_endpoints(&mut memo),
+            _ => EndpointCache::new(),
+        };
         let mut changed = Vec::new();
         for p in self.registry.proxies.values() {
             let wanted = match &scope {
@@ -369,7 +397,8 @@ impl Actor {
                 continue;
             }
             let (mut config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
-            self.registry.add_own_config(p, &mut config);
+            let own = self.registry.services_selecting_memo(p, &mut memo);
+            self.registry.add_own_config_for(p, own, &mut config);
             let hash = content_hash(&config);
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
