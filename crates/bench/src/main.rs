@@ -10,7 +10,7 @@
 //! 2. **one proxy's RSS as the mesh grows**: a real `trellis proxy` whose
 //!    app calls 3 services, while the mesh has M = 10, 100, 1,000 Services.
 //!
-//! It writes Markdown and JSON (see `bench/scale` and `bench/SCALE.md`).
+//! It writes Markdown and JSON (see `bench/scale` and docs/performance.md).
 
 mod fake;
 mod report;
