@@ -85,7 +85,7 @@ by_id = {r["id"]: r for r in results}
 
 
 def added(row, key):
-    base_id = "direct-h2" if row["scenario"] == "d" else "direct"
+    base_id = {"d": "direct-h2", "e": "direct-grpc"}.get(row["scenario"], "direct")
     b = by_id.get(base_id, {}).get("fixed", {})
     v = row.get("fixed", {})
     if row["id"] == base_id or v.get(key) is None or b.get(key) is None:
@@ -118,7 +118,7 @@ lines.append(
     f"client, proxies and backend share the same {env['nproc']} cores)."
 )
 lines.append("")
-lines.append("Latency in ms at the fixed rate; *added* = minus direct (h2 rows: minus direct h2c). "
+lines.append("Latency in ms at the fixed rate; *added* = minus direct (h2 rows: minus direct h2c; gRPC-like rows: minus direct gRPC-like). "
              "CPU = user+system seconds of the proxy processes (both, for two-proxy rows) per 10k requests. "
              "RSS = peak (VmHWM) per proxy process in MB, reset before each run.")
 lines.append("")
