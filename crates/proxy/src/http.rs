@@ -142,8 +142,42 @@ where
 /// after the request in flight.
 pub async fn serve_connection<I, F, Fut>(
     io: I,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    handler: F,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve(io, shutdown, handler, false).await
+}
+
+/// As `serve_connection`, for a peer proxy that proved its identity with
+/// mutual TLS. Such a connection lives long and carries every request
+/// between two proxies, so the `h2` crate's lifetime cap on streams it had
+/// to reset for a protocol error (1,024, a defence against peers that
+/// provoke resets) is lifted: an app that answers before reading a whole
+/// request body makes the stream end early, the caller's last body frame
+/// then arrives for a stream already forgotten, and at that cap the shared
+/// connection, with every call on it, would be torn down with
+/// ENHANCE_YOUR_CALM. Plaintext connections keep the cap.
+pub async fn serve_peer_connection<I, F, Fut>(
+    io: I,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    handler: F,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve(io, shutdown, handler, true).await
+}
+
+async fn serve<I, F, Fut>(
+    io: I,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     handler: F,
+    authenticated_peer: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
@@ -159,6 +193,9 @@ pub async fn serve_connection<I, F, Fut>(
         .preserve_header_case(false)
         .half_close(false);
     builder.http2().adaptive_window(true);
+    if authenticated_peer {
+        builder.http2().max_local_error_reset_streams(None);
+    }
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -162,7 +162,7 @@ async fn serve_tls(
     if alpn.as_deref() == Some(trellis_identity::ALPN_TCP) {
         return tcp_to_app(inputs, tls, peer, &info).await;
     }
-    serve_connection(tls, shutdown, move |req| {
+    crate::http::serve_peer_connection(tls, shutdown, move |req| {
         handle(inputs.clone(), req, info.clone())
     })
     .await;
