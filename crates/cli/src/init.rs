@@ -6,7 +6,8 @@
 //! - inbound TCP from other hosts/pods → the proxy's inbound port (15006)
 //!
 //! Left alone: packets of the proxy itself (it marks its sockets, see
-//! `trellis_proxy::transparent`), the app's loopback traffic, the proxy's
+//! `trellis_proxy::transparent`; the ports and the mark are the pod
+//! contract, `trellis_proxy::pod`), the app's loopback traffic, the proxy's
 //! admin port and any `--exclude-inbound-ports`.
 //!
 //! Why nftables rather than iptables: one table holds every rule and is
@@ -20,7 +21,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::Context as _;
 use clap::Args;
-use trellis_proxy::transparent;
+use trellis_proxy::{pod, transparent};
 
 /// The nftables table `init` owns in the namespace.
 pub const TABLE: &str = "trellis";
@@ -34,20 +35,20 @@ pub struct InitArgs {
     #[arg(long, conflicts_with = "dry_run")]
     pub remove: bool,
     /// Where outbound TCP goes (the proxy's outbound listener).
-    #[arg(long, default_value_t = transparent::OUTBOUND_PORT)]
+    #[arg(long, default_value_t = pod::OUTBOUND_PORT)]
     pub outbound_port: u16,
     /// Where inbound TCP goes (the proxy's inbound listener).
-    #[arg(long, default_value_t = transparent::INBOUND_PORT)]
+    #[arg(long, default_value_t = pod::INBOUND_PORT)]
     pub inbound_port: u16,
     /// Where DNS goes (the proxy's DNS server).
-    #[arg(long, default_value_t = transparent::DNS_PORT)]
+    #[arg(long, default_value_t = pod::DNS_PORT)]
     pub dns_port: u16,
     /// The proxy's admin port: reachable from outside, never redirected.
-    #[arg(long, default_value_t = transparent::ADMIN_PORT)]
+    #[arg(long, default_value_t = pod::ADMIN_PORT)]
     pub admin_port: u16,
     /// The socket mark of the proxy's own connections, which pass unredirected.
-    #[arg(long, default_value = "0x7e11", value_parser = parse_mark)]
-    pub mark: u32,
+    #[arg(long, default_value_t = Mark(pod::MARK), value_parser = parse_mark)]
+    pub mark: Mark,
     /// Inbound ports that reach the app directly (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub exclude_inbound_ports: Vec<u16>,
@@ -79,10 +80,10 @@ pub struct TransparentArgs {
     #[arg(long)]
     pub transparent: bool,
     /// The mark of the proxy's sockets (must match `trellis init --mark`).
-    #[arg(long = "mark", default_value = "0x7e11", value_parser = parse_mark, requires = "transparent")]
-    pub transparent_mark: u32,
+    #[arg(long = "mark", default_value_t = Mark(pod::MARK), value_parser = parse_mark, requires = "transparent")]
+    pub transparent_mark: Mark,
     /// Where the DNS server listens (UDP and TCP); `off` for none.
-    #[arg(long, default_value = "127.0.0.1:15053", value_parser = parse_dns_addr, requires = "transparent")]
+    #[arg(long, default_value_t = DnsAddr(Some(pod::DNS_ADDR)), value_parser = parse_dns_addr, requires = "transparent")]
     pub dns_addr: DnsAddr,
     /// Nameservers for names outside the mesh (default: the non-loopback
     /// nameservers of /etc/resolv.conf).
@@ -97,6 +98,25 @@ pub struct TransparentArgs {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DnsAddr(pub Option<std::net::SocketAddr>);
 
+impl std::fmt::Display for DnsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// A socket mark, shown in hex as `nft` shows marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark(pub u32);
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
 fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
     if s == "off" {
         return Ok(DnsAddr(None));
@@ -109,7 +129,7 @@ fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
 impl TransparentArgs {
     pub fn settings(&self) -> Option<transparent::Settings> {
         self.transparent.then(|| transparent::Settings {
-            mark: self.transparent_mark,
+            mark: self.transparent_mark.0,
             dns_addr: self.dns_addr.0,
             dns_upstreams: self.dns_upstreams.clone(),
         })
@@ -126,15 +146,19 @@ pub enum InitError {
     Nft(String),
 }
 
-pub fn parse_mark(s: &str) -> Result<u32, String> {
+pub fn parse_mark(s: &str) -> Result<Mark, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
     };
     match r {
         Ok(0) => Err("the mark must not be 0 (0 is every unmarked packet)".into()),
-        Ok(m) => Ok(m),
-        Err(_) => Err(format!("{s:?} is not a number (e.g. 0x7e11 or 32273)")),
+        Ok(m) => Ok(Mark(m)),
+        Err(_) => Err(format!(
+            "{s:?} is not a number (e.g. {:#x} or {})",
+            pod::MARK,
+            pod::MARK
+        )),
     }
 }
 
@@ -175,7 +199,8 @@ pub fn rules(a: &InitArgs) -> String {
         String::new()
     } else {
         format!(
-            "\t\tudp dport 53 redirect to :{p}\n\t\ttcp dport 53 redirect to :{p}\n",
+            "\t\tudp dport {ns} redirect to :{p}\n\t\ttcp dport {ns} redirect to :{p}\n",
+            ns = pod::NAMESERVER_PORT,
             p = a.dns_port
         )
     };
@@ -199,7 +224,7 @@ pub fn rules(a: &InitArgs) -> String {
          \t\tmeta l4proto tcp redirect to :{inb}\n\
          \t}}\n\
          }}\n",
-        mark = a.mark,
+        mark = a.mark.0,
         out = a.outbound_port,
         inb = a.inbound_port,
     )
@@ -284,7 +309,7 @@ pub fn run(a: &InitArgs) -> anyhow::Result<ExitCode> {
             } else {
                 format!(", DNS → :{}", a.dns_port)
             },
-            a.mark
+            a.mark.0
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -354,9 +379,26 @@ mod tests {
     }
 
     #[test]
+    fn transparent_defaults_are_the_pod_contract() {
+        use clap::CommandFactory;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            t: TransparentArgs,
+        }
+        let t = P::parse_from(["p", "--transparent"]).t;
+        assert_eq!(t.settings(), Some(transparent::Settings::default()));
+        let help = P::command().render_help().to_string();
+        assert!(help.contains("[default: 0x7e11]"), "{help}");
+        assert!(help.contains("[default: 127.0.0.1:15053]"), "{help}");
+        let off = P::parse_from(["p", "--transparent", "--dns-addr", "off"]).t;
+        assert_eq!(off.settings().unwrap().dns_addr, None);
+    }
+
+    #[test]
     fn marks_parse_in_hex_and_decimal() {
-        assert_eq!(parse_mark("0x7e11"), Ok(0x7e11));
-        assert_eq!(parse_mark("12"), Ok(12));
+        assert_eq!(parse_mark("0x7e11"), Ok(Mark(0x7e11)));
+        assert_eq!(parse_mark("12"), Ok(Mark(12)));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("x").is_err());
     }

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod otlp;
 pub mod outbound;
+pub mod pod;
 pub mod process;
 pub mod route;
 pub mod series;

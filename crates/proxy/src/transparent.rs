@@ -4,7 +4,9 @@
 //! connections pass.
 //!
 //! The mark is process-wide: it is set once at start-up (`--mark`) and read
-//! by every connect, so call sites need no extra argument.
+//! by every connect, so call sites need no extra argument. Its default,
+//! and the ports the rules redirect to, are the pod contract in
+//! [`crate::pod`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,23 +42,12 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            mark: DEFAULT_MARK,
-            dns_addr: Some(SocketAddr::from(([127, 0, 0, 1], DNS_PORT))),
+            mark: crate::pod::MARK,
+            dns_addr: Some(crate::pod::DNS_ADDR),
             dns_upstreams: Vec::new(),
         }
     }
 }
-
-/// The mark `trellis init` excludes and `trellis proxy --transparent` sets
-/// by default ("te11" in a hex-ish spelling; any value unused on the host
-/// works).
-pub const DEFAULT_MARK: u32 = 0x7e11;
-
-/// Default ports the redirect rules send traffic to.
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PORT: u16 = 15006;
-pub const DNS_PORT: u16 = 15053;
-pub const ADMIN_PORT: u16 = 15000;
 
 // 0 means "do not mark".
 static MARK: AtomicU32 = AtomicU32::new(0);

@@ -384,16 +384,12 @@ impl PodNet {
             "via",
             &self.gateway.to_string(),
         ])?;
-        // Any nameserver works: the pod's rules send port 53 to its sidecar.
         let dir = PathBuf::from("/etc/netns").join(ns);
         std::fs::create_dir_all(&dir)
             .and_then(|_| {
                 std::fs::write(
                     dir.join("resolv.conf"),
-                    format!(
-                        "# written by trellis up (pods mode)\nnameserver {}\n",
-                        self.gateway
-                    ),
+                    trellis_proxy::pod::resolv_conf(self.gateway),
                 )
             })
             .map_err(|e| PodNetError::Command {

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use trellis_proxy::transparent;
+use trellis_proxy::pod;
 use trellis_resource::Resource;
 
 use super::mesh::{remove_state_dirs, stop_state, STOPPING};
@@ -75,9 +75,9 @@ impl PodMesh {
             for _ in 0..w.replicas {
                 ports.extend([
                     w.port,
-                    transparent::INBOUND_PORT,
-                    transparent::OUTBOUND_PORT,
-                    transparent::ADMIN_PORT,
+                    pod::INBOUND_PORT,
+                    pod::OUTBOUND_PORT,
+                    pod::ADMIN_PORT,
                 ]);
             }
         }
@@ -293,9 +293,9 @@ impl PodMesh {
                 opts,
             )?;
             self.last().addresses = Addresses {
-                admin: Some(pod_addr(pod.ip, transparent::ADMIN_PORT)),
-                inbound: Some(pod_addr(pod.ip, transparent::INBOUND_PORT)),
-                outbound: Some(pod_addr(Ipv4Addr::LOCALHOST, transparent::OUTBOUND_PORT)),
+                admin: Some(pod_addr(pod.ip, pod::ADMIN_PORT)),
+                inbound: Some(pod_addr(pod.ip, pod::INBOUND_PORT)),
+                outbound: Some(pod_addr(Ipv4Addr::LOCALHOST, pod::OUTBOUND_PORT)),
                 app: Some(pod_addr(pod.ip, r.ports.app)),
                 ..Addresses::default()
             };
@@ -390,7 +390,7 @@ impl PodMesh {
                     .find(|p| p.role == Role::App && p.name == r.instance)
                     .map(|p| p.pid);
                 let app = app_pid.is_some_and(|pid| listening(pid, r.ports.app));
-                let url = format!("http://{}/ready", pod_addr(pod.ip, transparent::ADMIN_PORT));
+                let url = format!("http://{}/ready", pod_addr(pod.ip, pod::ADMIN_PORT));
                 let proxy = client
                     .get(&url, Duration::from_secs(1))
                     .await
@@ -494,12 +494,12 @@ fn proxy_args(
         "--app-port",
         &r.ports.app.to_string(),
         "--inbound-addr",
-        &format!("0.0.0.0:{}", transparent::INBOUND_PORT),
+        &format!("0.0.0.0:{}", pod::INBOUND_PORT),
         "--outbound-addr",
-        &format!("127.0.0.1:{}", transparent::OUTBOUND_PORT),
+        &format!("127.0.0.1:{}", pod::OUTBOUND_PORT),
         // Reachable from the host (up's readiness checks, stat, Prometheus).
         "--admin-addr",
-        &format!("0.0.0.0:{}", transparent::ADMIN_PORT),
+        &format!("0.0.0.0:{}", pod::ADMIN_PORT),
         "--advertise-addr",
         &pod.ip.to_string(),
         "--cache-dir",
