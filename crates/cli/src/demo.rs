@@ -11,8 +11,9 @@ use std::time::Duration;
 use crate::cli::DemoArgs;
 use crate::client::Api;
 use crate::http::HttpClient;
-use crate::local::mesh::{Mesh, Options};
+use crate::local::host::Host;
 use crate::local::plan::ReplicaPorts;
+use crate::local::runner::{Options, Runner};
 
 /// The demo's resource files, as `trellis up -f examples/demo` reads them.
 pub const FILES: &[(&str, &str)] = &[
@@ -59,7 +60,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(60),
     };
     let result = async {
-        let mut mesh = Mesh::start(loaded, &opts).await?;
+        let mut mesh = Runner::<Host>::start(loaded, &opts, ()).await?;
         let outcome = show(&mut mesh, args).await;
         eprintln!("stopping the demo");
         mesh.stop();
@@ -82,7 +83,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn show(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<()> {
+async fn show(mesh: &mut Runner<Host>, args: &DemoArgs) -> anyhow::Result<()> {
     let url = format!("http://{}", mesh.control_http());
     let frontend = mesh
         .replicas

@@ -537,8 +537,10 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let out = trellis(d, &["up", "-f", "mesh.yaml", "--mode", "pods", "--detach"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
+    // As in process mode: the name, the exit status and the log's end.
     assert!(
-        err.contains("catalog-0 exited during start-up") && err.contains("giving up"),
+        err.contains("catalog-0 exited during start-up (exit status: 3)")
+            && err.contains("  | giving up"),
         "{err}"
     );
     let id = err
@@ -550,6 +552,93 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert_eq!(leftovers(&id), Vec::<String>::new());
     assert!(!d.join(".trellis/pods.json").exists());
     assert!(!d.join(".trellis/run.json").exists());
+}
+
+/// A foreground `up` in pods mode, stopped (SIGTERM, then `down`) on drop.
+struct Foreground {
+    tmp: tempfile::TempDir,
+    up: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Foreground {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        // Not yet reaped, so the pid is still this child's.
+        if let Ok(None) = self.up.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.up.id().to_string()])
+                .status();
+            let _ = self.up.wait();
+        }
+        let _ = trellis(self.tmp.path(), &["down"]);
+    }
+}
+
+#[test]
+fn a_foreground_up_reports_a_pod_process_that_exits() {
+    if !netns::can_run("a_foreground_up_reports_a_pod_process_that_exits") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    std::fs::write(d.join("mesh.yaml"), small_mesh_yaml()).unwrap();
+    let stderr = d.join("up.stderr");
+    let up = Command::new(TRELLIS)
+        .args(["up", "-f", "mesh.yaml", "--mode", "pods"])
+        .current_dir(&d)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(d.join("up.stdout")).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut fg = Foreground { tmp, up, stderr };
+    netns::eventually(Duration::from_secs(120), "up is ready", || {
+        let out = std::fs::read_to_string(d.join("up.stdout")).unwrap_or_default();
+        assert!(
+            fg.up.try_wait().unwrap().is_none(),
+            "up exited:\n{out}{}",
+            fg.stderr()
+        );
+        out.starts_with("ready: ").then_some(())
+    });
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join(".trellis/run.json")).unwrap()).unwrap();
+    let pods: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join(".trellis/pods.json")).unwrap()).unwrap();
+    let id = pods["id"].as_str().unwrap().to_string();
+    let app = run["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "catalog-0")
+        .expect("catalog-0 in run.json");
+    assert_eq!(app["role"], "app");
+    let pid = app["pid"].as_u64().unwrap().to_string();
+    netns::sh(&["kill", "-KILL", &pid]);
+
+    // Reported once, with its exit status, and the mesh runs on.
+    netns::eventually(Duration::from_secs(30), "up reports the app", || {
+        fg.stderr()
+            .contains("catalog-0 exited (signal: 9 (SIGKILL)): see ")
+            .then_some(())
+    });
+    assert!(fg.up.try_wait().unwrap().is_none(), "{}", fg.stderr());
+
+    // SIGTERM stops the foreground mesh and removes everything.
+    netns::sh(&["kill", "-TERM", &fg.up.id().to_string()]);
+    let status = fg.up.wait().unwrap();
+    assert!(status.success(), "{status}: {}", fg.stderr());
+    assert_eq!(fg.stderr().matches("catalog-0 exited").count(), 1);
+    assert_eq!(leftovers(&id), Vec::<String>::new());
+    assert!(!d.join(".trellis/run.json").exists());
+    assert!(!d.join(".trellis/pods.json").exists());
 }
 
 /// Set in a pod to make this test binary a gRPC server or client there.

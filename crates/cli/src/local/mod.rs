@@ -1,19 +1,23 @@
 //! The local mesh of `trellis up` and the commands that work on it from
-//! other shells: `down`, `ps` and `exec`. Process mode only for now: every
-//! app and sidecar is a process on this host, on free loopback ports.
+//! other shells: `down`, `ps` and `exec`. One runner (`runner`) with two
+//! placements: host processes on loopback ports (`host`, process mode) and
+//! network-namespace pods (`pods`, with `podnet`).
 
-pub mod mesh;
+pub mod host;
 pub mod plan;
 pub mod podnet;
 pub mod pods;
 pub mod process;
+pub mod runner;
 pub mod state;
 
 use std::process::ExitCode;
 
 use crate::cli::{ExecArgs, Global, Mode, Output, UpArgs};
 use crate::table::Table;
-use mesh::{Mesh, Options};
+use host::Host;
+use pods::Pods;
+use runner::{Options, Placement, Runner};
 use state::{ProcessInfo, RunState};
 
 fn no_mesh(global: &Global) -> String {
@@ -52,20 +56,32 @@ pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
             ok
         }
     };
-    if pods {
-        return pods::up(global, args, args.subnet.clone()).await;
-    }
     let loaded = crate::resources::load(&args.file)?;
     let opts = Options {
         data_dir: global.data_dir.clone(),
         detach: args.detach,
         timeout: args.timeout,
     };
-    let mut mesh = Mesh::start(loaded, &opts).await?;
+    if pods {
+        let mesh = Runner::<Pods>::start(loaded, &opts, args.subnet.clone()).await?;
+        serve(mesh, global, args.detach).await
+    } else {
+        let mesh = Runner::<Host>::start(loaded, &opts, ()).await?;
+        serve(mesh, global, args.detach).await
+    }
+}
+
+/// A started mesh: in the background, or until Ctrl-C, SIGTERM or `down`.
+async fn serve<P: Placement>(
+    mut mesh: Runner<P>,
+    global: &Global,
+    detach: bool,
+) -> anyhow::Result<ExitCode> {
     println!("{}", mesh.ready_line());
-    if args.detach {
+    if detach {
         eprintln!(
-            "running in the background: `trellis ps` lists it, `trellis down` stops it (--data-dir {})",
+            "running in the background: {} (--data-dir {})",
+            P::DETACHED,
             global.data_dir.display()
         );
         mesh.detach();
@@ -90,9 +106,9 @@ pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    let marker = dir.join(mesh::STOPPING);
+    let marker = dir.join(runner::STOPPING);
     let _ = std::fs::write(&marker, b"");
-    let stopped = mesh::stop_state(&state);
+    let stopped = runner::stop_state(&state);
     // Pods mode: namespaces, links, bridge (after their processes stopped).
     let removed = podnet::cleanup(dir)?;
     if !removed.is_empty() {
@@ -100,7 +116,7 @@ pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
     }
     RunState::remove(dir)?;
     let _ = std::fs::remove_file(&marker);
-    if let Err(e) = mesh::remove_state_dirs(dir) {
+    if let Err(e) = runner::remove_state_dirs(dir) {
         eprintln!("warning: {e:#}");
     }
     if stopped == 0 {
@@ -201,52 +217,22 @@ pub fn exec(global: &Global, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     if let Some(code) = pods::exec(global, args, workload, replica)? {
         return Ok(code);
     }
-    let state =
-        RunState::read(&global.data_dir)?.ok_or_else(|| anyhow::anyhow!(no_mesh(global)))?;
-    let ns = global.namespace.as_deref();
-    let proxy = match state.proxy_of(workload, ns, replica) {
-        Some(p) => p,
-        None => {
-            let n = state
-                .apps()
-                .filter(|p| {
-                    p.workload.as_deref() == Some(workload)
-                        && ns.is_none_or(|ns| p.namespace.as_deref() == Some(ns))
-                })
-                .count();
-            if n == 0 {
-                anyhow::bail!(
-                    "no workload {workload} in the mesh of {}: `trellis ps` lists them",
-                    global.data_dir.display()
-                );
-            }
-            anyhow::bail!(
-                "workload {workload} has no replica {replica}: it has {n} (0 to {})",
-                n - 1
-            );
-        }
-    };
-    if !proxy.is_running() {
-        anyhow::bail!(
-            "the sidecar of {} is not running: see {}",
-            proxy.target(),
-            proxy.log.display()
+    host::exec(global, args, workload, replica)
+}
+
+/// `exec`'s error for a replica the mesh does not have; `n` is how many
+/// replicas `workload` has.
+fn no_replica(global: &Global, workload: &str, replica: u32, n: usize) -> anyhow::Error {
+    if n == 0 {
+        return anyhow::anyhow!(
+            "no workload {workload} in the mesh of {}: `trellis ps` lists them",
+            global.data_dir.display()
         );
     }
-    let outbound = proxy.addresses.outbound.ok_or_else(|| {
-        anyhow::anyhow!("run.json has no outbound address for {}", proxy.target())
-    })?;
-    let url = format!("http://{outbound}");
-    let (program, rest) = args.command.split_first().expect("clap requires a command");
-    let status = std::process::Command::new(program)
-        .args(rest)
-        .env("HTTP_PROXY", &url)
-        .env("http_proxy", &url)
-        .env("NO_PROXY", "")
-        .env("no_proxy", "")
-        .status()
-        .map_err(|e| anyhow::anyhow!("cannot run {program:?}: {e}"))?;
-    Ok(exit_code(status))
+    anyhow::anyhow!(
+        "workload {workload} has no replica {replica}: it has {n} (0 to {})",
+        n - 1
+    )
 }
 
 /// The exit code of a child, shells' way: 128 + the signal that killed it.

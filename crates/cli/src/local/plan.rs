@@ -1,10 +1,11 @@
-//! What a local mesh in process mode runs for each Workload replica: its
-//! ports, the app's command line and environment, and the proxy's flags.
+//! What a local mesh runs for each Workload replica: its ports, the app's
+//! command line and environment, and the proxy's flags (which placements
+//! adjust, see `runner::Placement`).
 //! Pure functions of the resources and the chosen ports, so they are
 //! tested without starting anything.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
 use trellis_resource::{Resource, DEFAULT_NAMESPACE};
@@ -180,9 +181,11 @@ impl Replica {
         data_dir.join("tokens").join(&self.instance)
     }
 
-    /// The flags of `trellis proxy` for this replica.
-    pub fn proxy_args(&self, grpc: SocketAddr, data_dir: &Path) -> Vec<String> {
-        let addr = |p: u16| ReplicaPorts::addr(p).to_string();
+    /// The flags of `trellis proxy` for this replica, its inbound and admin
+    /// listeners on `listen` (the outbound one is for the app alone, so on
+    /// loopback).
+    pub fn proxy_args(&self, grpc: SocketAddr, data_dir: &Path, listen: IpAddr) -> Vec<String> {
+        let addr = |ip: IpAddr, p: u16| SocketAddr::new(ip, p).to_string();
         let mut args = vec![
             "proxy".to_string(),
             "--control-plane".to_string(),
@@ -194,11 +197,11 @@ impl Replica {
             "--app-port".to_string(),
             self.ports.app.to_string(),
             "--inbound-addr".to_string(),
-            addr(self.ports.inbound),
+            addr(listen, self.ports.inbound),
             "--outbound-addr".to_string(),
-            addr(self.ports.outbound),
+            addr(LOCALHOST.into(), self.ports.outbound),
             "--admin-addr".to_string(),
-            addr(self.ports.admin),
+            addr(listen, self.ports.admin),
             "--cache-dir".to_string(),
             data_dir
                 .join("cache")
@@ -295,7 +298,11 @@ spec:
         );
         assert_eq!(env["NO_PROXY"], "localhost", "the Workload's env wins");
 
-        let args = r1.proxy_args("127.0.0.1:15010".parse().unwrap(), Path::new("/d"));
+        let args = r1.proxy_args(
+            "127.0.0.1:15010".parse().unwrap(),
+            Path::new("/d"),
+            LOCALHOST.into(),
+        );
         let flag = |f: &str| args[args.iter().position(|a| a == f).unwrap() + 1].clone();
         assert_eq!(args[0], "proxy");
         assert_eq!(flag("--control-plane"), "127.0.0.1:15010");
@@ -309,7 +316,20 @@ spec:
         let env: BTreeMap<_, _> = tool.app_env().into_iter().collect();
         assert_eq!(env["SERVICE"], "tool");
         assert_eq!(env["VERSION"], "");
-        let args = tool.proxy_args("127.0.0.1:1".parse().unwrap(), Path::new("/d"));
+        let args = tool.proxy_args(
+            "127.0.0.1:1".parse().unwrap(),
+            Path::new("/d"),
+            Ipv4Addr::UNSPECIFIED.into(),
+        );
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--inbound-addr", "0.0.0.0:9009"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--outbound-addr", "127.0.0.1:9010"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--admin-addr", "0.0.0.0:9011"]));
         assert!(args.windows(2).any(|w| w == ["--service-account", "robot"]));
         assert!(!args.contains(&"--labels".to_string()));
     }

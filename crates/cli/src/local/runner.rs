@@ -1,8 +1,13 @@
-//! A local mesh in process mode: the control plane, then each Workload
-//! replica's app and sidecar, as child processes of this CLI, recorded in
-//! `run.json`. Start-up is all or nothing: if any part fails, everything
-//! started so far is stopped again.
+//! The local mesh runner of `trellis up` and `trellis demo`: the steps
+//! every placement shares (validate, prepare the data dir, start the
+//! control plane and wait for it, apply, mint each sidecar's join token,
+//! start each replica's app and sidecar, wait until they serve, then run,
+//! stop or detach), with what differs between host processes and pods
+//! behind [`Placement`]. Every child is recorded in `run.json` as it
+//! starts. Start-up is all or nothing: if any part fails, everything
+//! started or created so far is stopped and removed again.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use trellis_resource::{Resource, Source};
 
-use super::plan::{self, Replica, ReplicaPorts};
+use super::plan::{self, Replica};
 use super::process::{self, Running, Spec};
 use super::state::{Addresses, ControlInfo, ProcessInfo, Role, RunState};
 use crate::client::{Api, ApplyAnswer};
@@ -23,6 +28,13 @@ pub const STOPPING: &str = "stopping";
 /// How long processes get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Join tokens of a local mesh live as long as the mesh is likely to: the
+/// proxies use them at every reconnect and certificate renewal.
+const LOCAL_TOKEN_TTL: &str = "8760h";
+
+/// Lines of a log shown when its process exits during start-up.
+const LOG_TAIL_LINES: usize = 15;
+
 pub struct Options {
     pub data_dir: PathBuf,
     /// Children outlive the CLI (no parent-death signal).
@@ -31,21 +43,106 @@ pub struct Options {
     pub timeout: Duration,
 }
 
+/// Where one replica's app and sidecar are reached, as `ps` shows them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplicaAddrs {
+    pub app: SocketAddr,
+    pub admin: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+}
+
+/// The mesh as a placement lays it out, before anything runs.
+pub struct Layout<P> {
+    pub placement: P,
+    pub replicas: Vec<Replica>,
+    /// The control plane's HTTP and gRPC addresses.
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+/// Where a local mesh's replicas run: what differs between host processes
+/// (`host::Host`) and network-namespace pods (`pods::Pods`). Methods that
+/// take `k` are about the `k`th replica of the layout.
+pub trait Placement: Sized {
+    /// What the placement needs besides the resources (pods: `--subnet`).
+    type Args;
+
+    /// What `up --detach` says about the commands for a mesh in the
+    /// background.
+    const DETACHED: &'static str;
+
+    /// Fails, saying what to do, when this host cannot run the placement;
+    /// called before anything is done.
+    fn check_host() -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Removes what an earlier run of this placement left in `data_dir`.
+    fn clear_leftovers(_data_dir: &Path) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Lays out the replicas of `resources` and the control plane. Whatever
+    /// the placement will create on the host is recorded in `data_dir`
+    /// before it exists, so `down` can remove it after a crash.
+    fn lay_out(
+        resources: &[Resource],
+        data_dir: &Path,
+        args: Self::Args,
+    ) -> anyhow::Result<Layout<Self>>;
+
+    /// Creates what the replicas run in, before the control plane starts
+    /// (it may listen there).
+    fn create(&mut self, _exe: &Path, _control: &ControlInfo) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// The command line that runs `program args` for replica `k`.
+    fn command(&self, k: usize, program: PathBuf, args: Vec<String>) -> (PathBuf, Vec<String>);
+
+    /// The app's environment, on top of the CLI's own.
+    fn app_env(&self, r: &Replica) -> Vec<(String, String)>;
+
+    /// The flags of replica `k`'s `trellis proxy`.
+    fn proxy_args(&self, k: usize, r: &Replica, grpc: SocketAddr, data_dir: &Path) -> Vec<String>;
+
+    fn addrs(&self, k: usize, r: &Replica) -> ReplicaAddrs;
+
+    /// Whether replica `k`'s app (process `pid`) accepts connections.
+    fn app_serves(&self, k: usize, r: &Replica, pid: u32) -> impl Future<Output = bool>;
+
+    /// What the `ready:` line adds about where the replicas run.
+    fn describe(&self) -> String {
+        String::new()
+    }
+
+    /// Removes what `create` made (and its record), whatever exists of it;
+    /// after the processes stopped.
+    fn remove(&self, _data_dir: &Path) {}
+}
+
 /// A running local mesh, owned by this process.
-pub struct Mesh {
+pub struct Runner<P> {
     pub state: RunState,
     pub data_dir: PathBuf,
     pub replicas: Vec<Replica>,
     pub workloads: usize,
+    placement: P,
     children: Vec<Running>,
     /// Children already reported as exited while the mesh runs.
     reported: Vec<u32>,
 }
 
-impl Mesh {
-    /// Validates `resources`, starts everything and waits until every
-    /// replica serves. On error, nothing is left running.
-    pub async fn start(loaded: Vec<(Resource, Source)>, opts: &Options) -> anyhow::Result<Mesh> {
+impl<P: Placement> Runner<P> {
+    /// Validates `loaded`, starts everything and waits until every replica
+    /// serves. On error, nothing is left running or created.
+    pub async fn start(
+        loaded: Vec<(Resource, Source)>,
+        opts: &Options,
+        args: P::Args,
+    ) -> anyhow::Result<Runner<P>> {
+        P::check_host()?;
         let (resources, sources): (Vec<Resource>, Vec<Source>) = loaded.into_iter().unzip();
         if let Err(e) = trellis_resource::validate_apply(&resources, &sources, &[]) {
             anyhow::bail!(
@@ -53,35 +150,33 @@ impl Mesh {
                 crate::resources::indent(&e.to_string())
             );
         }
-        prepare_data_dir(&opts.data_dir)?;
-
-        let n_replicas = plan::replica_count(&resources);
-        let ports =
-            plan::free_ports(2 + 4 * n_replicas).context("finding free ports on 127.0.0.1")?;
-        let replicas = plan::replicas(&resources, &ports[2..]);
+        prepare_data_dir::<P>(&opts.data_dir)?;
+        let layout = P::lay_out(&resources, &opts.data_dir, args)?;
         let workloads = resources
             .iter()
             .filter(|r| r.as_workload().is_some())
             .count();
-        let http = ReplicaPorts::addr(ports[0]);
-        let grpc = ReplicaPorts::addr(ports[1]);
-
-        let mut mesh = Mesh {
+        let mut runner = Runner {
             state: RunState {
-                control: ControlInfo { pid: 0, http, grpc },
+                control: ControlInfo {
+                    pid: 0,
+                    http: layout.http,
+                    grpc: layout.grpc,
+                },
                 processes: Vec::new(),
             },
             data_dir: opts.data_dir.clone(),
-            replicas,
+            replicas: layout.replicas,
             workloads,
+            placement: layout.placement,
             children: Vec::new(),
             reported: Vec::new(),
         };
-        match mesh.start_all(&resources, opts).await {
-            Ok(()) => Ok(mesh),
+        match runner.start_all(&resources, opts).await {
+            Ok(()) => Ok(runner),
             Err(e) => {
-                eprintln!("start-up failed: stopping what was started");
-                mesh.stop();
+                eprintln!("start-up failed: stopping and removing what was started");
+                runner.stop();
                 Err(e)
             }
         }
@@ -89,20 +184,79 @@ impl Mesh {
 
     async fn start_all(&mut self, resources: &[Resource], opts: &Options) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the trellis binary")?;
-        let (http, grpc) = (self.state.control.http, self.state.control.grpc);
+        self.placement.create(&exe, &self.state.control)?;
+        let api = self.start_control(&exe, opts).await?;
+        let answer: ApplyAnswer = api
+            .post("/api/v1/apply", &resources)
+            .await
+            .context("applying the resources")?;
+        eprintln!(
+            "control plane ready; applied {} resources",
+            answer.results.len()
+        );
 
+        let replicas = self.replicas.clone();
+        eprintln!(
+            "starting {} replicas of {} workloads",
+            replicas.len(),
+            self.workloads
+        );
+        for (k, r) in replicas.iter().enumerate() {
+            let Some(cmd0) = r.command.first() else {
+                anyhow::bail!(
+                    "workload {}: `command` is empty: name the program to run",
+                    r.workload
+                );
+            };
+            let addrs = self.placement.addrs(k, r);
+            let (program, args) =
+                self.placement
+                    .command(k, plan::program(cmd0, &exe), r.app_args());
+            let env = self.placement.app_env(r);
+            self.spawn(program, args, env, &r.instance, Role::App, Some(r), opts)?;
+            self.last().addresses.app = Some(addrs.app);
+
+            self.mint_token(&api, r).await?;
+            let args = self
+                .placement
+                .proxy_args(k, r, self.state.control.grpc, &self.data_dir);
+            let (program, args) = self.placement.command(k, exe.clone(), args);
+            let name = format!("{}-proxy", r.instance);
+            self.spawn(program, args, vec![], &name, Role::Proxy, Some(r), opts)?;
+            self.last().addresses = Addresses {
+                admin: Some(addrs.admin),
+                inbound: Some(addrs.inbound),
+                outbound: Some(addrs.outbound),
+                app: Some(addrs.app),
+                ..Addresses::default()
+            };
+            self.state.write(&self.data_dir)?;
+        }
+        self.wait_for_replicas(opts.timeout).await
+    }
+
+    /// Starts the control plane and waits until it is ready; its API.
+    async fn start_control(&mut self, exe: &Path, opts: &Options) -> anyhow::Result<Api> {
+        let (http, grpc) = (self.state.control.http, self.state.control.grpc);
         eprintln!("starting the control plane (http {http}, grpc {grpc})");
-        let control_dir = self.data_dir.join("control");
         let args = vec![
             "control".to_string(),
             "--data-dir".to_string(),
-            control_dir.display().to_string(),
+            self.data_dir.join("control").display().to_string(),
             "--http-addr".to_string(),
             http.to_string(),
             "--grpc-addr".to_string(),
             grpc.to_string(),
         ];
-        self.spawn(&exe, args, vec![], "control", Role::Control, None, opts)?;
+        self.spawn(
+            exe.to_path_buf(),
+            args,
+            vec![],
+            "control",
+            Role::Control,
+            None,
+            opts,
+        )?;
         self.state.control.pid = self.children[0].pid;
         self.state.processes[0].addresses = Addresses {
             http: Some(http),
@@ -119,7 +273,7 @@ impl Mesh {
         loop {
             self.check_children()?;
             if api.ok("/readyz").await.unwrap_or(false) {
-                break;
+                return Ok(api);
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
@@ -130,82 +284,31 @@ impl Mesh {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
 
-        let answer: ApplyAnswer = api
-            .post("/api/v1/apply", &resources)
+    /// A join token for exactly the replica's identity, in its token file.
+    async fn mint_token(&self, api: &Api, r: &Replica) -> anyhow::Result<()> {
+        let token: TokenAnswer = api
+            .post(
+                "/api/v1/tokens",
+                &serde_json::json!({
+                    "namespace": r.namespace,
+                    "serviceAccount": r.effective_service_account(),
+                    "ttl": LOCAL_TOKEN_TTL,
+                }),
+            )
             .await
-            .context("applying the resources")?;
-        eprintln!(
-            "control plane ready; applied {} resources",
-            answer.results.len()
-        );
-
-        let replicas = self.replicas.clone();
-        eprintln!(
-            "starting {} replicas of {} workloads",
-            replicas.len(),
-            self.workloads
-        );
-        for r in &replicas {
-            let Some(cmd0) = r.command.first() else {
-                anyhow::bail!(
-                    "workload {}: `command` is empty: name the program to run",
-                    r.workload
-                );
-            };
-            let app_addr = ReplicaPorts::addr(r.ports.app);
-            self.spawn(
-                &plan::program(cmd0, &exe),
-                r.app_args(),
-                r.app_env(),
-                &r.instance,
-                Role::App,
-                Some(r),
-                opts,
-            )?;
-            self.last().addresses.app = Some(app_addr);
-
-            // Each sidecar gets a join token for exactly its identity.
-            let token: TokenAnswer = api
-                .post(
-                    "/api/v1/tokens",
-                    &serde_json::json!({
-                        "namespace": r.namespace,
-                        "serviceAccount": r.effective_service_account(),
-                        "ttl": LOCAL_TOKEN_TTL,
-                    }),
-                )
-                .await
-                .with_context(|| format!("making a join token for {}", r.instance))?;
-            let path = r.token_path(&self.data_dir);
-            std::fs::create_dir_all(path.parent().expect("tokens live in a folder"))?;
-            trellis_identity::write_secret(&path, token.token.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            self.spawn(
-                &exe,
-                r.proxy_args(grpc, &self.data_dir),
-                vec![],
-                &format!("{}-proxy", r.instance),
-                Role::Proxy,
-                Some(r),
-                opts,
-            )?;
-            self.last().addresses = Addresses {
-                admin: Some(ReplicaPorts::addr(r.ports.admin)),
-                inbound: Some(ReplicaPorts::addr(r.ports.inbound)),
-                outbound: Some(ReplicaPorts::addr(r.ports.outbound)),
-                app: Some(app_addr),
-                ..Addresses::default()
-            };
-        }
-        self.state.write(&self.data_dir)?;
-        self.wait_for_replicas(opts.timeout).await
+            .with_context(|| format!("making a join token for {}", r.instance))?;
+        let path = r.token_path(&self.data_dir);
+        std::fs::create_dir_all(path.parent().expect("tokens live in a folder"))?;
+        trellis_identity::write_secret(&path, token.token.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn spawn(
         &mut self,
-        program: &Path,
+        program: PathBuf,
         args: Vec<String>,
         env: Vec<(String, String)>,
         name: &str,
@@ -216,7 +319,7 @@ impl Mesh {
         let log = self.data_dir.join("logs").join(format!("{name}.log"));
         let running = process::spawn(&Spec {
             name: name.to_string(),
-            program: program.to_path_buf(),
+            program,
             args,
             env,
             log: log.clone(),
@@ -241,7 +344,8 @@ impl Mesh {
         self.state.processes.last_mut().expect("just pushed")
     }
 
-    /// Fails naming the first child that exited, with its log's last lines.
+    /// Fails naming the first child that exited, with its exit status and
+    /// its log's last lines.
     fn check_children(&mut self) -> anyhow::Result<()> {
         for c in &mut self.children {
             if let Ok(Some(status)) = c.child.try_wait() {
@@ -249,7 +353,7 @@ impl Mesh {
                     "{} exited during start-up ({status}); the end of {}:\n{}",
                     c.name,
                     c.log.display(),
-                    indent(&process::log_tail(&c.log, 15))
+                    indent(&process::log_tail(&c.log, LOG_TAIL_LINES))
                 );
             }
         }
@@ -266,11 +370,17 @@ impl Mesh {
         loop {
             self.check_children()?;
             let mut waiting = Vec::new();
-            for r in &self.replicas {
-                let app = tokio::net::TcpStream::connect(ReplicaPorts::addr(r.ports.app))
-                    .await
-                    .is_ok();
-                let url = format!("http://{}/ready", ReplicaPorts::addr(r.ports.admin));
+            for (k, r) in self.replicas.iter().enumerate() {
+                let pid = self
+                    .children
+                    .iter()
+                    .find(|c| c.name == r.instance)
+                    .map(|c| c.pid);
+                let app = match pid {
+                    Some(pid) => self.placement.app_serves(k, r, pid).await,
+                    None => false,
+                };
+                let url = format!("http://{}/ready", self.placement.addrs(k, r).admin);
                 let proxy = client
                     .get(&url, Duration::from_secs(1))
                     .await
@@ -307,9 +417,10 @@ impl Mesh {
     /// The line `up` prints once everything serves.
     pub fn ready_line(&self) -> String {
         format!(
-            "ready: {} workloads, {} replicas; control plane {}",
+            "ready: {} workloads, {} replicas{}; control plane {}",
             self.workloads,
             self.replicas.len(),
+            self.placement.describe(),
             self.state.control_url()
         )
     }
@@ -319,7 +430,7 @@ impl Mesh {
     }
 
     /// Runs until Ctrl-C or SIGTERM, or until everything was stopped from
-    /// elsewhere (`trellis down`).
+    /// elsewhere (`trellis down`), reporting children that exit.
     pub async fn wait(&mut self) {
         let shutdown = crate::signals::shutdown();
         tokio::pin!(shutdown);
@@ -360,12 +471,14 @@ impl Mesh {
     }
 
     /// Stops every child (workloads first, the control plane last), reaps
-    /// them and removes `run.json`.
+    /// them, removes what the placement created, `run.json`, the store and
+    /// the caches.
     pub fn stop(mut self) {
         stop_state(&self.state);
         for c in &mut self.children {
             let _ = c.child.try_wait();
         }
+        self.placement.remove(&self.data_dir);
         let _ = RunState::remove(&self.data_dir);
         let _ = remove_state_dirs(&self.data_dir);
     }
@@ -392,7 +505,7 @@ pub fn stop_state(state: &RunState) -> usize {
 }
 
 /// Refuses to start over a running mesh; clears what a previous one left.
-fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+fn prepare_data_dir<P: Placement>(dir: &Path) -> anyhow::Result<()> {
     if let Some(old) = RunState::read(dir)? {
         if old.any_running() {
             anyhow::bail!(
@@ -404,6 +517,7 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
         }
         RunState::remove(dir)?;
     }
+    P::clear_leftovers(dir)?;
     let _ = std::fs::remove_file(dir.join(STOPPING));
     // A fresh store and caches: the mesh is what the files say, not what
     // an earlier run left behind.
@@ -445,8 +559,14 @@ fn indent(text: &str) -> String {
         .join("\n")
 }
 
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    token: String,
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::host::Host;
     use super::*;
 
     #[test]
@@ -472,7 +592,9 @@ mod tests {
             }],
         };
         state.write(dir.path()).unwrap();
-        let err = prepare_data_dir(dir.path()).unwrap_err().to_string();
+        let err = prepare_data_dir::<Host>(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("trellis down"), "{err}");
 
         // The same pid with another start time is a stale record.
@@ -480,7 +602,7 @@ mod tests {
         stale.processes[0].start_time += 1;
         stale.write(dir.path()).unwrap();
         std::fs::create_dir_all(dir.path().join("cache/x")).unwrap();
-        prepare_data_dir(dir.path()).unwrap();
+        prepare_data_dir::<Host>(dir.path()).unwrap();
         assert!(!RunState::path(dir.path()).exists());
         assert!(!dir.path().join("cache").exists());
         assert!(dir.path().join("logs").is_dir());
@@ -492,13 +614,4 @@ mod tests {
         assert_eq!(summarize(&items[..2]), "w-0, w-1");
         assert_eq!(summarize(&items), "w-0, w-1, w-2, w-3 and 2 more");
     }
-}
-
-/// Join tokens of a local mesh live as long as the mesh is likely to: the
-/// proxies use them at every reconnect and certificate renewal.
-const LOCAL_TOKEN_TTL: &str = "8760h";
-
-#[derive(serde::Deserialize)]
-struct TokenAnswer {
-    token: String,
 }
