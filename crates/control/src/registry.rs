@@ -86,36 +86,51 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn from_register(conn: ConnId, reg: &Register) -> Self {
-        let labels = reg.labels.clone();
-        let namespace = if reg.namespace.is_empty() {
-            DEFAULT_NAMESPACE.to_string()
-        } else {
-            reg.namespace.clone()
-        };
-        // Same default as a Workload's serviceAccount: the app label, else
-        // the workload's name.
-        let service_account = if !reg.service_account.is_empty() {
-            reg.service_account.clone()
-        } else if let Some(app) = labels.get("app") {
-            app.clone()
-        } else {
-            reg.workload.clone()
-        };
-        Proxy {
-            conn,
-            instance: reg.instance.clone(),
-            workload: reg.workload.clone(),
+        // Every field named, so one added to Register is a compile error
+        // here rather than something the control plane silently ignores.
+        let Register {
+            instance,
+            workload,
             namespace,
             labels,
             service_account,
-            inbound_addr: reg.inbound_addr.clone(),
-            admin_addr: reg.admin_addr.clone(),
-            app_port: reg.app_port,
+            inbound_addr,
+            admin_addr,
+            app_port,
+            subscriptions,
+            running_version,
+            // Checked by the stream before it registers the proxy.
+            token: _,
+        } = reg;
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        // Same default as a Workload's serviceAccount: the app label, else
+        // the workload's name.
+        let service_account = if !service_account.is_empty() {
+            service_account
+        } else if let Some(app) = labels.get("app") {
+            app
+        } else {
+            workload
+        };
+        Proxy {
+            conn,
+            instance: instance.clone(),
+            workload: workload.clone(),
+            namespace: namespace.to_string(),
+            labels: labels.clone(),
+            service_account: service_account.clone(),
+            inbound_addr: inbound_addr.clone(),
+            admin_addr: admin_addr.clone(),
+            app_port: *app_port,
             connected_at: Instant::now(),
             connected_since: SystemTime::now(),
-            subscriptions: reg.subscriptions.iter().cloned().collect(),
+            subscriptions: subscriptions.iter().cloned().collect(),
             sent_version: 0,
-            acked_version: reg.running_version,
+            acked_version: *running_version,
             last_error: None,
             sent_hash: None,
             depends_on: BTreeSet::new(),

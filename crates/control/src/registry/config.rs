@@ -86,12 +86,17 @@ impl Registry {
             }
         }
         let deps = services.keys().cloned().collect();
+        // Every field named, so one added to Config is a compile error here
+        // rather than a field that silently stays empty.
         let config = Config {
             version: 0,
             mesh_json: self.resources.mesh_json(),
             services: services.into_values().collect(),
             missing,
-            ..Default::default()
+            // What the proxy needs about itself: `add_own_config`.
+            authorization_policies_json: Vec::new(),
+            trust_bundle_pem: Vec::new(),
+            own_services: Vec::new(),
         };
         (config, deps)
     }
