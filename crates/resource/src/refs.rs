@@ -2,9 +2,9 @@
 //! mirror backendRefs, a policy's targetRef, and whether each names a core
 //! Service (in mesh, GAMMA, form they all do).
 //!
-//! Validation, the control plane's index and the CLI read references only
-//! through this module, so they agree on what a route references and on a
-//! reference's namespace.
+//! Validation (apply and delete) and the control plane's index and config
+//! building read references only through this module, so they agree on
+//! what a route references and on a reference's namespace.
 
 use crate::types::*;
 
