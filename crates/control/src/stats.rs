@@ -57,36 +57,10 @@ impl StatKind {
 /// Parses a window such as `30s`, `5m`, `1m30s` or `500ms`, between 1s and
 /// `RETENTION`.
 pub fn parse_window(s: &str) -> Result<Duration, StatsError> {
-    let bad = || StatsError::Window(s.to_string());
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
+    match trellis_resource::parse_duration_loose(s) {
+        Ok(d) if (Duration::from_secs(1)..=RETENTION).contains(&d) => Ok(d),
+        _ => Err(StatsError::Window(s.to_string())),
     }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(unit);
-        rest = &rest[unit_len..];
-    }
-    if total < Duration::from_secs(1) || total > RETENTION {
-        return Err(bad());
-    }
-    Ok(total)
 }
 
 /// One entry of a report, as kept.

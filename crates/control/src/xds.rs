@@ -26,8 +26,7 @@ use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    content_hash, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo,
-    ServiceName,
+    ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo, ServiceName,
 };
 use crate::stats::Stats;
 use crate::store::{Store, StoreEvent};
@@ -398,8 +397,8 @@ impl Actor {
             }
             let (mut config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
             let own = self.registry.services_selecting_memo(p, &mut memo);
-            self.registry.add_own_config_for(p, own, &mut config);
-            let hash = content_hash(&config);
+            self.registry.add_own_config(p, own, &mut config);
+            let hash = config.content_hash();
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
             }

@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use rand::Rng;
 use regex::Regex;
 use trellis_resource::{
-    parse_duration, BackendRef, GrpcRouteRule, HeaderMatch, HeaderModifier, PathMatchType,
+    parse_optional_duration, BackendRef, GrpcRouteRule, HeaderMatch, HeaderModifier, PathMatchType,
     RequestRedirect, Resource, RouteFilter, RouteRule, UrlRewrite, ValueMatchType,
     RETRY_NON_IDEMPOTENT_ANNOTATION,
 };
@@ -196,10 +196,6 @@ fn header_matchers(headers: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueM)>,
             Ok((name, value_matcher(h.match_type, &h.value)?))
         })
         .collect()
-}
-
-fn duration(s: &Option<String>) -> Result<Option<Duration>, String> {
-    s.as_deref().map(parse_duration).transpose()
 }
 
 fn catch_all(rule: usize) -> Match {
@@ -462,14 +458,16 @@ fn new_rule(route: &str, ns: &str, refs: &[BackendRef], list: &[RouteFilter]) ->
 fn compile_rule(route: &str, ns: &str, rule: &RouteRule) -> Result<Rule, String> {
     let mut r = new_rule(route, ns, &rule.backend_refs, &rule.filters);
     if let Some(t) = &rule.timeouts {
-        r.request_timeout = duration(&t.request)?.filter(|d| !d.is_zero());
-        r.backend_timeout = duration(&t.backend_request)?.filter(|d| !d.is_zero());
+        r.request_timeout = parse_optional_duration(t.request.as_deref())?.filter(|d| !d.is_zero());
+        r.backend_timeout =
+            parse_optional_duration(t.backend_request.as_deref())?.filter(|d| !d.is_zero());
     }
     if let Some(retry) = &rule.retry {
         r.retry = Some(Retry {
             attempts: retry.attempts.unwrap_or(2),
             codes: retry.codes.clone(),
-            backoff: duration(&retry.backoff)?.unwrap_or(Duration::from_millis(25)),
+            backoff: parse_optional_duration(retry.backoff.as_deref())?
+                .unwrap_or(Duration::from_millis(25)),
         });
     }
     Ok(r)

@@ -10,9 +10,10 @@ use std::collections::HashMap;
 
 use regex::Regex;
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_duration, parse_optional_duration};
 pub use crate::load::Source;
 use crate::load::{LoadError, ResourceError};
+use crate::refs::{names_service, ObjectRef};
 use crate::types::*;
 
 const MAX_REPLICAS: u32 = 1000;
@@ -78,18 +79,15 @@ pub fn validate_delete(key: &ResourceKey, remaining: &[Resource]) -> Result<(), 
     }
     let mut errors = Vec::new();
     for r in remaining {
-        let refs: Vec<ServiceRef<'_>> = if let Some(route) = r.as_route() {
-            service_refs(route).collect()
-        } else if let Some(route) = r.as_grpc_route() {
-            traffic_checks::grpc_service_refs(route)
-        } else {
-            continue;
-        };
-        let fields: Vec<String> = refs
+        let fields: Vec<String> = r
+            .route_refs()
             .into_iter()
-            .filter(|re| re.is_service())
-            .filter(|re| re.name == key.name && re.namespace(r) == key.namespace)
-            .map(|re| re.field)
+            .filter(|re| re.target.is_service())
+            .filter(|re| {
+                re.target.name == key.name
+                    && re.target.namespace_or(&r.metadata.namespace) == key.namespace
+            })
+            .map(|re| re.place.field())
             .collect();
         if !fields.is_empty() {
             errors.push(ResourceError::for_path(
@@ -194,15 +192,7 @@ fn check_target(
     services: &HashMap<(&str, &str), &ServiceSpec>,
     p: &mut Problems,
 ) {
-    let re = ServiceRef {
-        field: field.to_string(),
-        group: t.group.as_deref(),
-        kind: t.kind.as_deref(),
-        name: &t.name,
-        namespace: None,
-        port: None,
-    };
-    check_service_ref(namespace, &re, services, p);
+    check_service_ref(namespace, field, &t.as_object_ref(), services, p);
 }
 
 /// `exact`, `prefix*` or `*suffix`; a lone `*` matches everything.
@@ -314,7 +304,7 @@ fn check_mesh(name: &str, spec: &MeshSpec, p: &mut Problems) {
         p.check("spec.trustDomain", dns_subdomain(&spec.trust_domain));
     }
     match parse_duration(&spec.certificate_ttl) {
-        Err(e) => p.add("spec.certificateTTL", e),
+        Err(e) => p.add("spec.certificateTTL", e.to_string()),
         Ok(ttl) if ttl.as_secs() < MIN_CERTIFICATE_TTL_SECS => p.add(
             "spec.certificateTTL",
             format!(
@@ -435,65 +425,6 @@ fn check_workload(spec: &WorkloadSpec, p: &mut Problems) {
     }
 }
 
-/// A reference from a route to a Service: a parentRef or a backendRef.
-struct ServiceRef<'a> {
-    field: String,
-    group: Option<&'a str>,
-    kind: Option<&'a str>,
-    name: &'a str,
-    namespace: Option<&'a str>,
-    port: Option<u16>,
-}
-
-impl ServiceRef<'_> {
-    /// Whether it names a core Service (omitted group and kind mean that).
-    fn is_service(&self) -> bool {
-        matches!(self.group, None | Some("" | "core"))
-            && matches!(self.kind, None | Some("Service"))
-    }
-
-    /// A reference without a namespace means the route's own.
-    fn namespace<'b>(&'b self, route: &'b Resource) -> &'b str {
-        self.namespace.unwrap_or(&route.metadata.namespace)
-    }
-}
-
-fn service_refs(spec: &HttpRouteSpec) -> impl Iterator<Item = ServiceRef<'_>> {
-    let parents = spec
-        .parent_refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| ServiceRef {
-            field: format!("spec.parentRefs[{i}]"),
-            group: r.group.as_deref(),
-            kind: r.kind.as_deref(),
-            name: &r.name,
-            namespace: r.namespace.as_deref(),
-            port: r.port,
-        });
-    let backends = spec.rules.iter().enumerate().flat_map(|(i, rule)| {
-        rule.backend_refs
-            .iter()
-            .enumerate()
-            .map(move |(j, b)| ServiceRef {
-                field: format!("spec.rules[{i}].backendRefs[{j}]"),
-                group: b.group.as_deref(),
-                kind: b.kind.as_deref(),
-                name: &b.name,
-                namespace: b.namespace.as_deref(),
-                port: b.port,
-            })
-    });
-    let mirrors = spec.rules.iter().enumerate().flat_map(|(i, rule)| {
-        traffic_checks::mirror_refs(
-            &format!("spec.rules[{i}]"),
-            &rule.filters,
-            &rule.backend_refs,
-        )
-    });
-    parents.chain(backends).chain(mirrors)
-}
-
 fn check_route(
     namespace: &str,
     spec: &HttpRouteSpec,
@@ -506,8 +437,8 @@ fn check_route(
             "is empty: name the Service whose traffic this route steers, e.g. [{name: catalog}]",
         );
     }
-    for re in service_refs(spec) {
-        check_service_ref(namespace, &re, services, p);
+    for re in spec.refs() {
+        check_service_ref(namespace, &re.place.field(), &re.target, services, p);
     }
     for (i, host) in spec.hostnames.iter().enumerate() {
         let bare = host.strip_prefix("*.").unwrap_or(host);
@@ -519,30 +450,32 @@ fn check_route(
 }
 
 fn check_service_ref(
-    route_namespace: &str,
-    re: &ServiceRef<'_>,
+    own_namespace: &str,
+    field: &str,
+    re: &ObjectRef<'_>,
     services: &HashMap<(&str, &str), &ServiceSpec>,
     p: &mut Problems,
 ) {
-    if let Some(kind) = re.kind.filter(|k| *k != "Service") {
+    // Group and kind are checked apart, so each gets its own message.
+    if let Some(kind) = re.kind.filter(|k| !names_service(None, Some(k))) {
         p.add(
-            format!("{}.kind", re.field),
+            format!("{field}.kind"),
             format!("`{kind}` is not supported: in the mesh a route refers to a Service"),
         );
     }
-    if let Some(group) = re.group.filter(|g| !matches!(*g, "" | "core")) {
+    if let Some(group) = re.group.filter(|g| !names_service(Some(g), None)) {
         p.add(
-            format!("{}.group", re.field),
+            format!("{field}.group"),
             format!("`{group}` is not supported: a Service's group is \"\" (core)"),
         );
     }
     if !re.is_service() {
         return;
     }
-    let namespace = re.namespace.unwrap_or(route_namespace);
+    let namespace = re.namespace_or(own_namespace);
     let Some(service) = services.get(&(namespace, re.name)) else {
         p.add(
-            re.field.clone(),
+            field,
             format!(
                 "Service {namespace}/{} does not exist; apply it first or fix the name",
                 re.name
@@ -554,7 +487,7 @@ fn check_service_ref(
         if !service.ports.iter().any(|sp| sp.port == port) {
             let has: Vec<String> = service.ports.iter().map(|sp| sp.port.to_string()).collect();
             p.add(
-                format!("{}.port", re.field),
+                format!("{field}.port"),
                 format!(
                     "Service {namespace}/{} has no port {port} (it has {})",
                     re.name,
@@ -618,10 +551,10 @@ fn check_duration(
     field: &str,
     value: &Option<String>,
 ) -> Option<std::time::Duration> {
-    match parse_duration(value.as_deref()?) {
-        Ok(d) => Some(d),
+    match parse_optional_duration(value.as_deref()) {
+        Ok(d) => d,
         Err(e) => {
-            p.add(field, e);
+            p.add(field, e.to_string());
             None
         }
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{
     check_duration, check_match_headers, check_service_ref, check_target, compiles,
-    describe_source, header_name, Problems, ServiceRef, MAX_WEIGHT,
+    describe_source, header_name, Problems, MAX_WEIGHT,
 };
 use crate::load::{ResourceError, Source};
 use crate::traffic::*;
@@ -278,71 +278,6 @@ pub(super) fn check_rule_filters(field: &str, rule: &RouteRule, p: &mut Problems
     }
 }
 
-/// The Services the mirror filters of a rule (and of its backendRefs) name.
-pub(super) fn mirror_refs<'a>(
-    field: &str,
-    filters: &'a [RouteFilter],
-    backends: &'a [BackendRef],
-) -> Vec<ServiceRef<'a>> {
-    let rule_level = filters
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (format!("{field}.filters[{i}]"), f));
-    let backend_level = backends.iter().enumerate().flat_map(|(j, b)| {
-        b.filters
-            .iter()
-            .enumerate()
-            .map(move |(i, f)| (format!("{field}.backendRefs[{j}].filters[{i}]"), f))
-    });
-    rule_level
-        .chain(backend_level)
-        .filter_map(|(at, f)| {
-            let m = f.request_mirror.as_ref()?;
-            let b = &m.backend_ref;
-            Some(ServiceRef {
-                field: format!("{at}.requestMirror.backendRef"),
-                group: b.group.as_deref(),
-                kind: b.kind.as_deref(),
-                name: &b.name,
-                namespace: b.namespace.as_deref(),
-                port: b.port,
-            })
-        })
-        .collect()
-}
-
-/// Every Service a GRPCRoute names: parents, backends and mirrors.
-pub(super) fn grpc_service_refs(spec: &GrpcRouteSpec) -> Vec<ServiceRef<'_>> {
-    let mut refs: Vec<ServiceRef<'_>> = spec
-        .parent_refs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| ServiceRef {
-            field: format!("spec.parentRefs[{i}]"),
-            group: r.group.as_deref(),
-            kind: r.kind.as_deref(),
-            name: &r.name,
-            namespace: r.namespace.as_deref(),
-            port: r.port,
-        })
-        .collect();
-    for (i, rule) in spec.rules.iter().enumerate() {
-        let field = format!("spec.rules[{i}]");
-        for (j, b) in rule.backend_refs.iter().enumerate() {
-            refs.push(ServiceRef {
-                field: format!("{field}.backendRefs[{j}]"),
-                group: b.group.as_deref(),
-                kind: b.kind.as_deref(),
-                name: &b.name,
-                namespace: b.namespace.as_deref(),
-                port: b.port,
-            });
-        }
-        refs.extend(mirror_refs(&field, &rule.filters, &rule.backend_refs));
-    }
-    refs
-}
-
 pub(super) fn check_grpc_route(
     namespace: &str,
     spec: &GrpcRouteSpec,
@@ -355,8 +290,8 @@ pub(super) fn check_grpc_route(
             "is empty: name the Service whose gRPC traffic this route steers, e.g. [{name: greeter}]",
         );
     }
-    for re in grpc_service_refs(spec) {
-        check_service_ref(namespace, &re, services, p);
+    for re in spec.refs() {
+        check_service_ref(namespace, &re.place.field(), &re.target, services, p);
     }
     for (i, host) in spec.hostnames.iter().enumerate() {
         let bare = host.strip_prefix("*.").unwrap_or(host);
@@ -724,24 +659,8 @@ pub(super) fn check_conflicts(
                 .entry((ns, tp.target_ref.name.clone()))
                 .or_default()
                 .push((r.key(), at)),
-            Spec::HttpRoute(route) => {
-                for parent in &route.parent_refs {
-                    let pns = parent.namespace.clone().unwrap_or_else(|| ns.clone());
-                    http_parents
-                        .entry((pns, parent.name.clone()))
-                        .or_default()
-                        .push((r.key(), at));
-                }
-            }
-            Spec::GrpcRoute(route) => {
-                for parent in &route.parent_refs {
-                    let pns = parent.namespace.clone().unwrap_or_else(|| ns.clone());
-                    grpc_parents
-                        .entry((pns, parent.name.clone()))
-                        .or_default()
-                        .push((r.key(), at));
-                }
-            }
+            Spec::HttpRoute(_) => add_parents(&mut http_parents, r, at),
+            Spec::GrpcRoute(_) => add_parents(&mut grpc_parents, r, at),
             _ => {}
         }
     }
@@ -798,6 +717,15 @@ pub(super) fn check_conflicts(
         }
     }
     errors
+}
+
+fn add_parents(by_parent: &mut ByService, route: &Resource, at: Option<usize>) {
+    for (ns, name) in route.parent_services() {
+        by_parent
+            .entry((ns.to_string(), name.to_string()))
+            .or_default()
+            .push((route.key(), at));
+    }
 }
 
 #[cfg(test)]

@@ -436,4 +436,45 @@ mod tests {
             .to_string();
         assert!(err.contains("spec.ports[0].port"), "{err}");
     }
+
+    /// Configs carry resources as this JSON and are hashed whole, so equal
+    /// resources must give equal bytes: struct fields go in declaration
+    /// order and every map of the model must be ordered (a HashMap here
+    /// would write its keys in a per-process order).
+    #[test]
+    fn json_is_canonical_whatever_order_the_input_had() {
+        let map = |order: &mut dyn Iterator<Item = u32>| {
+            order
+                .map(|i| format!("k{i:02}: v{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let docs = |order: fn() -> Box<dyn Iterator<Item = u32>>| {
+            format!(
+                "kind: Workload\napiVersion: trellis.dev/v1alpha1\n\
+                 metadata: {{name: w, labels: {{{}}}, annotations: {{{}}}}}\n\
+                 spec: {{env: {{{}}}, command: [x], port: 8080}}\n---\n\
+                 spec: {{selector: {{{}}}}}\nmetadata: {{name: s}}\n\
+                 apiVersion: trellis.dev/v1alpha1\nkind: Service\n",
+                map(&mut order()),
+                map(&mut order()),
+                map(&mut order()),
+                map(&mut order()),
+            )
+        };
+        let json = |yaml: &str| -> Vec<String> {
+            crate::parse_documents("t.yaml", yaml)
+                .unwrap()
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap())
+                .collect()
+        };
+        let forward = json(&docs(|| Box::new(0..16)));
+        let backward = json(&docs(|| Box::new((0..16).rev())));
+        assert_eq!(forward, backward);
+        for j in &forward {
+            let again: Resource = serde_json::from_str(j).unwrap();
+            assert_eq!(&serde_json::to_string(&again).unwrap(), j);
+        }
+    }
 }

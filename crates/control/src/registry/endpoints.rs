@@ -1,0 +1,121 @@
+//! Endpoint indexing: which Services select each connected proxy, and each
+//! Service's endpoints, memoised for one round of config updates.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use trellis_api::v1::Endpoint;
+
+use super::{Proxy, Registry, ServiceName};
+
+/// Endpoints per service, computed once per round of config updates.
+pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
+
+/// The Services selecting each (namespace, labels) met in one round of
+/// config updates.
+#[derive(Debug, Default)]
+pub struct SelectionMemo(HashMap<String, HashMap<BTreeMap<String, String>, BTreeSet<ServiceName>>>);
+
+fn endpoint_of(p: &Proxy, trust_domain: &str) -> Endpoint {
+    Endpoint {
+        address: p.inbound_addr.clone(),
+        instance: p.instance.clone(),
+        workload: p.workload.clone(),
+        namespace: p.namespace.clone(),
+        labels: p.labels.clone(),
+        identity: p.identity(trust_domain),
+    }
+}
+
+/// Stable order, so that equal content hashes equal.
+fn sort_endpoints(eps: &mut [Endpoint]) {
+    eps.sort_by(|a, b| (&a.address, &a.instance).cmp(&(&b.address, &b.instance)));
+}
+
+impl Registry {
+    /// The services (existing or not) that select a proxy with these
+    /// namespace and labels: their endpoints change when it comes or goes.
+    pub fn services_selecting(&self, proxy: &Proxy) -> BTreeSet<ServiceName> {
+        self.resources
+            .services
+            .iter()
+            .filter(|(_, r)| {
+                r.as_service()
+                    .is_some_and(|s| proxy.selected_by(&r.metadata.namespace, &s.selector))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// `services_selecting`, memoised by the proxy's namespace and labels:
+    /// proxies of one workload share them, so a round over every proxy
+    /// compares each distinct label set with each selector once.
+    pub fn services_selecting_memo(
+        &self,
+        proxy: &Proxy,
+        memo: &mut SelectionMemo,
+    ) -> BTreeSet<ServiceName> {
+        if proxy.inbound_addr.is_empty() {
+            // Nothing selects a proxy that peers cannot reach.
+            return BTreeSet::new();
+        }
+        if let Some(own) = memo
+            .0
+            .get(&proxy.namespace)
+            .and_then(|by_labels| by_labels.get(&proxy.labels))
+        {
+            return own.clone();
+        }
+        let own = self.services_selecting(proxy);
+        memo.0
+            .entry(proxy.namespace.clone())
+            .or_default()
+            .insert(proxy.labels.clone(), own.clone());
+        own
+    }
+
+    /// Every Service's endpoints, in one pass over the proxies (rather than
+    /// one pass per Service): what a round that recomputes every proxy's
+    /// Config starts from.
+    pub fn all_endpoints(&self, memo: &mut SelectionMemo) -> EndpointCache {
+        let td = self.trust_domain().to_string();
+        let mut cache: EndpointCache = self
+            .resources
+            .services
+            .keys()
+            .map(|n| (n.clone(), Vec::new()))
+            .collect();
+        for p in self.proxies.values() {
+            for name in self.services_selecting_memo(p, memo) {
+                if let Some(eps) = cache.get_mut(&name) {
+                    eps.push(endpoint_of(p, &td));
+                }
+            }
+        }
+        for eps in cache.values_mut() {
+            sort_endpoints(eps);
+        }
+        cache
+    }
+
+    /// One Service's endpoints, from the cache or computed into it.
+    pub fn endpoints(&self, name: &ServiceName, cache: &mut EndpointCache) -> Vec<Endpoint> {
+        if let Some(eps) = cache.get(name) {
+            return eps.clone();
+        }
+        let td = self.trust_domain().to_string();
+        let mut eps: Vec<Endpoint> = match self.resources.services.get(name) {
+            Some(r) => {
+                let selector = r.as_service().map(|s| &s.selector);
+                self.proxies
+                    .values()
+                    .filter(|p| selector.is_some_and(|sel| p.selected_by(&name.namespace, sel)))
+                    .map(|p| endpoint_of(p, &td))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        sort_endpoints(&mut eps);
+        cache.insert(name.clone(), eps.clone());
+        eps
+    }
+}

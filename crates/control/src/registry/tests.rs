@@ -1,0 +1,328 @@
+use super::*;
+use trellis_resource::{
+    BackendRef, HttpRouteSpec, Metadata, ParentRef, Resource, RouteRule, ServiceSpec, Spec,
+};
+
+fn meta(ns: &str, name: &str) -> Metadata {
+    Metadata {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    }
+}
+
+fn service(ns: &str, name: &str, sel: &[(&str, &str)]) -> Resource {
+    Resource {
+        metadata: meta(ns, name),
+        spec: Spec::Service(ServiceSpec {
+            selector: sel
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: vec![],
+        }),
+    }
+}
+
+fn backend(name: &str, ns: Option<&str>, weight: u32) -> BackendRef {
+    BackendRef {
+        group: None,
+        kind: None,
+        name: name.into(),
+        namespace: ns.map(Into::into),
+        port: None,
+        weight,
+        filters: vec![],
+    }
+}
+
+fn route(
+    ns: &str,
+    name: &str,
+    parent: &str,
+    parent_ns: Option<&str>,
+    bs: Vec<BackendRef>,
+) -> Resource {
+    Resource {
+        metadata: meta(ns, name),
+        spec: Spec::HttpRoute(HttpRouteSpec {
+            parent_refs: vec![ParentRef {
+                group: None,
+                kind: Some("Service".into()),
+                name: parent.into(),
+                namespace: parent_ns.map(Into::into),
+                port: None,
+                section_name: None,
+            }],
+            hostnames: vec![],
+            rules: vec![RouteRule {
+                backend_refs: bs,
+                ..Default::default()
+            }],
+        }),
+    }
+}
+
+fn proxy(conn: ConnId, ns: &str, labels: &[(&str, &str)], addr: &str) -> Proxy {
+    Proxy::from_register(
+        conn,
+        &Register {
+            instance: format!("i{conn}"),
+            workload: "w".into(),
+            namespace: ns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            inbound_addr: addr.into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn subs(s: &[&str]) -> BTreeSet<String> {
+    s.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn selection_needs_every_label_and_the_namespace() {
+    let p = proxy(1, "default", &[("app", "a"), ("version", "v1")], "x");
+    let sel = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(p.selected_by("default", &sel(&[("app", "a")])));
+    assert!(p.selected_by("default", &sel(&[("app", "a"), ("version", "v1")])));
+    assert!(!p.selected_by("default", &sel(&[("app", "a"), ("version", "v2")])));
+    assert!(!p.selected_by("other", &sel(&[("app", "a")])));
+    assert!(!p.selected_by("default", &sel(&[])));
+}
+
+#[test]
+fn config_has_routes_backends_endpoints_and_missing() {
+    let resources = vec![
+        service("default", "catalog", &[("app", "catalog")]),
+        service(
+            "default",
+            "catalog-v1",
+            &[("app", "catalog"), ("version", "v1")],
+        ),
+        service(
+            "shop",
+            "catalog-v2",
+            &[("app", "catalog"), ("version", "v2")],
+        ),
+        route(
+            "default",
+            "split",
+            "catalog",
+            None,
+            vec![
+                backend("catalog-v1", None, 90),
+                backend("catalog-v2", Some("shop"), 10),
+            ],
+        ),
+        // A route in another namespace naming the service explicitly.
+        route("shop", "other", "catalog", Some("default"), vec![]),
+    ];
+    let mut reg = Registry {
+        resources: ResourceIndex::new(&resources),
+        ..Default::default()
+    };
+    reg.proxies.insert(
+        1,
+        proxy(
+            1,
+            "default",
+            &[("app", "catalog"), ("version", "v1")],
+            "10.0.0.1:15006",
+        ),
+    );
+    reg.proxies.insert(
+        2,
+        proxy(
+            2,
+            "shop",
+            &[("app", "catalog"), ("version", "v2")],
+            "10.0.0.2:15006",
+        ),
+    );
+    let mut cache = EndpointCache::new();
+    let (cfg, deps) = reg.config_for(&subs(&["default/catalog", "default/nope"]), &mut cache);
+    assert_eq!(cfg.mesh_json, "{}");
+    assert_eq!(cfg.missing, vec!["default/nope".to_string()]);
+    let names: Vec<String> = cfg
+        .services
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
+    assert_eq!(
+        names,
+        ["default/catalog", "default/catalog-v1", "shop/catalog-v2"]
+    );
+    assert_eq!(cfg.services[0].routes_json.len(), 2);
+    assert_eq!(cfg.services[0].endpoints.len(), 1);
+    assert_eq!(cfg.services[1].endpoints[0].address, "10.0.0.1:15006");
+    assert_eq!(
+        cfg.services[1].endpoints[0].identity,
+        "spiffe://trellis.local/ns/default/sa/catalog"
+    );
+    assert!(cfg.services[1].routes_json.is_empty());
+    assert_eq!(cfg.services[2].endpoints[0].address, "10.0.0.2:15006");
+    assert_eq!(deps.len(), 3);
+
+    // Same inputs, same hash; an endpoint leaving changes it.
+    let h1 = cfg.content_hash();
+    let (again, _) = reg.config_for(
+        &subs(&["default/catalog", "default/nope"]),
+        &mut EndpointCache::new(),
+    );
+    assert_eq!(h1, again.content_hash());
+    reg.proxies.remove(&1);
+    let (after, _) = reg.config_for(
+        &subs(&["default/catalog", "default/nope"]),
+        &mut EndpointCache::new(),
+    );
+    assert_ne!(h1, after.content_hash());
+    assert!(after.services[1].endpoints.is_empty());
+}
+
+#[test]
+fn one_pass_endpoints_and_memoised_selection_match_the_direct_ones() {
+    let resources = vec![
+        service("default", "catalog", &[("app", "catalog")]),
+        service(
+            "default",
+            "catalog-v1",
+            &[("app", "catalog"), ("version", "v1")],
+        ),
+        service("shop", "catalog", &[("app", "catalog")]),
+        service("default", "none", &[]),
+    ];
+    let mut reg = Registry {
+        resources: ResourceIndex::new(&resources),
+        ..Default::default()
+    };
+    let procs = [
+        proxy(
+            1,
+            "default",
+            &[("app", "catalog"), ("version", "v1")],
+            "b:1",
+        ),
+        proxy(
+            2,
+            "default",
+            &[("app", "catalog"), ("version", "v1")],
+            "a:1",
+        ),
+        proxy(
+            3,
+            "default",
+            &[("app", "catalog"), ("version", "v2")],
+            "c:1",
+        ),
+        proxy(4, "shop", &[("app", "catalog")], "d:1"),
+        // Unreachable: selected by nothing.
+        proxy(5, "default", &[("app", "catalog")], ""),
+    ];
+    for p in procs {
+        reg.proxies.insert(p.conn, p);
+    }
+    let mut memo = SelectionMemo::default();
+    let all = reg.all_endpoints(&mut memo);
+    assert_eq!(all.len(), 4);
+    for name in reg.resources.services.keys() {
+        let direct = reg.endpoints(name, &mut EndpointCache::new());
+        assert_eq!(all[name], direct, "{name}");
+    }
+    assert_eq!(all[&ServiceName::new("default", "catalog")].len(), 3);
+    assert_eq!(
+        all[&ServiceName::new("default", "catalog-v1")][0].address,
+        "a:1"
+    );
+    for p in reg.proxies.values() {
+        // Twice: computed, then from the memo.
+        for _ in 0..2 {
+            assert_eq!(
+                reg.services_selecting_memo(p, &mut memo),
+                reg.services_selecting(p)
+            );
+        }
+    }
+}
+
+#[test]
+fn service_names_parse() {
+    assert_eq!(ServiceName::parse("a/b"), Some(ServiceName::new("a", "b")));
+    assert_eq!(
+        ServiceName::parse("b"),
+        Some(ServiceName::new("default", "b"))
+    );
+    assert_eq!(ServiceName::parse("a/b/c"), None);
+    assert_eq!(ServiceName::parse("/b"), None);
+}
+
+#[test]
+fn config_carries_traffic_policies_grpc_routes_and_mirror_backends() {
+    let resources = trellis_resource::parse_documents(
+        "t.yaml",
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {selector: {app: catalog}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: shadow}
+spec: {selector: {app: shadow}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: greeter}
+spec: {selector: {app: greeter}, ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: shadow}
+spec: {targetRef: {name: shadow}, loadBalancer: {type: round-robin}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}
+    backendRefs: [{name: catalog}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter}
+spec:
+  parentRefs: [{name: greeter}]
+  rules: [{backendRefs: [{name: greeter}]}]
+"#,
+    )
+    .unwrap();
+    let reg = Registry {
+        resources: ResourceIndex::new(&resources),
+        ..Default::default()
+    };
+    let (cfg, _) = reg.config_for(
+        &subs(&["default/catalog", "default/greeter"]),
+        &mut EndpointCache::new(),
+    );
+    let by_name = |n: &str| cfg.services.iter().find(|s| s.name == n).unwrap();
+    // The mirror's Service comes along, with its own policy.
+    assert!(by_name("shadow")
+        .traffic_policy_json
+        .contains("round-robin"));
+    assert_eq!(by_name("catalog").traffic_policy_json, "");
+    assert_eq!(by_name("greeter").grpc_routes_json.len(), 1);
+    assert!(by_name("greeter").routes_json.is_empty());
+}
