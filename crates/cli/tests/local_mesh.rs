@@ -18,6 +18,7 @@ fn trellis(dir: &Path, args: &[&str]) -> Output {
         .arg(dir)
         .args(args)
         .env_remove("TRELLIS_SERVER")
+        .env_remove("TRELLIS_TOKEN")
         .env("RUST_LOG", "warn")
         .output()
         .expect("running trellis")

@@ -130,6 +130,7 @@ impl Mesh {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let api = api.with_token(crate::client::local_admin_token(&self.data_dir)?);
 
         let answer: ApplyAnswer = api
             .post("/api/v1/apply", &resources)
@@ -172,6 +173,7 @@ impl Mesh {
                     &serde_json::json!({
                         "namespace": r.namespace,
                         "serviceAccount": r.effective_service_account(),
+                        "labels": r.labels,
                         "ttl": LOCAL_TOKEN_TTL,
                     }),
                 )

@@ -4,7 +4,8 @@
 //! DNS and the inbound TCP through the sidecar, so apps need no proxy
 //! settings: `curl http://catalog:8080/` just works.
 //!
-//! The control plane runs on the host, on the bridge's gateway address.
+//! The control plane runs on the host: its proxy API on the bridge's
+//! gateway address, its HTTP API on the host's loopback only.
 //! The record of processes is `run.json` as in process mode; the network
 //! is in `pods.json` (see `podnet`).
 
@@ -123,7 +124,9 @@ impl PodMesh {
         net.write(&opts.data_dir)?;
 
         let free = plan::free_ports(2).context("finding free ports for the control plane")?;
-        let http = pod_addr(gateway, free[0]);
+        // The HTTP API stays on the host's loopback: pods reach only the
+        // proxy API (on the gateway), never the API that holds the keys.
+        let http = pod_addr(Ipv4Addr::LOCALHOST, free[0]);
         let grpc = pod_addr(gateway, free[1]);
         let mut mesh = PodMesh {
             state: RunState {
@@ -225,6 +228,7 @@ impl PodMesh {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let api = api.with_token(crate::client::local_admin_token(&self.data_dir)?);
         let answer: ApplyAnswer = api
             .post("/api/v1/apply", &resources)
             .await
@@ -272,6 +276,7 @@ impl PodMesh {
                     &serde_json::json!({
                         "namespace": r.namespace,
                         "serviceAccount": r.effective_service_account(),
+                        "labels": r.labels,
                         "ttl": "8760h",
                     }),
                 )
