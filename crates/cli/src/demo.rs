@@ -110,12 +110,14 @@ async fn show(mesh: &mut Mesh, args: &DemoArgs) -> anyhow::Result<()> {
         "{}\n\
          Trellis demo: frontend -> catalog (90% v1, 10% v2) -> reviews (2 replicas)\n  \
          dashboard:  {url}/{token}\n  \
-         golden signals:  trellis stat --server {url}\n  \
-         traces:  trellis trace list --server {url}\n  \
+         golden signals:  trellis stat --data-dir {dir}\n  \
+         traces:  trellis trace list --data-dir {dir}\n  \
          load:  {} rps to {TARGET} through the frontend's sidecar ({outbound})\n  \
          Ctrl-C stops the demo and removes everything it started.",
         mesh.ready_line(),
-        args.rps
+        args.rps,
+        // The demo's folder: there the CLI finds its control plane and credential.
+        dir = mesh.data_dir.display(),
     );
     println!("{header}");
 

@@ -73,6 +73,20 @@ impl TestMesh {
             .to_string()
     }
 
+    /// A new API credential of `role`, without expiry.
+    pub async fn api_token(&self, role: trellis_control::auth::Role) -> String {
+        let control = self
+            .control
+            .as_ref()
+            .expect("the control plane makes tokens");
+        let (token, _) = control
+            .auth()
+            .create(role, None, "test")
+            .await
+            .expect("a token is made");
+        token
+    }
+
     /// `Authorization: Bearer <admin token>`, for requests tests make.
     pub fn auth_header(&self) -> String {
         format!("Bearer {}", self.admin_token())

@@ -127,14 +127,7 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
 
     // The browser logs in from the link's fragment, as `trellis demo`'s
     // link does, with a credential that can read but not write.
-    let (viewer, _) = mesh
-        .control
-        .as_ref()
-        .unwrap()
-        .auth()
-        .create(trellis_control::auth::Role::Viewer, None, "browser")
-        .await
-        .unwrap();
+    let viewer = mesh.api_token(trellis_control::auth::Role::Viewer).await;
     let base = format!("http://127.0.0.1:{}/", mesh.http_addr.port());
     let unauthenticated = chromium(&bin, &base, &["--dump-dom".into()]).await;
     assert!(

@@ -71,14 +71,7 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     }
 
     // Prometheus discovers the proxies with a read-only credential.
-    let (viewer, _) = mesh
-        .control
-        .as_ref()
-        .unwrap()
-        .auth()
-        .create(trellis_control::auth::Role::Viewer, None, "prometheus")
-        .await
-        .unwrap();
+    let viewer = mesh.api_token(trellis_control::auth::Role::Viewer).await;
     let dir = mesh.dir.path().join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
@@ -89,7 +82,7 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
              scrape_configs:\n\
              - job_name: trellis-proxies\n  \
                http_sd_configs: [{{url: 'http://{}/api/v1/prometheus/targets', refresh_interval: 1s, \
-               authorization: {{credentials: '{}'}}}}]\n",
+               authorization: {{type: Bearer, credentials: '{}'}}}}]\n",
             mesh.http_addr,
             viewer,
         ),
