@@ -180,7 +180,18 @@ impl Api {
             // The local mesh's own token goes to the local mesh only.
             match &local {
                 Some(state) if api.base == state.control_url() => {
-                    local_admin_token(&global.data_dir).ok()
+                    match local_admin_token(&global.data_dir) {
+                        Ok(t) => Some(t),
+                        Err(ApiError::TokenFile { path, source })
+                            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                        {
+                            anyhow::bail!(
+                                "the local mesh's credential {} is not readable ({source}): run as the user who started the mesh (root, for pods mode), or give --token-file FILE",
+                                path.display()
+                            )
+                        }
+                        Err(_) => None,
+                    }
                 }
                 _ => None,
             }

@@ -131,8 +131,9 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
     let base = format!("http://127.0.0.1:{}/", mesh.http_addr.port());
     let unauthenticated = chromium(&bin, &base, &["--dump-dom".into()]).await;
     assert!(
-        !unauthenticated.contains("data-service=\"frontend\""),
-        "no data without a credential:\n{unauthenticated}"
+        !unauthenticated.contains("data-service=\"frontend\"")
+            && unauthenticated.contains("sign in needed"),
+        "no data without a credential, and the page asks for one:\n{unauthenticated}"
     );
     let base = format!("{base}#token={viewer}");
     let dom = chromium(&bin, &base, &["--dump-dom".into()]).await;

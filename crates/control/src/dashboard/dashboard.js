@@ -50,14 +50,17 @@ async function api(path, opts) {
   if (!r.ok) {
     let msg = r.status + ' ' + r.statusText;
     try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
-    throw new Error(path + ': ' + msg);
+    const e = new Error(path + ': ' + msg);
+    e.status = r.status;
+    throw e;
   }
   return r.json();
 }
 
 function setError(e) {
   $('err').textContent = e ? String(e.message || e) : '';
-  $('status').textContent = e ? 'control plane unreachable' : 'live';
+  const refused = e && (e.status === 401 || e.status === 403);
+  $('status').textContent = !e ? 'live' : refused ? 'sign in needed' : 'control plane unreachable';
   $('status').className = 'status ' + (e ? 'bad' : 'ok');
 }
 
