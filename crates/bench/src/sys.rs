@@ -194,12 +194,29 @@ pub async fn http(
     body: Option<(&str, &str)>,
     timeout: Duration,
 ) -> anyhow::Result<Answer> {
+    http_as(addr, method, target, host, None, body, timeout).await
+}
+
+/// `http` with `Authorization: Bearer <token>` when given (the control
+/// plane's API needs a credential).
+pub async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    host: &str,
+    token: Option<&str>,
+    body: Option<(&str, &str)>,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
     tokio::time::timeout(timeout, async {
         let mut s = TcpStream::connect(addr).await?;
         let _ = s.set_nodelay(true);
         let (ctype, body) = body.unwrap_or(("application/json", ""));
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+            "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}\
              Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );

@@ -18,6 +18,7 @@ fn trellis(dir: &Path, args: &[&str]) -> Output {
         .arg(dir)
         .args(args)
         .env_remove("TRELLIS_SERVER")
+        .env_remove("TRELLIS_TOKEN")
         .env("RUST_LOG", "warn")
         .output()
         .expect("running trellis")
@@ -322,10 +323,13 @@ fn demo_runs_with_load_and_cleans_up() {
         stdout.starts_with("ready: 4 workloads, 5 replicas"),
         "{stdout}"
     );
+    // The hints find the demo's control plane and its credential.
     assert!(
-        stdout.contains("trellis stat --server http://127.0.0.1:"),
+        stdout.contains(&format!("trellis stat --data-dir {}", data_dir.display())),
         "{stdout}"
     );
+    // The dashboard link logs the browser in, in the fragment.
+    assert!(stdout.contains("/#token=trellis-api."), "{stdout}");
     // The last redraw shows traffic on every service, all of it served.
     let last = stdout.rsplit("NAME ").next().unwrap();
     for service in ["frontend", "catalog", "catalog-v1", "reviews"] {

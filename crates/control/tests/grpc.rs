@@ -2,7 +2,6 @@
 //! the real gRPC API and a plain HTTP/1.1 client for the API.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -17,6 +16,7 @@ use trellis_api::v1::{
     StatsReport, Subscribe,
 };
 use trellis_control::{ControlConfig, ControlPlane};
+use trellis_identity::token::Grant;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -48,11 +48,20 @@ where
 
 /// One HTTP/1.1 request; returns the status and the body as JSON (or a
 /// JSON string when it is not JSON).
-async fn http(addr: SocketAddr, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+/// Sent with the control plane's admin token.
+async fn http(
+    cp: &ControlPlane,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &str,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(cp.http_addr).await.unwrap();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\n\
          Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+        cp.admin_token(),
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -86,13 +95,13 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    http(addr, "GET", path, "application/json", "").await
+async fn get(cp: &ControlPlane, path: &str) -> (u16, Value) {
+    http(cp, "GET", path, "application/json", "").await
 }
 
-async fn apply(addr: SocketAddr, resources: &Value) -> (u16, Value) {
+async fn apply(cp: &ControlPlane, resources: &Value) -> (u16, Value) {
     http(
-        addr,
+        cp,
         "POST",
         "/api/v1/apply",
         "application/json",
@@ -137,11 +146,9 @@ struct FakeProxy {
 impl FakeProxy {
     /// Connects over TLS with a join token for the registered identity.
     async fn connect(cp: &ControlPlane, mut register: Register) -> FakeProxy {
-        let (token, _) = cp.identity().create_token(
-            &register.namespace,
-            &register.service_account,
-            Duration::from_secs(600),
-        );
+        let grant = Grant::new(&register.namespace, &register.service_account)
+            .with_labels(register.labels.clone());
+        let (token, _) = cp.identity().create_token(&grant, Duration::from_secs(600));
         register.token = token.clone();
         let mut client = ProxyApiClient::new(channel(cp, &token).await);
         let (tx, rx) = mpsc::channel(16);
@@ -224,7 +231,7 @@ fn endpoint_addrs(c: &Config, name: &str) -> Vec<String> {
 async fn proxies_get_services_routes_and_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
-    let (status, body) = apply(cp.http_addr, &mesh_resources()).await;
+    let (status, body) = apply(&cp, &mesh_resources()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"].as_array().unwrap().len(), 4);
     assert!(body["results"]
@@ -292,7 +299,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     }))
     .await;
     let proxies = eventually("the nack in /api/v1/proxies", || async {
-        let (_, v) = get(cp.http_addr, "/api/v1/proxies").await;
+        let (_, v) = get(&cp, "/api/v1/proxies").await;
         let web = v
             .as_array()?
             .iter()
@@ -318,7 +325,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     );
 
     // Services show their endpoints; Prometheus finds both proxies.
-    let (_, svcs) = get(cp.http_addr, "/api/v1/services").await;
+    let (_, svcs) = get(&cp, "/api/v1/services").await;
     let catalog = svcs
         .as_array()
         .unwrap()
@@ -326,7 +333,7 @@ async fn proxies_get_services_routes_and_endpoints() {
         .find(|s| s["name"] == "catalog")
         .unwrap();
     assert_eq!(catalog["endpoints"][0]["address"], "127.0.0.1:21001");
-    let (_, targets) = get(cp.http_addr, "/api/v1/prometheus/targets").await;
+    let (_, targets) = get(&cp, "/api/v1/prometheus/targets").await;
     assert_eq!(targets.as_array().unwrap().len(), 2);
 
     // Traffic reports show up in /api/v1/stat.
@@ -348,7 +355,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     }))
     .await;
     let row = eventually("a stat row", || async {
-        let (_, v) = get(cp.http_addr, "/api/v1/stat?kind=service&window=30s").await;
+        let (_, v) = get(&cp, "/api/v1/stat?kind=service&window=30s").await;
         v["rows"].as_array()?.first().cloned()
     })
     .await;
@@ -367,7 +374,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     assert!(endpoint_addrs(&after, "catalog").is_empty());
     assert_eq!(after.services.len(), 3);
     eventually("one proxy left", || async {
-        let (_, v) = get(cp.http_addr, "/api/v1/proxies").await;
+        let (_, v) = get(&cp, "/api/v1/proxies").await;
         (v.as_array()?.len() == 1).then_some(())
     })
     .await;
@@ -375,7 +382,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     // A route change reaches the subscriber.
     let mut changed = mesh_resources();
     changed[3]["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(50);
-    let (status, body) = apply(cp.http_addr, &changed).await;
+    let (status, body) = apply(&cp, &changed).await;
     assert_eq!(status, 200, "{body}");
     let actions: Vec<&str> = body["results"]
         .as_array()
@@ -393,7 +400,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     })
     .await;
 
-    let (status, text) = get(cp.http_addr, "/metrics").await;
+    let (status, text) = get(&cp, "/metrics").await;
     assert_eq!(status, 200);
     let text = text.as_str().unwrap();
     assert!(text.contains("trellis_control_nacks_total 1"), "{text}");
@@ -422,7 +429,7 @@ async fn first_message_must_be_register() {
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
     let (token, _) = cp
         .identity()
-        .create_token("default", "x", Duration::from_secs(600));
+        .create_token(&Grant::new("default", "x"), Duration::from_secs(600));
     let mut client = ProxyApiClient::new(channel(&cp, &token).await);
     let (tx, rx) = mpsc::channel(4);
     tx.send(msg(proxy_message::Msg::Subscribe(Subscribe {
@@ -439,9 +446,9 @@ async fn first_message_must_be_register() {
 async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
-    let (status, _) = apply(cp.http_addr, &mesh_resources()).await;
+    let (status, _) = apply(&cp, &mesh_resources()).await;
     assert_eq!(status, 200);
-    let (_, before) = get(cp.http_addr, "/api/v1/resources/svc").await;
+    let (_, before) = get(&cp, "/api/v1/resources/svc").await;
 
     // A good Service next to a route naming a Service that does not exist.
     let bad = json!([
@@ -452,7 +459,7 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
             "spec": {"parentRefs": [{"name": "catalog"}], "rules": [{"backendRefs": [{"name": "ghost"}]}]},
         },
     ]);
-    let (status, body) = apply(cp.http_addr, &bad).await;
+    let (status, body) = apply(&cp, &bad).await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("refused"),
@@ -463,14 +470,14 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
         detail["field"].as_str().unwrap().contains("backendRefs"),
         "{body}"
     );
-    let (_, after) = get(cp.http_addr, "/api/v1/resources/svc").await;
+    let (_, after) = get(&cp, "/api/v1/resources/svc").await;
     assert_eq!(before, after);
-    let (status, _) = get(cp.http_addr, "/api/v1/resources/route/default/broken").await;
+    let (status, _) = get(&cp, "/api/v1/resources/route/default/broken").await;
     assert_eq!(status, 404);
 
     // Unparseable input, and a dry run, change nothing either.
     let (status, body) = http(
-        cp.http_addr,
+        &cp,
         "POST",
         "/api/v1/apply",
         "application/yaml",
@@ -480,7 +487,7 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     assert_eq!(status, 400, "{body}");
     let yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  name: dry\nspec:\n  selector: {app: dry}\n  ports: [{port: 80}]\n";
     let (status, body) = http(
-        cp.http_addr,
+        &cp,
         "POST",
         "/api/v1/apply?dryRun=true",
         "application/yaml",
@@ -489,12 +496,12 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"][0]["action"], "created");
-    let (status, _) = get(cp.http_addr, "/api/v1/resources/svc/default/dry").await;
+    let (status, _) = get(&cp, "/api/v1/resources/svc/default/dry").await;
     assert_eq!(status, 404);
 
     // A Service still named by a route cannot be deleted; the route can.
     let (status, body) = http(
-        cp.http_addr,
+        &cp,
         "DELETE",
         "/api/v1/resources/svc/default/catalog-v2",
         "application/json",
@@ -503,7 +510,7 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     .await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = http(
-        cp.http_addr,
+        &cp,
         "DELETE",
         "/api/v1/resources/routes/default/catalog-split",
         "application/json",
@@ -513,7 +520,7 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["deleted"]["kind"], "HTTPRoute");
     let (status, _) = http(
-        cp.http_addr,
+        &cp,
         "DELETE",
         "/api/v1/resources/routes/default/catalog-split",
         "application/json",
@@ -534,14 +541,10 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
 
     cp.shutdown().await;
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
-    let (status, restored) = get(cp.http_addr, "/api/v1/resources/svc").await;
+    let (status, restored) = get(&cp, "/api/v1/resources/svc").await;
     assert_eq!(status, 200);
     assert_eq!(restored, before);
-    let (status, _) = get(
-        cp.http_addr,
-        "/api/v1/resources/route/default/catalog-split",
-    )
-    .await;
+    let (status, _) = get(&cp, "/api/v1/resources/route/default/catalog-split").await;
     assert_eq!(status, 404);
     let (all, _) = cp.store().list(None).await.unwrap();
     assert_eq!(all.len(), 3);
@@ -552,7 +555,7 @@ async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
 async fn dashboard_checks_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
-    let (status, page) = get(cp.http_addr, "/").await;
+    let (status, page) = get(&cp, "/").await;
     assert_eq!(status, 200);
     assert!(page.as_str().unwrap().contains("<title>Trellis</title>"));
 
@@ -597,7 +600,7 @@ async fn a_reconnecting_instance_replaces_its_old_stream() {
     .await
     .unwrap();
     assert_eq!(status.code(), tonic::Code::Aborted);
-    let (_, proxies) = get(cp.http_addr, "/api/v1/proxies").await;
+    let (_, proxies) = get(&cp, "/api/v1/proxies").await;
     let proxies = proxies.as_array().unwrap();
     assert_eq!(proxies.len(), 1);
     // Registered on every interface: reached at the stream's source address.
@@ -614,7 +617,8 @@ async fn the_ca_signs_only_what_a_valid_token_grants() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(config(dir.path())).await.unwrap();
     let identity = cp.identity();
-    let (token, claims) = identity.create_token("prod", "web", Duration::from_secs(600));
+    let (token, claims) =
+        identity.create_token(&Grant::new("prod", "web"), Duration::from_secs(600));
     let mut client = ProxyApiClient::new(channel(&cp, &token).await);
     let web = SpiffeId::new("trellis.local", "prod", "web");
     let key = WorkloadKey::generate(&web).unwrap();
@@ -654,7 +658,7 @@ async fn the_ca_signs_only_what_a_valid_token_grants() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    let (expired, _) = identity.create_token("prod", "web", Duration::ZERO);
+    let (expired, _) = identity.create_token(&Grant::new("prod", "web"), Duration::ZERO);
     let err = client
         .sign(SignRequest {
             token: expired,
@@ -674,7 +678,7 @@ async fn the_ca_signs_only_what_a_valid_token_grants() {
     assert!(err.message().contains("revoked"), "{err:?}");
 
     // A proxy may not register as an identity its token does not grant.
-    let (token, _) = identity.create_token("dev", "client", Duration::from_secs(600));
+    let (token, _) = identity.create_token(&Grant::new("dev", "client"), Duration::from_secs(600));
     let mut reg = register("spy-1", "spy", &[("app", "spy")], "127.0.0.1:1");
     reg.namespace = "prod".into();
     reg.service_account = "client".into();
@@ -698,7 +702,7 @@ async fn proxies_refuse_a_control_plane_their_token_does_not_pin() {
     // A token of control plane A pins A's root: B cannot pass for A.
     let (token, _) = cp_a
         .identity()
-        .create_token("prod", "web", Duration::from_secs(600));
+        .create_token(&Grant::new("prod", "web"), Duration::from_secs(600));
     let result = trellis_proxy::control::ControlClient::new(&cp_b.grpc_addr.to_string(), &token)
         .unwrap()
         .channel()

@@ -64,12 +64,44 @@ impl TestMesh {
         self.control = Some(control);
     }
 
+    /// The control plane's admin credential (its `admin-token` file, which
+    /// survives restarts): what every API call of the harness sends.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control").join("admin-token"))
+            .expect("the control plane writes its admin token on start")
+            .trim()
+            .to_string()
+    }
+
+    /// A new API credential of `role`, without expiry.
+    pub async fn api_token(&self, role: trellis_control::auth::Role) -> String {
+        let control = self
+            .control
+            .as_ref()
+            .expect("the control plane makes tokens");
+        let (token, _) = control
+            .auth()
+            .create(role, None, "test")
+            .await
+            .expect("a token is made");
+        token
+    }
+
+    /// `Authorization: Bearer <admin token>`, for requests tests make.
+    pub fn auth_header(&self) -> String {
+        format!("Bearer {}", self.admin_token())
+    }
+
     /// POSTs YAML to the apply endpoint; Err holds the error body.
     pub async fn apply(&self, yaml: &str) -> Result<serde_json::Value, String> {
+        let auth = self.auth_header();
         let resp = trellis_testkit::http_request(
             Method::POST,
             &format!("http://{}/api/v1/apply", self.http_addr),
-            &[("content-type", "application/yaml")],
+            &[
+                ("content-type", "application/yaml"),
+                ("authorization", &auth),
+            ],
             Bytes::from(yaml.to_string()),
             None,
         )
@@ -83,8 +115,7 @@ impl TestMesh {
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let (status, body) =
-            trellis_testkit::http_get(&format!("http://{}{path}", self.http_addr), None).await;
+        let (status, body) = self.get(path).await;
         assert_eq!(
             status,
             StatusCode::OK,
@@ -94,28 +125,53 @@ impl TestMesh {
         serde_json::from_slice(&body).expect("JSON")
     }
 
+    /// GETs an API path with the admin credential.
+    pub async fn get(&self, path: &str) -> (StatusCode, Bytes) {
+        let auth = self.auth_header();
+        let url = format!("http://{}{path}", self.http_addr);
+        let resp = trellis_testkit::http_request(
+            Method::GET,
+            &url,
+            &[("authorization", &auth)],
+            Bytes::new(),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e:#}"));
+        (resp.status(), resp.into_body())
+    }
+
     pub fn cache_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("cache").join(name)
     }
 
-    /// Writes a join token for `namespace`/`service_account` to a file
-    /// (as `trellis token create` would) and returns its path.
-    pub fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
-        let path = self
-            .dir
-            .path()
-            .join("tokens")
-            .join(format!("{namespace}-{service_account}"));
+    /// Writes a join token for `namespace`/`service_account` that grants
+    /// `labels` to a file (as `trellis token create` would) and returns its
+    /// path.
+    pub fn token_file(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> PathBuf {
+        let labels_part: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}").replace('/', "_"))
+            .collect();
+        let path = self.dir.path().join("tokens").join(format!(
+            "{namespace}-{service_account}-{}",
+            labels_part.join(",")
+        ));
         if !path.exists() {
             let control = self
                 .control
                 .as_ref()
                 .expect("the control plane makes tokens");
-            let (token, _) = control.identity().create_token(
-                namespace,
-                service_account,
-                Duration::from_secs(3600),
-            );
+            let grant = trellis_identity::token::Grant::new(namespace, service_account)
+                .with_labels(labels.clone());
+            let (token, _) = control
+                .identity()
+                .create_token(&grant, Duration::from_secs(3600));
             std::fs::create_dir_all(path.parent().expect("a parent")).expect("token dir");
             std::fs::write(&path, token).expect("token file");
         }
@@ -147,7 +203,7 @@ impl TestMesh {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>();
-        cfg.token_file = Some(self.token_file(&cfg.namespace, &cfg.service_account()));
+        cfg.token_file = Some(self.token_file(&cfg.namespace, &cfg.service_account(), &cfg.labels));
         cfg.inbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.outbound_addr = ([127, 0, 0, 1], 0).into();
         cfg.admin_addr = ([127, 0, 0, 1], 0).into();

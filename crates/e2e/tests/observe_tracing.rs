@@ -21,11 +21,7 @@ async fn wait_spans(mesh: &TestMesh, trace: &str, n: usize) -> Vec<Value> {
         &format!("trace {trace} has {n} spans"),
         Duration::from_secs(15),
         || async {
-            let (status, body) = trellis_testkit::http_get(
-                &format!("http://{}/api/v1/traces/{trace}", mesh.http_addr),
-                None,
-            )
-            .await;
+            let (status, body) = mesh.get(&format!("/api/v1/traces/{trace}")).await;
             if status != 200 {
                 return Err(format!("{status}"));
             }
@@ -132,11 +128,7 @@ async fn one_trace_through_three_services_chains_to_the_callers_traceparent() {
     let tp = header(&answer["calls"][0]["body"], "traceparent").unwrap();
     assert!(tp.contains(unsampled) && tp.ends_with("-00"), "{tp}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, _) = trellis_testkit::http_get(
-        &format!("http://{}/api/v1/traces/{unsampled}", mesh.http_addr),
-        None,
-    )
-    .await;
+    let (status, _) = mesh.get(&format!("/api/v1/traces/{unsampled}")).await;
     assert_eq!(status, 404, "an unsampled trace is not exported");
 }
 
@@ -381,10 +373,11 @@ async fn spans_reach_an_otlp_collector_over_grpc_and_http() {
     )
     .await;
 
-    // OTLP/HTTP, to the control plane's own receiver at /v1/traces.
+    // OTLP/HTTP, to a collector of its own (the control plane's
+    // /v1/traces needs a credential, which proxies do not hold).
+    let http = http_collector(got.clone()).await;
     mesh.apply(&observe_common::mesh(&format!(
-        "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{}/v1/traces'}}",
-        mesh.http_addr
+        "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{http}/v1/traces'}}"
     )))
     .await
     .expect("apply");
@@ -392,6 +385,55 @@ async fn spans_reach_an_otlp_collector_over_grpc_and_http() {
     let trace = "33333333333333333333333333333333";
     let (status, _) = get(&url, &[("traceparent", &format!("00-{trace}-{PARENT}-01"))]).await;
     assert_eq!(status, 200);
-    let spans = wait_spans(&mesh, trace, 4).await;
-    assert_eq!(spans.len(), 4);
+    eventually(
+        "the collector gets 4 spans over HTTP",
+        Duration::from_secs(15),
+        || async {
+            let n = got.lock().unwrap().iter().filter(|t| *t == trace).count();
+            (n == 4).then_some(()).ok_or(format!("{n} spans"))
+        },
+    )
+    .await;
+}
+
+/// An OTLP/HTTP collector (protobuf, any path) that keeps the trace ids it
+/// gets, as `Collector` does for gRPC.
+async fn http_collector(
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let got = got.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if let Ok(r) = <opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as prost::Message>::decode(body) {
+                            let mut got = got.lock().unwrap();
+                            for rs in &r.resource_spans {
+                                for ss in &rs.scope_spans {
+                                    for s in &ss.spans {
+                                        got.push(trellis_proxy::trace::hex(&s.trace_id));
+                                    }
+                                }
+                            }
+                        }
+                            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }

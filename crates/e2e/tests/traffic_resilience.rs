@@ -141,7 +141,9 @@ async fn the_retry_budget_caps_a_retry_storm() {
     assert!(answer.flags().contains("URX"), "{:?}", answer.headers);
 
     // `trellis stat --traffic` shows the same figures.
-    let api = trellis::client::Api::new(&mesh.http_addr.to_string(), "test").unwrap();
+    let api = trellis::client::Api::new(&mesh.http_addr.to_string(), "test")
+        .unwrap()
+        .with_token(mesh.admin_token());
     let (rows, unreachable) = trellis::traffic_stat::collect(&api).await.unwrap();
     assert!(unreachable.is_empty(), "{unreachable:?}");
     print!("{}", trellis::traffic_stat::traffic_table(&rows));
