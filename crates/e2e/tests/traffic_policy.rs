@@ -8,15 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use traffic_common::{caller, load, replica, wait_endpoints, Client};
-use trellis_e2e::{metric_sum, TestMesh};
-
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec: {selector: {app: catalog}, ports: [{port: 8080}]}
-"#;
+use traffic_common::{catalog_with, load, Catalog, Client};
+use trellis_e2e::metric_sum;
 
 const ABORT: &str = r#"
 apiVersion: trellis.dev/v1alpha1
@@ -40,12 +33,12 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_aborts_and_delays_about_the_configured_share() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(ABORT).await.expect("apply policy");
-    let catalog = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let Catalog {
+        mesh,
+        replicas,
+        frontend,
+    } = catalog_with(ABORT, 1).await;
+    let catalog = &replicas[0];
 
     let mut client = Client::new(frontend.outbound_addr);
     let (mut aborted, n) = (0, 2000);
@@ -74,7 +67,7 @@ async fn fault_injection_aborts_and_delays_about_the_configured_share() {
     let counted = metric_sum(
         frontend.admin_addr,
         "trellis_faults_injected_total",
-        &["destination_service=\"catalog\"", "fault=\"abort\""],
+        &[("destination_service", "catalog"), ("fault", "abort")],
     )
     .await;
     assert_eq!(counted as usize, aborted);
@@ -112,12 +105,12 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(RATE_LIMIT).await.expect("apply policy");
-    let catalog = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let Catalog {
+        mesh: _mesh,
+        replicas,
+        frontend,
+    } = catalog_with(RATE_LIMIT, 1).await;
+    let catalog = &replicas[0];
     let proxy = frontend.outbound_addr;
     assert_eq!(
         Client::new(proxy).get("http://catalog:8080/").await.status,
@@ -162,7 +155,7 @@ async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
     let counted = metric_sum(
         frontend.admin_addr,
         "trellis_rate_limited_total",
-        &["destination_service=\"catalog\""],
+        &[("destination_service", "catalog")],
     )
     .await;
     assert_eq!(counted as usize, limited);
@@ -179,13 +172,11 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_or_conflicting_policies_are_refused_and_the_running_config_stays() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(GOOD).await.expect("apply policy");
-    let _a = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let _b = replica(&mesh, "catalog", "catalog-1", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 2).await;
+    let Catalog {
+        mesh,
+        replicas: _replicas,
+        frontend,
+    } = catalog_with(GOOD, 2).await;
 
     let cases: [(&str, String, &str); 6] = [
         (

@@ -15,10 +15,11 @@ pub fn service_in(namespace: &str, name: &str) -> String {
     )
 }
 
-/// The Mesh with `spec` as its spec, in flow or block form: `{mtls:
-/// permissive}`, or lines indented by two.
+/// The Mesh with `spec` as its spec, in flow form (`{mtls: permissive}`)
+/// or as lines indented by two (`  mtls: permissive`).
 pub fn mesh(spec: &str) -> String {
-    let sep = if spec.starts_with('\n') { "" } else { " " };
+    let spec = spec.trim_start_matches('\n');
+    let sep = if spec.starts_with('{') { " " } else { "\n" };
     format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec:{sep}{spec}\n")
 }
 
@@ -32,7 +33,7 @@ mod tests {
             "{}---\n{}---\n{}",
             super::service_in("prod", "api"),
             super::mesh("{mtls: permissive}"),
-            super::mesh("\n  tracing: {sampling: 1.0}"),
+            super::mesh("  tracing: {sampling: 1.0}\n  mtls: disabled"),
         );
         let r = parse_documents("test.yaml", &text).unwrap();
         assert_eq!(r.len(), 3);
@@ -42,6 +43,8 @@ mod tests {
         assert_eq!(svc.selector.get("app").map(String::as_str), Some("api"));
         assert_eq!(svc.ports[0].port, 8080);
         assert_eq!(r[1].as_mesh().unwrap().mtls, MtlsMode::Permissive);
-        assert!(r[2].as_mesh().unwrap().tracing.is_some());
+        let block = r[2].as_mesh().unwrap();
+        assert!(block.tracing.is_some());
+        assert_eq!(block.mtls, MtlsMode::Disabled);
     }
 }
