@@ -9,26 +9,31 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use traffic_common::{caller, catalog_with, load, replica, Catalog, Client};
+use traffic_common::{caller, catalog_counter, catalog_with, load, policy, replica, Client};
 use trellis_e2e::yaml::service;
-use trellis_e2e::{metric_sum, wait_proxy_endpoints, TestMesh};
+use trellis_e2e::{wait_proxy_endpoints, TestMesh};
 
 const RING_HASH: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: ring-hash, hashOn: {header: x-user}}
 "#;
 
+/// GETs catalog's cart as user `key`; the instance that answered.
+async fn cart(client: &mut Client, key: &str) -> String {
+    let a = client
+        .send(
+            Method::GET,
+            "http://catalog:8080/cart",
+            &[("x-user", key)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "user {key}");
+    a.instance()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves() {
-    let Catalog {
-        mesh,
-        mut replicas,
-        frontend,
-    } = catalog_with(RING_HASH, 5).await;
+    let (mesh, mut replicas, frontend) = catalog_with(&policy(RING_HASH), 5).await;
     let mut client = Client::new(frontend.outbound_addr);
     assert_eq!(
         client.get("http://catalog:8080/").await.status,
@@ -40,17 +45,9 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
     let mut owner: HashMap<&str, String> = HashMap::new();
     for round in 0..3 {
         for k in &keys {
-            let a = client
-                .send(
-                    Method::GET,
-                    "http://catalog:8080/cart",
-                    &[("x-user", k)],
-                    Bytes::new(),
-                )
-                .await;
-            assert_eq!(a.status, StatusCode::OK);
-            let prev = owner.entry(k).or_insert_with(|| a.instance());
-            assert_eq!(*prev, a.instance(), "{k} moved in round {round}");
+            let got = cart(&mut client, k).await;
+            let prev = owner.entry(k).or_insert_with(|| got.clone());
+            assert_eq!(*prev, got, "{k} moved in round {round}");
         }
     }
     let mut per: HashMap<&str, usize> = HashMap::new();
@@ -68,16 +65,7 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
     wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
     let mut moved = 0;
     for k in &keys {
-        let a = client
-            .send(
-                Method::GET,
-                "http://catalog:8080/cart",
-                &[("x-user", k)],
-                Bytes::new(),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK);
-        if a.instance() != owner[k.as_str()] {
+        if cart(&mut client, k).await != owner[k.as_str()] {
             assert_eq!(
                 owner[k.as_str()],
                 gone_name,
@@ -103,12 +91,7 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
         client.get("http://catalog:8080/cart").await.status,
         StatusCode::OK
     );
-    let missing = metric_sum(
-        frontend.admin_addr,
-        "trellis_hash_key_missing_total",
-        &[("destination_service", "catalog")],
-    )
-    .await;
+    let missing = catalog_counter(&frontend, "trellis_hash_key_missing_total").await;
     assert!(missing >= 1.0, "{missing}");
 }
 
@@ -181,11 +164,6 @@ async fn peak_ewma_sends_a_slow_endpoint_far_less_than_round_robin() {
 }
 
 const ZONED: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
   retry: {attempts: 2, codes: [500]}
@@ -197,7 +175,7 @@ async fn traffic_stays_in_the_callers_zone_until_too_few_there_are_healthy() {
     const ZONE: &str = "topology.trellis.dev/zone";
     let mesh = TestMesh::start().await;
     mesh.apply(&service("catalog")).await.expect("apply");
-    mesh.apply(ZONED).await.expect("apply policy");
+    mesh.apply(&policy(ZONED)).await.expect("apply policy");
     let a0 = replica(&mesh, "catalog", "catalog-a0", &[(ZONE, "a")]).await;
     let _a1 = replica(&mesh, "catalog", "catalog-a1", &[(ZONE, "a")]).await;
     let _b0 = replica(&mesh, "catalog", "catalog-b0", &[(ZONE, "b")]).await;
@@ -235,11 +213,6 @@ async fn traffic_stays_in_the_callers_zone_until_too_few_there_are_healthy() {
         zone_b * 100.0
     );
     assert!((0.5..0.8).contains(&zone_b), "zone b got {zone_b:.2}");
-    let failovers = metric_sum(
-        frontend.admin_addr,
-        "trellis_locality_failovers_total",
-        &[("destination_service", "catalog")],
-    )
-    .await;
+    let failovers = catalog_counter(&frontend, "trellis_locality_failovers_total").await;
     assert!(failovers >= 300.0, "{failovers}");
 }

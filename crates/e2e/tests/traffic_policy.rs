@@ -8,36 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use traffic_common::{catalog_with, load, Catalog, Client};
+use traffic_common::{catalog_counter, catalog_with, load, policy, Client};
 use trellis_e2e::metric_sum;
 
 const ABORT: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   faultInjection:
     abort: {percent: 10, httpStatus: 503}
 "#;
 
 const DELAY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   faultInjection:
     delay: {percent: 50, fixedDelay: 100ms}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_aborts_and_delays_about_the_configured_share() {
-    let Catalog {
-        mesh,
-        replicas,
-        frontend,
-    } = catalog_with(ABORT, 1).await;
+    let (mesh, replicas, frontend) = catalog_with(&policy(ABORT), 1).await;
     let catalog = &replicas[0];
 
     let mut client = Client::new(frontend.outbound_addr);
@@ -73,7 +59,7 @@ async fn fault_injection_aborts_and_delays_about_the_configured_share() {
     assert_eq!(counted as usize, aborted);
 
     // A new policy replaces the old one: delays instead of aborts.
-    mesh.apply(DELAY).await.expect("apply delay");
+    mesh.apply(&policy(DELAY)).await.expect("apply delay");
     trellis_testkit::eventually("the delay policy runs", Duration::from_secs(10), || async {
         let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 20).await;
         (l.ok_share() == 1.0).then_some(()).ok_or("aborts still")
@@ -95,21 +81,12 @@ async fn fault_injection_aborts_and_delays_about_the_configured_share() {
 }
 
 const RATE_LIMIT: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   localRateLimit: {requestsPerSecond: 50, burst: 10}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
-    let Catalog {
-        mesh: _mesh,
-        replicas,
-        frontend,
-    } = catalog_with(RATE_LIMIT, 1).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(RATE_LIMIT), 1).await;
     let catalog = &replicas[0];
     let proxy = frontend.outbound_addr;
     assert_eq!(
@@ -152,36 +129,22 @@ async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
         "{rate:.1} requests per second passed"
     );
     assert_eq!(catalog.app.hits() as usize, passed + 1);
-    let counted = metric_sum(
-        frontend.admin_addr,
-        "trellis_rate_limited_total",
-        &[("destination_service", "catalog")],
-    )
-    .await;
+    let counted = catalog_counter(&frontend, "trellis_rate_limited_total").await;
     assert_eq!(counted as usize, limited);
 }
 
 const GOOD: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_or_conflicting_policies_are_refused_and_the_running_config_stays() {
-    let Catalog {
-        mesh,
-        replicas: _replicas,
-        frontend,
-    } = catalog_with(GOOD, 2).await;
+    let (mesh, _replicas, frontend) = catalog_with(&policy(GOOD), 2).await;
 
     let cases: [(&str, String, &str); 6] = [
         (
             "maxEjectionPercent over 100",
-            GOOD.replace(
+            policy(GOOD).replace(
                 "loadBalancer: {type: round-robin}",
                 "outlierDetection: {maxEjectionPercent: 101}",
             ),
@@ -189,7 +152,7 @@ async fn impossible_or_conflicting_policies_are_refused_and_the_running_config_s
         ),
         (
             "a second TrafficPolicy for catalog",
-            GOOD.replace("metadata: {name: catalog}", "metadata: {name: catalog-2}"),
+            policy(GOOD).replace("metadata: {name: catalog}", "metadata: {name: catalog-2}"),
             "already has a TrafficPolicy",
         ),
         (
@@ -235,7 +198,7 @@ spec:
         ),
         (
             "ring-hash without a key",
-            GOOD.replace("type: round-robin", "type: ring-hash"),
+            policy(GOOD).replace("type: round-robin", "type: ring-hash"),
             "ring-hash needs a key",
         ),
     ];

@@ -8,16 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use traffic_common::{catalog_with, load, Catalog, Client};
+use traffic_common::{catalog_counter, catalog_with, load, policy, Client};
 use trellis_e2e::{metric_sum, wait_config, wait_proxy_endpoints};
 use trellis_testkit::{assert_eventually, eventually};
 
 const OUTLIER: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   outlierDetection:
     consecutive5xxErrors: 5
@@ -28,11 +23,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_healed() {
-    let Catalog {
-        mesh: _mesh,
-        replicas,
-        frontend,
-    } = catalog_with(OUTLIER, 4).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(OUTLIER), 4).await;
     let bad = &replicas[0];
     bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
     let mut client = Client::new(frontend.outbound_addr);
@@ -42,12 +33,7 @@ async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_he
 
     let l = load(frontend.outbound_addr, "http://catalog:8080/", 1000, 4).await;
     let bad_hits = bad.app.hits() - before;
-    let ejections = metric_sum(
-        frontend.admin_addr,
-        "trellis_outlier_ejections_total",
-        &[("destination_service", "catalog")],
-    )
-    .await;
+    let ejections = catalog_counter(&frontend, "trellis_outlier_ejections_total").await;
     println!(
         "outlier detection: {:.2}% success over 1000 requests, the failing endpoint got {bad_hits} tries, {ejections} ejections, {:?}",
         l.ok_share() * 100.0,
@@ -78,11 +64,6 @@ async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_he
 }
 
 const STORM: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   retry:
     attempts: 3
     codes: [503]
@@ -92,11 +73,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_a_retry_storm() {
-    let Catalog {
-        mesh,
-        replicas,
-        frontend,
-    } = catalog_with(STORM, 2).await;
+    let (mesh, replicas, frontend) = catalog_with(&policy(STORM), 2).await;
     for r in &replicas {
         r.app.behaviour.fail_with.store(503, Ordering::SeqCst);
     }
@@ -116,12 +93,7 @@ async fn the_retry_budget_caps_a_retry_storm() {
         retries >= 100,
         "the budget allows its share: {retries} retries"
     );
-    let exhausted = metric_sum(
-        frontend.admin_addr,
-        "trellis_retry_budget_exhausted_total",
-        &[("destination_service", "catalog")],
-    )
-    .await;
+    let exhausted = catalog_counter(&frontend, "trellis_retry_budget_exhausted_total").await;
     assert!(exhausted >= 300.0, "{exhausted}");
     let mut client = Client::new(frontend.outbound_addr);
     let answer = client.get("http://catalog:8080/").await;
@@ -139,21 +111,12 @@ async fn the_retry_budget_caps_a_retry_storm() {
 }
 
 const POOL: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   connectionPool: {maxRequests: 4}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_pool_limit_requests_fail_fast_with_a_flag() {
-    let Catalog {
-        mesh: _mesh,
-        replicas,
-        frontend,
-    } = catalog_with(POOL, 1).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(POOL), 1).await;
     let slow = &replicas[0];
     let mut client = Client::new(frontend.outbound_addr);
     assert_eq!(
@@ -214,22 +177,13 @@ async fn past_the_pool_limit_requests_fail_fast_with_a_flag() {
 }
 
 const HEALTH: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   healthCheck: {path: /healthz, interval: 200ms, timeout: 500ms, healthyThreshold: 2, unhealthyThreshold: 2}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_an_endpoint_out_and_back() {
-    let Catalog {
-        mesh: _mesh,
-        replicas,
-        frontend,
-    } = catalog_with(HEALTH, 3).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(HEALTH), 3).await;
     let url = "http://catalog:8080/";
     load(frontend.outbound_addr, url, 3, 1).await;
     wait_proxy_endpoints(frontend.admin_addr, "catalog", 3).await;
@@ -310,25 +264,23 @@ spec:
   - backendRefs: [{name: catalog}]
     timeouts: {backendRequest: 200ms}
     retry: {attempts: 2, codes: [503], backoff: 1ms}
----
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
-  loadBalancer: {type: round-robin}
 "#;
+
+/// The route, allowing POST retries or not, and round robin for catalog.
+fn retry_route(allow_posts: bool) -> String {
+    let route = RETRY_ROUTE.replace("ANNOTATION", &allow_posts.to_string());
+    format!(
+        "{route}---\n{}",
+        policy("  loadBalancer: {type: round-robin}")
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() {
     use bytes::Bytes;
     use http::Method;
 
-    let Catalog {
-        mesh,
-        replicas,
-        frontend,
-    } = catalog_with(&RETRY_ROUTE.replace("ANNOTATION", "false"), 2).await;
+    let (mesh, replicas, frontend) = catalog_with(&retry_route(false), 2).await;
     let (bad, good) = (&replicas[0], &replicas[1]);
     bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
     let mut client = Client::new(frontend.outbound_addr);
@@ -357,9 +309,7 @@ async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() 
     assert_eq!(l.ok_share(), 1.0);
 
     // Allowed: every POST succeeds, its body sent again intact.
-    mesh.apply(&RETRY_ROUTE.replace("ANNOTATION", "true"))
-        .await
-        .expect("apply route");
+    mesh.apply(&retry_route(true)).await.expect("apply route");
     wait_config(
         frontend.admin_addr,
         "the caller's proxy runs the route that allows POST retries",

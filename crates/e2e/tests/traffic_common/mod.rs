@@ -189,34 +189,47 @@ pub async fn replica(
     Replica { app: a, proxy }
 }
 
-/// The usual stage of a traffic test: the Service `catalog` with
-/// `policy` applied, `n` replicas `catalog-0`... and an app-less caller
-/// `frontend`, once the control plane lists every replica. Bind every
-/// field for the whole test: dropping `mesh` stops the control plane, and
-/// dropping a replica stops its sidecar.
-pub struct Catalog {
-    pub mesh: TestMesh,
-    pub replicas: Vec<Replica>,
-    pub frontend: trellis_proxy::Proxy,
+/// The TrafficPolicy `catalog` for the Service `catalog`, with `spec`
+/// (lines indented by two) besides its targetRef.
+pub fn policy(spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: catalog}}\n\
+         spec:\n  targetRef: {{kind: Service, name: catalog}}\n{}\n",
+        spec.trim_matches('\n')
+    )
 }
 
-pub async fn catalog_with(policy: &str, n: usize) -> Catalog {
+/// The usual stage of a traffic test: the Service `catalog` with
+/// `resources` applied, `n` replicas `catalog-0`... and an app-less caller
+/// `frontend`, once the control plane lists every replica. Keep all three
+/// for the whole test: dropping the mesh stops the control plane, and
+/// dropping a replica or the caller stops its sidecar.
+pub async fn catalog_with(
+    resources: &str,
+    n: usize,
+) -> (TestMesh, Vec<Replica>, trellis_proxy::Proxy) {
     let mesh = TestMesh::start().await;
     mesh.apply(&trellis_e2e::yaml::service("catalog"))
         .await
         .expect("apply the Service");
-    mesh.apply(policy).await.expect("apply the policy");
+    mesh.apply(resources).await.expect("apply the resources");
     let mut replicas = Vec::new();
     for i in 0..n {
         replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
     }
     let frontend = caller(&mesh, "frontend", &[]).await;
     mesh.wait_endpoints("catalog", n).await;
-    Catalog {
-        mesh,
-        replicas,
-        frontend,
-    }
+    (mesh, replicas, frontend)
+}
+
+/// A counter of the caller's proxy about the Service `catalog`.
+pub async fn catalog_counter(caller: &trellis_proxy::Proxy, name: &str) -> f64 {
+    trellis_e2e::metric_sum(
+        caller.admin_addr,
+        name,
+        &[("destination_service", "catalog")],
+    )
+    .await
 }
 
 /// A caller: an app-less sidecar (its app port is never called).
