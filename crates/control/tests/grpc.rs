@@ -1,12 +1,9 @@
 //! A control plane in-process, on free ports, with fake proxies speaking
 //! the real gRPC API and a plain HTTP/1.1 client for the API.
 
-use std::future::Future;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -17,6 +14,8 @@ use trellis_api::v1::{
 };
 use trellis_control::{ControlConfig, ControlPlane};
 use trellis_identity::token::Grant;
+use trellis_testkit::eventually;
+use trellis_testkit::prometheus::Metrics;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -25,25 +24,6 @@ fn config(dir: &std::path::Path) -> ControlConfig {
     cfg.http_addr = "127.0.0.1:0".parse().unwrap();
     cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
     cfg
-}
-
-/// Polls `f` until it returns `Some`, failing after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// One HTTP/1.1 request; returns the status and the body as JSON (or a
@@ -56,43 +36,19 @@ async fn http(
     ctype: &str,
     body: &str,
 ) -> (u16, Value) {
-    let mut s = TcpStream::connect(cp.http_addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Authorization: Bearer {}\r\n\
-         Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-        cp.admin_token(),
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (status, v)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap();
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
+    let auth = format!("Bearer {}", cp.admin_token());
+    let resp = trellis_testkit::http_request(
+        method.parse().expect("an HTTP method"),
+        &format!("http://{}{path}", cp.http_addr),
+        &[("content-type", ctype), ("authorization", &auth)],
+        bytes::Bytes::from(body.to_string()),
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+    let text = String::from_utf8_lossy(resp.body()).into_owned();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (resp.status().as_u16(), v)
 }
 
 async fn get(cp: &ControlPlane, path: &str) -> (u16, Value) {
@@ -298,7 +254,7 @@ async fn proxies_get_services_routes_and_endpoints() {
         error: "route catalog-split: unsupported".into(),
     }))
     .await;
-    let proxies = eventually("the nack in /api/v1/proxies", || async {
+    let proxies = eventually("the nack in /api/v1/proxies", WAIT, || async {
         let (_, v) = get(&cp, "/api/v1/proxies").await;
         let web = v
             .as_array()?
@@ -354,7 +310,7 @@ async fn proxies_get_services_routes_and_endpoints() {
         }],
     }))
     .await;
-    let row = eventually("a stat row", || async {
+    let row = eventually("a stat row", WAIT, || async {
         let (_, v) = get(&cp, "/api/v1/stat?kind=service&window=30s").await;
         v["rows"].as_array()?.first().cloned()
     })
@@ -373,7 +329,7 @@ async fn proxies_get_services_routes_and_endpoints() {
     assert!(after.version > cfg.version);
     assert!(endpoint_addrs(&after, "catalog").is_empty());
     assert_eq!(after.services.len(), 3);
-    eventually("one proxy left", || async {
+    eventually("one proxy left", WAIT, || async {
         let (_, v) = get(&cp, "/api/v1/proxies").await;
         (v.as_array()?.len() == 1).then_some(())
     })
@@ -403,9 +359,15 @@ async fn proxies_get_services_routes_and_endpoints() {
     let (status, text) = get(&cp, "/metrics").await;
     assert_eq!(status, 200);
     let text = text.as_str().unwrap();
-    assert!(text.contains("trellis_control_nacks_total 1"), "{text}");
-    assert!(
-        text.contains("trellis_control_connected_proxies 1"),
+    let metrics = Metrics::parse(text).unwrap();
+    assert_eq!(
+        metrics.sum("trellis_control_nacks_total", &[]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metrics.sum("trellis_control_connected_proxies", &[]),
+        1.0,
         "{text}"
     );
 
@@ -559,16 +521,22 @@ async fn dashboard_checks_the_host() {
     assert_eq!(status, 200);
     assert!(page.as_str().unwrap().contains("<title>Trellis</title>"));
 
-    let mut s = TcpStream::connect(cp.http_addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: evil.example:15080\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
-    assert!(
-        raw.to_ascii_lowercase().contains("x-frame-options: deny"),
-        "{raw}"
+    let resp = trellis_testkit::http_request(
+        http::Method::GET,
+        &format!("http://{}/", cp.http_addr),
+        &[("host", "evil.example:15080")],
+        bytes::Bytes::new(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 403, "{resp:?}");
+    assert_eq!(
+        resp.headers()
+            .get("x-frame-options")
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase()),
+        Some("deny".to_string()),
+        "{resp:?}"
     );
     cp.shutdown().await;
 }

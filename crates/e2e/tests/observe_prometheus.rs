@@ -57,8 +57,9 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     };
     let mesh = TestMesh::start().await;
     mesh.apply(&format!(
-        "{}\n---\n{SERVICES}",
-        observe_common::mesh("  tracing: {sampling: 0.0}")
+        "{}---\n{}",
+        observe_common::mesh("  tracing: {sampling: 0.0}"),
+        services()
     ))
     .await
     .expect("apply");
@@ -67,7 +68,7 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     let _catalog = tier(&mesh, "catalog", &["http://reviews:8080/reviews"], |_| {}).await;
     let frontend = tier(&mesh, "frontend", &["http://catalog:8080/items"], |_| {}).await;
     for svc in ["catalog", "reviews", "frontend"] {
-        wait_endpoints(&mesh, svc, 1).await;
+        mesh.wait_endpoints(svc, 1).await;
     }
 
     // Prometheus discovers the proxies with a read-only credential.
