@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::discovery::Lookup;
 use crate::inputs::Inputs;
-use crate::outbound::{classify, Name};
+use crate::names::{classify, Name};
 
 /// TTL of answers for mesh names: short, since VIPs are stable anyway.
 const MESH_TTL: u32 = 5;

@@ -320,7 +320,7 @@ fn authorize(
     req: &mut Request<Incoming>,
     info: &PeerInfo,
 ) -> Option<Response<Body>> {
-    if let Err(e) = crate::outbound::normalize_uri(req) {
+    if let Err(e) = crate::normalize::normalize_uri(req) {
         return Some(e.into_response());
     }
     let snap = inputs.discovery.snapshot();

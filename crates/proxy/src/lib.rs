@@ -29,6 +29,7 @@ pub mod http;
 pub mod inbound;
 pub mod inputs;
 pub mod metrics;
+pub mod names;
 pub mod normalize;
 pub mod otlp;
 pub mod outbound;

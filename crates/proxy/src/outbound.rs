@@ -25,6 +25,7 @@ use crate::http::{
 };
 use crate::inputs::Inputs;
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
+use crate::names::{classify, Name};
 use crate::route::{modify_headers, Rule};
 use crate::snapshot::{ServiceState, SvcKey};
 use crate::traffic::admit::Admission;
@@ -45,34 +46,6 @@ pub struct Target {
 impl Target {
     fn authority(&self) -> String {
         format!("{}:{}", self.host, self.port)
-    }
-}
-
-/// A name an app used, mapped to a mesh service.
-#[derive(Debug, PartialEq)]
-pub enum Name {
-    /// `NAME`, `NAME.NS.svc[.<trustDomain>]`: a mesh name, or an error.
-    Mesh(SvcKey),
-    /// `NAME.NS`: a mesh service if one exists, else a host outside.
-    Maybe(SvcKey),
-    /// An IP address or a name that cannot be a mesh service.
-    External,
-}
-
-pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
-        return Name::External;
-    }
-    let host = host.trim_end_matches('.');
-    let labels: Vec<&str> = host.split('.').collect();
-    match labels.as_slice() {
-        [name] => Name::Mesh(SvcKey::new(namespace, name)),
-        [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
-        [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
-            Name::Mesh(SvcKey::new(ns, name))
-        }
-        _ => Name::External,
     }
 }
 
@@ -301,7 +274,7 @@ async fn to_service(
 ) -> Response<Body> {
     let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     // Route and forward the one normalised path the peer will authorize.
-    if let Err(e) = normalize_uri(&mut req) {
+    if let Err(e) = crate::normalize::normalize_uri(&mut req) {
         return e.into_response();
     }
     let path = req.uri().path().to_string();
@@ -664,57 +637,5 @@ pub(crate) fn peer_credentials(
             Source::Internal,
             "this proxy has no certificate yet, so it cannot call peers over mutual TLS",
         )),
-    }
-}
-
-/// Rewrites the request's path to its normalised form (see `normalize`).
-pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let normalized = crate::normalize::normalize_path_and_query(pq)
-        .map_err(|e| ProxyError::bad_request(e.to_string()))?;
-    if normalized != pq {
-        let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(normalized.parse().map_err(|_| {
-            ProxyError::bad_request("the normalised path is not a valid request target")
-        })?);
-        *req.uri_mut() =
-            http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_map_to_services() {
-        let td = "trellis.local";
-        assert_eq!(
-            classify("catalog", "shop", td),
-            Name::Mesh(SvcKey::new("shop", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod", "shop", td),
-            Name::Maybe(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.trellis.local", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.other.domain", "shop", td),
-            Name::External
-        );
-        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
-        assert_eq!(classify("www.example.com", "shop", td), Name::External);
     }
 }
