@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::balance::PickCtx;
+use crate::config::ProxyConfig;
 use crate::detect::{detect, Protocol, PEER_TCP_PREAMBLE};
 use crate::discovery::Lookup;
 use crate::endpoint::{connect, Endpoint};
@@ -24,6 +25,7 @@ use crate::http::{
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
+use crate::listener::{self, BindError, Kind};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::names::{classify, Name};
 use crate::route::{modify_headers, Rule};
@@ -52,16 +54,16 @@ impl Target {
 pub struct Outbound {
     listener: TcpListener,
     upstreams: Vec<(TcpListener, Target)>,
-    inputs: Arc<Inputs>,
 }
 
 impl Outbound {
-    /// Binds the outbound listener and every `--upstream` listener.
-    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Outbound> {
-        let listener = crate::bind(inputs.cfg.outbound_addr, "outbound", "--outbound-addr").await?;
+    /// Binds the outbound listener and every `--upstream` listener (a
+    /// taken port is a start-up error).
+    pub async fn new(cfg: &ProxyConfig) -> Result<Outbound, BindError> {
+        let listener = listener::bind(cfg.outbound_addr, Kind::outbound).await?;
         let mut upstreams = Vec::new();
-        for u in &inputs.cfg.upstreams {
-            let l = crate::bind(u.listen, "upstream", "--upstream").await?;
+        for u in &cfg.upstreams {
+            let l = listener::bind(u.listen, Kind::upstream).await?;
             upstreams.push((
                 l,
                 Target {
@@ -73,7 +75,6 @@ impl Outbound {
         Ok(Outbound {
             listener,
             upstreams,
-            inputs,
         })
     }
 
@@ -90,40 +91,50 @@ impl Outbound {
             .collect()
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        for (listener, target) in self.upstreams {
-            let inputs = self.inputs.clone();
-            let mut shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        accepted = listener.accept() => {
-                            let Ok((tcp, _)) = accepted else { continue };
-                            let _ = tcp.set_nodelay(true);
-                            tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), shutdown.clone()));
-                        }
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            });
+    pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
+        let errors = inputs.metrics.accept_errors.clone();
+        for (l, target) in self.upstreams {
+            let inputs = inputs.clone();
+            let sd = shutdown.clone();
+            tokio::spawn(listener::serve(
+                l,
+                Kind::upstream,
+                errors.clone(),
+                shutdown.clone(),
+                move |tcp, _| {
+                    tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), sd.clone()));
+                },
+            ));
         }
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    let inputs = self.inputs.clone();
-                    let sd = shutdown.clone();
-                    // Pods mode: a redirected connection keeps its original destination.
-                    if let Some(orig) = inputs.cfg.transparent.as_ref().and_then(|_| crate::transparent::original_dst(&tcp)) {
+        let sd = shutdown.clone();
+        listener::serve(
+            self.listener,
+            Kind::outbound,
+            errors,
+            shutdown,
+            move |tcp, _| {
+                let inputs = inputs.clone();
+                let sd = sd.clone();
+                // Pods mode: a redirected connection keeps its original
+                // destination.
+                let orig = inputs
+                    .cfg
+                    .transparent
+                    .as_ref()
+                    .and_then(|_| crate::transparent::original_dst(&tcp));
+                match orig {
+                    Some(orig) => {
                         tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
-                        continue;
                     }
-                    tokio::spawn(serve_connection(tcp, sd.clone(), move |req| handle(inputs.clone(), req, None, sd.clone())));
+                    None => {
+                        tokio::spawn(serve_connection(tcp, sd.clone(), move |req| {
+                            handle(inputs.clone(), req, None, sd.clone())
+                        }));
+                    }
                 }
-                _ = shutdown.changed() => return,
-            }
-        }
+            },
+        )
+        .await
     }
 }
 
