@@ -28,9 +28,10 @@ use crate::inputs::Inputs;
 use crate::listener::{self, BindError, Kind};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::names::{classify, Name};
-use crate::route::{modify_headers, Rule};
+use crate::route::modify_headers;
 use crate::snapshot::{ServiceState, SvcKey};
 use crate::traffic::admit::Admission;
+use crate::traffic::forward::{Destination, Forwarded, Outgoing};
 use crate::traffic::policy::Limit;
 use crate::Body;
 
@@ -346,7 +347,12 @@ async fn to_service(
         },
     };
     let request_timeout = rule.and_then(|r| r.request_timeout);
-    let forward = forward(&inputs, req, target, &svc, &backend, rule);
+    let to = Destination {
+        svc: &svc,
+        backend: &backend,
+        rule,
+    };
+    let forward = forward(&inputs, req, target, to);
     let result = match request_timeout {
         Some(t) => tokio::time::timeout(t, forward)
             .await
@@ -379,8 +385,6 @@ async fn to_service(
     resp
 }
 
-type Forwarded = crate::traffic::forward::Forwarded;
-
 /// Prepares a request for the peer and sends it to `backend`'s endpoints
 /// with the traffic policy's circuit breaking, retries and outlier
 /// detection (see `traffic::forward`).
@@ -388,10 +392,9 @@ async fn forward(
     inputs: &Inputs,
     req: Request<Incoming>,
     target: &Target,
-    svc: &ServiceState,
-    backend: &ServiceState,
-    rule: Option<&Rule>,
+    to: Destination<'_>,
 ) -> Forwarded {
+    let Destination { svc, backend, rule } = to;
     if backend.endpoints.is_empty() {
         let e = ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -471,7 +474,13 @@ async fn forward(
     if let Some(m) = rule.and_then(|r| r.request_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
     }
-    crate::traffic::forward::forward(inputs, parts, uri, body, creds, svc, backend, rule).await
+    let req = Outgoing {
+        parts,
+        uri,
+        body,
+        creds,
+    };
+    crate::traffic::forward::forward(inputs, to, req).await
 }
 
 /// The balancer's context for a connection (no hash key): the caller's zone
