@@ -250,7 +250,10 @@ impl Failing {
 
     /// Accepting works (again): the next failure starts the backoff over.
     fn accepted(&mut self) {
-        if self.errors > 0 && self.last_logged.is_some() {
+        if self.errors == 0 {
+            return;
+        }
+        if self.last_logged.is_some() {
             tracing::info!(listener = %self.kind, errors = self.errors, "the {} listener accepts connections again", self.kind);
         }
         *self = Failing::new(self.kind);
