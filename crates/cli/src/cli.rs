@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trellis_proxy::config::{parse_labels, Upstream};
+use trellis_proxy::pod;
 
 use crate::duration::parse_duration;
 
@@ -221,11 +222,11 @@ pub struct ProxyArgs {
     /// The local app's port on 127.0.0.1.
     #[arg(long, value_name = "PORT")]
     pub app_port: u16,
-    #[arg(long, default_value = "0.0.0.0:15006")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], pod::INBOUND_PORT)))]
     pub inbound_addr: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], pod::OUTBOUND_PORT)))]
     pub outbound_addr: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)))]
     pub admin_addr: SocketAddr,
     /// The IP peers use to reach the inbound listener.
     #[arg(long, value_name = "IP")]

@@ -70,7 +70,7 @@ impl DnsServer {
         let addr = udp.local_addr().map_err(err)?;
         let tcp = listener::bind(addr, Kind::dns).await?;
         let upstreams = if upstreams.is_empty() {
-            system_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+            crate::pod::host_nameservers()
         } else {
             upstreams
         };
