@@ -282,10 +282,17 @@ impl Actor {
     async fn reload(&mut self) {
         match self.store.list(None).await {
             Ok((resources, revision)) => {
-                self.registry.resources = ResourceIndex::new(&resources);
-                assign_vips(&mut self.registry, self.store.as_ref()).await;
+                let next = ResourceIndex::new(&resources);
+                let scope = match self.registry.resources.changed_services(&next) {
+                    Some(services) => Scope::Affected(services, None),
+                    None => Scope::All,
+                };
+                self.registry.resources = next;
+                if matches!(scope, Scope::All) {
+                    assign_vips(&mut self.registry, self.store.as_ref()).await;
+                }
                 self.revision = revision;
-                self.update(Scope::All);
+                self.update(scope);
             }
             // Keep serving the last good state; the next event retries.
             Err(e) => warn!(error = %e, "cannot reload resources; proxies keep their config"),
@@ -477,6 +484,7 @@ impl Actor {
                 continue;
             }
             let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
+            self.metrics.configs_computed.inc();
             let hash = config.content_hash();
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));

@@ -768,3 +768,85 @@ async fn otlp_grpc_spans_need_an_admin_token() {
     );
     cp.shutdown().await;
 }
+
+/// A route change is computed for the proxies whose Config holds its
+/// Service, not for every proxy.
+#[tokio::test]
+async fn a_route_change_recomputes_only_the_proxies_it_reaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, body) = apply(
+        &cp,
+        &json!([
+            service("catalog", json!({"app": "catalog"})),
+            service("reviews", json!({"app": "reviews"})),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let computed = || async {
+        let (status, text) = get(&cp, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        Metrics::parse(text.as_str().unwrap())
+            .unwrap()
+            .sum("trellis_control_configs_computed_total", &[])
+    };
+
+    let mut callers = Vec::new();
+    for (i, svc) in ["catalog", "reviews", "reviews"].into_iter().enumerate() {
+        let mut p = FakeProxy::connect(
+            &cp,
+            register(
+                &format!("c-{i}"),
+                "caller",
+                &[],
+                &format!("127.0.0.1:{}", 22001 + i),
+            ),
+        )
+        .await;
+        p.send(proxy_message::Msg::Subscribe(Subscribe {
+            services: vec![format!("default/{svc}")],
+        }))
+        .await;
+        p.config_where(svc, |c| service_in(c, svc).is_some()).await;
+        callers.push(p);
+    }
+    let before = computed().await;
+
+    let (status, body) = apply(
+        &cp,
+        &json!([{
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "catalog-timeout"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "catalog"}],
+                "rules": [{"backendRefs": [{"name": "catalog"}], "timeouts": {"request": "2s"}}],
+            },
+        }]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    callers[0]
+        .config_where("the route", |c| {
+            service_in(c, "catalog").is_some_and(|s| s.routes_json.len() == 1)
+        })
+        .await;
+    // The Config is computed before it is sent: the count is final here.
+    assert_eq!(
+        computed().await - before,
+        1.0,
+        "only catalog's one subscriber is recomputed"
+    );
+
+    // A new Service still reaches every proxy.
+    let before = computed().await;
+    let (status, body) = apply(&cp, &json!([service("ratings", json!({"app": "ratings"}))])).await;
+    assert_eq!(status, 200, "{body}");
+    let all = eventually("every proxy recomputed", WAIT, || async {
+        let n = computed().await - before;
+        (n >= 3.0).then_some(n)
+    })
+    .await;
+    assert_eq!(all, 3.0);
+    cp.shutdown().await;
+}
