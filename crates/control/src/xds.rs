@@ -149,6 +149,18 @@ enum Scope {
     Affected(BTreeSet<ServiceName>, Option<ConnId>),
 }
 
+impl Scope {
+    fn reaches(&self, p: &Proxy) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::One(c) => *c == p.conn,
+            Scope::Affected(services, extra) => {
+                *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
+            }
+        }
+    }
+}
+
 /// Gives new Services a VIP and stores the table before any proxy sees
 /// it, so an address handed out survives a restart.
 async fn assign_vips(registry: &mut Registry, store: &dyn Store) {
@@ -416,14 +428,15 @@ impl Actor {
         p
     }
 
-    /// Every proxy's Config size under the current resources.
-    fn config_sizes(&self) -> HashMap<ConnId, usize> {
+    /// The Config size of each proxy in `scope` under the current resources.
+    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
         use prost::Message as _;
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
+        let mut cache = self.endpoint_cache(scope, &mut memo);
         self.registry
             .proxies
             .values()
+            .filter(|p| scope.reaches(p))
             .map(|p| {
                 let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
                 (p.conn, config.encoded_len())
@@ -431,20 +444,34 @@ impl Actor {
             .collect()
     }
 
-    /// See `XdsHandle::check_budget`. Builds every connected proxy's
-    /// Config twice (now, and with `proposed`), as a reload does once.
+    /// Every Service's endpoints in one pass when every proxy is computed;
+    /// otherwise filled per Service as needed.
+    fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
+        match scope {
+            Scope::All => self.registry.all_endpoints(memo),
+            _ => EndpointCache::new(),
+        }
+    }
+
+    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
+    /// would change twice (now, and with `proposed`), as a reload does once.
     fn check_budget(
         &mut self,
         proposed: &[trellis_resource::Resource],
         applied: &BTreeSet<trellis_resource::ResourceKey>,
     ) -> Vec<Breach> {
         use prost::Message as _;
-        let before = self.config_sizes();
-        let current = std::mem::replace(&mut self.registry.resources, ResourceIndex::new(proposed));
+        let next = ResourceIndex::new(proposed);
+        let scope = match self.registry.resources.changed_services(&next) {
+            Some(services) => Scope::Affected(services, None),
+            None => Scope::All,
+        };
+        let before = self.config_sizes(&scope);
+        let current = std::mem::replace(&mut self.registry.resources, next);
         let mut breaches = Vec::new();
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
-        for p in self.registry.proxies.values() {
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
             let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
             let bytes = config.encoded_len();
             let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
@@ -465,24 +492,9 @@ impl Actor {
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
         let mut memo = SelectionMemo::default();
-        // Every proxy's Config is recomputed: index every Service's
-        // endpoints in one pass over the proxies first.
-        let mut cache = match scope {
-            Scope::All => self.registry.all_endpoints(&mut memo),
-            _ => EndpointCache::new(),
-        };
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
         let mut changed = Vec::new();
-        for p in self.registry.proxies.values() {
-            let wanted = match &scope {
-                Scope::All => true,
-                Scope::One(c) => *c == p.conn,
-                Scope::Affected(services, extra) => {
-                    *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
-                }
-            };
-            if !wanted {
-                continue;
-            }
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
             let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
             self.metrics.configs_computed.inc();
             let hash = config.content_hash();
