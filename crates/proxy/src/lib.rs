@@ -28,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod inbound;
 pub mod inputs;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod names;
