@@ -314,7 +314,10 @@ impl LimitArgs {
         set(self.header_read_timeout, &mut l.header_read_timeout);
         set(self.http1_idle_timeout, &mut l.http1_idle_timeout);
         set(self.http2_idle_timeout, &mut l.http2_idle_timeout);
-        set(self.http2_keepalive_interval, &mut l.http2_keepalive_interval);
+        set(
+            self.http2_keepalive_interval,
+            &mut l.http2_keepalive_interval,
+        );
         set(self.http2_keepalive_timeout, &mut l.http2_keepalive_timeout);
         set(self.max_connections, &mut l.max_connections);
         set(
@@ -573,7 +576,10 @@ mod tests {
         };
         let mut limits = trellis_proxy::limits::Limits::default();
         p.limits.apply(&mut limits);
-        assert_eq!(limits.header_read_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(
+            limits.header_read_timeout,
+            std::time::Duration::from_secs(2)
+        );
         assert_eq!(limits.max_connections, 50);
         assert_eq!(limits.max_request_headers_kb, 96);
         assert_eq!(limits.max_hops, 16);

@@ -8,6 +8,7 @@
 //! proxies add, allows `PEER_HEADER_ALLOWANCE` more, so a request that
 //! passes the first hop passes the second.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -19,6 +20,18 @@ use serde::{Deserialize, Serialize};
 /// more than the first hop.
 pub const PEER_HEADER_ALLOWANCE_BYTES: u32 = 8 * 1024;
 pub const PEER_HEADER_ALLOWANCE_COUNT: usize = 16;
+
+/// `--connect-timeout`, for every connection the proxy opens: one value
+/// per process (set at start), as the socket mark is.
+static CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(3000);
+
+pub fn set_connect_timeout(d: Duration) {
+    CONNECT_TIMEOUT_MS.store(d.as_millis().max(1) as u64, Ordering::Relaxed);
+}
+
+pub fn connect_timeout() -> Duration {
+    Duration::from_millis(CONNECT_TIMEOUT_MS.load(Ordering::Relaxed))
+}
 
 /// How HTTP/2 counts a header's size (RFC 9113 §6.5.2): name, value and
 /// 32 bytes of overhead. HTTP/1 headers are counted the same way, so one
@@ -128,10 +141,7 @@ impl Default for Limits {
 impl Limits {
     pub fn validate(&self) -> Result<(), LimitsError> {
         let zero = [
-            (
-                self.header_read_timeout.is_zero(),
-                "--header-read-timeout",
-            ),
+            (self.header_read_timeout.is_zero(), "--header-read-timeout"),
             (self.http1_idle_timeout.is_zero(), "--http1-idle-timeout"),
             (self.http2_idle_timeout.is_zero(), "--http2-idle-timeout"),
             (
