@@ -78,26 +78,35 @@ pub async fn counting_app() -> (u16, Seen) {
     (port, seen)
 }
 
-/// An h2c app that answers every call with ten 100-byte DATA frames (a
-/// gRPC message each) and `grpc-status: 0`.
-pub async fn streaming_app() -> u16 {
+/// An h2c app that answers every call with `messages` 100-byte DATA
+/// frames (a gRPC message each), `gap` apart (so that no proxy can send
+/// them as one, unless zero), and `grpc-status: 0`.
+pub async fn streaming_app(messages: usize, gap: Duration) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
-                        Vec::new();
-                    for _ in 0..10 {
-                        let mut m = vec![0u8, 0, 0, 0, 95];
-                        m.extend([7u8; 95]);
-                        frames.push(Ok(Frame::data(Bytes::from(m))));
-                    }
-                    let mut t = http::HeaderMap::new();
-                    t.insert("grpc-status", "0".parse().unwrap());
-                    frames.push(Ok(Frame::trailers(t)));
-                    let mut r = Response::new(StreamBody::new(futures::stream::iter(frames)));
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                    let frames = futures::stream::unfold(0, move |n| async move {
+                        if n > messages {
+                            return None;
+                        }
+                        if n > 0 && !gap.is_zero() {
+                            tokio::time::sleep(gap).await;
+                        }
+                        let frame = if n < messages {
+                            let mut m = vec![0u8, 0, 0, 0, 95];
+                            m.extend([7u8; 95]);
+                            Frame::data(Bytes::from(m))
+                        } else {
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", "0".parse().unwrap());
+                            Frame::trailers(t)
+                        };
+                        Some((Ok::<_, std::convert::Infallible>(frame), n + 1))
+                    });
+                    let mut r = Response::new(StreamBody::new(frames));
                     r.headers_mut()
                         .insert("content-type", "application/grpc".parse().unwrap());
                     Ok::<_, hyper::Error>(r)

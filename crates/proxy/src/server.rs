@@ -70,8 +70,9 @@ pub const MAX_RESPONSE_HEADERS: u32 = 8192 + 4096 * 100;
 /// A stream reset by its client within this of opening is premature
 /// (Envoy's `premature_reset_min_stream_lifetime_seconds`).
 const PREMATURE: Duration = Duration::from_secs(1);
-/// How long a connection closed for a reset flood, or for being idle,
-/// may take to finish what is in flight after its GOAWAY.
+/// How long a connection closed for a reset flood (but a peer proxy's:
+/// the drain grace), or for being idle, may take to finish what is in
+/// flight after its GOAWAY.
 const FLOOD_GRACE: Duration = Duration::from_secs(1);
 const IDLE_GRACE: Duration = Duration::from_secs(5);
 
@@ -142,7 +143,10 @@ pub async fn serve_connection<I, F, Fut>(
                 metrics.closed_by_limit(kind, Closed::reset_flood);
                 tracing::info!(listener = %kind, "closing an HTTP/2 connection whose client resets most of its streams as soon as it opens them (--http2-reset-flood-streams)");
                 conn.as_mut().graceful_shutdown();
-                break bounded(conn.as_mut(), FLOOD_GRACE).await;
+                // A peer proxy's connection carries other callers' streams
+                // too: they get the drain grace to finish.
+                let grace = if hop == Hop::Peer { inputs.cfg.drain_grace } else { FLOOD_GRACE };
+                break bounded(conn.as_mut(), grace).await;
             }
             _ = timer.as_mut() => {
                 let (at, expiry) = state.deadline(limits);
