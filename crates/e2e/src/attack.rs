@@ -120,6 +120,30 @@ pub async fn streaming_app(messages: usize, gap: Duration) -> u16 {
     port
 }
 
+/// An app (HTTP/1.1 and h2c) that takes every request and never answers
+/// it; it counts the requests.
+pub async fn held_app() -> (u16, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicU64::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    futures::future::pending::<Result<Response<Full<Bytes>>, hyper::Error>>()
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (port, count)
+}
+
 /// A server-speaks-first app: writes a banner on accept, counts accepts.
 pub async fn banner_app() -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,11 +240,22 @@ pub mod frames {
         frame(RST_STREAM, 0, stream, &code.to_be_bytes())
     }
 
+    pub const REFUSED_STREAM: u32 = 0x7;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+    /// What the server sent that the attacks look at.
+    #[derive(Default)]
+    struct Received {
+        goaway: Option<(u32, u32)>,
+        max_concurrent_streams: Option<u32>,
+        resets: Vec<(u32, u32)>,
+    }
+
     /// A client connection whose reader answers SETTINGS and PING and
-    /// notes GOAWAY and the close.
+    /// notes the server's SETTINGS, RST_STREAMs, GOAWAY and the close.
     pub struct Conn {
         write: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
-        goaway: Arc<Mutex<Option<(u32, u32)>>>,
+        seen: Arc<Mutex<Received>>,
         reader: Option<tokio::task::JoinHandle<()>>,
     }
 
@@ -232,8 +267,8 @@ pub mod frames {
             let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
             preface.extend(frame(SETTINGS, 0, 0, &[]));
             write.lock().await.write_all(&preface).await.unwrap();
-            let goaway = Arc::new(Mutex::new(None));
-            let (w, g) = (write.clone(), goaway.clone());
+            let seen = Arc::new(Mutex::new(Received::default()));
+            let (w, g) = (write.clone(), seen.clone());
             let reader = tokio::spawn(async move {
                 let mut head = [0u8; 9];
                 while read.read_exact(&mut head).await.is_ok() {
@@ -242,13 +277,27 @@ pub mod frames {
                     if read.read_exact(&mut payload).await.is_err() {
                         break;
                     }
+                    let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
                     let answer = match (head[3], head[4] & 0x1) {
-                        (SETTINGS, 0) => Some(frame(SETTINGS, 0x1, 0, &[])),
+                        (SETTINGS, 0) => {
+                            for s in payload.chunks_exact(6) {
+                                if u16::from_be_bytes([s[0], s[1]]) == MAX_CONCURRENT_STREAMS {
+                                    g.lock().unwrap().max_concurrent_streams =
+                                        Some(u32::from_be_bytes(s[2..6].try_into().unwrap()));
+                                }
+                            }
+                            Some(frame(SETTINGS, 0x1, 0, &[]))
+                        }
+                        (RST_STREAM, _) if payload.len() == 4 => {
+                            let code = u32::from_be_bytes(payload[..].try_into().unwrap());
+                            g.lock().unwrap().resets.push((stream, code));
+                            None
+                        }
                         (PING, 0) => Some(frame(PING, 0x1, 0, &payload)),
                         (GOAWAY, _) if payload.len() >= 8 => {
                             let last = u32::from_be_bytes(payload[0..4].try_into().unwrap());
                             let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
-                            *g.lock().unwrap() = Some((last & 0x7fff_ffff, code));
+                            g.lock().unwrap().goaway = Some((last & 0x7fff_ffff, code));
                             None
                         }
                         _ => None,
@@ -260,7 +309,7 @@ pub mod frames {
             });
             Conn {
                 write,
-                goaway,
+                seen,
                 reader: Some(reader),
             }
         }
@@ -271,7 +320,17 @@ pub mod frames {
 
         /// The last GOAWAY received, as (last stream id, error code).
         pub fn goaway(&self) -> Option<(u32, u32)> {
-            *self.goaway.lock().unwrap()
+            self.seen.lock().unwrap().goaway
+        }
+
+        /// The server's SETTINGS_MAX_CONCURRENT_STREAMS, once received.
+        pub fn max_concurrent_streams(&self) -> Option<u32> {
+            self.seen.lock().unwrap().max_concurrent_streams
+        }
+
+        /// The streams the server reset, as (stream id, error code).
+        pub fn resets(&self) -> Vec<(u32, u32)> {
+            self.seen.lock().unwrap().resets.clone()
         }
 
         /// Whether the server closed the connection within `wait`.

@@ -9,7 +9,7 @@
 //! does for the accept loop alone.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ use trellis_e2e::{eventually, Answer, ProxyClient, TestMesh};
 use trellis_proxy::limits::Limits;
 use trellis_proxy::Proxy;
 use trellis_testkit::yaml;
+
+mod proxy_limits;
 
 /// How long a test waits for something that must happen (never a figure
 /// asserted: a wait ends as soon as its fact holds).
@@ -173,132 +175,6 @@ async fn a_loop_through_two_proxies_ends_at_the_hop_limit() {
     );
 }
 
-/// Connections that send a request's header one byte at a time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slowloris_connections_are_closed_at_the_header_timeout() {
-    const CONNS: usize = 200;
-    let mesh = TestMesh::start().await;
-    let proxy = web(&mesh, demo("web").await, |l| {
-        l.header_read_timeout = Duration::from_secs(2)
-    })
-    .await;
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNS {
-        let mut tcp = TcpStream::connect(proxy.outbound_addr).await.unwrap();
-        tcp.write_all(b"GET http://web:8080/ HTTP/1.1\r\nHost: web:8080\r\nX-Slow: ")
-            .await
-            .unwrap();
-        open.fetch_add(1, Ordering::SeqCst);
-        let open = open.clone();
-        tasks.push(tokio::spawn(async move {
-            // A byte every 500 ms for at most 10 s; what came back.
-            let mut got = Vec::new();
-            let mut buf = [0u8; 512];
-            let end = tokio::time::Instant::now() + Duration::from_secs(10);
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let closed = loop {
-                tokio::select! {
-                    r = tcp.read(&mut buf) => match r {
-                        Ok(0) | Err(_) => break true,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    },
-                    _ = tick.tick() => {
-                        if tokio::time::Instant::now() > end {
-                            break false;
-                        }
-                        if tcp.write_all(b"x").await.is_err() {
-                            break true;
-                        }
-                    }
-                }
-            };
-            open.fetch_sub(1, Ordering::SeqCst);
-            (closed, String::from_utf8_lossy(&got).to_string())
-        }));
-    }
-    let mut held = Vec::new();
-    for s in 1..=4 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        held.push(format!("{s}s: {}", open.load(Ordering::SeqCst)));
-    }
-    eprintln!(
-        "slowloris, {CONNS} connections held after {}",
-        held.join(", ")
-    );
-    let mut closed = 0;
-    let mut answered_408 = 0;
-    for t in tasks {
-        let (was_closed, got) = t.await.unwrap();
-        closed += usize::from(was_closed);
-        answered_408 += usize::from(got.starts_with("HTTP/1.1 408"));
-    }
-    eprintln!("slowloris: {closed} of {CONNS} closed by the proxy, {answered_408} with a 408");
-    assert_eq!(closed, CONNS, "slowloris connections held past 10 s");
-    assert_eq!(answered_408, CONNS, "each partial request is answered 408");
-    let closes = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "header_timeout")],
-    )
-    .await;
-    assert_eq!(closes as usize, CONNS, "counted");
-}
-
-/// Idle connections past the listener's cap are shed at once; connections
-/// it holds keep being served; idle ones go at the header timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_flood_is_shed_past_the_cap_and_served_connections_go_on() {
-    const CAP: usize = 100;
-    const FLOOD: usize = 300;
-    let mesh = TestMesh::start().await;
-    let proxy = web(&mesh, demo("web").await, |l| {
-        l.max_connections = CAP;
-        l.header_read_timeout = Duration::from_secs(3);
-    })
-    .await;
-    let mut client = ProxyClient::new(proxy.outbound_addr);
-    let url = "http://web:8080/";
-    let first = client.send(Method::GET, url, &[], Bytes::new()).await;
-    assert_eq!(first.status, StatusCode::OK, "{}", answer_text(&first));
-
-    let (shed, held) = flood(proxy.outbound_addr, FLOOD, Duration::from_secs(1)).await;
-    eprintln!(
-        "idle flood: {FLOOD} connections past one served, cap {CAP}: {shed} shed, {} held",
-        held.len()
-    );
-    assert!(
-        // The cap holds the connection served before, and CAP - 1 more.
-        shed > FLOOD - CAP,
-        "{shed} of {FLOOD} shed with a cap of {CAP}"
-    );
-    let counted = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_shed_total",
-        &[("listener", "outbound"), ("reason", "cap")],
-    )
-    .await;
-    assert_eq!(counted as usize, shed, "every shed connection is counted");
-
-    // The connection served before the flood is served on.
-    let again = client.send(Method::GET, url, &[], Bytes::new()).await;
-    assert_eq!(again.status, StatusCode::OK, "{}", answer_text(&again));
-
-    // The idle ones are closed at the header timeout; then new clients
-    // get in again.
-    for mut tcp in held {
-        let mut b = [0u8; 1];
-        let r = tokio::time::timeout(WAIT, tcp.read(&mut b)).await;
-        assert!(
-            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-            "an idle connection was held"
-        );
-    }
-    let mut fresh = ProxyClient::new(proxy.outbound_addr);
-    let a = fresh.send(Method::GET, url, &[], Bytes::new()).await;
-    assert_eq!(a.status, StatusCode::OK, "{}", answer_text(&a));
-}
-
 /// Paced rapid reset: one HEADERS and its RST_STREAM per write, each stream
 /// taken by the proxy (and sent on through the mesh to the app) before its
 /// reset arrives. Against the outbound listener (h2c), whose requests go
@@ -389,16 +265,23 @@ async fn a_continuation_flood_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_chunked_body_is_a_client_error() {
     let mesh = TestMesh::start().await;
-    let (app, _) = counting_app().await;
+    let (app, seen) = counting_app().await;
     let proxy = web(&mesh, app, |_| {}).await;
-    for target in ["web:8080".to_string(), format!("127.0.0.1:{app}")] {
+    for (n, target) in ["web:8080".to_string(), format!("127.0.0.1:{app}")]
+        .into_iter()
+        .enumerate()
+    {
         let mut tcp = TcpStream::connect(proxy.outbound_addr).await.unwrap();
         let head = format!(
             "POST http://{target}/upload HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
         );
         tcp.write_all(head.as_bytes()).await.unwrap();
-        // Let the request reach the app before the body breaks.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The request reaches the app before the body breaks.
+        let want = n as u64 + 1;
+        eventually("the request reaches the app", WAIT, || async {
+            (seen.count() >= want).then_some(())
+        })
+        .await;
         tcp.write_all(b"zz\r\nnot a chunk\r\n\r\n").await.unwrap();
         let mut got = Vec::new();
         let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut got)).await;

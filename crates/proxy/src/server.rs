@@ -114,7 +114,7 @@ pub async fn serve_connection<I, F, Fut>(
 {
     let limits = &inputs.cfg.limits;
     let metrics = &inputs.metrics.conns;
-    let state = Arc::new(ConnState::new(limits.http2_reset_flood_streams));
+    let state = Arc::new(ConnState::new(limits));
     let headers = hop.headers(limits);
     let svc = {
         let (state, metrics) = (state.clone(), metrics.clone());
@@ -130,8 +130,9 @@ pub async fn serve_connection<I, F, Fut>(
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let timer = tokio::time::sleep_until(state.deadline(limits).0);
+    let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
+    state.arm(timer.as_mut(), state.deadline().0);
     let result = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
@@ -148,10 +149,13 @@ pub async fn serve_connection<I, F, Fut>(
                 let grace = if hop == Hop::Peer { inputs.cfg.drain_grace } else { FLOOD_GRACE };
                 break bounded(conn.as_mut(), grace).await;
             }
+            // A request ended, or an HTTP/1 request began, whose timeout
+            // is due before the timer.
+            _ = state.rearm.notified() => state.arm(timer.as_mut(), state.deadline().0),
             _ = timer.as_mut() => {
-                let (at, expiry) = state.deadline(limits);
-                if at > Instant::now() {
-                    timer.as_mut().reset(at);
+                let (at, expiry) = state.deadline();
+                if at > now_ms() {
+                    state.arm(timer.as_mut(), at);
                     continue;
                 }
                 match expiry {
@@ -172,7 +176,7 @@ pub async fn serve_connection<I, F, Fut>(
                         conn.as_mut().graceful_shutdown();
                         break bounded(conn.as_mut(), IDLE_GRACE).await;
                     }
-                    Expiry::Recheck => timer.as_mut().reset(Instant::now() + limits.header_read_timeout),
+                    Expiry::Recheck => state.arm(timer.as_mut(), now_ms() + state.timeouts.header),
                 }
             }
         }
@@ -321,9 +325,21 @@ enum Expiry {
     Recheck,
 }
 
+/// A connection's timeouts, in ms.
+struct Timeouts {
+    header: u64,
+    http1_idle: u64,
+    http2_idle: u64,
+}
+
 /// One connection's life, as its parts see it.
 struct ConnState {
+    timeouts: Timeouts,
     opened: u64,
+    /// When the timer is set to fire (ms); `rearm` wakes the serving loop
+    /// to set it earlier.
+    armed: AtomicU64,
+    rearm: Notify,
     /// Requests in flight (answers whose body is not done included).
     active: AtomicU32,
     /// When the last request in flight ended (ms).
@@ -348,17 +364,25 @@ struct ConnState {
 }
 
 impl ConnState {
-    fn new(window: u32) -> ConnState {
+    fn new(l: &Limits) -> ConnState {
         let now = now_ms();
+        let ms = |d: Duration| d.as_millis() as u64;
         ConnState {
+            timeouts: Timeouts {
+                header: ms(l.header_read_timeout),
+                http1_idle: ms(l.http1_idle_timeout),
+                http2_idle: ms(l.http2_idle_timeout),
+            },
             opened: now,
+            armed: AtomicU64::new(u64::MAX),
+            rearm: Notify::new(),
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(now),
             head_since: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             first_read: AtomicBool::new(false),
-            window,
+            window: l.http2_reset_flood_streams,
             ended: AtomicU32::new(0),
             premature: AtomicU32::new(0),
             flooded: AtomicBool::new(false),
@@ -368,27 +392,46 @@ impl ConnState {
         }
     }
 
-    /// When the timer should fire next, and what ends then.
-    fn deadline(&self, l: &Limits) -> (Instant, Expiry) {
-        let header = l.header_read_timeout.as_millis() as u64;
+    /// When the timer should fire next (ms), and what ends then.
+    fn deadline(&self) -> (u64, Expiry) {
+        let header = self.timeouts.header;
         if self.active.load(Ordering::Relaxed) > 0 {
-            return (Instant::now() + l.header_read_timeout, Expiry::Recheck);
+            return (now_ms() + header, Expiry::Recheck);
         }
         if self.requests.load(Ordering::Relaxed) == 0 {
-            return (at_ms(self.opened + header), Expiry::Header);
+            return (self.opened + header, Expiry::Header);
         }
         let http2 = self.http2.load(Ordering::Relaxed);
         let head = self.head_since.load(Ordering::Relaxed);
         if !http2 && head != 0 {
-            return (at_ms(head + header), Expiry::Header);
+            return (head + header, Expiry::Header);
         }
-        let idle = if http2 {
-            l.http2_idle_timeout
-        } else {
-            l.http1_idle_timeout
-        };
         let since = self.idle_since.load(Ordering::Relaxed);
-        (at_ms(since + idle.as_millis() as u64), Expiry::Idle)
+        (since + self.idle_timeout(), Expiry::Idle)
+    }
+
+    fn idle_timeout(&self) -> u64 {
+        if self.http2.load(Ordering::Relaxed) {
+            self.timeouts.http2_idle
+        } else {
+            self.timeouts.http1_idle
+        }
+    }
+
+    /// Sets the timer to fire at `at` (ms).
+    fn arm(&self, timer: Pin<&mut tokio::time::Sleep>, at: u64) {
+        self.armed.store(at, Ordering::Relaxed);
+        timer.reset(at_ms(at));
+    }
+
+    /// Something is due at `at` (ms): wakes the serving loop when the
+    /// timer is set later than that (a timeout shorter than the one the
+    /// timer waits for), and only then, so that the common case costs a
+    /// load.
+    fn due(&self, at: u64) {
+        if at < self.armed.load(Ordering::Relaxed) {
+            self.rearm.notify_one();
+        }
     }
 
     fn on_read(&self, bytes: &[u8]) {
@@ -402,7 +445,9 @@ impl ConnState {
             && self.active.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
         {
-            self.head_since.store(now_ms(), Ordering::Relaxed);
+            let now = now_ms();
+            self.head_since.store(now, Ordering::Relaxed);
+            self.due(now + self.timeouts.header);
         }
     }
 
@@ -457,7 +502,9 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         if self.state.active.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.state.idle_since.store(now_ms(), Ordering::Relaxed);
+            let now = now_ms();
+            self.state.idle_since.store(now, Ordering::Relaxed);
+            self.state.due(now + self.state.idle_timeout());
         }
         if self.http2 {
             let premature = !self.answered && self.opened.elapsed() < PREMATURE;
@@ -597,9 +644,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Watched<I> {
 mod tests {
     use super::*;
 
+    fn window(streams: u32) -> ConnState {
+        ConnState::new(&Limits {
+            http2_reset_flood_streams: streams,
+            ..Limits::default()
+        })
+    }
+
     #[test]
     fn a_window_mostly_reset_early_is_a_flood() {
-        let s = ConnState::new(10);
+        let s = window(10);
         // Half reset early is not more than half.
         for i in 0..10 {
             s.stream_ended(i % 2 == 0);
@@ -620,37 +674,61 @@ mod tests {
             http2_idle_timeout: Duration::from_secs(3600),
             ..Limits::default()
         };
-        let s = Arc::new(ConnState::new(500));
-        let opened = at_ms(s.opened);
+        let s = Arc::new(ConnState::new(&l));
         // Waiting for the first request: the header timeout.
-        assert_eq!(
-            s.deadline(&l),
-            (opened + l.header_read_timeout, Expiry::Header)
-        );
+        assert_eq!(s.deadline(), (s.opened + 10_000, Expiry::Header));
         // A request in flight: nothing ends.
         let stream = Stream::begin(s.clone(), false);
-        assert_eq!(s.deadline(&l).1, Expiry::Recheck);
+        assert_eq!(s.deadline().1, Expiry::Recheck);
         drop(stream);
         // Between requests: idle.
-        let (at, expiry) = s.deadline(&l);
+        let (at, expiry) = s.deadline();
         assert_eq!(expiry, Expiry::Idle);
-        assert!(at >= opened + l.http1_idle_timeout);
+        assert!(at >= s.opened + 300_000);
         // The next request's first bytes: the header timeout again.
         s.on_read(b"GET / HT");
-        assert_eq!(s.deadline(&l).1, Expiry::Header);
+        assert_eq!(s.deadline().1, Expiry::Header);
         // HTTP/2 between streams: its own idle timeout.
-        let h2 = Arc::new(ConnState::new(500));
+        let h2 = Arc::new(ConnState::new(&l));
         h2.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         drop(Stream::begin(h2.clone(), true));
         h2.on_read(b"\0\0\0\x04\0\0\0\0\0");
-        let (at, expiry) = h2.deadline(&l);
+        let (at, expiry) = h2.deadline();
         assert_eq!(expiry, Expiry::Idle);
-        assert!(at >= at_ms(h2.opened) + l.http2_idle_timeout);
+        assert!(at >= h2.opened + 3_600_000);
+    }
+
+    /// An idle or header timeout shorter than what the timer waits for
+    /// wakes the serving loop; a longer one does not.
+    #[tokio::test]
+    async fn a_timeout_due_before_the_timer_rearms_it() {
+        let l = Limits {
+            header_read_timeout: Duration::from_secs(60),
+            http1_idle_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let s = Arc::new(ConnState::new(&l));
+        let timer = tokio::time::sleep(Duration::from_secs(60));
+        tokio::pin!(timer);
+        s.arm(timer.as_mut(), s.deadline().0);
+        drop(Stream::begin(s.clone(), false));
+        let woken = tokio::time::timeout(Duration::from_secs(5), s.rearm.notified()).await;
+        assert!(
+            woken.is_ok(),
+            "an idle timeout of 1 s left for a 60 s timer"
+        );
+        s.arm(timer.as_mut(), s.deadline().0);
+        // The next request's header is due in 60 s, after the idle
+        // deadline the timer is armed for: no wake.
+        s.on_read(b"GET / HT");
+        s.due(s.deadline().0);
+        let woken = tokio::time::timeout(Duration::from_millis(50), s.rearm.notified()).await;
+        assert!(woken.is_err(), "woken for a later deadline");
     }
 
     #[test]
     fn an_early_reset_is_premature_and_an_answer_is_not() {
-        let s = Arc::new(ConnState::new(2));
+        let s = Arc::new(window(2));
         // Dropped unanswered (the client reset it).
         drop(Stream::begin(s.clone(), true));
         // Answered: its body was done.
@@ -664,7 +742,7 @@ mod tests {
             !s.flooded.load(Ordering::Relaxed),
             "1 of 2 is not more than half"
         );
-        let s = Arc::new(ConnState::new(2));
+        let s = Arc::new(window(2));
         drop(Stream::begin(s.clone(), true));
         drop(Stream::begin(s.clone(), true));
         assert!(s.flooded.load(Ordering::Relaxed));
