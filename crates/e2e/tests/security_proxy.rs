@@ -721,14 +721,18 @@ async fn child(cfg: &str) {
 
 /// Request smuggling (a request hidden in another's body, for a parser
 /// that frames it differently): whatever the framing trick, the hidden
-/// request never reaches the app. Each case is refused, or framed one way
-/// and its connection closed after the answer.
+/// request never reaches the app, through the outbound listener (the
+/// app's own requests) or the inbound one (plaintext, in permissive mode).
+/// Each case is refused, or framed one way and its connection closed
+/// after the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggled_requests_never_reach_the_app() {
     const HIDDEN: &str = "GET /smuggled HTTP/1.1\r\nHost: web:8080\r\n\r\n";
     let mesh = TestMesh::start().await;
+    mesh.apply(&yaml::mesh("{mtls: permissive}")).await.unwrap();
     let (app, seen) = counting_app().await;
     let proxy = web(&mesh, app, |_| {}).await;
+    mesh.wait_mesh_synced().await;
     let chunk = format!("{:x}\r\n{HIDDEN}\r\n0\r\n\r\n", HIDDEN.len());
     let cases: Vec<(&str, String, String)> = vec![
         (
@@ -852,31 +856,38 @@ async fn smuggled_requests_never_reach_the_app() {
             format!("0\r\n\r\n{HIDDEN}"),
         ),
     ];
-    let runs = cases.into_iter().map(|(name, headers, body)| {
-        let version = if name == "TE on HTTP/1.0" {
-            "HTTP/1.0"
-        } else {
-            "HTTP/1.1"
-        };
-        let raw =
-            format!("POST http://web:8080/a {version}\r\nHost: web:8080\r\n{headers}\r\n{body}");
-        let out = proxy.outbound_addr;
-        async move {
-            let mut tcp = TcpStream::connect(out).await.unwrap();
-            let _ = tcp.write_all(raw.as_bytes()).await;
-            let mut got = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
-            let first = String::from_utf8_lossy(&got)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string();
-            (name, first)
-        }
+    let listeners = [
+        ("outbound", proxy.outbound_addr, "http://web:8080/a"),
+        ("inbound", proxy.inbound_addr, "/a"),
+    ];
+    let runs = listeners.iter().flat_map(|&(listener, addr, target)| {
+        cases.iter().map(move |(name, headers, body)| {
+            let version = if *name == "TE on HTTP/1.0" {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            let raw = format!("POST {target} {version}\r\nHost: web:8080\r\n{headers}\r\n{body}");
+            async move {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                let _ = tcp.write_all(raw.as_bytes()).await;
+                let mut got = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+                let first = String::from_utf8_lossy(&got)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                (listener, name, first)
+            }
+        })
     });
-    for (name, first) in futures::future::join_all(runs).await {
-        eprintln!("smuggling, {name}: {first:?}");
+    let answers = futures::future::join_all(runs).await;
+    for (listener, name, first) in &answers {
+        eprintln!("smuggling, {listener}, {name}: {first:?}");
     }
+    eprintln!("smuggling: {} cases", answers.len());
     let paths = seen.paths();
     eprintln!("the app saw {paths:?}");
     assert!(
