@@ -664,13 +664,11 @@ async fn out_of_descriptors_the_proxy_sheds_new_connections_and_serves_the_ones_
         "at the limit for 2 s: {cpu_used:.3} s of CPU, {} failed accepts",
         errors(&after) - errors(&before)
     );
+    // The CPU figure is printed, not asserted (no timed assertions): a
+    // loop that spins shows in the count of failed accepts.
     assert!(
         errors(&after) - errors(&before) <= 12.0,
         "the accept loop spins"
-    );
-    assert!(
-        cpu_used < 0.5,
-        "{cpu_used:.2} s of CPU in 2 s at the descriptor limit"
     );
 
     // Descriptors come back: new clients are served again.
