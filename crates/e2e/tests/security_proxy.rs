@@ -65,6 +65,17 @@ async fn flood(addr: SocketAddr, n: usize, wait: Duration) -> (usize, Vec<TcpStr
     (n - held.len(), held)
 }
 
+/// Connections `proxy`'s `listener` closed for `reason`
+/// (`trellis_connections_closed_by_limit_total`).
+async fn closed_by_limit(proxy: &Proxy, listener: &str, reason: &str) -> f64 {
+    trellis_e2e::metric_sum(
+        proxy.admin_addr,
+        "trellis_connections_closed_by_limit_total",
+        &[("listener", listener), ("reason", reason)],
+    )
+    .await
+}
+
 async fn demo(name: &str) -> u16 {
     trellis_e2e::demo_app(name, "v1", &format!("{name}-0"))
         .await
@@ -213,12 +224,7 @@ async fn paced_rapid_reset_is_answered_with_goaway() {
     assert!(closed, "the connection stayed open");
     assert!(sent < STREAMS, "all {sent} streams were taken");
     assert!(reached <= 600, "{reached} reset streams reached the app");
-    let counted = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "reset_flood")],
-    )
-    .await;
+    let counted = closed_by_limit(&proxy, "outbound", "reset_flood").await;
     assert_eq!(counted, 1.0);
 }
 
@@ -514,12 +520,7 @@ async fn idle_plaintext_is_closed_unless_the_service_declares_tcp() {
         );
     }
     let carried = accepted.load(Ordering::SeqCst);
-    let closed = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "inbound"), ("reason", "detect_timeout")],
-    )
-    .await;
+    let closed = closed_by_limit(&proxy, "inbound", "detect_timeout").await;
     eprintln!("{SILENT} silent plaintext clients: {carried} carried to the app, {closed} closed");
     assert_eq!(carried, 0, "silent clients reached the app");
     assert_eq!(closed as usize, SILENT);

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use trellis_e2e::attack::{frames, held_app};
 use trellis_e2e::{eventually, ProxyClient, TestMesh};
 
-use super::{answer_text, demo, flood, web, WAIT};
+use super::{answer_text, closed_by_limit, demo, flood, web, WAIT};
 
 /// Connections that send a request's header one byte at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,12 +79,7 @@ async fn slowloris_connections_are_closed_at_the_header_timeout() {
     eprintln!("slowloris: {closed} of {CONNS} closed by the proxy, {answered_408} with a 408");
     assert_eq!(closed, CONNS, "slowloris connections held past 10 s");
     assert_eq!(answered_408, CONNS, "each partial request is answered 408");
-    let closes = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "header_timeout")],
-    )
-    .await;
+    let closes = closed_by_limit(&proxy, "outbound", "header_timeout").await;
     assert_eq!(closes as usize, CONNS, "counted");
 }
 
@@ -167,12 +162,7 @@ async fn an_idle_http1_connection_is_closed_at_the_idle_timeout() {
     );
     assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
     assert!(ended.is_ok(), "an idle keep-alive connection was held");
-    let closes = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "idle")],
-    )
-    .await;
+    let closes = closed_by_limit(&proxy, "outbound", "idle").await;
     assert_eq!(closes, 1.0, "counted");
 }
 
@@ -201,12 +191,7 @@ async fn an_idle_http2_connection_gets_goaway_at_the_idle_timeout() {
         "GOAWAY NO_ERROR after stream 1"
     );
     assert!(closed, "an idle HTTP/2 connection was held");
-    let closes = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "idle")],
-    )
-    .await;
+    let closes = closed_by_limit(&proxy, "outbound", "idle").await;
     assert_eq!(closes, 1.0, "counted");
 }
 
@@ -227,12 +212,7 @@ async fn an_http2_connection_without_a_request_is_closed_at_the_header_timeout()
     );
     assert!(conn.goaway().is_some(), "no GOAWAY");
     assert!(closed, "a connection without a request was held");
-    let closes = trellis_e2e::metric_sum(
-        proxy.admin_addr,
-        "trellis_connections_closed_by_limit_total",
-        &[("listener", "outbound"), ("reason", "header_timeout")],
-    )
-    .await;
+    let closes = closed_by_limit(&proxy, "outbound", "header_timeout").await;
     assert_eq!(closes, 1.0, "counted");
 }
 
