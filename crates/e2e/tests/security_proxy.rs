@@ -22,7 +22,8 @@ use tokio::net::TcpStream;
 use trellis_e2e::attack::{banner_app, counting_app, fds, frames, rss_mib, streaming_app, Peak};
 use trellis_e2e::{eventually, Answer, ProxyClient, TestMesh};
 use trellis_proxy::limits::Limits;
-use trellis_proxy::Proxy;
+use trellis_proxy::listener::BindError;
+use trellis_proxy::{Proxy, StartError};
 use trellis_testkit::yaml;
 
 mod proxy_limits;
@@ -151,16 +152,27 @@ async fn a_loop_through_two_proxies_ends_at_the_hop_limit() {
     // A's --upstream listener sends to B's and B's to A's, both as
     // addresses outside the mesh: neither is the other's own listener.
     let mesh = TestMesh::start().await;
-    let (ua, ub) = (trellis_testkit::free_addr(), trellis_testkit::free_addr());
-    let mut proxies = Vec::new();
-    for (name, listen, to) in [("a", ua, ub), ("b", ub, ua)] {
-        let app = demo(name).await;
-        let mut cfg = mesh.proxy_config(name, &[("app", name)], app);
-        cfg.limits.max_hops = 8;
-        cfg.upstreams
-            .push(format!("{to}={listen}").parse().expect("an --upstream"));
-        proxies.push(Proxy::start(cfg).await.expect("proxy starts"));
-    }
+    let apps = [demo("a").await, demo("b").await];
+    // Each must know the other's address before either binds: free ports,
+    // chosen again when another process takes one in between.
+    let mut attempts = 0;
+    let (ua, _proxies) = 'bind: loop {
+        attempts += 1;
+        let (ua, ub) = (trellis_testkit::free_addr(), trellis_testkit::free_addr());
+        let mut proxies = Vec::new();
+        for ((name, listen, to), app) in [("a", ua, ub), ("b", ub, ua)].into_iter().zip(apps) {
+            let mut cfg = mesh.proxy_config(name, &[("app", name)], app);
+            cfg.limits.max_hops = 8;
+            cfg.upstreams
+                .push(format!("{to}={listen}").parse().expect("an --upstream"));
+            match Proxy::start(cfg).await {
+                Ok(p) => proxies.push(p),
+                Err(StartError::Bind(BindError::Taken { .. })) if attempts < 5 => continue 'bind,
+                Err(e) => panic!("proxy {name} starts: {e}"),
+            }
+        }
+        break (ua, proxies);
+    };
     let (fds_before, rss_before) = (fds(), rss_mib());
     let peak = Peak::start();
     let a = trellis_testkit::http_request(
@@ -192,6 +204,8 @@ async fn a_loop_through_two_proxies_ends_at_the_hop_limit() {
 /// on to a peer proxy at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_rapid_reset_is_answered_with_goaway() {
+    const NO_ERROR: u32 = 0x0;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
     const STREAMS: u32 = 3000;
     let mesh = TestMesh::start().await;
     let (app, reached) = counting_app().await;
@@ -220,12 +234,23 @@ async fn paced_rapid_reset_is_answered_with_goaway() {
     eprintln!(
         "paced rapid reset: {sent} streams sent, {reached} reached the app, GOAWAY {goaway:?}, closed {closed}"
     );
-    assert!(goaway.is_some(), "no GOAWAY after {sent} reset streams");
+    let (_, code) = goaway.unwrap_or_else(|| panic!("no GOAWAY after {sent} reset streams"));
     assert!(closed, "the connection stayed open");
     assert!(sent < STREAMS, "all {sent} streams were taken");
     assert!(reached <= 600, "{reached} reset streams reached the app");
     let counted = closed_by_limit(&proxy, "outbound", "reset_flood").await;
-    assert_eq!(counted, 1.0);
+    match code {
+        // The premature-reset rule's GOAWAY, counted.
+        NO_ERROR => assert_eq!(counted, 1.0, "a reset flood is counted"),
+        // On a loaded machine the proxy may take streams more slowly than
+        // they are reset: then h2's guard against streams reset before
+        // they are taken (--http2-max-pending-accept-reset-streams) ends
+        // the connection first, which is as good.
+        ENHANCE_YOUR_CALM => {
+            eprintln!("paced rapid reset ended by the pending-accept reset limit")
+        }
+        other => panic!("GOAWAY with error code {other}"),
+    }
 }
 
 /// A header block that never ends (CONTINUATION after CONTINUATION).
