@@ -68,6 +68,9 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            // etcd without a majority: the request may succeed later.
+            ApiError::Store(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(StoreError::Conflict) => StatusCode::CONFLICT,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -464,7 +467,9 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
         ));
     }
 
-    let outcome = s.deps.store.apply(resources).await?;
+    // Refused if another replica changed the resources since they were
+    // validated against (`revision`).
+    let outcome = s.deps.store.apply_since(resources, revision).await?;
     let changed = outcome
         .results
         .iter()
@@ -554,7 +559,7 @@ async fn delete_resource(
     let s = &state.inner;
     let key = key_from_path(&kind, &namespace, &name)?;
     let _write = s.write_lock.lock().await;
-    let (all, _) = s.deps.store.list(None).await?;
+    let (all, seen) = s.deps.store.list(None).await?;
     if !all.iter().any(|r| r.key() == key) {
         return Err(ApiError::NotFound(format!("{key} not found")));
     }
@@ -564,7 +569,7 @@ async fn delete_resource(
     let revision = s
         .deps
         .store
-        .delete(&key)
+        .delete_since(&key, seen)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     info!(%key, revision, "deleted");
@@ -583,14 +588,14 @@ async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         .map(|(r, spec)| {
             let ns = &r.metadata.namespace;
             let mut endpoints: Vec<Value> = snap
-                .proxies
+                .endpoints
                 .iter()
                 .filter(|p| p.selected_by(ns, &spec.selector))
                 .map(|p| {
                     json!({
                         "address": p.inbound_addr, "instance": p.instance,
                         "workload": p.workload, "namespace": p.namespace,
-                        "identity": p.identity, "labels": p.labels,
+                        "identity": p.identity(&snap.trust_domain), "labels": p.labels,
                     })
                 })
                 .collect();
@@ -641,8 +646,9 @@ async fn stat(State(state): State<AppState>, Query(q): Query<StatQuery>) -> ApiR
 
 async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
     let snap = state.xds().snapshot();
+    // Every proxy of the mesh, whichever replica holds its stream.
     let out: Vec<Value> = snap
-        .proxies
+        .endpoints
         .iter()
         .filter(|p| !p.admin_addr.is_empty())
         .map(|p| {
