@@ -16,7 +16,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 use trellis_api::v1::proxy_api_client::ProxyApiClient;
 use trellis_api::v1::{SignRequest, SignResponse};
@@ -198,11 +197,14 @@ impl ControlClient {
         let connect = tower::service_fn(move |_: http::Uri| {
             let connector = connector.clone();
             async move {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                    })??;
+                // Marked in transparent mode, so that `trellis init`'s rules
+                // let it pass without excluding the control plane's ports.
+                let tcp =
+                    tokio::time::timeout(CONNECT_TIMEOUT, crate::transparent::connect_marked(addr))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                 let _ = tcp.set_nodelay(true);
                 let name = ServerName::try_from(trellis_identity::CONTROL_PLANE_NAME)
                     .expect("a valid DNS name");
