@@ -7,6 +7,7 @@
 //! proxy never blocks the actor and never gets stale configs queued. The
 //! HTTP API reads an arc-swapped snapshot that the actor publishes.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use trellis_api::v1::proxy_message::Msg;
 use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage, Register};
 use trellis_identity::token::Claims;
 
-use crate::registry::{ConnId, EndpointRecord, ProxyView};
+use crate::registry::{Breach, ConnId, EndpointRecord, ProxyView};
 use crate::stats::Stats;
 
 pub use actor::start;
@@ -69,6 +70,27 @@ impl XdsHandle {
     /// Sends every proxy a new trust bundle.
     pub async fn set_trust_bundle(&self, bundle: Vec<String>) {
         let _ = self.events.send(Event::TrustBundle(bundle)).await;
+    }
+
+    /// The connected proxies whose Config `proposed` (the whole set of
+    /// resources an apply would leave) would push over the Config budget,
+    /// or grow while over it; `applied` are the apply's own resources, the
+    /// ones to blame first.
+    pub async fn check_budget(
+        &self,
+        proposed: Vec<trellis_resource::Resource>,
+        applied: BTreeSet<trellis_resource::ResourceKey>,
+    ) -> Vec<Breach> {
+        let (reply, rx) = oneshot::channel();
+        let ev = Event::CheckBudget {
+            proposed,
+            applied,
+            reply,
+        };
+        if self.events.send(ev).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Stops the actor: every proxy stream ends.
@@ -121,6 +143,11 @@ enum Event {
     ),
     /// The VIP table after an allocation.
     Allocated(Result<crate::vips::Vips, crate::store::StoreError>),
+    CheckBudget {
+        proposed: Vec<trellis_resource::Resource>,
+        applied: BTreeSet<trellis_resource::ResourceKey>,
+        reply: oneshot::Sender<Vec<Breach>>,
+    },
     Shutdown,
 }
 
