@@ -183,6 +183,22 @@ async fn endpoint_records_live_on_their_replicas_lease() {
         .endpoints
         .contains(&("web-1".to_string(), b"b1".to_vec())));
 
+    // A live replica keeps its lease alive: its records outlive the lease
+    // TTL (2 s) three times over, never deleted and written again.
+    let gone = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            let ev = watch.recv().await.expect("the watch runs");
+            if ev.changes.contains(&endpoint("web-0", None)) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        gone.is_err(),
+        "a live replica's endpoint record expired: its lease was not kept alive"
+    );
+
     // Replica a dies (no close, no more keep-alives): its records go with
     // its lease; b's stay.
     let died = Instant::now();

@@ -279,7 +279,7 @@ impl Actor {
             self.buffered.push(ev);
             return;
         }
-        let reset = ev.changes.iter().any(|c| *c == Change::Reset);
+        let reset = ev.changes.contains(&Change::Reset);
         if reset {
             self.request_load();
             return;

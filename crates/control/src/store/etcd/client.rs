@@ -329,13 +329,18 @@ impl Client {
         .await
     }
 
+    /// A keep-alive stream of lease `id`, its first request sent: etcd
+    /// answers a stream's headers with its first response, so a stream
+    /// opened empty never opens.
     pub async fn keep_alive(
         &self,
+        id: i64,
     ) -> Result<(
         mpsc::Sender<pb::LeaseKeepAliveRequest>,
         Streaming<pb::LeaseKeepAliveResponse>,
     )> {
-        self.open_stream("lease keep-alive", None, |ch, r| async move {
+        let first = pb::LeaseKeepAliveRequest { id };
+        self.open_stream("lease keep-alive", Some(first), |ch, r| async move {
             LeaseClient::new(ch).lease_keep_alive(r).await
         })
         .await

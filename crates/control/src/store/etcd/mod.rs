@@ -792,11 +792,14 @@ async fn lease_loop(inner: Arc<Inner>) {
                 );
                 break;
             }
+            // A new stream carries its first request.
+            let mut sent = false;
             if stream.is_none() {
-                stream = inner.client.keep_alive().await.ok();
+                stream = inner.client.keep_alive(id).await.ok();
+                sent = stream.is_some();
             }
             if let Some((tx, rx)) = &mut stream {
-                let sent = tx.try_send(pb::LeaseKeepAliveRequest { id }).is_ok();
+                sent = sent || tx.try_send(pb::LeaseKeepAliveRequest { id }).is_ok();
                 match tokio::time::timeout(Duration::from_secs(2), rx.message()).await {
                     Ok(Ok(Some(r))) if sent && r.ttl > 0 => last_ok = Instant::now(),
                     Ok(Ok(Some(_))) => {
