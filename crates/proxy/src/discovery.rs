@@ -169,8 +169,14 @@ impl Discovery {
             .clone()
     }
 
+    /// Every replica given (`--control-plane`).
     pub fn control_plane(&self) -> &str {
         &self.control_plane
+    }
+
+    /// The replica of the current (or last) connection.
+    pub fn current_replica(&self) -> String {
+        self.control.current()
     }
 
     /// Waits until a config is loaded, or gives up after `timeout`.
