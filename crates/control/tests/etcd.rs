@@ -158,7 +158,15 @@ async fn endpoint_records_live_on_their_replicas_lease() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::single(&bin, dir.path());
+    // Three members: keep-alives that work against one member alone went
+    // unanswered on a cluster.
+    let places: Vec<(String, u16, u16, Vec<String>)> = (0..3)
+        .map(|_| {
+            let (client, peer) = (trellis_testkit::free_port(), trellis_testkit::free_port());
+            ("127.0.0.1".to_string(), client, peer, Vec::new())
+        })
+        .collect();
+    let cluster = Cluster::start(&bin, dir.path(), &places);
     cluster.wait_healthy(WAIT).await;
     let a = open(&cluster, "/t2", "a").await;
     let b = open(&cluster, "/t2", "b").await;
