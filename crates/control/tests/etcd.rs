@@ -482,3 +482,108 @@ async fn replicas_share_tokens_the_ca_and_vips() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A CA, and a certificate it signed for 127.0.0.1 (server and client
+/// use), as PEM files in `dir`: (ca, cert, key).
+fn tls_files(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), &ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    trellis_identity::write_secret(&paths.2, key.serialize_pem().as_bytes()).unwrap();
+    paths
+}
+
+#[tokio::test]
+async fn etcd_with_client_certificates() {
+    let Some(bin) = trellis_testkit::etcd::binary("etcd_with_client_certificates") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path(), "etcd");
+    let (_, other_cert, other_key) = tls_files(dir.path(), "stranger");
+    let (client, peer) = (trellis_testkit::free_port(), trellis_testkit::free_port());
+    let url = format!("https://127.0.0.1:{client}");
+    let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+    let mut etcd = std::process::Command::new(&bin)
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .args(["--cert-file", cert.to_str().unwrap()])
+        .args(["--key-file", key.to_str().unwrap()])
+        .args([
+            "--trusted-ca-file",
+            ca.to_str().unwrap(),
+            "--client-cert-auth",
+        ])
+        .args(["--log-level", "warn"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("etcd starts");
+    let cfg = |cert: &std::path::Path, key: &std::path::Path| EtcdConfig {
+        endpoints: vec![url.clone()],
+        prefix: "/tls".into(),
+        ca: Some(ca.clone()),
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        lease_ttl: Duration::from_secs(2),
+    };
+    // With the member's CA and a client certificate it trusts: the store
+    // works (etcd may take a moment to serve).
+    let store = eventually("the store opens over TLS", WAIT, || async {
+        EtcdStore::open(&cfg(&cert, &key), "a", b"{}".to_vec()).await
+    })
+    .await;
+    store.put_state("k", b"v".to_vec()).await.unwrap();
+    assert_eq!(
+        store.get_state("k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    store.close().await.unwrap();
+    // A certificate from another CA is refused, with what to check.
+    let e = EtcdStore::open(&cfg(&other_cert, &other_key), "b", b"{}".to_vec())
+        .await
+        .expect_err("a stranger's certificate is refused")
+        .to_string();
+    assert!(e.contains("unavailable") && e.contains(&url), "{e}");
+    println!("a stranger's certificate: {e}");
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+}
