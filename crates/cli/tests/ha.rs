@@ -795,6 +795,26 @@ fn replicas_on_etcd_lose_no_request() {
     figures.push(format!("host cut off from every control plane: {} requests, {} failed; caught up {:?} after the cut was healed", load.sent, load.failed, caught_up));
     assert_no_failures("host cut off", &load);
 
+    // The client's sidecar moved between replicas several times (kill -9,
+    // rolling restart, the cut) and never got a Config older than the one
+    // it ran: versions are consistent across replicas.
+    let metrics = mesh
+        .curl(0, &format!("http://{ADMIN}/metrics"))
+        .expect("the client's sidecar's metrics");
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let connects = counter("trellis_proxy_control_plane_connects_total");
+    let rejections = counter("trellis_proxy_config_rejections_total");
+    figures.push(format!(
+        "the client's sidecar connected {connects} times to replicas; configs refused (older than the running one, or invalid): {rejections}"
+    ));
+    assert!(connects >= 3.0, "{connects} connects");
+    assert_eq!(rejections, 0.0, "a replica sent an older config");
+
     println!("figures:");
     for f in figures {
         println!("  {f}");
