@@ -9,30 +9,13 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{text, BIN};
 use trellis_testkit::{eventually, try_http_get};
 
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/demo");
 
 /// `trellis --data-dir DIR ARGS...` with `up`'s etcd; its stdout.
 fn run(dir: &std::path::Path, etcd: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("TRELLIS_SERVER")
-        .env("TRELLIS_ETCD", etcd)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running trellis");
-    assert!(
-        out.status.success(),
-        "trellis {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    common::ok_with(dir, args, &[("TRELLIS_ETCD", etcd)])
 }
 
 #[tokio::test(flavor = "multi_thread")]
