@@ -526,3 +526,59 @@ impl Drop for StopTaps<'_> {
         self.0.taps.stop_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery() -> Arc<Discovery> {
+        let metrics = Metrics::new();
+        let own = crate::telemetry::Own {
+            namespace: "default".into(),
+            workload: "web".into(),
+            service_account: "web".into(),
+            instance: "web-0".into(),
+            service: "web".into(),
+        };
+        let telemetry =
+            Telemetry::new(own, &trellis_resource::MeshSpec::default(), metrics.clone());
+        // No token: the background session never connects anywhere.
+        let control = ControlClient::new("127.0.0.1:1", "").unwrap();
+        let id = Identity {
+            instance: "web-0".into(),
+            workload: "web".into(),
+            namespace: "default".into(),
+            labels: Default::default(),
+            service_account: "web".into(),
+            inbound_addr: "127.0.0.1:15006".into(),
+            admin_addr: "127.0.0.1:15000".into(),
+            app_port: 8080,
+            token: String::new(),
+        };
+        let (_tx, shutdown) = watch::channel(false);
+        Discovery::start(control, id, None, metrics, telemetry, shutdown)
+    }
+
+    #[tokio::test]
+    async fn configs_older_than_the_running_one_are_refused() {
+        let d = discovery();
+        let config = |version: u64| Config {
+            version,
+            ..Config::default()
+        };
+        assert!(d.apply(config(10 << 16)).accepted);
+        // A replica behind the one that sent version 10<<16.
+        let ack = d.apply(config(9 << 16));
+        assert!(!ack.accepted);
+        assert!(
+            ack.error.contains("older than the running"),
+            "{}",
+            ack.error
+        );
+        assert_eq!(d.snapshot().version, 10 << 16, "the running config stays");
+        assert_eq!(d.metrics.config_rejections.get(), 1);
+        // Newer ones are taken as before.
+        assert!(d.apply(config((10 << 16) + 1)).accepted);
+        assert_eq!(d.snapshot().version, (10 << 16) + 1);
+    }
+}
