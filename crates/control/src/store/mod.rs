@@ -37,7 +37,7 @@ pub enum StoreError {
     #[error("store error: {0}")]
     Backend(Box<::redb::Error>),
     /// etcd cannot serve the request: no member reachable, or no majority.
-    #[error("the store (etcd at {endpoints}) is unavailable: {reason}. Writes resume by themselves when a majority of the etcd members is back; check them with `etcdctl --endpoints {endpoints} endpoint health`")]
+    #[error("the store (etcd at {endpoints}) is unavailable: {reason}. Writes resume by themselves when a majority of the etcd members is back; check them with `etcdctl --endpoints {endpoints} endpoint health` (when they are healthy, check this replica's --etcd-endpoints, and with TLS its --etcd-ca, --etcd-cert and --etcd-key)")]
     Unavailable { endpoints: String, reason: String },
     #[error("the stored resources changed while this request was handled (another control plane replica wrote them): send it again")]
     Conflict,
