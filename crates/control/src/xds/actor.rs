@@ -16,7 +16,7 @@
 //! seen the revision the proxy's config was made at reads the store before
 //! it sends that proxy anything.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use super::{Event, Link, Out, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
 use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::registry::{
-    Breach, ConnId, EndpointCache, EndpointRecord, Proxy, Registry, ResourceIndex, SelectionMemo,
-    ServiceName,
+    Breach, ConnId, EndpointCache, EndpointRecord, Proxy, ProxyView, Registry, ResourceIndex,
+    SelectionMemo, ServiceName,
 };
 use crate::store::{Change, Store, StoreEvent, StoreSnapshot};
 use crate::vips::Vips;
@@ -49,6 +49,16 @@ enum Scope {
     One(ConnId),
     /// Proxies whose config holds endpoints of these services.
     Affected(BTreeSet<ServiceName>),
+}
+
+impl Scope {
+    fn reaches(&self, p: &Proxy) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::One(c) => *c == p.conn,
+            Scope::Affected(services) => !p.depends_on.is_disjoint(services),
+        }
+    }
 }
 
 /// Starts the actor on the store's current state. `replica` names this
@@ -84,8 +94,11 @@ pub async fn start(
         buffered: Vec::new(),
         waiting: HashMap::new(),
         allocating: false,
+        views: BTreeMap::new(),
+        dirty: HashSet::new(),
+        published_trust_domain: String::new(),
     };
-    actor.install(first);
+    let _ = actor.install(first);
     actor.publish();
     let task = tokio::spawn(actor.run(rx, store_events));
     Ok((
@@ -124,6 +137,13 @@ struct Actor {
     /// shows the store does not have it: (revision, reads started by then).
     waiting: HashMap<ConnId, (u64, u64)>,
     allocating: bool,
+    /// The published view of each proxy, and the proxies changed since
+    /// (every site that changes a proxy marks it: `self.dirty.insert`).
+    /// With 12,000 proxies, rebuilding every view after each ack cost more
+    /// than the Configs themselves.
+    views: BTreeMap<ConnId, Arc<ProxyView>>,
+    dirty: HashSet<ConnId>,
+    published_trust_domain: String,
 }
 
 impl Actor {
@@ -232,27 +252,48 @@ impl Actor {
         });
     }
 
-    /// Takes a read of the whole store as the registry's new state.
-    fn install(&mut self, snap: StoreSnapshot) {
-        self.registry.resources = ResourceIndex::new(&snap.resources);
-        self.registry.endpoints = snap
+    /// Takes a read of the whole store as the registry's new state; which
+    /// proxies that changes.
+    fn install(&mut self, snap: StoreSnapshot) -> Scope {
+        let next = ResourceIndex::new(&snap.resources);
+        let changed = self.registry.resources.changed_services(&next);
+        self.registry.resources = next;
+        let endpoints: BTreeMap<String, EndpointRecord> = snap
             .endpoints
             .iter()
             .filter_map(|(instance, bytes)| parse_record(instance, bytes))
             .map(|r| (r.instance.clone(), r))
             .collect();
+        let mut all = changed.is_none();
+        let mut affected = changed.unwrap_or_default();
+        if !all {
+            let old = &self.registry.endpoints;
+            for (instance, record) in old.iter().chain(endpoints.iter()) {
+                if old.get(instance) != endpoints.get(instance) {
+                    affected.extend(self.registry.services_of(record));
+                }
+            }
+        }
+        self.registry.endpoints = endpoints;
         if let Some(v) = &snap.vips {
-            self.registry.vips = Vips::from_json(v);
+            let vips = Vips::from_json(v);
+            all |= vips != self.registry.vips;
+            self.registry.vips = vips;
         }
         self.applied = self.applied.max(snap.revision);
+        if all {
+            Scope::All
+        } else {
+            Scope::Affected(affected)
+        }
     }
 
     fn loaded(&mut self, seq: u64, result: Result<StoreSnapshot, crate::store::StoreError>) {
         self.loading = false;
         match result {
             Ok(snap) => {
-                self.install(snap);
-                self.update(Scope::All);
+                let scope = self.install(snap);
+                self.update(scope);
                 // What came meanwhile, past what the read saw.
                 for ev in std::mem::take(&mut self.buffered) {
                     self.store_event(ev);
@@ -367,6 +408,7 @@ impl Actor {
             .collect();
         for conn in ready {
             self.waiting.remove(&conn);
+            self.dirty.insert(conn);
             if let Some(p) = self.registry.proxies.get_mut(&conn) {
                 p.waiting_for = None;
             }
@@ -383,6 +425,7 @@ impl Actor {
                 kill,
             } => self.register(conn, register, out, kill),
             Event::Subscribe { conn, services } => {
+                self.dirty.insert(conn);
                 let Some(p) = self.registry.proxies.get_mut(&conn) else {
                     return;
                 };
@@ -393,6 +436,7 @@ impl Actor {
                 }
             }
             Event::Ack { conn, ack } => {
+                self.dirty.insert(conn);
                 let Some(p) = self.registry.proxies.get_mut(&conn) else {
                     return;
                 };
@@ -496,6 +540,7 @@ impl Actor {
             subscriptions = proxy.subscriptions.len(),
             "proxy registered"
         );
+        self.dirty.insert(conn);
         self.registry.proxies.insert(conn, proxy);
         self.links.insert(conn, Link { out, _kill: kill });
         self.metrics
@@ -507,6 +552,7 @@ impl Actor {
 
     fn remove(&mut self, conn: ConnId) -> Option<Proxy> {
         self.links.remove(&conn);
+        self.dirty.insert(conn);
         self.waiting.remove(&conn);
         let p = self.registry.proxies.remove(&conn);
         if let Some(p) = &p {
@@ -519,14 +565,15 @@ impl Actor {
         p
     }
 
-    /// Every proxy's Config size under the current resources.
-    fn config_sizes(&self) -> HashMap<ConnId, usize> {
+    /// The Config size of each proxy in `scope` under the current resources.
+    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
         use prost::Message as _;
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
+        let mut cache = self.endpoint_cache(scope, &mut memo);
         self.registry
             .proxies
             .values()
+            .filter(|p| scope.reaches(p))
             .map(|p| {
                 let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
                 (p.conn, config.encoded_len())
@@ -534,20 +581,34 @@ impl Actor {
             .collect()
     }
 
-    /// See `XdsHandle::check_budget`. Builds every connected proxy's
-    /// Config twice (now, and with `proposed`), as a reload does once.
+    /// Every Service's endpoints in one pass when every proxy is computed;
+    /// otherwise filled per Service as needed.
+    fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
+        match scope {
+            Scope::All => self.registry.all_endpoints(memo),
+            _ => EndpointCache::new(),
+        }
+    }
+
+    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
+    /// would change twice (now, and with `proposed`), as a reload does once.
     fn check_budget(
         &mut self,
         proposed: &[trellis_resource::Resource],
         applied: &BTreeSet<trellis_resource::ResourceKey>,
     ) -> Vec<Breach> {
         use prost::Message as _;
-        let before = self.config_sizes();
-        let current = std::mem::replace(&mut self.registry.resources, ResourceIndex::new(proposed));
+        let next = ResourceIndex::new(proposed);
+        let scope = match self.registry.resources.changed_services(&next) {
+            Some(services) => Scope::Affected(services),
+            None => Scope::All,
+        };
+        let before = self.config_sizes(&scope);
+        let current = std::mem::replace(&mut self.registry.resources, next);
         let mut breaches = Vec::new();
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
-        for p in self.registry.proxies.values() {
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
             let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
             let bytes = config.encoded_len();
             let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
@@ -568,23 +629,14 @@ impl Actor {
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
         let mut memo = SelectionMemo::default();
-        // Every proxy's Config is recomputed: index every Service's
-        // endpoints in one pass over the records first.
-        let mut cache = match scope {
-            Scope::All => self.registry.all_endpoints(&mut memo),
-            _ => EndpointCache::new(),
-        };
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
         let mut changed = Vec::new();
         for p in self.registry.proxies.values() {
-            let wanted = match &scope {
-                Scope::All => true,
-                Scope::One(c) => *c == p.conn,
-                Scope::Affected(services) => !p.depends_on.is_disjoint(services),
-            };
-            if !wanted || p.waiting_for.is_some() {
+            if !scope.reaches(p) || p.waiting_for.is_some() {
                 continue;
             }
             let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
+            self.metrics.configs_computed.inc();
             let hash = config.content_hash();
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
@@ -592,6 +644,7 @@ impl Actor {
         }
         let floor = self.applied << VERSION_SHIFT;
         for (conn, mut config, deps, hash) in changed {
+            self.dirty.insert(conn);
             // Over the budget, a Config would fail the proxy's decoding and
             // make it reconnect in a loop: it keeps its last one instead.
             let bytes = prost::Message::encoded_len(&config);
@@ -654,19 +707,30 @@ impl Actor {
         }
     }
 
-    fn publish(&self) {
-        let td = self.registry.trust_domain().to_string();
-        let proxies = self
-            .registry
-            .proxies
-            .values()
-            .map(|p| p.view(&td))
-            .collect();
+    fn publish(&mut self) {
+        let td = self.registry.trust_domain();
+        if td != self.published_trust_domain {
+            // Every identity in the views names the trust domain.
+            self.published_trust_domain = td.to_string();
+            self.views.clear();
+            self.dirty.extend(self.registry.proxies.keys().copied());
+        }
+        for conn in self.dirty.drain() {
+            match self.registry.proxies.get(&conn) {
+                Some(p) => {
+                    self.views
+                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
+                }
+                None => {
+                    self.views.remove(&conn);
+                }
+            }
+        }
         self.snapshot.store(Arc::new(Snapshot {
-            proxies,
+            proxies: self.views.values().cloned().collect(),
             endpoints: self.registry.endpoints.values().cloned().collect(),
             revision: self.applied,
-            trust_domain: td,
+            trust_domain: self.published_trust_domain.clone(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
             vips: self.registry.vips.clone(),
         }));

@@ -42,8 +42,10 @@ pub enum XdsError {
 /// What the HTTP API sees of the proxies.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// The proxies connected to this control plane.
-    pub proxies: Vec<ProxyView>,
+    /// The proxies connected to this control plane; shared with earlier
+    /// snapshots: a publish rebuilds only the views of the proxies that
+    /// changed since the last one.
+    pub proxies: Vec<Arc<ProxyView>>,
     /// Every proxy of the mesh as an endpoint (from every replica).
     pub endpoints: Vec<EndpointRecord>,
     /// The store revision the registry reflects.
@@ -246,6 +248,7 @@ impl ProxyApi for ProxyApiService {
                 "refused a proxy's registration"
             );
         })?;
+        register.admin_addr = admin_target(&register, peer);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(?peer, conn, instance = %register.instance, "stream opened");
         let taps = self.observers.taps.connect(
@@ -346,6 +349,37 @@ fn admit(claims: &Claims, register: &Register, peer: Option<SocketAddr>) -> Resu
         "the proxy advertises {ip} but connects from {from}, and its token grants no other address: advertise the address it connects from, or make a token with `trellis token create -n {} --service-account {} --advertise-addr {ip} ...`",
         claims.namespace, claims.service_account
     )))
+}
+
+/// The admin address to list for Prometheus discovery, given the admitted
+/// `inbound_addr`: on the proxy's own published address or the one it
+/// connects from, never another host's (a proxy must not steer the mesh's
+/// scrapers at arbitrary addresses). Anything else is left out, not refused:
+/// the proxy still serves, it is just not scraped.
+fn admin_target(register: &Register, peer: Option<SocketAddr>) -> String {
+    if register.admin_addr.is_empty() {
+        return String::new();
+    }
+    let Ok(admin) = register.admin_addr.parse::<SocketAddr>() else {
+        warn!(instance = %register.instance, admin = %register.admin_addr, "left out an admin address that is not IP:PORT");
+        return String::new();
+    };
+    let inbound_ip = register
+        .inbound_addr
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical());
+    if admin.ip().is_unspecified() {
+        return inbound_ip.map_or(String::new(), |ip| {
+            SocketAddr::new(ip, admin.port()).to_string()
+        });
+    }
+    let ip = admin.ip().to_canonical();
+    if Some(ip) == inbound_ip || Some(ip) == peer.map(|p| p.ip().to_canonical()) {
+        return SocketAddr::new(ip, admin.port()).to_string();
+    }
+    warn!(instance = %register.instance, admin = %admin, "left out an admin address on another host than the proxy's");
+    String::new()
 }
 
 /// Reads a proxy's messages until its stream ends, then reports it gone.
@@ -466,6 +500,25 @@ mod tests {
             exp: u64::MAX,
             ca: String::new(),
         }
+    }
+
+    #[test]
+    fn admin_addresses_stay_on_the_proxys_host() {
+        let peer: SocketAddr = "10.0.0.7:40000".parse().unwrap();
+        let target = |inbound: &str, admin: &str| {
+            let mut r = register(&[], inbound);
+            r.admin_addr = admin.into();
+            admin_target(&r, Some(peer))
+        };
+        assert_eq!(target("10.0.0.7:15006", "10.0.0.7:15000"), "10.0.0.7:15000");
+        // Published on a granted address other than the peer's.
+        assert_eq!(target("10.0.0.9:15006", "10.0.0.9:15000"), "10.0.0.9:15000");
+        assert_eq!(target("10.0.0.7:15006", "0.0.0.0:15000"), "10.0.0.7:15000");
+        // Another host, the control plane's loopback, garbage: left out.
+        assert_eq!(target("10.0.0.7:15006", "10.0.0.8:15000"), "");
+        assert_eq!(target("10.0.0.7:15006", "127.0.0.1:2379"), "");
+        assert_eq!(target("10.0.0.7:15006", "not an address"), "");
+        assert_eq!(target("10.0.0.7:15006", ""), "");
     }
 
     fn register(labels: &[(&str, &str)], inbound: &str) -> Register {
