@@ -162,6 +162,15 @@ pub struct UpArgs {
     /// 10.200.0.0-10.249.255.0); must not overlap the host's routes.
     #[arg(long, value_name = "CIDR")]
     pub subnet: Option<String>,
+    /// How many control plane replicas to run (more than one needs
+    /// --store etcd).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub control_replicas: u16,
+    /// The control plane's store: `embedded`, or `etcd` (a local etcd
+    /// cluster of three members, as child processes; needs the etcd
+    /// binary on PATH, or TRELLIS_ETCD).
+    #[arg(long, value_enum, default_value_t = StoreArg::Embedded)]
+    pub store: StoreArg,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +195,32 @@ pub struct ControlArgs {
     /// The key of --ca-cert, PEM.
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Where resources, tokens and the CA live: `embedded` (a file in the
+    /// data dir, one control plane) or `etcd` (shared by any number of
+    /// replicas; needs --etcd-endpoints and --kek-file).
+    #[arg(long, value_enum, default_value_t = StoreArg::Embedded)]
+    pub store: StoreArg,
+    /// The etcd members' client URLs (comma-separated), e.g.
+    /// https://10.0.0.5:2379,https://10.0.0.6:2379.
+    #[arg(long, value_delimiter = ',', value_name = "URL,...")]
+    pub etcd_endpoints: Vec<String>,
+    /// The CA of the etcd members' certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Every key of this mesh lives under this prefix in etcd.
+    #[arg(long, default_value = "/trellis", value_name = "PREFIX")]
+    pub etcd_prefix: String,
+    /// The key-encryption key of the secrets in the store: 32 random bytes
+    /// (raw or hex), the same file on every replica; default
+    /// <data-dir>/kek, made on first start (embedded store only).
+    #[arg(long, value_name = "FILE")]
+    pub kek_file: Option<PathBuf>,
     /// The roots to trust (needed when --ca-cert is an intermediate).
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
@@ -206,10 +241,19 @@ pub struct ControlArgs {
     pub http_hosts: Vec<String>,
 }
 
+/// `trellis control --store`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreArg {
+    Embedded,
+    Etcd,
+}
+
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// The control plane's proxy API: HOST:PORT or a URL.
-    #[arg(long, value_name = "ADDR")]
+    /// The control plane's proxy API: HOST:PORT or a URL, or several
+    /// replicas' (comma-separated), or a name with several addresses; the
+    /// proxy fails over between them.
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     pub control_plane: String,
     #[arg(long, value_name = "NAME")]
     pub workload: String,

@@ -60,6 +60,8 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         data_dir: data_dir.clone(),
         detach: false,
         timeout: Duration::from_secs(60),
+        control_replicas: 1,
+        etcd: false,
     };
     let result = async {
         let mut mesh = Runner::<Host>::start(loaded, &opts, ()).await?;

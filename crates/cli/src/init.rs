@@ -62,6 +62,16 @@ pub struct InitArgs {
     /// Destination ports the app reaches directly (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub exclude_outbound_ports: Vec<u16>,
+    /// Redirect only the outbound traffic (and DNS) of processes running as
+    /// these users (comma-separated uids): on a plain host, where the app
+    /// shares the network namespace with everything else, the app's user.
+    #[arg(long, value_delimiter = ',', value_name = "UID,...")]
+    pub redirect_uid: Vec<u32>,
+    /// Redirect only inbound TCP to these ports (comma-separated), e.g. the
+    /// app's port on a plain host; default: every port but the admin port
+    /// and --exclude-inbound-ports (a pod).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub include_inbound_ports: Vec<u16>,
 }
 
 fn parse_cidr(s: &str) -> Result<String, String> {
@@ -195,6 +205,24 @@ pub fn rules(a: &InitArgs) -> String {
             ports.join(", ")
         )
     };
+    let owners = if a.redirect_uid.is_empty() {
+        String::new()
+    } else {
+        let mut uids = a.redirect_uid.clone();
+        uids.sort_unstable();
+        uids.dedup();
+        let uids: Vec<String> = uids.iter().map(u32::to_string).collect();
+        format!("\t\tmeta skuid != {{ {} }} return\n", uids.join(", "))
+    };
+    let included_in = if a.include_inbound_ports.is_empty() {
+        String::new()
+    } else {
+        let mut ports = a.include_inbound_ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!("\t\ttcp dport != {{ {} }} return\n", ports.join(", "))
+    };
     let dns = if a.no_dns {
         String::new()
     } else {
@@ -211,6 +239,7 @@ pub fn rules(a: &InitArgs) -> String {
          \tchain output {{\n\
          \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tmeta mark {mark:#x} return\n\
+         {owners}\
          {dns}\
          \t\toifname \"lo\" return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
@@ -221,6 +250,7 @@ pub fn rules(a: &InitArgs) -> String {
          \t\ttype nat hook prerouting priority -100; policy accept;\n\
          \t\tiifname \"lo\" return\n\
          \t\ttcp dport {{ {excluded} }} return\n\
+         {included_in}\
          \t\tmeta l4proto tcp redirect to :{inb}\n\
          \t}}\n\
          }}\n",
@@ -376,6 +406,25 @@ mod tests {
         assert!(r.contains("tcp dport { 3, 22 } return"));
         assert!(r.contains("meta mark 0x4d return"));
         assert!(!r.contains("dport 53"));
+    }
+
+    #[test]
+    fn plain_hosts_scope_the_rules_to_the_app() {
+        let r = rules(&args(&[
+            "--redirect-uid",
+            "1001,1000",
+            "--include-inbound-ports",
+            "8080",
+        ]));
+        assert!(r.contains("meta skuid != { 1000, 1001 } return"), "{r}");
+        assert!(r.contains("tcp dport != { 8080 } return"), "{r}");
+        // Other users' traffic, DNS included, passes before any redirect.
+        let at = |s: &str| r.find(s).unwrap();
+        assert!(at("meta mark") < at("meta skuid"));
+        assert!(at("meta skuid") < at("udp dport 53"));
+        assert!(at("dport != { 8080 }") < at("redirect to :15006"));
+        let pod = rules(&args(&[]));
+        assert!(!pod.contains("skuid") && !pod.contains("!="), "{pod}");
     }
 
     #[test]

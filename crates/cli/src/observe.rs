@@ -198,18 +198,39 @@ pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
         ),
     }
 
-    let proxies: Vec<ProxyInfo> = api.get("/api/v1/proxies").await?;
+    let mut proxies: Vec<ProxyInfo> = api.get("/api/v1/proxies").await?;
     // When this is the mesh of `trellis up`, its processes say which
     // proxies should be connected, and where their logs are.
     let local = RunState::read(&global.data_dir)
         .ok()
         .flatten()
         .filter(|s| s.control_url() == api.base());
+    // Each control plane replica lists the proxies connected to it.
+    for other in local
+        .iter()
+        .flat_map(|s| &s.processes)
+        .filter(|p| p.role == Role::Control && p.name != "control" && p.is_running())
+    {
+        let Some(http) = other.addresses.http else {
+            continue;
+        };
+        let mut replica = Api::new(
+            &format!("http://{http}"),
+            "a control plane replica of `trellis up`",
+        )?;
+        if let Some(t) = api.token() {
+            replica = replica.with_token(t);
+        }
+        if let Ok(more) = replica.get::<Vec<ProxyInfo>>("/api/v1/proxies").await {
+            proxies.extend(more);
+        }
+    }
     if let Some(state) = &local {
         for p in &state.processes {
             if !p.is_running() {
                 let who = match p.role {
-                    Role::Control => "the control plane".to_string(),
+                    Role::Control => format!("the control plane ({})", p.name),
+                    Role::Etcd => format!("etcd member {}", p.name),
                     Role::App => format!("app {}", p.name),
                     Role::Proxy => format!("proxy {}", p.name.trim_end_matches("-proxy")),
                 };

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use trellis_control::{ControlConfig, ControlPlane};
 use trellis_proxy::{Proxy, ProxyConfig};
 
-use crate::cli::{ControlArgs, Global, ProxyArgs};
+use crate::cli::{ControlArgs, Global, ProxyArgs, StoreArg};
 
-pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
+pub fn control_config(global: &Global, args: &ControlArgs) -> anyhow::Result<ControlConfig> {
     let mut cfg = ControlConfig::new(&global.data_dir);
     cfg.http_addr = args.http_addr;
     cfg.ca.cert = args.ca_cert.clone();
@@ -24,11 +24,35 @@ pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
         _ => trellis_control::HttpTls::Off,
     };
     cfg.http_hosts = args.http_hosts.clone();
-    cfg
+    cfg.kek_file = args.kek_file.clone();
+    cfg.store = match args.store {
+        StoreArg::Embedded => {
+            if !args.etcd_endpoints.is_empty() {
+                anyhow::bail!("--etcd-endpoints needs --store etcd");
+            }
+            trellis_control::StoreKind::Embedded
+        }
+        StoreArg::Etcd => {
+            if args.etcd_endpoints.is_empty() {
+                anyhow::bail!(
+                    "--store etcd needs --etcd-endpoints URL[,URL...]: the etcd members' client URLs, e.g. https://10.0.0.5:2379"
+                );
+            }
+            trellis_control::StoreKind::Etcd(trellis_control::EtcdConfig {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                ca: args.etcd_ca.clone(),
+                cert: args.etcd_cert.clone(),
+                key: args.etcd_key.clone(),
+                ..trellis_control::EtcdConfig::default()
+            })
+        }
+    };
+    Ok(cfg)
 }
 
 pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<ExitCode> {
-    let cfg = control_config(global, args);
+    let cfg = control_config(global, args)?;
     let cp = ControlPlane::start(cfg).await?;
     tracing::info!(http = %cp.http_addr, grpc = %cp.grpc_addr, "control plane serving; SIGTERM or Ctrl-C stops it");
     crate::signals::shutdown().await;
@@ -143,9 +167,46 @@ mod tests {
         let Command::Control(args) = &cli.command else {
             panic!()
         };
-        let cfg = control_config(&cli.global, args);
+        let cfg = control_config(&cli.global, args).unwrap();
         assert_eq!(cfg.data_dir, std::path::PathBuf::from("/d"));
         assert_eq!(cfg.http_addr.port(), 0);
         assert_eq!(cfg.grpc_addr.port(), 15010);
+        assert!(matches!(cfg.store, trellis_control::StoreKind::Embedded));
+    }
+
+    #[test]
+    fn etcd_flags_map_onto_the_config() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["trellis", "control", "--data-dir", "/d"];
+            argv.extend(extra);
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Control(args) = &cli.command else {
+                panic!()
+            };
+            control_config(&cli.global, args)
+        };
+        let cfg = parse(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "https://a:2379,https://b:2379",
+            "--etcd-ca",
+            "/ca.pem",
+            "--etcd-prefix",
+            "/prod",
+            "--kek-file",
+            "/kek",
+        ])
+        .unwrap();
+        let trellis_control::StoreKind::Etcd(etcd) = &cfg.store else {
+            panic!("{:?}", cfg.store)
+        };
+        assert_eq!(etcd.endpoints, ["https://a:2379", "https://b:2379"]);
+        assert_eq!(etcd.prefix, "/prod");
+        assert_eq!(etcd.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(cfg.kek_file.as_deref(), Some(std::path::Path::new("/kek")));
+        let e = parse(&["--store", "etcd"]).unwrap_err().to_string();
+        assert!(e.contains("--etcd-endpoints"), "{e}");
+        assert!(parse(&["--etcd-endpoints", "http://a:2379"]).is_err());
     }
 }

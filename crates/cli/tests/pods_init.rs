@@ -162,3 +162,81 @@ fn init_redirects_excludes_is_idempotent_and_removes() {
     assert_eq!(probe(&p.b, "tcp", &a_ip, 15000, None), "admin");
     drop(p);
 }
+
+/// `probe` as another user (`setpriv`), with the system's python (a
+/// per-user interpreter under /root is out of that user's reach).
+fn probe_as(ns: &Netns, uid: u32, proto: &str, host: &str, port: u16) -> String {
+    let (uid, port) = (uid.to_string(), port.to_string());
+    ns.exec(&[
+        "setpriv",
+        "--reuid",
+        &uid,
+        "--regid",
+        &uid,
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        PROBE,
+        proto,
+        host,
+        &port,
+    ])
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn init_on_a_plain_host_redirects_only_the_app() {
+    if !netns::can_run("init_on_a_plain_host_redirects_only_the_app") {
+        return;
+    }
+    // The namespace stands for a plain host: the app (uid 4242, port 8080)
+    // shares it with everything else, e.g. a service on port 2222.
+    let mut p = pair();
+    let mut args = vec!["python3", "-c", SERVERS];
+    args.extend([
+        "tcp:127.0.0.1:15001:outbound",
+        "tcp:0.0.0.0:15006:inbound",
+        "tcp:0.0.0.0:8080:app",
+        "tcp:0.0.0.0:2222:other",
+        "tcp:127.0.0.1:15053:dns-tcp",
+    ]);
+    p.a.spawn(&args);
+    p.b.spawn(&[
+        "python3",
+        "-c",
+        SERVERS,
+        "tcp:0.0.0.0:80:real-b",
+        "tcp:0.0.0.0:53:real-dns",
+    ]);
+    let (a_ip, b_ip) = (p.a_ip.clone(), p.b_ip.clone());
+    eventually_blocking("the test servers", Duration::from_secs(10), || {
+        (probe(&p.a, "tcp", "127.0.0.1", 15001, None) == "outbound"
+            && probe(&p.b, "tcp", &b_ip, 80, None) == "real-b")
+            .then_some(())
+    });
+    p.a.exec(&[
+        TRELLIS,
+        "init",
+        "--redirect-uid",
+        "4242",
+        "--include-inbound-ports",
+        "8080",
+    ]);
+
+    // The app's outbound traffic and DNS go to the sidecar...
+    assert_eq!(probe_as(&p.a, 4242, "tcp", &b_ip, 80), "outbound");
+    assert_eq!(probe_as(&p.a, 4242, "tcp", &b_ip, 53), "dns-tcp");
+    // ...everyone else's goes where it was sent.
+    assert_eq!(probe(&p.a, "tcp", &b_ip, 80, None), "real-b");
+    assert_eq!(probe_as(&p.a, 4243, "tcp", &b_ip, 80), "real-b");
+    assert_eq!(probe(&p.a, "tcp", &b_ip, 53, None), "real-dns");
+    // Inbound: the app's port goes to the sidecar, other ports do not.
+    assert_eq!(probe(&p.b, "tcp", &a_ip, 8080, None), "inbound");
+    assert_eq!(probe(&p.b, "tcp", &a_ip, 2222, None), "other");
+
+    p.a.exec(&[TRELLIS, "init", "--remove"]);
+    assert_eq!(probe_as(&p.a, 4242, "tcp", &b_ip, 80), "real-b");
+    assert_eq!(probe(&p.b, "tcp", &a_ip, 8080, None), "app");
+    drop(p);
+}

@@ -82,9 +82,11 @@ fn register_workloads(registry: &mut Registry, resources: &[Resource]) {
                 app_port: 8080,
                 ..Default::default()
             };
+            let proxy = Proxy::from_register(conn, &register);
             registry
-                .proxies
-                .insert(conn, Proxy::from_register(conn, &register));
+                .endpoints
+                .insert(proxy.instance.clone(), proxy.record("example"));
+            registry.proxies.insert(conn, proxy);
         }
     }
 }

@@ -350,6 +350,32 @@ impl Auth {
         list(&*self.store, JOIN_KEYS).await
     }
 
+    /// Deletes the records of tokens that expired more than `grace` ago
+    /// (they are refused anyway; the grace keeps them in `token list` for a
+    /// while). Returns the ids of the join tokens whose records went, so
+    /// that their revocations can go too. A singleton duty: one replica
+    /// does it for all.
+    pub async fn remove_expired(&self, grace: Duration) -> Result<Vec<String>, AuthError> {
+        let before = now().saturating_sub(grace.as_secs());
+        let mut joins = Vec::new();
+        for t in self.list().await? {
+            if t.expires_at.is_some_and(|at| at < before) {
+                self.store
+                    .delete_state(&format!("{API_KEYS}{}", t.id))
+                    .await?;
+            }
+        }
+        for t in self.list_join().await? {
+            if t.expires_at < before {
+                self.store
+                    .delete_state(&format!("{JOIN_KEYS}{}", t.id))
+                    .await?;
+                joins.push(t.id);
+            }
+        }
+        Ok(joins)
+    }
+
     /// Registers the control plane's own admin token, kept in
     /// `<data_dir>/admin-token` (0600), and returns it. A file whose token
     /// is unknown to the store, revoked, expired, or of an older format is
@@ -522,6 +548,52 @@ mod tests {
         std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "ab".repeat(32)).unwrap();
         let t3 = auth.bootstrap(dir.path()).await.unwrap();
         assert!(t3.starts_with("trellis-api."));
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_removed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&dir).await;
+        let (_, dead) = auth
+            .create(Role::Viewer, Some(Duration::ZERO), "t")
+            .await
+            .unwrap();
+        let (_, live) = auth
+            .create(Role::Viewer, Some(Duration::from_secs(3600)), "t")
+            .await
+            .unwrap();
+        let join = |id: &str, expires_at| JoinToken {
+            id: id.into(),
+            namespace: "a".into(),
+            service_account: "b".into(),
+            labels: Default::default(),
+            advertise_addr: None,
+            created_at: 0,
+            expires_at,
+            revoked_at: None,
+        };
+        auth.record_join(&join("aa", now())).await.unwrap();
+        auth.record_join(&join("bb", now() + 3600)).await.unwrap();
+        // Within the grace, nothing goes.
+        assert!(auth
+            .remove_expired(Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(auth.list().await.unwrap().len(), 2);
+        // Past it, only the expired ones.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(auth.remove_expired(Duration::ZERO).await.unwrap(), ["aa"]);
+        let ids: Vec<String> = auth
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, [live.id]);
+        assert_ne!(dead.id, ids[0]);
+        assert_eq!(auth.list_join().await.unwrap()[0].id, "bb");
     }
 
     #[test]

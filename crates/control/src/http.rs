@@ -82,6 +82,9 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // etcd without a majority: the request may succeed later.
+            ApiError::Store(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(StoreError::Conflict) => StatusCode::CONFLICT,
             ApiError::Internal(_) | ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -525,7 +528,9 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
         ));
     }
 
-    let outcome = s.deps.store.apply(resources).await?;
+    // Refused if another replica changed the resources since they were
+    // validated against (`revision`).
+    let outcome = s.deps.store.apply_since(resources, revision).await?;
     let changed = outcome
         .results
         .iter()
@@ -683,7 +688,7 @@ async fn delete_resource(
     let s = &state.inner;
     let key = key_from_path(&kind, &namespace, &name)?;
     let _write = s.write_lock.lock().await;
-    let (all, _) = s.deps.store.list(None).await?;
+    let (all, seen) = s.deps.store.list(None).await?;
     if !all.iter().any(|r| r.key() == key) {
         return Err(ApiError::NotFound(format!("{key} not found")));
     }
@@ -693,7 +698,7 @@ async fn delete_resource(
     let revision = s
         .deps
         .store
-        .delete(&key)
+        .delete_since(&key, seen)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{key} not found")))?;
     info!(%key, revision, "deleted");
@@ -712,14 +717,14 @@ async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         .map(|(r, spec)| {
             let ns = &r.metadata.namespace;
             let mut endpoints: Vec<Value> = snap
-                .proxies
+                .endpoints
                 .iter()
                 .filter(|p| p.selected_by(ns, &spec.selector))
                 .map(|p| {
                     json!({
                         "address": p.inbound_addr, "instance": p.instance,
                         "workload": p.workload, "namespace": p.namespace,
-                        "identity": p.identity, "labels": p.labels,
+                        "identity": p.identity(&snap.trust_domain), "labels": p.labels,
                     })
                 })
                 .collect();
@@ -770,8 +775,9 @@ async fn stat(State(state): State<AppState>, Query(q): Query<StatQuery>) -> ApiR
 
 async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
     let snap = state.xds().snapshot();
+    // Every proxy of the mesh, whichever replica holds its stream.
     let out: Vec<Value> = snap
-        .proxies
+        .endpoints
         .iter()
         .filter(|p| !p.admin_addr.is_empty())
         .map(|p| {

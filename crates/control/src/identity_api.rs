@@ -26,6 +26,7 @@ use trellis_identity::token::Grant;
 
 use crate::auth::{JoinToken, Principal, Role};
 use crate::http::AppState;
+use crate::mesh_identity::IdentityError;
 
 /// Join tokens live a day unless asked otherwise; so do API tokens.
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -218,17 +219,15 @@ async fn revoke_token(
     }
     // Join tokens are verified by signature; the id joins the revocation
     // list whether or not a record of it exists (tokens of older versions).
-    let revoked = s
-        .identity()
-        .revoke(&id)
-        .map_err(|e| e.to_string())
-        .and(s.auth().revoke_join(&id).await.map_err(|e| e.to_string()));
-    match revoked {
+    if let Err(e) = s.identity().revoke(&id).await {
+        return identity_error(e);
+    }
+    match s.auth().revoke_join(&id).await {
         Ok(()) => {
             tracing::info!(%id, by = %who.id, "revoked a join token");
             Json(json!({"revoked": id, "kind": "join"})).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
@@ -250,12 +249,12 @@ async fn rotate(State(s): State<AppState>, headers: HeaderMap) -> Response {
         return r;
     }
     let td = s.xds().snapshot().trust_domain.clone();
-    match s.identity().rotate(&td) {
+    match s.identity().rotate(&td).await {
         Ok(bundle) => {
             s.xds().set_trust_bundle(bundle.clone()).await;
             Json(bundle_json(&bundle)).into_response()
         }
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => identity_error(e),
     }
 }
 
@@ -263,11 +262,22 @@ async fn retire(State(s): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(r) = refuse_browsers(&headers) {
         return r;
     }
-    match s.identity().retire() {
+    match s.identity().retire().await {
         Ok(bundle) => {
             s.xds().set_trust_bundle(bundle.clone()).await;
             Json(bundle_json(&bundle)).into_response()
         }
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => identity_error(e),
     }
+}
+
+/// 503 when the store is away (the request may succeed later), 409 when
+/// the CA cannot do it (a user-supplied CA, nothing to retire, a race).
+fn identity_error(e: IdentityError) -> Response {
+    let status = match &e {
+        IdentityError::Store(s) if s.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+        IdentityError::Ca(_) | IdentityError::Busy => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
 }

@@ -1,17 +1,21 @@
 //! The Trellis control plane.
 //!
-//! It owns the resource store, serves the HTTP API (apply, get, delete,
-//! stat, dashboard, metrics; every route but health behind a credential,
-//! see `auth`) and the gRPC proxy API, through which every proxy
-//! registers, follows the services its app calls and reports traffic.
-//! `ControlPlane::start` runs all of it inside the caller's tokio runtime;
-//! `trellis control` and `trellis up` both use it.
+//! It owns the store (embedded, or etcd shared by any number of replicas),
+//! serves the HTTP API (apply, get, delete, stat, dashboard, metrics; every
+//! route but health behind a credential, see `auth`) and the gRPC proxy
+//! API, through which every proxy registers, follows the services its app
+//! calls and reports traffic. Replicas are stateless: everything they
+//! share lives in the store, and the singleton duties go to the one
+//! holding the store's leader key. `ControlPlane::start` runs all of it
+//! inside the caller's tokio runtime; `trellis control` and `trellis up`
+//! both use it.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod http;
 pub mod https;
 pub mod identity_api;
+pub mod kek;
 pub mod mesh_identity;
 pub mod metrics;
 pub mod observe_api;
@@ -35,7 +39,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 use trellis_api::v1::proxy_api_server::ProxyApiServer;
 
-pub use store::{RedbStore, Store, StoreError, StoreEvent};
+pub use store::{EtcdConfig, EtcdStore, RedbStore, Store, StoreError, StoreEvent};
 
 /// Configuration of `trellis control`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -56,6 +60,25 @@ pub struct ControlConfig {
     /// bound address: accepted in `Host`, and put in a mesh-CA certificate.
     #[serde(default)]
     pub http_hosts: Vec<String>,
+    /// Where resources, tokens and the CA live.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The key-encryption key of the secrets in the store (see `kek`);
+    /// default `<data-dir>/kek`, made on first start, for the embedded
+    /// store. Replicas on etcd must all be given the same one.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+}
+
+/// Which store backs the control plane.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreKind {
+    /// `<data-dir>/store.redb`: one control plane on one host.
+    #[default]
+    Embedded,
+    /// etcd, shared by any number of replicas.
+    Etcd(EtcdConfig),
 }
 
 /// Where the HTTP API's certificate comes from.
@@ -80,8 +103,25 @@ impl ControlConfig {
             ca: Default::default(),
             http_tls: HttpTls::Off,
             http_hosts: Vec::new(),
+            store: StoreKind::Embedded,
+            kek_file: None,
         }
     }
+}
+
+/// How often the replica holding the singleton duties does them.
+const DUTY_INTERVAL: Duration = Duration::from_secs(60);
+/// Token records stay listed this long after they expired.
+const EXPIRED_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// A name for this replica: the host's name and a random suffix.
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "trellis".into());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
 /// The store's file inside the data dir.
@@ -188,6 +228,12 @@ pub enum StartError {
     Tls(#[from] https::TlsError),
     #[error(transparent)]
     Bootstrap(#[from] auth::BootstrapError),
+    #[error("with --store etcd every replica needs the same key-encryption key: give --kek-file FILE (32 random bytes: `head -c 32 /dev/urandom > kek; chmod 600 kek`, copied to every replica)")]
+    NoKek,
+    #[error(transparent)]
+    Kek(#[from] kek::KekError),
+    #[error(transparent)]
+    Identity(#[from] mesh_identity::IdentityError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -204,8 +250,10 @@ pub struct ControlPlane {
     identity: Arc<mesh_identity::MeshIdentity>,
     auth: Arc<auth::Auth>,
     admin_token: String,
+    replica: String,
     xds: xds::XdsHandle,
     actor: JoinHandle<()>,
+    duties: JoinHandle<()>,
     servers: Vec<(&'static str, oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -250,19 +298,59 @@ impl ControlPlane {
         let http_addr = http_listener.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
 
-        let store_path = cfg.data_dir.join(STORE_FILE);
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path).await?);
-        auth::set_mode(&store_path, 0o600).map_err(|source| StartError::DataDir {
-            path: store_path.clone(),
-            source,
-        })?;
+        let replica = replica_id();
+        let kek = match (&cfg.kek_file, &cfg.store) {
+            (Some(path), _) => kek::Kek::load(path)?,
+            (None, StoreKind::Embedded) => {
+                kek::Kek::load_or_create(&cfg.data_dir.join(kek::DEFAULT_FILE))?
+            }
+            (None, StoreKind::Etcd(_)) => return Err(StartError::NoKek.into()),
+        };
+        let store: Arc<dyn Store> = match &cfg.store {
+            StoreKind::Embedded => {
+                let store_path = cfg.data_dir.join(STORE_FILE);
+                let store = RedbStore::open(&store_path).await?;
+                auth::set_mode(&store_path, 0o600).map_err(|source| StartError::DataDir {
+                    path: store_path.clone(),
+                    source,
+                })?;
+                Arc::new(store)
+            }
+            StoreKind::Etcd(etcd) => {
+                let info = serde_json::json!({
+                    "id": replica,
+                    "http": http_addr,
+                    "grpc": grpc_addr,
+                    "startedAt": std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                });
+                Arc::new(EtcdStore::open(etcd, &replica, info.to_string().into_bytes()).await?)
+            }
+        };
+        info!(store = %store.describe(), replica = %replica, kek = kek.id(), "store open");
         let metrics = Arc::new(metrics::Metrics::new());
         let stats = Arc::new(stats::Stats::new());
-        let identity = Arc::new(mesh_identity::MeshIdentity::open(&cfg.data_dir, &cfg.ca)?);
-        let (xds, actor) = xds::start(store.clone(), metrics.clone(), identity.bundle()).await?;
+        let identity = Arc::new(
+            mesh_identity::MeshIdentity::open(&cfg.data_dir, &cfg.ca, store.clone(), Arc::new(kek))
+                .await?,
+        );
+        let (xds, actor) = xds::start(
+            store.clone(),
+            metrics.clone(),
+            identity.clone(),
+            replica.clone(),
+        )
+        .await?;
         let (server_chain, server_key) = identity.server_tls(&[])?;
         let auth = Arc::new(auth::Auth::new(store.clone(), metrics.clone()));
         let admin_token = auth.bootstrap(&cfg.data_dir).await?;
+        let duties = tokio::spawn(singleton_duties(
+            store.leader(),
+            auth.clone(),
+            identity.clone(),
+        ));
         let http_tls = http_tls_config(&cfg, &identity)?;
 
         let mut servers = Vec::new();
@@ -332,10 +420,17 @@ impl ControlPlane {
             identity,
             auth,
             admin_token,
+            replica,
             xds,
             actor,
+            duties,
             servers,
         })
+    }
+
+    /// This replica's name (in its endpoint records and in etcd).
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The bootstrap admin token (also in `<data-dir>/admin-token`), for
@@ -362,6 +457,7 @@ impl ControlPlane {
     /// Stops serving, closes every proxy stream and closes the store.
     pub async fn shutdown(self) {
         info!("control plane shutting down");
+        self.duties.abort();
         // End the proxy streams first: graceful server shutdown waits for
         // open streams, and these never end by themselves.
         self.xds.shutdown().await;
@@ -386,5 +482,41 @@ impl ControlPlane {
             warn!(error = %e, "closing the store failed");
         }
         info!("control plane stopped");
+    }
+}
+
+/// What one replica does for all, while it holds the store's leader key:
+/// removing the records of tokens long expired, and their revocations.
+async fn singleton_duties(
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    auth: Arc<auth::Auth>,
+    identity: Arc<mesh_identity::MeshIdentity>,
+) {
+    loop {
+        while !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return;
+            }
+        }
+        match auth.remove_expired(EXPIRED_GRACE).await {
+            Ok(joins) => {
+                for id in &joins {
+                    if let Err(e) = identity.forget_revocation(id).await {
+                        warn!(error = %e, "cannot remove a revocation");
+                    }
+                }
+                if !joins.is_empty() {
+                    info!(
+                        join_tokens = joins.len(),
+                        "removed the records of expired tokens"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot remove expired token records; trying again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DUTY_INTERVAL) => {}
+            _ = leader.changed() => {}
+        }
     }
 }

@@ -1,15 +1,19 @@
 //! Who is connected, and what each proxy should be told.
 //!
-//! The registry holds the connected proxies (each one an endpoint instance
-//! of the services that select it) and an index of the stored resources
-//! (`index`); `Registry::config_for` (`config`) turns both, with the
-//! endpoints of each Service (`endpoints`), into the `Config` of one proxy.
-//! It is plain data, owned by the xds actor, so nothing here locks.
+//! The registry holds the proxies connected to this control plane (what
+//! they follow, what they were sent), the endpoint records of every proxy
+//! of the mesh (`EndpointRecord`, from the store: each replica publishes
+//! those of its own proxies, and every replica sees them all; another
+//! source, such as Kubernetes EndpointSlices, can feed the same map), and
+//! an index of the stored resources (`index`). `Registry::config_for`
+//! (`config`) turns them, with the endpoints of each Service
+//! (`endpoints`), into the `Config` of one proxy. It is plain data, owned
+//! by the xds actor, so nothing here locks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trellis_api::v1::Register;
 use trellis_resource::DEFAULT_NAMESPACE;
 
@@ -60,6 +64,48 @@ impl std::fmt::Display for ServiceName {
     }
 }
 
+/// A proxy as an endpoint of the Services whose selectors match it: what
+/// the control plane replica holding its stream publishes in the store, so
+/// that every replica's proxies can reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRecord {
+    pub instance: String,
+    pub workload: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Where peers reach its inbound listener; empty: nowhere.
+    pub inbound_addr: String,
+    /// Its admin server, for Prometheus discovery.
+    #[serde(default)]
+    pub admin_addr: String,
+    /// The replica holding its stream, and which stream: tells one
+    /// registration of an instance from the next.
+    #[serde(default)]
+    pub replica: String,
+    #[serde(default)]
+    pub session: u64,
+}
+
+impl EndpointRecord {
+    /// Whether this is an endpoint of a service with this selector.
+    pub fn selected_by(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
+        selects(
+            selector,
+            namespace,
+            &self.namespace,
+            &self.labels,
+            &self.inbound_addr,
+        )
+    }
+
+    pub fn identity(&self, trust_domain: &str) -> String {
+        spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
 /// One connected proxy.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -76,6 +122,15 @@ pub struct Proxy {
     pub connected_since: SystemTime,
     /// What the proxy follows, as sent by it (`namespace/name`).
     pub subscriptions: BTreeSet<String>,
+    /// The version of the config it ran when it registered (from another
+    /// replica, its cache, or an earlier stream): every version sent is
+    /// greater.
+    pub running_version: u64,
+    /// The store revision this replica must reach before it sends the
+    /// proxy anything: the one its running config was made at.
+    pub waiting_for: Option<u64>,
+    /// The endpoint record published for it (to withdraw that very one).
+    pub published: Vec<u8>,
     pub sent_version: u64,
     pub acked_version: u64,
     pub last_error: Option<String>,
@@ -136,6 +191,9 @@ impl Proxy {
             connected_at: Instant::now(),
             connected_since: SystemTime::now(),
             subscriptions: subscriptions.iter().cloned().collect(),
+            running_version: *running_version,
+            waiting_for: None,
+            published: Vec::new(),
             sent_version: 0,
             acked_version: *running_version,
             last_error: None,
@@ -159,6 +217,21 @@ impl Proxy {
             &self.labels,
             &self.inbound_addr,
         )
+    }
+
+    /// What this replica publishes about the proxy (`replica`: its own id).
+    pub fn record(&self, replica: &str) -> EndpointRecord {
+        EndpointRecord {
+            instance: self.instance.clone(),
+            workload: self.workload.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            service_account: self.service_account.clone(),
+            inbound_addr: self.inbound_addr.clone(),
+            admin_addr: self.admin_addr.clone(),
+            replica: replica.to_string(),
+            session: self.conn,
+        }
     }
 
     pub fn view(&self, trust_domain: &str) -> ProxyView {
@@ -239,10 +312,13 @@ fn selects(
             .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
-/// Connected proxies and stored resources: everything configs are made of.
+/// Connected proxies, endpoint records and stored resources: everything
+/// configs are made of.
 #[derive(Debug, Default)]
 pub struct Registry {
     pub proxies: BTreeMap<ConnId, Proxy>,
+    /// Every proxy of the mesh as an endpoint, by instance.
+    pub endpoints: BTreeMap<String, EndpointRecord>,
     pub resources: ResourceIndex,
     /// The roots every proxy must trust, current first.
     pub trust_bundle: Vec<String>,

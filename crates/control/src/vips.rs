@@ -7,8 +7,11 @@
 //! cannot collide with a pod subnet or a host route. A Service keeps its
 //! VIP for the life of the store, even across delete and re-apply, so a
 //! client that cached an address never reaches another service by it. The
-//! table is persisted in the store (`Store::put_state`) and survives
-//! restarts.
+//! table is one value in the store (`Store::swap_state`), so it survives
+//! restarts, and replicas sharing a store allocate through it: each change
+//! is a compare-and-swap of the whole table, redone on top of another
+//! replica's when that one wrote first, so no two Services ever get the
+//! same address.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
@@ -92,10 +95,31 @@ impl Vips {
             .unwrap_or_default())
     }
 
-    pub async fn save(&self, store: &dyn Store) -> Result<(), StoreError> {
-        store.put_state(STATE_KEY, self.to_json()).await
+    /// Gives `services` that have no VIP one, in the stored table; returns
+    /// the table as stored.
+    pub async fn allocate<'a>(
+        store: &dyn Store,
+        services: impl IntoIterator<Item = &'a ServiceName> + Clone,
+    ) -> Result<Vips, StoreError> {
+        for _ in 0..ALLOCATE_TRIES {
+            let raw = store.get_state(STATE_KEY).await?;
+            let mut vips = raw.as_deref().map(Vips::from_json).unwrap_or_default();
+            if !vips.assign(services.clone()) {
+                return Ok(vips);
+            }
+            if store
+                .swap_state(STATE_KEY, raw.as_deref(), vips.to_json())
+                .await?
+            {
+                return Ok(vips);
+            }
+        }
+        Err(StoreError::Conflict)
     }
 }
+
+/// Tries of an allocation that lost to another replica's.
+const ALLOCATE_TRIES: usize = 10;
 
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
@@ -159,15 +183,41 @@ mod tests {
         let n = names(&["default/catalog"]);
         let first = {
             let store = crate::store::RedbStore::open(&path).await.unwrap();
-            let mut v = Vips::load(&store).await.unwrap();
-            assert_eq!(v, Vips::default());
-            v.assign(&n);
-            v.save(&store).await.unwrap();
+            assert_eq!(Vips::load(&store).await.unwrap(), Vips::default());
+            let v = Vips::allocate(&store, &n).await.unwrap();
             store.close().await.unwrap();
             v.get(&n[0])
         };
         let store = crate::store::RedbStore::open(&path).await.unwrap();
         let v = Vips::load(&store).await.unwrap();
         assert_eq!(v.get(&n[0]), first);
+    }
+
+    #[tokio::test]
+    async fn concurrent_allocations_never_share_an_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(
+            crate::store::RedbStore::open(dir.path().join("s.redb"))
+                .await
+                .unwrap(),
+        );
+        // Many writers, each with its own services, all at once.
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let n: Vec<ServiceName> = (0..5)
+                    .map(|i| ServiceName::new("default", format!("w{w}-s{i}")))
+                    .collect();
+                Vips::allocate(&*store, &n).await.unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v = Vips::load(&*store).await.unwrap();
+        let ips: HashSet<_> = v.by_service.values().collect();
+        assert_eq!(v.by_service.len(), 40);
+        assert_eq!(ips.len(), 40);
     }
 }

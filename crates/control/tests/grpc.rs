@@ -635,7 +635,7 @@ async fn the_ca_signs_only_what_a_valid_token_grants() {
         .await
         .unwrap_err();
     assert!(err.message().contains("expired"), "{err:?}");
-    identity.revoke(&claims.id).unwrap();
+    identity.revoke(&claims.id).await.unwrap();
     let err = client
         .sign(SignRequest {
             token: token.clone(),

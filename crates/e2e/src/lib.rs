@@ -37,10 +37,16 @@ pub struct TestMesh {
 
 impl TestMesh {
     pub async fn start() -> TestMesh {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`TestMesh::start`] with the control plane's config changed by `f`.
+    pub async fn start_with(f: impl FnOnce(&mut ControlConfig)) -> TestMesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = ControlConfig::new(dir.path().join("control"));
         cfg.http_addr = ([127, 0, 0, 1], 0).into();
         cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
+        f(&mut cfg);
         let control = ControlPlane::start(cfg)
             .await
             .expect("control plane starts");

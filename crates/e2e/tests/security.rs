@@ -306,12 +306,27 @@ async fn call_with_cert(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_certificates_are_refused() {
-    let mesh = TestMesh::start().await;
+    // The mesh's CA is ours (--ca-cert/--ca-key), so the test can sign
+    // certificates the mesh did not issue; the CA the control plane makes
+    // itself lives sealed in its store.
+    let ca_files = tempfile::tempdir().unwrap();
+    let ca = trellis_identity::ca::Ca::generate("trellis.local")
+        .unwrap()
+        .material();
+    let (cert_file, key_file) = (
+        ca_files.path().join("ca.pem"),
+        ca_files.path().join("ca.key"),
+    );
+    std::fs::write(&cert_file, &ca.signer_cert_pem).unwrap();
+    trellis_identity::write_secret(&key_file, ca.signer_key_pem.as_bytes()).unwrap();
+    let mesh = TestMesh::start_with(|cfg| {
+        cfg.ca.cert = Some(cert_file.clone());
+        cfg.ca.key = Some(key_file.clone());
+    })
+    .await;
     mesh.apply(&service("catalog")).await.expect("apply");
     let catalog = mesh.demo_sidecar("catalog").await;
-    let ca_dir = mesh.dir.path().join("control").join("ca");
-    let ca_cert = std::fs::read_to_string(ca_dir.join("signer.pem")).unwrap();
-    let ca_key = std::fs::read_to_string(ca_dir.join("signer.key")).unwrap();
+    let (ca_cert, ca_key) = (ca.signer_cert_pem, ca.signer_key_pem);
 
     // The same request with a good mesh certificate is answered: the
     // refusals below are the certificates' doing.

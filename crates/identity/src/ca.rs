@@ -3,8 +3,11 @@
 //! and root rotation without downtime (the trust bundle carries old and new
 //! roots until the old one is retired).
 //!
-//! On disk, in the CA directory: `roots.pem` (the trust bundle),
-//! `signer.pem` (the certificate that signs) and `signer.key` (0600).
+//! The CA is plain data here ([`CaMaterial`]): the control plane keeps it
+//! in its store, its key encrypted. Versions before the store kept it on
+//! disk, in the CA directory: `roots.pem` (the trust bundle), `signer.pem`
+//! (the certificate that signs) and `signer.key`; [`Ca::load_dir`] reads
+//! those, to move them into the store.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +19,10 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::certs::{certs_from_pem, fingerprint, to_pem};
-use crate::{write_secret, SpiffeId};
+use crate::SpiffeId;
 
 const ROOTS: &str = "roots.pem";
 const SIGNER_CERT: &str = "signer.pem";
@@ -48,8 +53,20 @@ pub enum CaError {
     NothingToRetire,
 }
 
+/// What a CA is made of, as the control plane stores it (the whole of it
+/// encrypted, since it holds the signing key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaMaterial {
+    pub signer_cert_pem: String,
+    pub signer_key_pem: String,
+    /// The trust bundle, current root first.
+    pub roots_pem: Vec<String>,
+    /// Made by Trellis (so it may rotate it), rather than the user's.
+    pub generated: bool,
+}
+
 pub struct Ca {
-    dir: PathBuf,
     signer_cert_pem: String,
     signer_key: KeyPair,
     /// Appended to every leaf: the signer when it is an intermediate.
@@ -112,55 +129,77 @@ fn random_serial() -> SerialNumber {
 }
 
 impl Ca {
-    /// Loads the CA kept in `dir`, or makes a new self-signed root there.
-    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    /// Reads the CA an older version kept in `dir`; `None` when there is none.
+    pub fn load_dir(dir: &Path) -> Result<Option<Ca>, CaError> {
         let cert_path = dir.join(SIGNER_CERT);
-        if cert_path.exists() {
-            let signer_cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key_path = dir.join(SIGNER_KEY);
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            let roots_path = dir.join(ROOTS);
-            let roots = std::fs::read_to_string(&roots_path).map_err(io(&roots_path))?;
-            let signer_key = KeyPair::from_pem(&key_pem)?;
-            let roots_pem = split_pems(&roots)?;
-            let generated = roots_pem.first() == Some(&signer_cert_pem);
-            return Ok(Ca {
-                dir: dir.to_path_buf(),
-                chain_pem: if generated {
-                    String::new()
-                } else {
-                    signer_cert_pem.clone()
-                },
-                signer_cert_pem,
-                signer_key,
-                roots_pem,
-                generated,
-            });
+        if !cert_path.exists() {
+            return Ok(None);
         }
+        let signer_cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key_path = dir.join(SIGNER_KEY);
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let roots_path = dir.join(ROOTS);
+        let roots = std::fs::read_to_string(&roots_path).map_err(io(&roots_path))?;
+        let roots_pem = split_pems(&roots)?;
+        let generated = roots_pem.first() == Some(&signer_cert_pem);
+        Ca::from_material(CaMaterial {
+            signer_cert_pem,
+            signer_key_pem: key_pem,
+            roots_pem,
+            generated,
+        })
+        .map(Some)
+    }
+
+    /// The files [`Ca::load_dir`] reads that hold secrets or are kept in the
+    /// store now (all but the public `roots.pem`).
+    pub const LEGACY_FILES: [&'static str; 2] = [SIGNER_CERT, SIGNER_KEY];
+
+    /// A new self-signed root.
+    pub fn generate(trust_domain: &str) -> Result<Ca, CaError> {
         let (cert, key) = new_root(trust_domain)?;
-        let ca = Ca {
-            dir: dir.to_path_buf(),
+        Ok(Ca {
             signer_cert_pem: cert.clone(),
             signer_key: key,
             chain_pem: String::new(),
             roots_pem: vec![cert],
             generated: true,
-        };
-        ca.save()?;
-        tracing::info!(dir = %dir.display(), "made a new root CA");
-        Ok(ca)
+        })
+    }
+
+    /// A CA from what [`Ca::material`] gave.
+    pub fn from_material(m: CaMaterial) -> Result<Ca, CaError> {
+        let signer_key = KeyPair::from_pem(&m.signer_key_pem)?;
+        if m.roots_pem.is_empty() {
+            return Err(CaError::Files("the CA has no root to trust".into()));
+        }
+        let is_root = m.roots_pem.contains(&m.signer_cert_pem);
+        Ok(Ca {
+            chain_pem: if is_root {
+                String::new()
+            } else {
+                m.signer_cert_pem.clone()
+            },
+            signer_cert_pem: m.signer_cert_pem,
+            signer_key,
+            roots_pem: m.roots_pem,
+            generated: m.generated,
+        })
+    }
+
+    /// Everything the CA is made of, its key included: for the store only.
+    pub fn material(&self) -> CaMaterial {
+        CaMaterial {
+            signer_cert_pem: self.signer_cert_pem.clone(),
+            signer_key_pem: self.signer_key.serialize_pem(),
+            roots_pem: self.roots_pem.clone(),
+            generated: self.generated,
+        }
     }
 
     /// A user-supplied root or intermediate. `bundle` holds the roots to
     /// trust (default: `cert` itself, which must then be a root).
-    pub fn from_files(
-        dir: &Path,
-        cert: &Path,
-        key: &Path,
-        bundle: Option<&Path>,
-    ) -> Result<Ca, CaError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    pub fn from_files(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Ca, CaError> {
         let signer_cert_pem = split_pems(&std::fs::read_to_string(cert).map_err(io(cert))?)?
             .into_iter()
             .next()
@@ -172,7 +211,6 @@ impl Ca {
         };
         let is_root = roots_pem.contains(&signer_cert_pem);
         Ok(Ca {
-            dir: dir.to_path_buf(),
             chain_pem: if is_root {
                 String::new()
             } else {
@@ -183,16 +221,6 @@ impl Ca {
             roots_pem,
             generated: false,
         })
-    }
-
-    fn save(&self) -> Result<(), CaError> {
-        let roots = self.dir.join(ROOTS);
-        std::fs::write(&roots, self.roots_pem.concat()).map_err(io(&roots))?;
-        let key = self.dir.join(SIGNER_KEY);
-        write_secret(&key, self.signer_key.serialize_pem().as_bytes()).map_err(io(&key))?;
-        let cert = self.dir.join(SIGNER_CERT);
-        std::fs::write(&cert, &self.signer_cert_pem).map_err(io(&cert))?;
-        Ok(())
     }
 
     /// Every root the mesh trusts now, current first.
@@ -304,7 +332,8 @@ impl Ca {
     }
 
     /// Makes a new root; new certificates are signed by it, and the bundle
-    /// keeps trusting the old root until `retire_old`.
+    /// keeps trusting the old root until `retire_old`. The caller stores
+    /// the new [`Ca::material`].
     pub fn rotate(&mut self, trust_domain: &str) -> Result<(), CaError> {
         if !self.generated {
             return Err(CaError::NotRotatable);
@@ -313,7 +342,7 @@ impl Ca {
         self.roots_pem.insert(0, cert.clone());
         self.signer_cert_pem = cert;
         self.signer_key = key;
-        self.save()
+        Ok(())
     }
 
     /// Drops every root but the current one from the bundle.
@@ -322,7 +351,7 @@ impl Ca {
             return Err(CaError::NothingToRetire);
         }
         self.roots_pem.truncate(1);
-        self.save()
+        Ok(())
     }
 }
 
@@ -330,12 +359,10 @@ impl Ca {
 mod tests {
     use super::*;
     use crate::keys::WorkloadKey;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn signs_only_the_granted_identity() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+        let ca = Ca::generate("trellis.local").unwrap();
         let web = SpiffeId::new("trellis.local", "prod", "web");
         let key = WorkloadKey::generate(&web).unwrap();
         let chain = ca
@@ -352,27 +379,40 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_private_and_the_ca_persists() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
-        let mode = std::fs::metadata(dir.path().join(SIGNER_KEY))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let again = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+    fn the_ca_round_trips_through_its_material() {
+        let ca = Ca::generate("trellis.local").unwrap();
+        let again = Ca::from_material(ca.material()).unwrap();
         assert_eq!(ca.root_fingerprint(), again.root_fingerprint());
+        assert_eq!(again.material(), ca.material());
+        // The key signs the same way after the round trip.
+        let web = SpiffeId::new("trellis.local", "prod", "web");
+        let key = WorkloadKey::generate(&web).unwrap();
+        assert!(again
+            .sign_csr(&key.csr_pem, &web, Duration::from_secs(60))
+            .is_ok());
+    }
+
+    #[test]
+    fn a_ca_of_an_older_version_is_read_from_its_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Ca::load_dir(dir.path()).unwrap().is_none());
+        let ca = Ca::generate("trellis.local").unwrap();
+        let m = ca.material();
+        std::fs::write(dir.path().join(ROOTS), m.roots_pem.concat()).unwrap();
+        std::fs::write(dir.path().join(SIGNER_CERT), &m.signer_cert_pem).unwrap();
+        std::fs::write(dir.path().join(SIGNER_KEY), &m.signer_key_pem).unwrap();
+        let read = Ca::load_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(read.material(), m);
     }
 
     #[test]
     fn rotation_keeps_the_old_root_until_retired() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+        let mut ca = Ca::generate("trellis.local").unwrap();
         let old = ca.root_fingerprint();
         ca.rotate("trellis.local").unwrap();
         assert_eq!(ca.bundle_pem().len(), 2);
         assert_ne!(ca.root_fingerprint(), old);
-        let reloaded = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+        let reloaded = Ca::from_material(ca.material()).unwrap();
         assert_eq!(reloaded.bundle_pem().len(), 2);
         ca.retire_old().unwrap();
         assert_eq!(ca.bundle_pem().len(), 1);

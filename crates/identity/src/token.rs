@@ -1,14 +1,15 @@
 //! Join tokens: `trellis1.<claims>.<mac>`, where claims are base64url JSON
 //! (namespace, service account, the labels the proxy may serve, the
 //! address it may advertise, expiry, id, the pinned CA root) and mac is
-//! HMAC-SHA256 over them with a key that never leaves the control plane.
-//! A token grants exactly one identity and one set of labels; revoked ids
-//! are refused.
+//! HMAC-SHA256 over them with a key that never leaves the control plane
+//! (it keeps the key in its store, encrypted, so every replica signs and
+//! verifies with the same one). A token grants exactly one identity and one
+//! set of labels. Revocations live in the store too: the control plane
+//! checks them after [`TokenAuthority::verify`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -16,11 +17,12 @@ use base64::Engine;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
-use crate::write_secret;
-
 const PREFIX: &str = "trellis1";
+/// Where versions before the store kept the key and the revocations.
 const KEY_FILE: &str = "token.key";
 const REVOKED_FILE: &str = "revoked.json";
+/// Bytes of a signing key.
+pub const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TokenError {
@@ -34,8 +36,8 @@ pub enum TokenError {
     Expired(u64),
     #[error("the token {0} was revoked")]
     Revoked(String),
-    #[error("cannot keep token state in {0}: {1}")]
-    Io(String, String),
+    #[error("the token signing key must be at least {KEY_LEN} bytes")]
+    ShortKey,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,8 +169,6 @@ impl Claims {
 
 pub struct TokenAuthority {
     key: hmac::Key,
-    revoked: RwLock<BTreeSet<String>>,
-    dir: PathBuf,
 }
 
 fn now() -> u64 {
@@ -178,31 +178,38 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A new random signing key.
+pub fn generate_key() -> Vec<u8> {
+    let mut s = vec![0u8; KEY_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
+        .expect("the OS random source works");
+    s
+}
+
+/// The key and revoked ids an older version kept in `dir` (files
+/// `token.key` and `revoked.json`), to move them into the store.
+pub fn read_legacy(dir: &Path) -> (Option<Vec<u8>>, BTreeSet<String>) {
+    let key = std::fs::read(dir.join(KEY_FILE))
+        .ok()
+        .filter(|k| k.len() >= KEY_LEN);
+    let revoked = std::fs::read(dir.join(REVOKED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    (key, revoked)
+}
+
+/// The files [`read_legacy`] reads.
+pub const LEGACY_FILES: [&str; 2] = [KEY_FILE, REVOKED_FILE];
+
 impl TokenAuthority {
-    /// Loads (or makes, 0600) the signing key and the revocation list in `dir`.
-    pub fn load_or_create(dir: &Path) -> Result<TokenAuthority, TokenError> {
-        let err = |e: std::io::Error| TokenError::Io(dir.display().to_string(), e.to_string());
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let key_path = dir.join(KEY_FILE);
-        let secret = match std::fs::read(&key_path) {
-            Ok(s) if s.len() >= 32 => s,
-            _ => {
-                let mut s = vec![0u8; 32];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s).map_err(
-                    |_| TokenError::Io(dir.display().to_string(), "no randomness".into()),
-                )?;
-                write_secret(&key_path, &s).map_err(err)?;
-                s
-            }
-        };
-        let revoked = std::fs::read(dir.join(REVOKED_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+    /// Signs and verifies with `secret` (at least [`KEY_LEN`] bytes).
+    pub fn new(secret: &[u8]) -> Result<TokenAuthority, TokenError> {
+        if secret.len() < KEY_LEN {
+            return Err(TokenError::ShortKey);
+        }
         Ok(TokenAuthority {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
-            revoked: RwLock::new(revoked),
-            dir: dir.to_path_buf(),
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
         })
     }
 
@@ -224,7 +231,8 @@ impl TokenAuthority {
         (format!("{signed}.{mac}"), claims)
     }
 
-    /// Checks signature, expiry and revocation; returns what the token grants.
+    /// Checks signature and expiry; returns what the token grants. The
+    /// caller checks revocation (`Claims::id`) against its store.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let token = token.trim();
         let (signed, mac) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
@@ -234,23 +242,7 @@ impl TokenAuthority {
         if claims.exp <= now() {
             return Err(TokenError::Expired(claims.exp));
         }
-        if self
-            .revoked
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&claims.id)
-        {
-            return Err(TokenError::Revoked(claims.id));
-        }
         Ok(claims)
-    }
-
-    pub fn revoke(&self, id: &str) -> Result<(), TokenError> {
-        let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
-        revoked.insert(id.to_string());
-        let bytes = serde_json::to_vec(&*revoked).expect("a set of strings serializes");
-        write_secret(&self.dir.join(REVOKED_FILE), &bytes)
-            .map_err(|e| TokenError::Io(self.dir.display().to_string(), e.to_string()))
     }
 }
 
@@ -260,8 +252,7 @@ mod tests {
 
     #[test]
     fn grants_exactly_what_was_signed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ta = TokenAuthority::load_or_create(dir.path()).unwrap();
+        let ta = TokenAuthority::new(&generate_key()).unwrap();
         let grant = Grant::new("prod", "web")
             .with_labels([("app", "web")])
             .with_advertise_addr([10, 0, 0, 7].into());
@@ -296,33 +287,33 @@ mod tests {
         }
 
         // Another control plane's key does not verify it.
-        let other = TokenAuthority::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let other = TokenAuthority::new(&generate_key()).unwrap();
         assert_eq!(other.verify(&token), Err(TokenError::BadSignature));
         assert_eq!(ta.verify("nonsense"), Err(TokenError::Malformed));
     }
 
     #[test]
-    fn expired_and_revoked_tokens_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let ta = TokenAuthority::load_or_create(dir.path()).unwrap();
+    fn expired_tokens_and_short_keys_are_refused() {
+        let ta = TokenAuthority::new(&generate_key()).unwrap();
         let grant = Grant::new("prod", "web");
         let (expired, _) = ta.create(&grant, Duration::ZERO, "pin");
         assert!(matches!(ta.verify(&expired), Err(TokenError::Expired(_))));
-        let (token, claims) = ta.create(&grant, Duration::from_secs(60), "pin");
-        ta.revoke(&claims.id).unwrap();
-        assert_eq!(
-            ta.verify(&token),
-            Err(TokenError::Revoked(claims.id.clone()))
-        );
-        // Revocation survives a restart.
-        let again = TokenAuthority::load_or_create(dir.path()).unwrap();
-        assert_eq!(again.verify(&token), Err(TokenError::Revoked(claims.id)));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(REVOKED_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            TokenAuthority::new(&[1; 16]),
+            Err(TokenError::ShortKey)
+        ));
+    }
+
+    #[test]
+    fn the_key_of_an_older_version_is_read_from_its_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_legacy(dir.path()), (None, BTreeSet::new()));
+        let key = generate_key();
+        std::fs::write(dir.path().join(KEY_FILE), &key).unwrap();
+        std::fs::write(dir.path().join(REVOKED_FILE), r#"["ab","cd"]"#).unwrap();
+        let (k, revoked) = read_legacy(dir.path());
+        assert_eq!(k, Some(key));
+        assert_eq!(revoked.into_iter().collect::<Vec<_>>(), ["ab", "cd"]);
     }
 
     #[test]

@@ -277,8 +277,7 @@ mod tests {
     #[test]
     fn identities_are_checked_exactly() {
         crate::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+        let ca = Ca::generate("trellis.local").unwrap();
         let bundle = Arc::new(TrustBundle::from_pems(ca.bundle_pem()).unwrap());
         let web = SpiffeId::new("trellis.local", "prod", "web");
         let chain = issue(&ca, &web);
@@ -300,8 +299,7 @@ mod tests {
             .is_ok());
 
         // A certificate from another CA is refused.
-        let foreign_dir = tempfile::tempdir().unwrap();
-        let foreign = Ca::load_or_create(foreign_dir.path(), "trellis.local").unwrap();
+        let foreign = Ca::generate("trellis.local").unwrap();
         let forged = issue(&foreign, &web);
         assert!(ok
             .verify_server_cert(&forged[0], &forged[1..], &name, &[], now)

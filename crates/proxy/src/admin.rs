@@ -145,6 +145,7 @@ pub fn config_json(inputs: &Inputs) -> serde_json::Value {
         "namespace": inputs.cfg.namespace,
         "controlPlane": {
             "address": inputs.discovery.control_plane(),
+            "replica": inputs.discovery.current_replica(),
             "connected": inputs.discovery.is_connected(),
             "lastError": inputs.discovery.last_error(),
         },

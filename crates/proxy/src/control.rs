@@ -1,14 +1,21 @@
 //! The proxy's connection to the control plane: TLS, verified against the
 //! CA root the join token pins (and the roots of the bundle the proxy got
 //! since over that verified channel), with the token as credential.
+//!
+//! `--control-plane` names one replica or several (`ADDR,ADDR,...`), each
+//! `HOST:PORT` or a URL; a host name may resolve to several addresses,
+//! each a replica. A connection goes to the first that answers, starting
+//! after the one used last when the session before failed (`fail_over`),
+//! so a proxy whose replica died moves to the next at once.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 use trellis_api::v1::proxy_api_client::ProxyApiClient;
 use trellis_api::v1::{SignRequest, SignResponse};
@@ -34,35 +41,105 @@ pub enum ControlError {
     CaRefused(String),
 }
 
+/// How long one replica gets to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct ControlClient {
-    /// `host:port`.
-    addr: String,
+    /// As given: for messages.
+    given: String,
+    /// Each `host:port` given.
+    addrs: Vec<String>,
+    /// Where the next connection attempt starts, among the resolved
+    /// addresses.
+    cursor: Arc<AtomicUsize>,
+    /// The replica of the current (or last) connection.
+    current: Arc<ArcSwap<String>>,
     token: String,
     trusted: Arc<ArcSwap<Vec<String>>>,
 }
 
+/// `HOST:PORT` or a URL, as `HOST:PORT`.
+fn host_port(s: &str) -> Result<String, ControlError> {
+    let s = s.trim();
+    let addr = match s.split_once("://") {
+        Some((_, rest)) => rest.trim_end_matches('/'),
+        None => s,
+    };
+    let ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !ok {
+        return Err(ControlError::Address {
+            addr: s.to_string(),
+            reason: "expected HOST:PORT or a URL such as https://cp.example:15010".into(),
+        });
+    }
+    Ok(addr.to_string())
+}
+
 impl ControlClient {
-    /// `control_plane` is `HOST:PORT` or a URL; the token pins the CA root.
+    /// `control_plane` is one or more (comma-separated) `HOST:PORT` or
+    /// URLs; the token pins the CA root.
     pub fn new(control_plane: &str, token: &str) -> Result<ControlClient, ControlError> {
-        let addr = match control_plane.split_once("://") {
-            Some((_, rest)) => rest.trim_end_matches('/').to_string(),
-            None => control_plane.to_string(),
-        };
+        let addrs = control_plane
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .map(host_port)
+            .collect::<Result<Vec<_>, _>>()?;
+        if addrs.is_empty() {
+            return Err(ControlError::Address {
+                addr: control_plane.to_string(),
+                reason: "no address: give --control-plane HOST:PORT[,HOST:PORT...]".into(),
+            });
+        }
         let pin = if token.is_empty() {
             Vec::new()
         } else {
             vec![Claims::peek(token).map_err(ControlError::Token)?.ca]
         };
         Ok(ControlClient {
-            addr,
+            given: addrs.join(","),
+            current: Arc::new(ArcSwap::from_pointee(addrs[0].clone())),
+            addrs,
+            cursor: Arc::new(AtomicUsize::new(0)),
             token: token.to_string(),
             trusted: Arc::new(ArcSwap::from_pointee(pin)),
         })
     }
 
+    /// Every address given, comma-separated.
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.given
+    }
+
+    /// The replica connected to last.
+    pub fn current(&self) -> String {
+        (**self.current.load()).clone()
+    }
+
+    /// The next connection starts with another replica than the last one.
+    pub fn fail_over(&self) {
+        self.cursor.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every replica's address: each name resolved, in the order given.
+    async fn resolve(&self) -> (Vec<SocketAddr>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for a in &self.addrs {
+            match tokio::net::lookup_host(a.as_str()).await {
+                Ok(found) => {
+                    for addr in found {
+                        if !out.contains(&addr) {
+                            out.push(addr);
+                        }
+                    }
+                }
+                Err(e) => errors.push(format!("{a}: {e}")),
+            }
+        }
+        (out, errors)
     }
 
     pub fn token(&self) -> &str {
@@ -80,13 +157,36 @@ impl ControlClient {
         self.trusted.store(Arc::new(all));
     }
 
+    /// A connection to the first replica that answers.
     pub async fn channel(&self) -> Result<Channel, ControlError> {
         if self.token.is_empty() {
             return Err(ControlError::NoToken);
         }
+        let (addrs, mut errors) = self.resolve().await;
+        let n = addrs.len();
+        let start = self.cursor.load(Ordering::Relaxed);
+        for i in 0..n {
+            let k = (start + i) % n;
+            match self.connect(addrs[k]).await {
+                Ok(channel) => {
+                    self.cursor.store(k, Ordering::Relaxed);
+                    self.current.store(Arc::new(addrs[k].to_string()));
+                    return Ok(channel);
+                }
+                Err(e) => errors.push(format!("{}: {e}", addrs[k])),
+            }
+        }
+        Err(ControlError::Connect(if errors.is_empty() {
+            format!("{} resolves to no address", self.given)
+        } else {
+            errors.join("; ")
+        }))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Channel, String> {
         let mut config = rustls::ClientConfig::builder_with_provider(trellis_identity::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(ControlError::Tls)?
+            .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new(
                 (**self.trusted.load()).clone(),
@@ -94,16 +194,17 @@ impl ControlClient {
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let addr = self.addr.clone();
         let connect = tower::service_fn(move |_: http::Uri| {
             let connector = connector.clone();
-            let addr = addr.clone();
             async move {
-                let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&addr))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                    })??;
+                // Marked in transparent mode, so that `trellis init`'s rules
+                // let it pass without excluding the control plane's ports.
+                let tcp =
+                    tokio::time::timeout(CONNECT_TIMEOUT, crate::transparent::connect_marked(addr))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                 let _ = tcp.set_nodelay(true);
                 let name = ServerName::try_from(trellis_identity::CONTROL_PLANE_NAME)
                     .expect("a valid DNS name");
@@ -111,17 +212,14 @@ impl ControlClient {
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         });
-        Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| ControlError::Address {
-                addr: self.addr.clone(),
-                reason: e.to_string(),
-            })?
+        Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .connect_with_connector(connect)
             .await
-            .map_err(|e| ControlError::Connect(error_chain(&e)))
+            .map_err(|e| error_chain(&e))
     }
 
     /// Asks the CA to sign a CSR for the identity the token grants.
@@ -151,4 +249,45 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_plane_lists_parse() {
+        let c = ControlClient::new("https://a:15010/, b:15010,,10.0.0.7:1", "").unwrap();
+        assert_eq!(c.addrs, ["a:15010", "b:15010", "10.0.0.7:1"]);
+        assert_eq!(c.addr(), "a:15010,b:15010,10.0.0.7:1");
+        for bad in ["", ",", "a", "a:port", ":15010"] {
+            assert!(ControlClient::new(bad, "").is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_first_replica_that_answers() {
+        // Two dead replicas (closed ports) before a live one: the live one
+        // is found, and `fail_over` then starts past it.
+        let dead1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (d1, d2) = (dead1.local_addr().unwrap(), dead2.local_addr().unwrap());
+        drop((dead1, dead2));
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = live.local_addr().unwrap();
+        let c = ControlClient::new(&format!("{d1},{d2},{l}"), "").unwrap();
+        let (addrs, errors) = c.resolve().await;
+        assert_eq!(addrs, [d1, d2, l]);
+        assert!(errors.is_empty());
+        // Without a token nothing is tried.
+        assert!(matches!(c.channel().await, Err(ControlError::NoToken)));
+        // The TCP connection of each attempt, seen from the live replica.
+        let accepted = tokio::spawn(async move { live.accept().await.map(|(_, a)| a) });
+        let e = c.connect(d1).await.unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.connect(l)).await;
+        assert!(accepted.await.unwrap().is_ok());
+        c.fail_over();
+        assert_eq!(c.cursor.load(Ordering::Relaxed), 1);
+    }
 }

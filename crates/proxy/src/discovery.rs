@@ -1,6 +1,13 @@
 //! The proxy's side of the proxy API: registration, on-demand subscription,
 //! config updates (acked or nacked, never half-applied), traffic reports,
-//! reconnection with backoff, and the on-disk cache of the last good config.
+//! reconnection with backoff and jitter (to the next control plane replica
+//! when there are several), and the on-disk cache of the last good config.
+//!
+//! A config older than the one running is refused: replicas of one store
+//! stamp versions from its revisions, so an older version can only come
+//! from a replica behind the others, and taking it would go back in time.
+//! On shutdown the proxy leaves first (`leave`): the control plane removes
+//! it from every caller's endpoints while it still serves.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -29,6 +36,8 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a request waits for the control plane to answer a subscription.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leaving proxy waits for the control plane to close its stream.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the proxy tells the control plane about itself.
 #[derive(Clone, Debug)]
@@ -59,6 +68,13 @@ pub enum SessionError {
     Closed,
 }
 
+/// Why a config was refused before it was parsed.
+fn older(version: u64, running: u64) -> String {
+    format!(
+        "config version {version} is older than the running {running}: a control plane replica behind the others sent it; keeping the running config"
+    )
+}
+
 pub enum Lookup {
     Found(Arc<ServiceState>),
     /// The control plane says there is no such service.
@@ -85,6 +101,11 @@ pub struct Discovery {
     /// Follows the Mesh's telemetry settings; its uplink (span batches, tap
     /// events) rides the stream, and taps start and stop from it.
     telemetry: Arc<Telemetry>,
+    /// Set when the proxy leaves the mesh (shutdown): end the stream, and
+    /// connect no more.
+    leave: watch::Sender<bool>,
+    /// Set once the stream ended after `leave`.
+    left: watch::Sender<bool>,
 }
 
 impl Discovery {
@@ -113,6 +134,8 @@ impl Discovery {
             tls: std::sync::OnceLock::new(),
             metrics,
             telemetry,
+            leave: watch::channel(false).0,
+            left: watch::channel(false).0,
         });
         d.load_cache();
         tokio::spawn(d.clone().run(id, sub_rx, shutdown));
@@ -146,8 +169,14 @@ impl Discovery {
             .clone()
     }
 
+    /// Every replica given (`--control-plane`).
     pub fn control_plane(&self) -> &str {
         &self.control_plane
+    }
+
+    /// The replica of the current (or last) connection.
+    pub fn current_replica(&self) -> String {
+        self.control.current()
     }
 
     /// Waits until a config is loaded, or gives up after `timeout`.
@@ -248,9 +277,41 @@ impl Discovery {
         self.applied.send_replace(version);
     }
 
+    /// Leaves the mesh: closes the stream, so that the control plane takes
+    /// this proxy out of its callers' endpoints, and waits (up to
+    /// `timeout`) until it did. Whether the control plane saw it leave.
+    pub async fn leave(&self, timeout: Duration) -> bool {
+        let mut left = self.left.subscribe();
+        self.leave.send_replace(true);
+        let wait = async {
+            while !*left.borrow_and_update() {
+                if left.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false) && self.was_connected()
+    }
+
+    fn was_connected(&self) -> bool {
+        self.metrics.control_plane_connects.get() > 0
+    }
+
     /// Applies a config whole, or rejects it and keeps the running one.
     fn apply(&self, config: Config) -> Ack {
         let version = config.version;
+        let running = self.snapshot.load().version;
+        if self.is_loaded() && version < running {
+            self.metrics.config_rejections.inc();
+            let error = older(version, running);
+            tracing::warn!(version, running, "{error}");
+            return Ack {
+                version,
+                accepted: false,
+                error,
+            };
+        }
         let encoded = config.encode_to_vec();
         let bundle = config.trust_bundle_pem.clone();
         match Snapshot::build(config, &self.snapshot.load()) {
@@ -304,22 +365,35 @@ impl Discovery {
     ) {
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u32;
+        let mut leave = self.leave.subscribe();
         loop {
+            if *leave.borrow() {
+                self.left.send_replace(true);
+                return;
+            }
             let connects = self.metrics.control_plane_connects.get();
-            let result = self.session(&id, &mut sub_rx, &mut shutdown).await;
+            let result = self
+                .session(&id, &mut sub_rx, &mut shutdown, &mut leave)
+                .await;
             if self.metrics.control_plane_connects.get() > connects {
                 // The last session got through: start the backoff over.
                 backoff = Duration::from_millis(100);
                 failures = 0;
             }
             match result {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.connected.store(false, Ordering::Release);
+                    self.left.send_replace(true);
+                    return;
+                }
                 Err(e) => {
+                    // Another replica next, if there are several.
+                    self.control.fail_over();
                     self.connected.store(false, Ordering::Release);
                     // Wake resolvers so they notice the control plane is gone.
                     self.applied.send_modify(|_| {});
                     if failures == 0 || failures.is_power_of_two() {
-                        tracing::warn!(control_plane = %self.control_plane, error = %e, "control plane unreachable; serving the last config and retrying");
+                        tracing::warn!(control_plane = %self.control.current(), error = %e, "control plane unreachable; serving the last config and retrying");
                     }
                     self.set_error(e.to_string());
                     failures += 1;
@@ -329,17 +403,20 @@ impl Discovery {
             tokio::select! {
                 _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
                 _ = shutdown.changed() => return,
+                _ = leave.changed() => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// One connection to the control plane; returns Ok on shutdown.
+    /// One connection to the control plane; returns Ok on shutdown, and
+    /// once the control plane closed the stream after `leave`.
     async fn session(
         &self,
         id: &Identity,
         sub_rx: &mut mpsc::UnboundedReceiver<SvcKey>,
         shutdown: &mut watch::Receiver<bool>,
+        leave: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let channel = self.control.channel().await?;
         let mut client = ProxyApiClient::new(channel)
@@ -394,7 +471,7 @@ impl Discovery {
                         Some(control_message::Msg::Config(config)) => {
                             let ack = self.apply(config);
                             if first {
-                                tracing::info!(control_plane = %self.control_plane, version = ack.version, "connected to the control plane");
+                                tracing::info!(control_plane = %self.control.current(), version = ack.version, "connected to the control plane");
                                 first = false;
                                 self.connected.store(true, Ordering::Release);
                                 self.set_error(String::new());
@@ -428,8 +505,16 @@ impl Discovery {
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
+                _ = leave.changed() => break,
             }
         }
+        // Leaving: end our half of the stream; the control plane withdraws
+        // this proxy's endpoints, then ends its half.
+        drop(tx);
+        let closed = async { while let Ok(Some(_)) = inbound.message().await {} };
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT, closed).await;
+        tracing::info!(control_plane = %self.control.current(), "left the control plane");
+        Ok(())
     }
 }
 
@@ -439,5 +524,61 @@ struct StopTaps<'a>(&'a Telemetry);
 impl Drop for StopTaps<'_> {
     fn drop(&mut self) {
         self.0.taps.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery() -> Arc<Discovery> {
+        let metrics = Metrics::new();
+        let own = crate::telemetry::Own {
+            namespace: "default".into(),
+            workload: "web".into(),
+            service_account: "web".into(),
+            instance: "web-0".into(),
+            service: "web".into(),
+        };
+        let telemetry =
+            Telemetry::new(own, &trellis_resource::MeshSpec::default(), metrics.clone());
+        // No token: the background session never connects anywhere.
+        let control = ControlClient::new("127.0.0.1:1", "").unwrap();
+        let id = Identity {
+            instance: "web-0".into(),
+            workload: "web".into(),
+            namespace: "default".into(),
+            labels: Default::default(),
+            service_account: "web".into(),
+            inbound_addr: "127.0.0.1:15006".into(),
+            admin_addr: "127.0.0.1:15000".into(),
+            app_port: 8080,
+            token: String::new(),
+        };
+        let (_tx, shutdown) = watch::channel(false);
+        Discovery::start(control, id, None, metrics, telemetry, shutdown)
+    }
+
+    #[tokio::test]
+    async fn configs_older_than_the_running_one_are_refused() {
+        let d = discovery();
+        let config = |version: u64| Config {
+            version,
+            ..Config::default()
+        };
+        assert!(d.apply(config(10 << 16)).accepted);
+        // A replica behind the one that sent version 10<<16.
+        let ack = d.apply(config(9 << 16));
+        assert!(!ack.accepted);
+        assert!(
+            ack.error.contains("older than the running"),
+            "{}",
+            ack.error
+        );
+        assert_eq!(d.snapshot().version, 10 << 16, "the running config stays");
+        assert_eq!(d.metrics.config_rejections.get(), 1);
+        // Newer ones are taken as before.
+        assert!(d.apply(config((10 << 16) + 1)).accepted);
+        assert_eq!(d.snapshot().version, (10 << 16) + 1);
     }
 }

@@ -63,6 +63,13 @@ use crate::transparent::TransparentError;
 
 /// How long `start` waits for the first config when there is no cache.
 pub const FIRST_CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
+/// On shutdown, how long a proxy that serves Services keeps accepting
+/// after the control plane took it out of its callers' endpoints: the
+/// time for the change to reach every caller (through the store and every
+/// replica), so that none connects after it stopped accepting.
+pub const LEAVE_GRACE: Duration = Duration::from_secs(1);
+/// How long shutdown waits for the control plane to see the proxy leave.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a proxy did not start; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +119,7 @@ pub struct Proxy {
     pub instance: String,
     shutdown: watch::Sender<bool>,
     metrics: Arc<metrics::Metrics>,
+    discovery: Arc<Discovery>,
     drain_grace: Duration,
 }
 
@@ -197,6 +205,7 @@ impl Proxy {
             instance,
             shutdown,
             metrics: metrics.clone(),
+            discovery: discovery.clone(),
             drain_grace: cfg.drain_grace,
         };
         let inputs = Inputs::new(cfg, discovery, metrics, telemetry);
@@ -233,11 +242,19 @@ impl Proxy {
         self.metrics.in_flight_now()
     }
 
-    /// Stops accepting, lets in-flight requests finish within the drain
-    /// grace period, then returns.
+    /// Leaves the mesh, then stops accepting and lets in-flight requests
+    /// finish within the drain grace period. Leaving first means callers
+    /// stop sending here while it still accepts: the control plane takes
+    /// it out of their endpoints, and it serves on for `LEAVE_GRACE` (if it
+    /// is an endpoint at all) while that reaches them.
     pub async fn shutdown(self) {
+        let serves = !self.discovery.snapshot().raw.own_services.is_empty();
+        let started = tokio::time::Instant::now();
+        if self.discovery.leave(LEAVE_TIMEOUT).await && serves {
+            tokio::time::sleep(LEAVE_GRACE.min(self.drain_grace)).await;
+        }
         let _ = self.shutdown.send(true);
-        let deadline = tokio::time::Instant::now() + self.drain_grace;
+        let deadline = started + self.drain_grace.max(LEAVE_GRACE);
         while self.metrics.in_flight_now() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

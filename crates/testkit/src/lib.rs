@@ -1,10 +1,11 @@
 //! Helpers for Trellis tests: waiting for a condition instead of sleeping,
 //! free ports, a tiny HTTP/1.1 client that can go through an explicit HTTP
 //! proxy (as an app behind a sidecar does), reading Prometheus text
-//! ([`prometheus`]) and processes ([`process`]), and common resource YAML
-//! ([`yaml`]).
+//! ([`prometheus`]) and processes ([`process`]), common resource YAML
+//! ([`yaml`]), and etcd members and clusters ([`etcd`]).
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod process;
 pub mod prometheus;
 pub mod yaml;

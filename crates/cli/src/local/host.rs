@@ -42,7 +42,13 @@ impl Placement for Host {
         r.app_env()
     }
 
-    fn proxy_args(&self, _k: usize, r: &Replica, grpc: SocketAddr, data_dir: &Path) -> Vec<String> {
+    fn proxy_args(
+        &self,
+        _k: usize,
+        r: &Replica,
+        grpc: &[SocketAddr],
+        data_dir: &Path,
+    ) -> Vec<String> {
         r.proxy_args(grpc, data_dir, LOCALHOST.into())
     }
 

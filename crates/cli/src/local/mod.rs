@@ -3,6 +3,7 @@
 //! placements: host processes on loopback ports (`host`, process mode) and
 //! network-namespace pods (`pods`, with `podnet`).
 
+pub mod etcd;
 pub mod host;
 pub mod plan;
 pub mod podnet;
@@ -14,7 +15,7 @@ pub mod state;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{ExecArgs, Global, Mode, Output, UpArgs};
+use crate::cli::{ExecArgs, Global, Mode, Output, StoreArg, UpArgs};
 use crate::table::Table;
 use host::Host;
 use pods::Pods;
@@ -58,10 +59,18 @@ pub async fn up(global: &Global, args: &UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let loaded = crate::resources::load(&args.file)?;
+    if args.control_replicas > 1 && args.store != StoreArg::Etcd {
+        anyhow::bail!(
+            "--control-replicas {} needs --store etcd: replicas share one store",
+            args.control_replicas
+        );
+    }
     let opts = Options {
         data_dir: global.data_dir.clone(),
         detach: args.detach,
         timeout: args.timeout,
+        control_replicas: args.control_replicas as usize,
+        etcd: args.store == StoreArg::Etcd,
     };
     if pods {
         let mesh = Runner::<Pods>::start(loaded, &opts, args.subnet.clone()).await?;
@@ -187,6 +196,8 @@ pub fn ps(global: &Global) -> anyhow::Result<ExitCode> {
             ("outbound", a.outbound),
             ("admin", a.admin),
             ("app", a.app),
+            ("client", a.client),
+            ("peer", a.peer),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))

@@ -184,12 +184,13 @@ impl Replica {
     /// The flags of `trellis proxy` for this replica, its inbound and admin
     /// listeners on `listen` (the outbound one is for the app alone, so on
     /// loopback).
-    pub fn proxy_args(&self, grpc: SocketAddr, data_dir: &Path, listen: IpAddr) -> Vec<String> {
+    pub fn proxy_args(&self, grpc: &[SocketAddr], data_dir: &Path, listen: IpAddr) -> Vec<String> {
+        let grpc: Vec<String> = grpc.iter().map(SocketAddr::to_string).collect();
         let addr = |ip: IpAddr, p: u16| SocketAddr::new(ip, p).to_string();
         let mut args = vec![
             "proxy".to_string(),
             "--control-plane".to_string(),
-            grpc.to_string(),
+            grpc.join(","),
             "--workload".to_string(),
             self.workload.clone(),
             "--namespace".to_string(),
@@ -299,7 +300,7 @@ spec:
         assert_eq!(env["NO_PROXY"], "localhost", "the Workload's env wins");
 
         let args = r1.proxy_args(
-            "127.0.0.1:15010".parse().unwrap(),
+            &["127.0.0.1:15010".parse().unwrap()],
             Path::new("/d"),
             LOCALHOST.into(),
         );
@@ -317,7 +318,10 @@ spec:
         assert_eq!(env["SERVICE"], "tool");
         assert_eq!(env["VERSION"], "");
         let args = tool.proxy_args(
-            "127.0.0.1:1".parse().unwrap(),
+            &[
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
             Path::new("/d"),
             Ipv4Addr::UNSPECIFIED.into(),
         );
@@ -331,6 +335,9 @@ spec:
             .windows(2)
             .any(|w| w == ["--admin-addr", "0.0.0.0:9011"]));
         assert!(args.windows(2).any(|w| w == ["--service-account", "robot"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--control-plane", "127.0.0.1:1,127.0.0.1:2"]));
         assert!(!args.contains(&"--labels".to_string()));
     }
 

@@ -126,7 +126,7 @@ impl Placement for Pods {
     }
 
     /// The bridge, then each pod with its redirect rules.
-    fn create(&mut self, exe: &Path, control: &ControlInfo) -> anyhow::Result<()> {
+    fn create(&mut self, exe: &Path, controls: &[ControlInfo]) -> anyhow::Result<()> {
         eprintln!(
             "creating bridge {} ({}) and {} pods",
             self.net.bridge,
@@ -136,7 +136,11 @@ impl Placement for Pods {
         self.net.create_bridge()?;
         // The control plane's ports are reached directly (its API and OTLP
         // clients do not mark their sockets).
-        let excluded = format!("{},{}", control.http.port(), control.grpc.port());
+        let excluded: Vec<String> = controls
+            .iter()
+            .flat_map(|c| [c.http.port().to_string(), c.grpc.port().to_string()])
+            .collect();
+        let excluded = excluded.join(",");
         for pod in &self.net.pods {
             self.net.create_pod(pod)?;
             podnet::run(&[
@@ -179,7 +183,13 @@ impl Placement for Pods {
     /// Transparent, advertised at the pod's IP; inbound and admin on every
     /// interface (the admin port is reachable from the host for `up`'s
     /// readiness checks, `stat` and Prometheus).
-    fn proxy_args(&self, k: usize, r: &Replica, grpc: SocketAddr, data_dir: &Path) -> Vec<String> {
+    fn proxy_args(
+        &self,
+        k: usize,
+        r: &Replica,
+        grpc: &[SocketAddr],
+        data_dir: &Path,
+    ) -> Vec<String> {
         let mut args = r.proxy_args(grpc, data_dir, Ipv4Addr::UNSPECIFIED.into());
         args.extend([
             "--advertise-addr".to_string(),
@@ -326,7 +336,12 @@ mod tests {
     #[test]
     fn sidecars_in_pods_are_transparent_and_reachable_from_the_host() {
         let (pods, r) = catalog_pod();
-        let a = pods.proxy_args(0, &r, "10.200.1.1:4000".parse().unwrap(), Path::new("/d"));
+        let a = pods.proxy_args(
+            0,
+            &r,
+            &["10.200.1.1:4000".parse().unwrap()],
+            Path::new("/d"),
+        );
         let s = a.join(" ");
         assert!(s.contains("--transparent"), "{s}");
         assert!(s.contains("--inbound-addr 0.0.0.0:15006"), "{s}");

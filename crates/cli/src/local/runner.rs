@@ -1,6 +1,7 @@
 //! The local mesh runner of `trellis up` and `trellis demo`: the steps
 //! every placement shares (validate, prepare the data dir, start the
-//! control plane and wait for it, apply, mint each sidecar's join token,
+//! control plane — one, or replicas on a local etcd cluster — and wait for
+//! it, apply, mint each sidecar's join token,
 //! start each replica's app and sidecar, wait until they serve, then run,
 //! stop or detach), with what differs between host processes and pods
 //! behind [`Placement`]. Every child is recorded in `run.json` as it
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use trellis_resource::{Resource, Source};
 
+use super::etcd::{self, MemberAddrs};
 use super::plan::{self, Replica};
 use super::process::{self, Running, Spec};
 use super::state::{Addresses, ControlInfo, ProcessInfo, Role, RunState};
@@ -41,7 +43,14 @@ pub struct Options {
     pub detach: bool,
     /// Limit for the control plane, then for the workloads, to be ready.
     pub timeout: Duration,
+    /// Control plane replicas (more than one needs `etcd`).
+    pub control_replicas: usize,
+    /// Run a local etcd cluster as the control plane's store.
+    pub etcd: bool,
 }
+
+/// The key-encryption key the replicas of a local mesh share.
+const KEK_FILE: &str = "kek";
 
 /// Where one replica's app and sidecar are reached, as `ps` shows them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,8 +102,8 @@ pub trait Placement: Sized {
     ) -> anyhow::Result<Layout<Self>>;
 
     /// Creates what the replicas run in, before the control plane starts
-    /// (it may listen there).
-    fn create(&mut self, _exe: &Path, _control: &ControlInfo) -> anyhow::Result<()> {
+    /// (it may listen there); `controls` are its replicas.
+    fn create(&mut self, _exe: &Path, _controls: &[ControlInfo]) -> anyhow::Result<()> {
         Ok(())
     }
 
@@ -104,8 +113,15 @@ pub trait Placement: Sized {
     /// The app's environment, on top of the CLI's own.
     fn app_env(&self, r: &Replica) -> Vec<(String, String)>;
 
-    /// The flags of replica `k`'s `trellis proxy`.
-    fn proxy_args(&self, k: usize, r: &Replica, grpc: SocketAddr, data_dir: &Path) -> Vec<String>;
+    /// The flags of replica `k`'s `trellis proxy`; `grpc` holds every
+    /// control plane replica's proxy API.
+    fn proxy_args(
+        &self,
+        k: usize,
+        r: &Replica,
+        grpc: &[SocketAddr],
+        data_dir: &Path,
+    ) -> Vec<String>;
 
     fn addrs(&self, k: usize, r: &Replica) -> ReplicaAddrs;
 
@@ -125,6 +141,10 @@ pub trait Placement: Sized {
 /// A running local mesh, owned by this process.
 pub struct Runner<P> {
     pub state: RunState,
+    /// Every control plane replica (the first is `state.control`).
+    pub controls: Vec<ControlInfo>,
+    /// The local etcd cluster's members, when there is one.
+    pub etcd: Vec<MemberAddrs>,
     pub data_dir: PathBuf,
     pub replicas: Vec<Replica>,
     pub workloads: usize,
@@ -156,15 +176,38 @@ impl<P: Placement> Runner<P> {
             .iter()
             .filter(|r| r.as_workload().is_some())
             .count();
+        // Replicas after the first: the HTTP API on loopback, the proxy
+        // API where the placement put the first one's.
+        let extra = opts.control_replicas.saturating_sub(1);
+        let members = if opts.etcd { etcd::MEMBERS } else { 0 };
+        let ports = plan::free_ports(2 * extra + 2 * members)
+            .context("finding free ports for the control plane")?;
+        let first = ControlInfo {
+            pid: 0,
+            http: layout.http,
+            grpc: layout.grpc,
+        };
+        let mut controls = vec![first.clone()];
+        for k in 0..extra {
+            controls.push(ControlInfo {
+                pid: 0,
+                http: plan::ReplicaPorts::addr(ports[2 * k]),
+                grpc: SocketAddr::new(layout.grpc.ip(), ports[2 * k + 1]),
+            });
+        }
+        let etcd = (0..members)
+            .map(|i| MemberAddrs {
+                client: plan::ReplicaPorts::addr(ports[2 * extra + 2 * i]),
+                peer: plan::ReplicaPorts::addr(ports[2 * extra + 2 * i + 1]),
+            })
+            .collect();
         let mut runner = Runner {
             state: RunState {
-                control: ControlInfo {
-                    pid: 0,
-                    http: layout.http,
-                    grpc: layout.grpc,
-                },
+                control: first,
                 processes: Vec::new(),
             },
+            controls,
+            etcd,
             data_dir: opts.data_dir.clone(),
             replicas: layout.replicas,
             workloads,
@@ -184,7 +227,10 @@ impl<P: Placement> Runner<P> {
 
     async fn start_all(&mut self, resources: &[Resource], opts: &Options) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the trellis binary")?;
-        self.placement.create(&exe, &self.state.control)?;
+        self.placement.create(&exe, &self.controls)?;
+        if !self.etcd.is_empty() {
+            self.start_etcd(opts)?;
+        }
         let api = self.start_control(&exe, opts).await?;
         let answer: ApplyAnswer = api
             .post("/api/v1/apply", &resources)
@@ -217,9 +263,8 @@ impl<P: Placement> Runner<P> {
             self.last().addresses.app = Some(addrs.app);
 
             self.mint_token(&api, r).await?;
-            let args = self
-                .placement
-                .proxy_args(k, r, self.state.control.grpc, &self.data_dir);
+            let grpc: Vec<SocketAddr> = self.controls.iter().map(|c| c.grpc).collect();
+            let args = self.placement.proxy_args(k, r, &grpc, &self.data_dir);
             let (program, args) = self.placement.command(k, exe.clone(), args);
             let name = format!("{}-proxy", r.instance);
             self.spawn(program, args, vec![], &name, Role::Proxy, Some(r), opts)?;
@@ -235,55 +280,131 @@ impl<P: Placement> Runner<P> {
         self.wait_for_replicas(opts.timeout).await
     }
 
-    /// Starts the control plane and waits until it is ready; its API.
+    /// Starts the etcd members; the control plane replicas wait for them.
+    fn start_etcd(&mut self, opts: &Options) -> anyhow::Result<()> {
+        let bin = etcd::binary()?;
+        let dir = self.data_dir.join("etcd");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        eprintln!(
+            "starting a local etcd cluster of {} members ({})",
+            self.etcd.len(),
+            bin.display()
+        );
+        for i in 0..self.etcd.len() {
+            let args = etcd::member_args(i, &self.etcd, &dir);
+            self.spawn(
+                bin.clone(),
+                args,
+                vec![],
+                &format!("etcd-{i}"),
+                Role::Etcd,
+                None,
+                opts,
+            )?;
+            self.last().addresses = Addresses {
+                client: Some(self.etcd[i].client),
+                peer: Some(self.etcd[i].peer),
+                ..Addresses::default()
+            };
+        }
+        Ok(self.state.write(&self.data_dir)?)
+    }
+
+    /// Starts the control plane (every replica) and waits until each is
+    /// ready; the API of the first.
     async fn start_control(&mut self, exe: &Path, opts: &Options) -> anyhow::Result<Api> {
-        let (http, grpc) = (self.state.control.http, self.state.control.grpc);
-        eprintln!("starting the control plane (http {http}, grpc {grpc})");
-        let args = vec![
-            "control".to_string(),
-            "--data-dir".to_string(),
-            self.data_dir.join("control").display().to_string(),
-            "--http-addr".to_string(),
-            http.to_string(),
-            "--grpc-addr".to_string(),
-            grpc.to_string(),
-        ];
-        self.spawn(
-            exe.to_path_buf(),
-            args,
-            vec![],
-            "control",
-            Role::Control,
-            None,
-            opts,
-        )?;
-        self.state.control.pid = self.children[0].pid;
-        self.state.processes[0].addresses = Addresses {
-            http: Some(http),
-            grpc: Some(grpc),
-            ..Addresses::default()
+        let store_args: Vec<String> = if self.etcd.is_empty() {
+            Vec::new()
+        } else {
+            let kek = self.data_dir.join(KEK_FILE);
+            if !kek.exists() {
+                let mut key = [0u8; 32];
+                rand::Rng::fill(&mut rand::rng(), &mut key);
+                trellis_identity::write_secret(&kek, &key)
+                    .with_context(|| format!("writing {}", kek.display()))?;
+            }
+            let endpoints: Vec<String> = self
+                .etcd
+                .iter()
+                .map(|m| format!("http://{}", m.client))
+                .collect();
+            vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                endpoints.join(","),
+                "--kek-file".into(),
+                kek.display().to_string(),
+            ]
         };
+        let mut started = Vec::new();
+        for k in 0..self.controls.len() {
+            let ControlInfo { http, grpc, .. } = self.controls[k].clone();
+            // The first keeps the name and folder of a single control plane,
+            // where the CLI finds the local mesh's admin token.
+            let name = if k == 0 {
+                "control".to_string()
+            } else {
+                format!("control-{k}")
+            };
+            eprintln!("starting the control plane {name} (http {http}, grpc {grpc})");
+            let mut args = vec![
+                "control".to_string(),
+                "--data-dir".to_string(),
+                self.data_dir.join(&name).display().to_string(),
+                "--http-addr".to_string(),
+                http.to_string(),
+                "--grpc-addr".to_string(),
+                grpc.to_string(),
+            ];
+            args.extend(store_args.iter().cloned());
+            self.spawn(
+                exe.to_path_buf(),
+                args,
+                vec![],
+                &name,
+                Role::Control,
+                None,
+                opts,
+            )?;
+            let pid = self.children.last().expect("just spawned").pid;
+            self.controls[k].pid = pid;
+            self.last().addresses = Addresses {
+                http: Some(http),
+                grpc: Some(grpc),
+                ..Addresses::default()
+            };
+            started.push(self.children.len() - 1);
+        }
+        self.state.control.pid = self.controls[0].pid;
         self.state.write(&self.data_dir)?;
 
+        let deadline = Instant::now() + opts.timeout;
+        for (k, c) in self.controls.clone().iter().enumerate() {
+            let api = Api::new(
+                &format!("http://{}", c.http),
+                "the control plane this `up` started",
+            )?;
+            loop {
+                self.check_children()?;
+                if api.ok("/readyz").await.unwrap_or(false) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the control plane was not ready within {:?}: see {}",
+                        opts.timeout,
+                        self.children[started[k]].log.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let api = Api::new(
             &self.state.control_url(),
             "the control plane this `up` started",
         )?;
-        let deadline = Instant::now() + opts.timeout;
-        loop {
-            self.check_children()?;
-            if api.ok("/readyz").await.unwrap_or(false) {
-                return Ok(api.with_token(crate::client::local_admin_token(&self.data_dir)?));
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "the control plane was not ready within {:?}: see {}",
-                    opts.timeout,
-                    self.children[0].log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Ok(api.with_token(crate::client::local_admin_token(&self.data_dir)?))
     }
 
     /// A join token for exactly the replica's identity, in its token file.
@@ -417,8 +538,13 @@ impl<P: Placement> Runner<P> {
 
     /// The line `up` prints once everything serves.
     pub fn ready_line(&self) -> String {
+        let ha = match (self.controls.len(), self.etcd.len()) {
+            (1, 0) => String::new(),
+            (n, 0) => format!(" ({n} replicas)"),
+            (n, m) => format!(" ({n} replicas on a {m}-member etcd cluster)"),
+        };
         format!(
-            "ready: {} workloads, {} replicas{}; control plane {}",
+            "ready: {} workloads, {} replicas{}; control plane {}{ha}",
             self.workloads,
             self.replicas.len(),
             self.placement.describe(),
@@ -491,18 +617,21 @@ impl<P: Placement> Runner<P> {
 }
 
 /// Stops the processes `state` records that still run: workloads, then
-/// the control plane, so proxies do not spend their drain reconnecting.
+/// the control plane, so proxies do not spend their drain reconnecting,
+/// then etcd, which the control plane's replicas use until they stop.
 /// Returns how many were running.
 pub fn stop_state(state: &RunState) -> usize {
-    let pids = |control: bool| -> Vec<(u32, u64)> {
+    let pids = |roles: &[Role]| -> Vec<(u32, u64)> {
         state
             .processes
             .iter()
-            .filter(|p| (p.role == Role::Control) == control)
+            .filter(|p| roles.contains(&p.role))
             .map(|p| (p.pid, p.start_time))
             .collect()
     };
-    process::stop_all(&pids(false), STOP_GRACE) + process::stop_all(&pids(true), STOP_GRACE)
+    process::stop_all(&pids(&[Role::App, Role::Proxy]), STOP_GRACE)
+        + process::stop_all(&pids(&[Role::Control]), STOP_GRACE)
+        + process::stop_all(&pids(&[Role::Etcd]), STOP_GRACE)
 }
 
 /// Refuses to start over a running mesh; clears what a previous one left.
@@ -528,13 +657,26 @@ fn prepare_data_dir<P: Placement>(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes the control plane's store and the proxies' caches; logs stay,
-/// for reading after the fact.
+/// Removes the control plane's store (its replicas', and the local etcd
+/// cluster's), the shared key-encryption key and the proxies' caches; logs
+/// stay, for reading after the fact.
 pub fn remove_state_dirs(dir: &Path) -> anyhow::Result<()> {
-    for sub in ["control", "cache"] {
-        let p = dir.join(sub);
-        if p.exists() {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let ours = matches!(name, "control" | "cache" | "etcd")
+            || name
+                .strip_prefix("control-")
+                .is_some_and(|n| n.parse::<u16>().is_ok());
+        if ours && p.is_dir() {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else if name == KEK_FILE && p.is_file() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
     Ok(())

@@ -52,6 +52,8 @@ pub enum Role {
     Control,
     App,
     Proxy,
+    /// A member of the local etcd cluster (`up --store etcd`).
+    Etcd,
 }
 
 impl Role {
@@ -60,6 +62,7 @@ impl Role {
             Role::Control => "control",
             Role::App => "app",
             Role::Proxy => "proxy",
+            Role::Etcd => "etcd",
         }
     }
 }
@@ -97,6 +100,11 @@ pub struct Addresses {
     pub grpc: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<SocketAddr>,
+    /// An etcd member's client and peer addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
 }
 
 impl ProcessInfo {

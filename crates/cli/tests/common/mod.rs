@@ -9,6 +9,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 
 /// `trellis --data-dir DIR ARGS...`, with its output.
 pub fn trellis(dir: &Path, args: &[&str]) -> Output {
+    trellis_with(dir, args, &[])
+}
+
+/// [`trellis`] with more environment variables.
+pub fn trellis_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     // Global flags first: after `exec ... --` they would belong to CMD.
     Command::new(BIN)
         .arg("--data-dir")
@@ -16,6 +21,7 @@ pub fn trellis(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .env_remove("TRELLIS_SERVER")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("running trellis")
 }
@@ -26,7 +32,12 @@ pub fn text(out: &[u8]) -> String {
 
 /// [`trellis`] that must succeed; its stdout.
 pub fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = trellis(dir, args);
+    ok_with(dir, args, &[])
+}
+
+/// [`ok`] with more environment variables.
+pub fn ok_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = trellis_with(dir, args, env);
     assert!(
         out.status.success(),
         "trellis {args:?} failed ({}):\nstdout: {}\nstderr: {}",

@@ -1,11 +1,12 @@
-//! Endpoint indexing: which Services select each connected proxy, and each
-//! Service's endpoints, memoised for one round of config updates.
+//! Endpoint indexing: which Services select each proxy, and each Service's
+//! endpoints (from the endpoint records), memoised for one round of config
+//! updates.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use trellis_api::v1::Endpoint;
 
-use super::{Proxy, Registry, ServiceName};
+use super::{EndpointRecord, Proxy, Registry, ServiceName};
 
 /// Endpoints per service, computed once per round of config updates.
 pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
@@ -15,7 +16,7 @@ pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
 #[derive(Debug, Default)]
 pub struct SelectionMemo(HashMap<String, HashMap<BTreeMap<String, String>, BTreeSet<ServiceName>>>);
 
-fn endpoint_of(p: &Proxy, trust_domain: &str) -> Endpoint {
+fn endpoint_of(p: &EndpointRecord, trust_domain: &str) -> Endpoint {
     Endpoint {
         address: p.inbound_addr.clone(),
         instance: p.instance.clone(),
@@ -32,15 +33,27 @@ fn sort_endpoints(eps: &mut [Endpoint]) {
 }
 
 impl Registry {
-    /// The services (existing or not) that select a proxy with these
-    /// namespace and labels: their endpoints change when it comes or goes.
+    /// The services that select a proxy with these namespace and labels.
     pub fn services_selecting(&self, proxy: &Proxy) -> BTreeSet<ServiceName> {
+        self.services_where(|ns, sel| proxy.selected_by(ns, sel))
+    }
+
+    /// The services that have this record among their endpoints: theirs
+    /// change when it comes or goes.
+    pub fn services_of(&self, record: &EndpointRecord) -> BTreeSet<ServiceName> {
+        self.services_where(|ns, sel| record.selected_by(ns, sel))
+    }
+
+    fn services_where(
+        &self,
+        selected: impl Fn(&str, &BTreeMap<String, String>) -> bool,
+    ) -> BTreeSet<ServiceName> {
         self.resources
             .services
             .iter()
             .filter(|(_, r)| {
                 r.as_service()
-                    .is_some_and(|s| proxy.selected_by(&r.metadata.namespace, &s.selector))
+                    .is_some_and(|s| selected(&r.metadata.namespace, &s.selector))
             })
             .map(|(n, _)| n.clone())
             .collect()
@@ -54,26 +67,37 @@ impl Registry {
         proxy: &Proxy,
         memo: &mut SelectionMemo,
     ) -> BTreeSet<ServiceName> {
-        if proxy.inbound_addr.is_empty() {
+        self.selecting_memo(&proxy.namespace, &proxy.labels, &proxy.inbound_addr, memo)
+    }
+
+    fn selecting_memo(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        inbound_addr: &str,
+        memo: &mut SelectionMemo,
+    ) -> BTreeSet<ServiceName> {
+        if inbound_addr.is_empty() {
             // Nothing selects a proxy that peers cannot reach.
             return BTreeSet::new();
         }
         if let Some(own) = memo
             .0
-            .get(&proxy.namespace)
-            .and_then(|by_labels| by_labels.get(&proxy.labels))
+            .get(namespace)
+            .and_then(|by_labels| by_labels.get(labels))
         {
             return own.clone();
         }
-        let own = self.services_selecting(proxy);
+        let own =
+            self.services_where(|ns, sel| super::selects(sel, ns, namespace, labels, inbound_addr));
         memo.0
-            .entry(proxy.namespace.clone())
+            .entry(namespace.to_string())
             .or_default()
-            .insert(proxy.labels.clone(), own.clone());
+            .insert(labels.clone(), own.clone());
         own
     }
 
-    /// Every Service's endpoints, in one pass over the proxies (rather than
+    /// Every Service's endpoints, in one pass over the records (rather than
     /// one pass per Service): what a round that recomputes every proxy's
     /// Config starts from.
     pub fn all_endpoints(&self, memo: &mut SelectionMemo) -> EndpointCache {
@@ -84,10 +108,10 @@ impl Registry {
             .keys()
             .map(|n| (n.clone(), Vec::new()))
             .collect();
-        for p in self.proxies.values() {
-            for name in self.services_selecting_memo(p, memo) {
+        for r in self.endpoints.values() {
+            for name in self.selecting_memo(&r.namespace, &r.labels, &r.inbound_addr, memo) {
                 if let Some(eps) = cache.get_mut(&name) {
-                    eps.push(endpoint_of(p, &td));
+                    eps.push(endpoint_of(r, &td));
                 }
             }
         }
@@ -106,7 +130,7 @@ impl Registry {
         let mut eps: Vec<Endpoint> = match self.resources.services.get(name) {
             Some(r) => {
                 let selector = r.as_service().map(|s| &s.selector);
-                self.proxies
+                self.endpoints
                     .values()
                     .filter(|p| selector.is_some_and(|sel| p.selected_by(&name.namespace, sel)))
                     .map(|p| endpoint_of(p, &td))

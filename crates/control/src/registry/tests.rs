@@ -81,6 +81,12 @@ fn proxy(conn: ConnId, ns: &str, labels: &[(&str, &str)], addr: &str) -> Proxy {
     )
 }
 
+/// A connected proxy and its endpoint record, as the store would feed it.
+fn add(reg: &mut Registry, p: Proxy) {
+    reg.endpoints.insert(p.instance.clone(), p.record("r"));
+    reg.proxies.insert(p.conn, p);
+}
+
 fn subs(s: &[&str]) -> BTreeSet<String> {
     s.iter().map(|s| s.to_string()).collect()
 }
@@ -131,8 +137,8 @@ fn config_has_routes_backends_endpoints_and_missing() {
         resources: ResourceIndex::new(&resources),
         ..Default::default()
     };
-    reg.proxies.insert(
-        1,
+    add(
+        &mut reg,
         proxy(
             1,
             "default",
@@ -140,15 +146,15 @@ fn config_has_routes_backends_endpoints_and_missing() {
             "10.0.0.1:15006",
         ),
     );
-    reg.proxies.insert(
+    // A proxy of another replica: only its record is here.
+    let other = proxy(
         2,
-        proxy(
-            2,
-            "shop",
-            &[("app", "catalog"), ("version", "v2")],
-            "10.0.0.2:15006",
-        ),
+        "shop",
+        &[("app", "catalog"), ("version", "v2")],
+        "10.0.0.2:15006",
     );
+    reg.endpoints
+        .insert(other.instance.clone(), other.record("r2"));
     let mut cache = EndpointCache::new();
     let (cfg, deps) = reg.config_for(&subs(&["default/catalog", "default/nope"]), &mut cache);
     assert_eq!(cfg.mesh_json, "{}");
@@ -180,7 +186,7 @@ fn config_has_routes_backends_endpoints_and_missing() {
         &mut EndpointCache::new(),
     );
     assert_eq!(h1, again.content_hash());
-    reg.proxies.remove(&1);
+    reg.endpoints.remove("i1");
     let (after, _) = reg.config_for(
         &subs(&["default/catalog", "default/nope"]),
         &mut EndpointCache::new(),
@@ -229,7 +235,7 @@ fn one_pass_endpoints_and_memoised_selection_match_the_direct_ones() {
         proxy(5, "default", &[("app", "catalog")], ""),
     ];
     for p in procs {
-        reg.proxies.insert(p.conn, p);
+        add(&mut reg, p);
     }
     let mut memo = SelectionMemo::default();
     let all = reg.all_endpoints(&mut memo);

@@ -1,18 +1,20 @@
-//! The resource store: what users applied, with a revision that grows with
-//! every change, and a feed of change events.
-//!
-//! `Store` is a trait so that an etcd backend can replace the embedded one
-//! for replicated control planes; `RedbStore` is the embedded backend used
-//! on plain hosts.
+//! The embedded store: one redb file on one host. Resources and state
+//! values are durable; endpoint records live in memory, since they belong
+//! to the proxies connected to this very process.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
-use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use trellis_resource::{Kind, Resource, ResourceKey};
+
+use super::{
+    action, decode, encode_all, key_string, ApplyOutcome, ApplyResult, Change, Result, Store,
+    StoreError, StoreEvent, StoreSnapshot, EVENT_BUFFER,
+};
 
 /// Resources as JSON, keyed `kind/namespace/name`.
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
@@ -22,128 +24,27 @@ const REVISION: &str = "revision";
 /// The control plane's own state values (see `Store::get_state`).
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
-/// How many events a slow watcher may fall behind before it sees `Lagged`.
-/// Watchers reload the whole state on lag, so this only bounds memory.
-const EVENT_BUFFER: usize = 256;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("the store {path} is in use: is another control plane running on this data dir?")]
-    InUse { path: PathBuf },
-    #[error("cannot open the store {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: Box<redb::Error>,
-    },
-    // Boxed: redb's error is large, and every store call returns this.
-    #[error("store error: {0}")]
-    Backend(Box<redb::Error>),
-    #[error("the stored record {key} cannot be read ({source}); was the store written by a newer Trellis?")]
-    Corrupt {
-        key: String,
-        source: serde_json::Error,
-    },
-    #[error("cannot encode {key}: {source}")]
-    Encode {
-        key: ResourceKey,
-        source: serde_json::Error,
-    },
-    #[error("the store is closed")]
-    Closed,
-    #[error("store task failed: {0}")]
-    Task(String),
-}
-
-impl From<redb::Error> for StoreError {
-    fn from(e: redb::Error) -> Self {
-        StoreError::Backend(Box::new(e))
-    }
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// What an apply did to one resource.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Created,
-    Configured,
-    Unchanged,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApplyResult {
-    pub key: ResourceKey,
-    pub action: Action,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApplyOutcome {
-    /// The store's revision after the apply (unchanged when nothing changed).
-    pub revision: u64,
-    /// One per applied resource, in the order given.
-    pub results: Vec<ApplyResult>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    Put(ResourceKey),
-    Delete(ResourceKey),
-}
-
-/// One committed change of the store.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoreEvent {
-    pub revision: u64,
-    pub changes: Vec<Change>,
-}
-
-/// A resource store. Implementations must be atomic per call and send one
-/// event per committed change, in revision order.
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Creates or replaces all `resources` at once, or none of them.
-    async fn apply(&self, resources: Vec<Resource>) -> Result<ApplyOutcome>;
-    /// Removes a resource; the new revision, or `None` when it did not exist.
-    async fn delete(&self, key: &ResourceKey) -> Result<Option<u64>>;
-    async fn get(&self, key: &ResourceKey) -> Result<Option<Resource>>;
-    /// Every resource (of one kind, when given), sorted by key, with the
-    /// revision they were read at.
-    async fn list(&self, kind: Option<Kind>) -> Result<(Vec<Resource>, u64)>;
-    /// Events of every change committed after this call.
-    fn watch(&self) -> broadcast::Receiver<StoreEvent>;
-    /// Makes everything durable and releases the backend; later calls fail
-    /// with `StoreError::Closed`.
-    async fn close(&self) -> Result<()>;
-    /// A small value of the control plane's own state (not a resource, no
-    /// revision, no event), e.g. the service VIP table.
-    async fn get_state(&self, _key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(None)
-    }
-    /// Stores a state value durably. Backends without state keep nothing.
-    async fn put_state(&self, _key: &str, _value: Vec<u8>) -> Result<()> {
-        Ok(())
-    }
-    /// Every state value whose key starts with `prefix`, sorted by key
-    /// (e.g. the API tokens, one key each, so that creating one is a single
-    /// write that replicas cannot lose to each other).
-    async fn list_state(&self, _prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(Vec::new())
-    }
-}
-
 /// The embedded store: one redb file. redb commits are durable and
 /// crash-safe, so a control plane that dies restarts with every resource.
 pub struct RedbStore {
     path: PathBuf,
     /// `None` once closed. Cloned out briefly, never held across an await.
     db: RwLock<Option<Arc<Database>>>,
-    /// Serialises writers so that events leave in revision order.
-    write_lock: Arc<Mutex<()>>,
+    /// Serialises writers so that events leave in revision order, and
+    /// holds what is kept in memory: the revision (the stored one, plus
+    /// one per endpoint change since) and the endpoint records.
+    write_lock: Arc<Mutex<Memory>>,
     events: broadcast::Sender<StoreEvent>,
+    leader: watch::Sender<bool>,
     /// Tests make an apply fail after writing this many resources.
     #[cfg(test)]
     fail_after: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Memory {
+    revision: u64,
+    endpoints: BTreeMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -159,15 +60,20 @@ impl RedbStore {
     pub async fn open(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
         let p = path.clone();
-        let db = tokio::task::spawn_blocking(move || open_db(&p))
+        let (db, revision) = tokio::task::spawn_blocking(move || open_db(&p))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(RedbStore {
             path,
             db: RwLock::new(Some(Arc::new(db))),
-            write_lock: Arc::new(Mutex::new(())),
+            write_lock: Arc::new(Mutex::new(Memory {
+                revision,
+                endpoints: BTreeMap::new(),
+            })),
             events,
+            // One control plane per store file: it holds every duty.
+            leader: watch::channel(true).0,
             #[cfg(test)]
             fail_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
@@ -198,7 +104,7 @@ impl RedbStore {
     }
 }
 
-fn open_db(path: &Path) -> Result<Database> {
+fn open_db(path: &Path) -> Result<(Database, u64)> {
     let db = Database::create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
             path: path.to_owned(),
@@ -210,28 +116,18 @@ fn open_db(path: &Path) -> Result<Database> {
     })?;
     // Create the tables up front so that readers never meet a missing table.
     let txn = db.begin_write().map_err(redb::Error::from)?;
+    let revision;
     {
         txn.open_table(RESOURCES).map_err(redb::Error::from)?;
+        txn.open_table(STATE).map_err(redb::Error::from)?;
         let mut meta = txn.open_table(META).map_err(redb::Error::from)?;
-        let has_revision = meta.get(REVISION).map_err(redb::Error::from)?.is_some();
-        if !has_revision {
+        revision = read_revision(&meta)?;
+        if meta.get(REVISION).map_err(redb::Error::from)?.is_none() {
             meta.insert(REVISION, 0).map_err(redb::Error::from)?;
         }
     }
     txn.commit().map_err(redb::Error::from)?;
-    Ok(db)
-}
-
-/// `kind/namespace/name`; the namespace is empty for cluster-wide kinds.
-pub fn key_string(key: &ResourceKey) -> String {
-    format!("{}/{}/{}", key.kind.as_str(), key.namespace, key.name)
-}
-
-fn decode(key: &str, value: &[u8]) -> Result<Resource> {
-    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
-        key: key.to_string(),
-        source,
-    })
+    Ok((db, revision))
 }
 
 fn read_revision(table: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
@@ -250,22 +146,11 @@ impl Store for RedbStore {
         #[cfg(test)]
         let fail_after = self.fail_after.load(std::sync::atomic::Ordering::Relaxed);
         self.blocking(move |db| {
-            // Encode first: a resource that cannot be encoded fails the
-            // apply before anything is written.
-            let mut encoded = Vec::with_capacity(resources.len());
-            for r in &resources {
-                let key = r.key();
-                let json = serde_json::to_vec(r).map_err(|source| StoreError::Encode {
-                    key: key.clone(),
-                    source,
-                })?;
-                encoded.push((key, json));
-            }
-            let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let encoded = encode_all(&resources)?;
+            let mut mem = write_lock.lock().unwrap_or_else(|e| e.into_inner());
             let txn = db.begin_write().map_err(redb::Error::from)?;
             let mut results = Vec::with_capacity(encoded.len());
             let mut changes = Vec::new();
-            let revision;
             {
                 let mut table = txn.open_table(RESOURCES).map_err(redb::Error::from)?;
                 for (key, json) in &encoded {
@@ -278,22 +163,8 @@ impl Store for RedbStore {
                     let old = table
                         .insert(ks.as_str(), json.as_slice())
                         .map_err(redb::Error::from)?;
-                    let action = match old {
-                        None => Action::Created,
-                        // Compare decoded values, not bytes: equal resources
-                        // may have been encoded by an older serialiser.
-                        Some(old) => {
-                            let same = old.value() == json.as_slice()
-                                || serde_json::from_slice::<serde_json::Value>(old.value()).ok()
-                                    == serde_json::from_slice::<serde_json::Value>(json).ok();
-                            if same {
-                                Action::Unchanged
-                            } else {
-                                Action::Configured
-                            }
-                        }
-                    };
-                    if action != Action::Unchanged {
+                    let action = action(old.as_ref().map(|o| o.value()), json);
+                    if action != super::Action::Unchanged {
                         changes.push(Change::Put(key.clone()));
                     }
                     results.push(ApplyResult {
@@ -301,23 +172,17 @@ impl Store for RedbStore {
                         action,
                     });
                 }
-                let mut meta = txn.open_table(META).map_err(redb::Error::from)?;
-                let current = read_revision(&meta)?;
-                revision = if changes.is_empty() {
-                    current
-                } else {
-                    meta.insert(REVISION, current + 1)
-                        .map_err(redb::Error::from)?;
-                    current + 1
-                };
             }
             if changes.is_empty() {
                 txn.abort().map_err(redb::Error::from)?;
-            } else {
-                txn.commit().map_err(redb::Error::from)?;
-                // No receivers is fine: nobody watches yet.
-                let _ = events.send(StoreEvent { revision, changes });
+                return Ok(ApplyOutcome {
+                    revision: mem.revision,
+                    results,
+                });
             }
+            let revision = commit_next(txn, &mut mem)?;
+            // No receivers is fine: nobody watches yet.
+            let _ = events.send(StoreEvent { revision, changes });
             Ok(ApplyOutcome { revision, results })
         })
         .await
@@ -328,9 +193,8 @@ impl Store for RedbStore {
         let events = self.events.clone();
         let write_lock = self.write_lock.clone();
         self.blocking(move |db| {
-            let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mem = write_lock.lock().unwrap_or_else(|e| e.into_inner());
             let txn = db.begin_write().map_err(redb::Error::from)?;
-            let revision;
             {
                 let mut table = txn.open_table(RESOURCES).map_err(redb::Error::from)?;
                 let existed = table
@@ -340,11 +204,8 @@ impl Store for RedbStore {
                 if !existed {
                     return Ok(None);
                 }
-                let mut meta = txn.open_table(META).map_err(redb::Error::from)?;
-                revision = read_revision(&meta)? + 1;
-                meta.insert(REVISION, revision).map_err(redb::Error::from)?;
             }
-            txn.commit().map_err(redb::Error::from)?;
+            let revision = commit_next(txn, &mut mem)?;
             let _ = events.send(StoreEvent {
                 revision,
                 changes: vec![Change::Delete(key)],
@@ -368,12 +229,13 @@ impl Store for RedbStore {
     }
 
     async fn list(&self, kind: Option<Kind>) -> Result<(Vec<Resource>, u64)> {
+        let mem = self.write_lock.clone();
         self.blocking(move |db| {
-            // One read transaction: the resources and the revision agree.
+            // Under the write lock, so the resources and the revision agree.
+            let mem = mem.lock().unwrap_or_else(|e| e.into_inner());
+            let revision = mem.revision;
             let txn = db.begin_read().map_err(redb::Error::from)?;
             let table = txn.open_table(RESOURCES).map_err(redb::Error::from)?;
-            let meta = txn.open_table(META).map_err(redb::Error::from)?;
-            let revision = read_revision(&meta)?;
             let prefix = kind.map(|k| format!("{}/", k.as_str()));
             let iter = match &prefix {
                 Some(p) => table.range(p.as_str()..).map_err(redb::Error::from)?,
@@ -401,16 +263,42 @@ impl Store for RedbStore {
         self.events.subscribe()
     }
 
+    async fn snapshot(&self) -> Result<StoreSnapshot> {
+        let mem = self.write_lock.clone();
+        self.blocking(move |db| {
+            let mem = mem.lock().unwrap_or_else(|e| e.into_inner());
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            let table = txn.open_table(RESOURCES).map_err(redb::Error::from)?;
+            let mut resources = Vec::new();
+            for item in table.iter().map_err(redb::Error::from)? {
+                let (k, v) = item.map_err(redb::Error::from)?;
+                resources.push(decode(k.value(), v.value())?);
+            }
+            resources.sort_by_key(|r| r.key());
+            let state = txn.open_table(STATE).map_err(redb::Error::from)?;
+            let vips = state
+                .get(crate::vips::STATE_KEY)
+                .map_err(redb::Error::from)?
+                .map(|v| v.value().to_vec());
+            Ok(StoreSnapshot {
+                revision: mem.revision,
+                resources,
+                endpoints: mem
+                    .endpoints
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                vips,
+            })
+        })
+        .await
+    }
+
     async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(redb::Error::from)?;
-            // Stores written before the state table existed have none.
-            let table = match txn.open_table(STATE) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(redb::Error::from(e).into()),
-            };
+            let table = txn.open_table(STATE).map_err(redb::Error::from)?;
             let v = table.get(key.as_str()).map_err(redb::Error::from)?;
             Ok(v.map(|v| v.value().to_vec()))
         })
@@ -418,32 +306,23 @@ impl Store for RedbStore {
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        let key = key.to_string();
-        let write_lock = self.write_lock.clone();
-        self.blocking(move |db| {
-            let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let txn = db.begin_write().map_err(redb::Error::from)?;
-            {
-                let mut table = txn.open_table(STATE).map_err(redb::Error::from)?;
-                table
-                    .insert(key.as_str(), value.as_slice())
-                    .map_err(redb::Error::from)?;
-            }
-            txn.commit().map_err(redb::Error::from)?;
-            Ok(())
-        })
-        .await
+        self.write_state(key, None, Some(value)).await.map(|_| ())
+    }
+
+    async fn swap_state(&self, key: &str, expected: Option<&[u8]>, value: Vec<u8>) -> Result<bool> {
+        self.write_state(key, Some(expected.map(<[u8]>::to_vec)), Some(value))
+            .await
+    }
+
+    async fn delete_state(&self, key: &str) -> Result<()> {
+        self.write_state(key, None, None).await.map(|_| ())
     }
 
     async fn list_state(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let prefix = prefix.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(redb::Error::from)?;
-            let table = match txn.open_table(STATE) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(redb::Error::from(e).into()),
-            };
+            let table = txn.open_table(STATE).map_err(redb::Error::from)?;
             let mut out = Vec::new();
             for item in table.range(prefix.as_str()..).map_err(redb::Error::from)? {
                 let (k, v) = item.map_err(redb::Error::from)?;
@@ -455,6 +334,46 @@ impl Store for RedbStore {
             Ok(out)
         })
         .await
+    }
+
+    fn publish_endpoint(&self, instance: &str, record: Vec<u8>) {
+        let mut mem = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if mem.endpoints.get(instance) == Some(&record) {
+            return;
+        }
+        mem.endpoints.insert(instance.to_string(), record.clone());
+        mem.revision += 1;
+        let _ = self.events.send(StoreEvent {
+            revision: mem.revision,
+            changes: vec![Change::Endpoint {
+                instance: instance.to_string(),
+                record: Some(record),
+            }],
+        });
+    }
+
+    fn withdraw_endpoint(&self, instance: &str, record: Vec<u8>) {
+        let mut mem = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if mem.endpoints.get(instance) != Some(&record) {
+            return;
+        }
+        mem.endpoints.remove(instance);
+        mem.revision += 1;
+        let _ = self.events.send(StoreEvent {
+            revision: mem.revision,
+            changes: vec![Change::Endpoint {
+                instance: instance.to_string(),
+                record: None,
+            }],
+        });
+    }
+
+    fn leader(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
+
+    fn describe(&self) -> String {
+        format!("embedded store {}", self.path.display())
     }
 
     async fn close(&self) -> Result<()> {
@@ -471,31 +390,71 @@ impl Store for RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Writes (`Some`) or deletes (`None`) a state value; with `expected`,
+    /// only if the key holds that value now. Whether it wrote.
+    async fn write_state(
+        &self,
+        key: &str,
+        expected: Option<Option<Vec<u8>>>,
+        value: Option<Vec<u8>>,
+    ) -> Result<bool> {
+        let key = key.to_string();
+        let write_lock = self.write_lock.clone();
+        let events = self.events.clone();
+        self.blocking(move |db| {
+            let mut mem = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let txn = db.begin_write().map_err(redb::Error::from)?;
+            {
+                let mut table = txn.open_table(STATE).map_err(redb::Error::from)?;
+                if let Some(expected) = &expected {
+                    let now = table
+                        .get(key.as_str())
+                        .map_err(redb::Error::from)?
+                        .map(|v| v.value().to_vec());
+                    if &now != expected {
+                        return Ok(false);
+                    }
+                }
+                match &value {
+                    Some(v) => {
+                        table
+                            .insert(key.as_str(), v.as_slice())
+                            .map_err(redb::Error::from)?;
+                    }
+                    None => {
+                        table.remove(key.as_str()).map_err(redb::Error::from)?;
+                    }
+                }
+            }
+            let revision = commit_next(txn, &mut mem)?;
+            let _ = events.send(StoreEvent {
+                revision,
+                changes: vec![Change::State(key)],
+            });
+            Ok(true)
+        })
+        .await
+    }
+}
+
+/// Commits `txn` with the next revision stored in it.
+fn commit_next(txn: redb::WriteTransaction, mem: &mut Memory) -> Result<u64> {
+    let revision = mem.revision + 1;
+    {
+        let mut meta = txn.open_table(META).map_err(redb::Error::from)?;
+        meta.insert(REVISION, revision).map_err(redb::Error::from)?;
+    }
+    txn.commit().map_err(redb::Error::from)?;
+    mem.revision = revision;
+    Ok(revision)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-    use trellis_resource::{Metadata, ServicePort, ServiceSpec, Spec};
-
-    pub(crate) fn service(ns: &str, name: &str, port: u16) -> Resource {
-        Resource {
-            metadata: Metadata {
-                name: name.into(),
-                namespace: ns.into(),
-                labels: BTreeMap::new(),
-                annotations: BTreeMap::new(),
-            },
-            spec: Spec::Service(ServiceSpec {
-                selector: [("app".to_string(), name.to_string())].into(),
-                ports: vec![ServicePort {
-                    name: None,
-                    port,
-                    target_port: None,
-                    protocol: None,
-                }],
-            }),
-        }
-    }
+    use crate::store::tests::service;
+    use crate::store::Action;
 
     async fn open(dir: &tempfile::TempDir) -> RedbStore {
         RedbStore::open(dir.path().join("store.redb"))
@@ -628,5 +587,59 @@ mod tests {
         assert_eq!(rev, 1);
         assert_eq!(all, vec![service("default", "a", 80)]);
         assert!(watch.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn state_swaps_only_from_the_expected_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut watch = store.watch();
+        assert!(store.swap_state("k", None, b"1".to_vec()).await.unwrap());
+        assert!(!store.swap_state("k", None, b"2".to_vec()).await.unwrap());
+        assert!(!store
+            .swap_state("k", Some(b"0"), b"2".to_vec())
+            .await
+            .unwrap());
+        assert!(store
+            .swap_state("k", Some(b"1"), b"2".to_vec())
+            .await
+            .unwrap());
+        assert_eq!(store.get_state("k").await.unwrap(), Some(b"2".to_vec()));
+        store.delete_state("k").await.unwrap();
+        assert_eq!(store.get_state("k").await.unwrap(), None);
+        let ev = watch.recv().await.unwrap();
+        assert_eq!(ev.changes, vec![Change::State("k".into())]);
+    }
+
+    #[tokio::test]
+    async fn endpoints_live_in_memory_and_are_withdrawn_only_as_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut watch = store.watch();
+        store.publish_endpoint("web-0", b"a".to_vec());
+        let ev = watch.recv().await.unwrap();
+        assert_eq!(ev.revision, 1);
+        assert_eq!(
+            ev.changes,
+            vec![Change::Endpoint {
+                instance: "web-0".into(),
+                record: Some(b"a".to_vec())
+            }]
+        );
+        // The proxy registered again (record b): the old stream's withdrawal
+        // of record a changes nothing.
+        store.publish_endpoint("web-0", b"b".to_vec());
+        store.withdraw_endpoint("web-0", b"a".to_vec());
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.endpoints, vec![("web-0".to_string(), b"b".to_vec())]);
+        assert_eq!(snap.revision, 2);
+        store.withdraw_endpoint("web-0", b"b".to_vec());
+        assert!(store.snapshot().await.unwrap().endpoints.is_empty());
+        // Revisions keep growing past in-memory changes.
+        let out = store
+            .apply(vec![service("default", "a", 80)])
+            .await
+            .unwrap();
+        assert_eq!(out.revision, 4);
     }
 }

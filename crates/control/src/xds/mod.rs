@@ -7,31 +7,27 @@
 //! proxy never blocks the actor and never gets stale configs queued. The
 //! HTTP API reads an arc-swapped snapshot that the actor publishes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use trellis_api::v1::proxy_api_server::ProxyApi;
 use trellis_api::v1::proxy_message::Msg;
 use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage, Register};
 use trellis_identity::token::Claims;
 
-use crate::metrics::Metrics;
-use crate::registry::{
-    Breach, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo,
-    ServiceName,
-};
+use crate::registry::{Breach, ConnId, EndpointRecord, ProxyView};
 use crate::stats::Stats;
-use crate::store::{Store, StoreEvent};
+
+pub use actor::start;
 
 /// A proxy must register this soon after opening its stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,9 +42,14 @@ pub enum XdsError {
 /// What the HTTP API sees of the proxies.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Shared with earlier snapshots: a publish rebuilds only the views
-    /// of the proxies that changed since the last one.
+    /// The proxies connected to this control plane; shared with earlier
+    /// snapshots: a publish rebuilds only the views of the proxies that
+    /// changed since the last one.
     pub proxies: Vec<Arc<ProxyView>>,
+    /// Every proxy of the mesh as an endpoint (from every replica).
+    pub endpoints: Vec<EndpointRecord>,
+    /// The store revision the registry reflects.
+    pub revision: u64,
     pub trust_domain: String,
     /// `Mesh.certificateTTL`.
     pub certificate_ttl: std::time::Duration,
@@ -100,6 +101,8 @@ impl XdsHandle {
     }
 }
 
+mod actor;
+
 /// What a proxy's response stream is told to do next.
 #[derive(Clone, Debug)]
 enum Out {
@@ -135,486 +138,19 @@ enum Event {
     },
     /// The CA's roots changed (rotation): every proxy gets the new bundle.
     TrustBundle(Vec<String>),
+    /// A read of the whole store, the `n`th asked for.
+    Loaded(
+        u64,
+        Result<crate::store::StoreSnapshot, crate::store::StoreError>,
+    ),
+    /// The VIP table after an allocation.
+    Allocated(Result<crate::vips::Vips, crate::store::StoreError>),
     CheckBudget {
         proposed: Vec<trellis_resource::Resource>,
         applied: BTreeSet<trellis_resource::ResourceKey>,
         reply: oneshot::Sender<Vec<Breach>>,
     },
     Shutdown,
-}
-
-/// Which proxies to recompute.
-enum Scope {
-    All,
-    One(ConnId),
-    /// Proxies whose config holds endpoints of these services, plus one.
-    Affected(BTreeSet<ServiceName>, Option<ConnId>),
-}
-
-impl Scope {
-    fn reaches(&self, p: &Proxy) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::One(c) => *c == p.conn,
-            Scope::Affected(services, extra) => {
-                *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
-            }
-        }
-    }
-}
-
-/// Gives new Services a VIP and stores the table before any proxy sees
-/// it, so an address handed out survives a restart.
-async fn assign_vips(registry: &mut Registry, store: &dyn Store) {
-    if registry.vips.assign(registry.resources.services.keys()) {
-        if let Err(e) = registry.vips.save(store).await {
-            warn!(error = %e, "cannot store the service VIP table; VIPs may change on restart");
-        }
-    }
-}
-
-/// Starts the actor on the store's current state.
-pub async fn start(
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
-    trust_bundle: Vec<String>,
-) -> Result<(XdsHandle, JoinHandle<()>), XdsError> {
-    // Watch before listing, so no change falls between the two.
-    let store_events = store.watch();
-    let (resources, revision) = store.list(None).await?;
-    let mut registry = Registry {
-        proxies: Default::default(),
-        resources: ResourceIndex::new(&resources),
-        trust_bundle,
-        vips: crate::vips::Vips::load(store.as_ref())
-            .await
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the service VIP table; assigning anew");
-                Default::default()
-            }),
-    };
-    assign_vips(&mut registry, store.as_ref()).await;
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-    // Versions start at the wall clock so that they keep growing across
-    // restarts, and proxies can tell a newer config from their cached one.
-    let version = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(1);
-    let mut actor = Actor {
-        registry,
-        links: HashMap::new(),
-        views: BTreeMap::new(),
-        dirty: HashSet::new(),
-        published_trust_domain: String::new(),
-        version,
-        revision,
-        store,
-        metrics,
-        snapshot: snapshot.clone(),
-    };
-    actor.publish();
-    let task = tokio::spawn(actor.run(rx, store_events));
-    Ok((
-        XdsHandle {
-            events: tx,
-            snapshot,
-        },
-        task,
-    ))
-}
-
-struct Actor {
-    registry: Registry,
-    links: HashMap<ConnId, Link>,
-    /// The last version sent to any proxy.
-    version: u64,
-    /// The store revision the resource index reflects.
-    revision: u64,
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    /// The published view of each proxy, and the proxies changed since
-    /// (every site that changes a proxy marks it: `self.dirty.insert`).
-    /// With 12,000 proxies, rebuilding every view after each ack cost more
-    /// than the Configs themselves.
-    views: BTreeMap<ConnId, Arc<ProxyView>>,
-    dirty: HashSet<ConnId>,
-    published_trust_domain: String,
-}
-
-impl Actor {
-    async fn run(
-        mut self,
-        mut events: mpsc::Receiver<Event>,
-        mut store_events: broadcast::Receiver<StoreEvent>,
-    ) {
-        let mut store_open = true;
-        // Publish at once: the CA reads the certificate TTL from here.
-        self.publish();
-        loop {
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    None | Some(Event::Shutdown) => break,
-                    Some(ev) => {
-                        self.handle(ev);
-                        // Handle what else is queued before publishing:
-                        // publishing copies every proxy's view, so doing it
-                        // after each of a burst of events (thousands of
-                        // proxies registering, or acking a mesh-wide
-                        // change) made that burst quadratic.
-                        let mut shutdown = false;
-                        for _ in 0..EVENT_QUEUE {
-                            match events.try_recv() {
-                                Ok(Event::Shutdown) => {
-                                    shutdown = true;
-                                    break;
-                                }
-                                Ok(ev) => self.handle(ev),
-                                Err(_) => break,
-                            }
-                        }
-                        if shutdown {
-                            break;
-                        }
-                    }
-                },
-                r = store_events.recv(), if store_open => match r {
-                    Ok(ev) if ev.revision <= self.revision => continue,
-                    // Lagged: some events were lost, but a reload reads
-                    // everything anyway.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Coalesce a burst of applies into one reload.
-                        while store_events.try_recv().is_ok() {}
-                        self.reload().await;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => store_open = false,
-                },
-            }
-            self.publish();
-        }
-        info!(
-            proxies = self.links.len(),
-            "proxy API stopped; closing streams"
-        );
-        self.links.clear();
-        self.metrics.connected_proxies.set(0);
-        self.publish_empty();
-    }
-
-    async fn reload(&mut self) {
-        match self.store.list(None).await {
-            Ok((resources, revision)) => {
-                let next = ResourceIndex::new(&resources);
-                let scope = match self.registry.resources.changed_services(&next) {
-                    Some(services) => Scope::Affected(services, None),
-                    None => Scope::All,
-                };
-                self.registry.resources = next;
-                if matches!(scope, Scope::All) {
-                    assign_vips(&mut self.registry, self.store.as_ref()).await;
-                }
-                self.revision = revision;
-                self.update(scope);
-            }
-            // Keep serving the last good state; the next event retries.
-            Err(e) => warn!(error = %e, "cannot reload resources; proxies keep their config"),
-        }
-    }
-
-    fn handle(&mut self, ev: Event) {
-        match ev {
-            Event::Register {
-                conn,
-                register,
-                out,
-                kill,
-            } => self.register(conn, register, out, kill),
-            Event::Subscribe { conn, services } => {
-                self.dirty.insert(conn);
-                let Some(p) = self.registry.proxies.get_mut(&conn) else {
-                    return;
-                };
-                let before = p.subscriptions.len();
-                p.subscriptions.extend(services);
-                if p.subscriptions.len() != before {
-                    self.update(Scope::One(conn));
-                }
-            }
-            Event::Ack { conn, ack } => {
-                self.dirty.insert(conn);
-                let Some(p) = self.registry.proxies.get_mut(&conn) else {
-                    return;
-                };
-                if ack.accepted {
-                    p.acked_version = ack.version;
-                    p.last_error = None;
-                } else {
-                    warn!(
-                        instance = %p.instance,
-                        version = ack.version,
-                        error = %ack.error,
-                        "proxy rejected a config"
-                    );
-                    self.metrics.nacks.inc();
-                    p.last_error = Some(if ack.error.is_empty() {
-                        format!("config {} rejected", ack.version)
-                    } else {
-                        ack.error
-                    });
-                }
-            }
-            Event::Disconnect { conn } => {
-                if let Some(p) = self.remove(conn) {
-                    info!(instance = %p.instance, workload = %p.workload, "proxy disconnected");
-                    let affected = self.registry.services_selecting(&p);
-                    self.update(Scope::Affected(affected, None));
-                }
-            }
-            Event::TrustBundle(bundle) => {
-                self.registry.trust_bundle = bundle;
-                self.update(Scope::All);
-            }
-            Event::CheckBudget {
-                proposed,
-                applied,
-                reply,
-            } => {
-                let _ = reply.send(self.check_budget(&proposed, &applied));
-            }
-            Event::Shutdown => {}
-        }
-    }
-
-    fn register(
-        &mut self,
-        conn: ConnId,
-        register: Box<Register>,
-        out: watch::Sender<Out>,
-        kill: oneshot::Sender<()>,
-    ) {
-        let proxy = Proxy::from_register(conn, &register);
-        let mut affected = BTreeSet::new();
-        // An instance that reconnects before its old stream was found dead
-        // replaces it, so it is never listed twice as an endpoint.
-        let stale: Vec<ConnId> = self
-            .registry
-            .proxies
-            .values()
-            .filter(|p| p.instance == proxy.instance)
-            .map(|p| p.conn)
-            .collect();
-        for old in stale {
-            if let Some(link) = self.links.get(&old) {
-                link.out.send_replace(Out::Close(
-                    Code::Aborted,
-                    "a newer stream of this proxy instance replaced this one".into(),
-                ));
-            }
-            if let Some(p) = self.remove(old) {
-                affected.extend(self.registry.services_selecting(&p));
-            }
-        }
-        info!(
-            instance = %proxy.instance,
-            workload = %proxy.workload,
-            namespace = %proxy.namespace,
-            inbound = %proxy.inbound_addr,
-            subscriptions = proxy.subscriptions.len(),
-            "proxy registered"
-        );
-        affected.extend(self.registry.services_selecting(&proxy));
-        self.dirty.insert(conn);
-        self.registry.proxies.insert(conn, proxy);
-        self.links.insert(conn, Link { out, _kill: kill });
-        self.metrics
-            .connected_proxies
-            .set(self.registry.proxies.len() as i64);
-        self.update(Scope::Affected(affected, Some(conn)));
-    }
-
-    fn remove(&mut self, conn: ConnId) -> Option<Proxy> {
-        self.links.remove(&conn);
-        self.dirty.insert(conn);
-        let p = self.registry.proxies.remove(&conn);
-        self.metrics
-            .connected_proxies
-            .set(self.registry.proxies.len() as i64);
-        p
-    }
-
-    /// The Config size of each proxy in `scope` under the current resources.
-    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
-        use prost::Message as _;
-        let mut memo = SelectionMemo::default();
-        let mut cache = self.endpoint_cache(scope, &mut memo);
-        self.registry
-            .proxies
-            .values()
-            .filter(|p| scope.reaches(p))
-            .map(|p| {
-                let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
-                (p.conn, config.encoded_len())
-            })
-            .collect()
-    }
-
-    /// Every Service's endpoints in one pass when every proxy is computed;
-    /// otherwise filled per Service as needed.
-    fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
-        match scope {
-            Scope::All => self.registry.all_endpoints(memo),
-            _ => EndpointCache::new(),
-        }
-    }
-
-    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
-    /// would change twice (now, and with `proposed`), as a reload does once.
-    fn check_budget(
-        &mut self,
-        proposed: &[trellis_resource::Resource],
-        applied: &BTreeSet<trellis_resource::ResourceKey>,
-    ) -> Vec<Breach> {
-        use prost::Message as _;
-        let next = ResourceIndex::new(proposed);
-        let scope = match self.registry.resources.changed_services(&next) {
-            Some(services) => Scope::Affected(services, None),
-            None => Scope::All,
-        };
-        let before = self.config_sizes(&scope);
-        let current = std::mem::replace(&mut self.registry.resources, next);
-        let mut breaches = Vec::new();
-        let mut memo = SelectionMemo::default();
-        let mut cache = self.endpoint_cache(&scope, &mut memo);
-        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
-            let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
-            let bytes = config.encoded_len();
-            let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
-            if bytes > trellis_api::CONFIG_BUDGET_BYTES && grew {
-                breaches.push(Breach {
-                    instance: p.instance.clone(),
-                    namespace: p.namespace.clone(),
-                    workload: p.workload.clone(),
-                    bytes,
-                    part: self.registry.blame(&config, applied),
-                });
-            }
-        }
-        self.registry.resources = current;
-        breaches
-    }
-
-    /// Recomputes the configs in `scope` and sends those that changed.
-    fn update(&mut self, scope: Scope) {
-        let mut memo = SelectionMemo::default();
-        let mut cache = self.endpoint_cache(&scope, &mut memo);
-        let mut changed = Vec::new();
-        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
-            let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
-            self.metrics.configs_computed.inc();
-            let hash = config.content_hash();
-            if p.sent_hash != Some(hash) {
-                changed.push((p.conn, config, deps, hash));
-            }
-        }
-        for (conn, mut config, deps, hash) in changed {
-            self.dirty.insert(conn);
-            // Over the budget, a Config would fail the proxy's decoding and
-            // make it reconnect in a loop: it keeps its last one instead.
-            let bytes = prost::Message::encoded_len(&config);
-            let withheld = (bytes > trellis_api::CONFIG_BUDGET_BYTES).then(|| {
-                self.registry.proxies.get(&conn).map(|p| Breach {
-                    instance: p.instance.clone(),
-                    namespace: p.namespace.clone(),
-                    workload: p.workload.clone(),
-                    bytes,
-                    part: self.registry.blame(&config, &BTreeSet::new()),
-                })
-            });
-            if let Some(Some(breach)) = withheld {
-                let Some(p) = self.registry.proxies.get_mut(&conn) else {
-                    continue;
-                };
-                p.depends_on = deps;
-                if p.withheld_hash != Some(hash) {
-                    p.withheld_hash = Some(hash);
-                    self.metrics.configs_over_budget.inc();
-                    let reason = breach.reason();
-                    if p.config_withheld.is_none() {
-                        warn!(
-                            instance = %p.instance,
-                            workload = %p.workload,
-                            namespace = %p.namespace,
-                            bytes,
-                            largest = %breach.part.what,
-                            "not sending a proxy its Config: over the Config budget; it keeps its last one"
-                        );
-                    }
-                    p.config_withheld = Some(reason);
-                }
-                continue;
-            }
-            let (Some(p), Some(link)) =
-                (self.registry.proxies.get_mut(&conn), self.links.get(&conn))
-            else {
-                continue;
-            };
-            self.version += 1;
-            config.version = self.version;
-            debug!(
-                instance = %p.instance,
-                version = config.version,
-                services = config.services.len(),
-                "sending config"
-            );
-            link.out.send_replace(Out::Config(config));
-            if p.config_withheld.take().is_some() {
-                info!(instance = %p.instance, "a proxy's Config is within the budget again; sent");
-            }
-            p.withheld_hash = None;
-            p.sent_version = self.version;
-            p.sent_hash = Some(hash);
-            p.depends_on = deps;
-            self.metrics.configs_sent.inc();
-        }
-    }
-
-    fn publish(&mut self) {
-        let td = self.registry.trust_domain();
-        if td != self.published_trust_domain {
-            // Every identity in the views names the trust domain.
-            self.published_trust_domain = td.to_string();
-            self.views.clear();
-            self.dirty.extend(self.registry.proxies.keys().copied());
-        }
-        for conn in self.dirty.drain() {
-            match self.registry.proxies.get(&conn) {
-                Some(p) => {
-                    self.views
-                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
-                }
-                None => {
-                    self.views.remove(&conn);
-                }
-            }
-        }
-        self.snapshot.store(Arc::new(Snapshot {
-            proxies: self.views.values().cloned().collect(),
-            trust_domain: self.published_trust_domain.clone(),
-            certificate_ttl: self.registry.resources.certificate_ttl(),
-            vips: self.registry.vips.clone(),
-        }));
-    }
-
-    fn publish_empty(&self) {
-        self.snapshot.store(Arc::new(Snapshot {
-            proxies: Vec::new(),
-            trust_domain: self.registry.trust_domain().to_string(),
-            certificate_ttl: self.registry.resources.certificate_ttl(),
-            vips: self.registry.vips.clone(),
-        }));
-    }
 }
 
 /// The tonic service.
@@ -667,10 +203,11 @@ impl ProxyApi for ProxyApiService {
         &self,
         request: Request<trellis_api::v1::SignRequest>,
     ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
-        let snap = self.snapshot.load();
-        let resp =
-            self.identity
-                .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)?;
+        let snap = self.snapshot.load_full();
+        let resp = self
+            .identity
+            .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -700,7 +237,7 @@ impl ProxyApi for ProxyApiService {
         // A proxy is the identity its token grants, serves only the labels
         // it grants, and at the address it connects from (or the one the
         // token grants): nothing else.
-        let claims = self.identity.verify_token(&register.token)?;
+        let claims = self.identity.verify_token(&register.token).await?;
         let mut register = register;
         register.inbound_addr = admit(&claims, &register, peer).inspect_err(|e| {
             warn!(

@@ -1,0 +1,758 @@
+//! The xds actor: the one task that owns the registry and decides what
+//! every proxy connected to this control plane is sent.
+//!
+//! Its inputs are the proxies' streams (register, subscribe, ack, gone)
+//! and the store's events: resources, the endpoint records of every
+//! replica's proxies, the VIP table and the CA. It never waits on the store
+//! itself: reads of the whole store (`Loaded`) and VIP allocations run in
+//! their own tasks and come back as events, so an etcd outage never stalls
+//! a proxy's stream.
+//!
+//! Versions. A Config's version is `revision << 16` plus a per-proxy
+//! count, where `revision` is the store revision the registry reflects, and
+//! always greater than the version the proxy last ran (it says which in
+//! `Register`). Replicas on one etcd share revisions, so a proxy that moves
+//! to another replica is never sent an older state: a replica that has not
+//! seen the revision the proxy's config was made at reads the store before
+//! it sends that proxy anything.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tracing::{debug, info, warn};
+use trellis_api::v1::Register;
+
+use super::{Event, Link, Out, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
+use crate::mesh_identity::MeshIdentity;
+use crate::metrics::Metrics;
+use crate::registry::{
+    Breach, ConnId, EndpointCache, EndpointRecord, Proxy, ProxyView, Registry, ResourceIndex,
+    SelectionMemo, ServiceName,
+};
+use crate::store::{Change, Store, StoreEvent, StoreSnapshot};
+use crate::vips::Vips;
+
+/// Bits of a version below the store revision: room for a proxy's own
+/// changes (subscriptions) between two revisions.
+pub const VERSION_SHIFT: u32 = 16;
+/// How often a failed store read or VIP allocation is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Which proxies to recompute.
+enum Scope {
+    All,
+    One(ConnId),
+    /// Proxies whose config holds endpoints of these services.
+    Affected(BTreeSet<ServiceName>),
+}
+
+impl Scope {
+    fn reaches(&self, p: &Proxy) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::One(c) => *c == p.conn,
+            Scope::Affected(services) => !p.depends_on.is_disjoint(services),
+        }
+    }
+}
+
+/// Starts the actor on the store's current state. `replica` names this
+/// control plane in the endpoint records it publishes.
+pub async fn start(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    identity: Arc<MeshIdentity>,
+    replica: String,
+) -> Result<(XdsHandle, JoinHandle<()>), XdsError> {
+    // Watch before reading, so no change falls between the two.
+    let store_events = store.watch();
+    let first = store.snapshot().await?;
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let mut actor = Actor {
+        registry: Registry {
+            trust_bundle: identity.bundle(),
+            ..Default::default()
+        },
+        links: HashMap::new(),
+        applied: 0,
+        shared: store.shared(),
+        store,
+        identity,
+        replica,
+        metrics,
+        snapshot: snapshot.clone(),
+        events: tx.clone(),
+        loading: false,
+        load_again: false,
+        load_seq: 0,
+        buffered: Vec::new(),
+        waiting: HashMap::new(),
+        allocating: false,
+        views: BTreeMap::new(),
+        dirty: HashSet::new(),
+        published_trust_domain: String::new(),
+    };
+    let _ = actor.install(first);
+    actor.publish();
+    let task = tokio::spawn(actor.run(rx, store_events));
+    Ok((
+        XdsHandle {
+            events: tx,
+            snapshot,
+        },
+        task,
+    ))
+}
+
+struct Actor {
+    registry: Registry,
+    links: HashMap<ConnId, Link>,
+    /// The store revision the registry reflects: every change up to it.
+    applied: u64,
+    /// Whether other replicas share the store.
+    shared: bool,
+    store: Arc<dyn Store>,
+    identity: Arc<MeshIdentity>,
+    replica: String,
+    metrics: Arc<Metrics>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Where the tasks the actor starts send their results.
+    events: mpsc::Sender<Event>,
+    /// A read of the whole store is under way.
+    loading: bool,
+    /// Another read is needed once this one is in.
+    load_again: bool,
+    /// How many reads were started.
+    load_seq: u64,
+    /// Store events that came while a read was under way.
+    buffered: Vec<StoreEvent>,
+    /// Proxies held back until this replica reaches the revision their
+    /// config was made at, or until a store read started after they came
+    /// shows the store does not have it: (revision, reads started by then).
+    waiting: HashMap<ConnId, (u64, u64)>,
+    allocating: bool,
+    /// The published view of each proxy, and the proxies changed since
+    /// (every site that changes a proxy marks it: `self.dirty.insert`).
+    /// With 12,000 proxies, rebuilding every view after each ack cost more
+    /// than the Configs themselves.
+    views: BTreeMap<ConnId, Arc<ProxyView>>,
+    dirty: HashSet<ConnId>,
+    published_trust_domain: String,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut store_events: broadcast::Receiver<StoreEvent>,
+    ) {
+        let mut store_open = true;
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Publish at once: the CA reads the certificate TTL from here.
+        self.publish();
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None | Some(Event::Shutdown) => break,
+                    Some(ev) => {
+                        self.handle(ev);
+                        // Handle what else is queued before publishing:
+                        // publishing copies every proxy's view, so doing it
+                        // after each of a burst of events (thousands of
+                        // proxies registering, or acking a mesh-wide
+                        // change) made that burst quadratic.
+                        let mut shutdown = false;
+                        for _ in 0..EVENT_QUEUE {
+                            match events.try_recv() {
+                                Ok(Event::Shutdown) => {
+                                    shutdown = true;
+                                    break;
+                                }
+                                Ok(ev) => self.handle(ev),
+                                Err(_) => break,
+                            }
+                        }
+                        if shutdown {
+                            break;
+                        }
+                    }
+                },
+                r = store_events.recv(), if store_open => {
+                    let mut next = Some(r);
+                    // A burst of changes (a large apply, thousands of
+                    // proxies registering) in one round.
+                    for _ in 0..EVENT_QUEUE {
+                        match next.take() {
+                            Some(Ok(ev)) => self.store_event(ev),
+                            // Lagged: some events were lost; a read of the
+                            // whole store has everything anyway.
+                            Some(Err(broadcast::error::RecvError::Lagged(n))) => {
+                                debug!(lost = n, "store events lagged; reading the store");
+                                self.request_load();
+                            }
+                            Some(Err(broadcast::error::RecvError::Closed)) => {
+                                store_open = false;
+                                break;
+                            }
+                            None => break,
+                        }
+                        next = match store_events.try_recv() {
+                            Ok(ev) => Some(Ok(ev)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Some(Err(broadcast::error::RecvError::Lagged(n)))
+                            }
+                            Err(_) => None,
+                        };
+                    }
+                },
+                _ = retry.tick() => {
+                    if self.load_again && !self.loading {
+                        self.load_again = false;
+                        self.start_load();
+                    }
+                    self.allocate_vips();
+                }
+            }
+            self.publish();
+        }
+        info!(
+            proxies = self.links.len(),
+            "proxy API stopped; closing streams"
+        );
+        // The endpoint records stay: these proxies are moving to another
+        // replica (or this one, restarted), which publishes them again.
+        self.links.clear();
+        self.metrics.connected_proxies.set(0);
+        self.publish_empty();
+    }
+
+    /// Reads the whole store (now, or after the read under way).
+    fn request_load(&mut self) {
+        if self.loading {
+            self.load_again = true;
+        } else {
+            self.start_load();
+        }
+    }
+
+    fn start_load(&mut self) {
+        self.loading = true;
+        self.load_seq += 1;
+        let (seq, store, events) = (self.load_seq, self.store.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let result = store.snapshot().await;
+            let _ = events.send(Event::Loaded(seq, result)).await;
+        });
+    }
+
+    /// Takes a read of the whole store as the registry's new state; which
+    /// proxies that changes.
+    fn install(&mut self, snap: StoreSnapshot) -> Scope {
+        let next = ResourceIndex::new(&snap.resources);
+        let changed = self.registry.resources.changed_services(&next);
+        self.registry.resources = next;
+        let endpoints: BTreeMap<String, EndpointRecord> = snap
+            .endpoints
+            .iter()
+            .filter_map(|(instance, bytes)| parse_record(instance, bytes))
+            .map(|r| (r.instance.clone(), r))
+            .collect();
+        let mut all = changed.is_none();
+        let mut affected = changed.unwrap_or_default();
+        if !all {
+            let old = &self.registry.endpoints;
+            for (instance, record) in old.iter().chain(endpoints.iter()) {
+                if old.get(instance) != endpoints.get(instance) {
+                    affected.extend(self.registry.services_of(record));
+                }
+            }
+        }
+        self.registry.endpoints = endpoints;
+        if let Some(v) = &snap.vips {
+            let vips = Vips::from_json(v);
+            all |= vips != self.registry.vips;
+            self.registry.vips = vips;
+        }
+        self.applied = self.applied.max(snap.revision);
+        if all {
+            Scope::All
+        } else {
+            Scope::Affected(affected)
+        }
+    }
+
+    fn loaded(&mut self, seq: u64, result: Result<StoreSnapshot, crate::store::StoreError>) {
+        self.loading = false;
+        match result {
+            Ok(snap) => {
+                let scope = self.install(snap);
+                self.update(scope);
+                // What came meanwhile, past what the read saw.
+                for ev in std::mem::take(&mut self.buffered) {
+                    self.store_event(ev);
+                }
+                self.release_waiting(Some(seq));
+                self.allocate_vips();
+            }
+            Err(e) => {
+                // Keep serving the last good state; the retry tick reads
+                // again.
+                warn!(error = %e, "cannot read the store; proxies keep their config");
+                self.load_again = true;
+                return;
+            }
+        }
+        if self.load_again {
+            self.load_again = false;
+            self.start_load();
+        }
+    }
+
+    fn store_event(&mut self, ev: StoreEvent) {
+        if self.loading {
+            self.buffered.push(ev);
+            return;
+        }
+        let reset = ev.changes.contains(&Change::Reset);
+        if reset {
+            self.request_load();
+            return;
+        }
+        if ev.revision <= self.applied {
+            // A read of the whole store saw it already.
+            return;
+        }
+        let mut affected = BTreeSet::new();
+        let mut load = false;
+        for change in ev.changes {
+            match change {
+                Change::Put(_) | Change::Delete(_) => load = true,
+                Change::Endpoint { instance, record } => {
+                    if let Some(old) = self.registry.endpoints.remove(&instance) {
+                        affected.extend(self.registry.services_of(&old));
+                    }
+                    if let Some(r) = record.and_then(|b| parse_record(&instance, &b)) {
+                        affected.extend(self.registry.services_of(&r));
+                        self.registry.endpoints.insert(instance, r);
+                    }
+                }
+                Change::State(key) if key == crate::vips::STATE_KEY => load = true,
+                Change::State(key) if MeshIdentity::is_ca_key(&key) => self.reload_ca(),
+                Change::State(_) | Change::Reset => {}
+            }
+        }
+        if load {
+            // The read covers this revision, endpoints and all.
+            self.request_load();
+            return;
+        }
+        self.applied = ev.revision;
+        self.update(Scope::Affected(affected));
+        self.release_waiting(None);
+    }
+
+    /// Another replica rotated the CA: sign with it, and send the bundle.
+    fn reload_ca(&self) {
+        let (identity, events) = (self.identity.clone(), self.events.clone());
+        tokio::spawn(async move {
+            match identity.reload().await {
+                Ok(true) => {
+                    let _ = events.send(Event::TrustBundle(identity.bundle())).await;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot read the CA from the store"),
+            }
+        });
+    }
+
+    /// Gives Services without a VIP one, through the store.
+    fn allocate_vips(&mut self) {
+        if self.allocating || self.loading {
+            return;
+        }
+        let missing: Vec<ServiceName> = self
+            .registry
+            .resources
+            .services
+            .keys()
+            .filter(|n| self.registry.vips.get(n).is_none())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        self.allocating = true;
+        let (store, events) = (self.store.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let result = Vips::allocate(&*store, &missing).await;
+            let _ = events.send(Event::Allocated(result)).await;
+        });
+    }
+
+    /// Sends the proxies that waited for this replica to catch up.
+    fn release_waiting(&mut self, load: Option<u64>) {
+        let ready: Vec<ConnId> = self
+            .waiting
+            .iter()
+            .filter(|(_, (revision, since))| {
+                self.applied >= *revision || load.is_some_and(|seq| seq > *since)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in ready {
+            self.waiting.remove(&conn);
+            self.dirty.insert(conn);
+            if let Some(p) = self.registry.proxies.get_mut(&conn) {
+                p.waiting_for = None;
+            }
+            self.update(Scope::One(conn));
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Register {
+                conn,
+                register,
+                out,
+                kill,
+            } => self.register(conn, register, out, kill),
+            Event::Subscribe { conn, services } => {
+                self.dirty.insert(conn);
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    return;
+                };
+                let before = p.subscriptions.len();
+                p.subscriptions.extend(services);
+                if p.subscriptions.len() != before {
+                    self.update(Scope::One(conn));
+                }
+            }
+            Event::Ack { conn, ack } => {
+                self.dirty.insert(conn);
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    return;
+                };
+                if ack.accepted {
+                    p.acked_version = ack.version;
+                    p.last_error = None;
+                } else {
+                    warn!(
+                        instance = %p.instance,
+                        version = ack.version,
+                        error = %ack.error,
+                        "proxy rejected a config"
+                    );
+                    self.metrics.nacks.inc();
+                    p.last_error = Some(if ack.error.is_empty() {
+                        format!("config {} rejected", ack.version)
+                    } else {
+                        ack.error
+                    });
+                }
+            }
+            Event::Disconnect { conn } => {
+                if let Some(p) = self.remove(conn) {
+                    info!(instance = %p.instance, workload = %p.workload, "proxy disconnected");
+                }
+            }
+            Event::TrustBundle(bundle) => {
+                if self.registry.trust_bundle != bundle {
+                    self.registry.trust_bundle = bundle;
+                    self.update(Scope::All);
+                }
+            }
+            Event::Loaded(seq, result) => self.loaded(seq, result),
+            Event::Allocated(result) => {
+                self.allocating = false;
+                match result {
+                    Ok(vips) if vips != self.registry.vips => {
+                        self.registry.vips = vips;
+                        self.update(Scope::All);
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "cannot store the service VIP table; trying again"),
+                }
+            }
+            Event::CheckBudget {
+                proposed,
+                applied,
+                reply,
+            } => {
+                let _ = reply.send(self.check_budget(&proposed, &applied));
+            }
+            Event::Shutdown => {}
+        }
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        register: Box<Register>,
+        out: watch::Sender<Out>,
+        kill: oneshot::Sender<()>,
+    ) {
+        let mut proxy = Proxy::from_register(conn, &register);
+        let record = serde_json::to_vec(&proxy.record(&self.replica)).expect("records serialize");
+        // Published first, so that the withdrawal of a stale stream's record
+        // below never leaves the instance without one.
+        self.store.publish_endpoint(&proxy.instance, record.clone());
+        proxy.published = record;
+        // An instance that reconnects before its old stream was found dead
+        // replaces it.
+        let stale: Vec<ConnId> = self
+            .registry
+            .proxies
+            .values()
+            .filter(|p| p.instance == proxy.instance)
+            .map(|p| p.conn)
+            .collect();
+        for old in stale {
+            if let Some(link) = self.links.get(&old) {
+                link.out.send_replace(Out::Close(
+                    Code::Aborted,
+                    "a newer stream of this proxy instance replaced this one".into(),
+                ));
+            }
+            self.remove(old);
+        }
+        // Its config was made at this revision (by another replica, or an
+        // earlier run of this one): nothing older may reach it.
+        let needed = proxy.running_version >> VERSION_SHIFT;
+        if self.shared && needed > self.applied {
+            debug!(instance = %proxy.instance, needed, applied = self.applied, "proxy is ahead of this replica; catching up first");
+            proxy.waiting_for = Some(needed);
+            self.waiting.insert(conn, (needed, self.load_seq));
+            self.request_load();
+        }
+        info!(
+            instance = %proxy.instance,
+            workload = %proxy.workload,
+            namespace = %proxy.namespace,
+            inbound = %proxy.inbound_addr,
+            subscriptions = proxy.subscriptions.len(),
+            "proxy registered"
+        );
+        self.dirty.insert(conn);
+        self.registry.proxies.insert(conn, proxy);
+        self.links.insert(conn, Link { out, _kill: kill });
+        self.metrics
+            .connected_proxies
+            .set(self.registry.proxies.len() as i64);
+        // The others learn of it when its record comes back from the store.
+        self.update(Scope::One(conn));
+    }
+
+    fn remove(&mut self, conn: ConnId) -> Option<Proxy> {
+        self.links.remove(&conn);
+        self.dirty.insert(conn);
+        self.waiting.remove(&conn);
+        let p = self.registry.proxies.remove(&conn);
+        if let Some(p) = &p {
+            self.store
+                .withdraw_endpoint(&p.instance, p.published.clone());
+        }
+        self.metrics
+            .connected_proxies
+            .set(self.registry.proxies.len() as i64);
+        p
+    }
+
+    /// The Config size of each proxy in `scope` under the current resources.
+    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
+        use prost::Message as _;
+        let mut memo = SelectionMemo::default();
+        let mut cache = self.endpoint_cache(scope, &mut memo);
+        self.registry
+            .proxies
+            .values()
+            .filter(|p| scope.reaches(p))
+            .map(|p| {
+                let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
+                (p.conn, config.encoded_len())
+            })
+            .collect()
+    }
+
+    /// Every Service's endpoints in one pass when every proxy is computed;
+    /// otherwise filled per Service as needed.
+    fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
+        match scope {
+            Scope::All => self.registry.all_endpoints(memo),
+            _ => EndpointCache::new(),
+        }
+    }
+
+    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
+    /// would change twice (now, and with `proposed`), as a reload does once.
+    fn check_budget(
+        &mut self,
+        proposed: &[trellis_resource::Resource],
+        applied: &BTreeSet<trellis_resource::ResourceKey>,
+    ) -> Vec<Breach> {
+        use prost::Message as _;
+        let next = ResourceIndex::new(proposed);
+        let scope = match self.registry.resources.changed_services(&next) {
+            Some(services) => Scope::Affected(services),
+            None => Scope::All,
+        };
+        let before = self.config_sizes(&scope);
+        let current = std::mem::replace(&mut self.registry.resources, next);
+        let mut breaches = Vec::new();
+        let mut memo = SelectionMemo::default();
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
+            let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
+            let bytes = config.encoded_len();
+            let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
+            if bytes > trellis_api::CONFIG_BUDGET_BYTES && grew {
+                breaches.push(Breach {
+                    instance: p.instance.clone(),
+                    namespace: p.namespace.clone(),
+                    workload: p.workload.clone(),
+                    bytes,
+                    part: self.registry.blame(&config, applied),
+                });
+            }
+        }
+        self.registry.resources = current;
+        breaches
+    }
+
+    /// Recomputes the configs in `scope` and sends those that changed.
+    fn update(&mut self, scope: Scope) {
+        let mut memo = SelectionMemo::default();
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
+        let mut changed = Vec::new();
+        for p in self.registry.proxies.values() {
+            if !scope.reaches(p) || p.waiting_for.is_some() {
+                continue;
+            }
+            let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
+            self.metrics.configs_computed.inc();
+            let hash = config.content_hash();
+            if p.sent_hash != Some(hash) {
+                changed.push((p.conn, config, deps, hash));
+            }
+        }
+        let floor = self.applied << VERSION_SHIFT;
+        for (conn, mut config, deps, hash) in changed {
+            self.dirty.insert(conn);
+            // Over the budget, a Config would fail the proxy's decoding and
+            // make it reconnect in a loop: it keeps its last one instead.
+            let bytes = prost::Message::encoded_len(&config);
+            let withheld = (bytes > trellis_api::CONFIG_BUDGET_BYTES).then(|| {
+                self.registry.proxies.get(&conn).map(|p| Breach {
+                    instance: p.instance.clone(),
+                    namespace: p.namespace.clone(),
+                    workload: p.workload.clone(),
+                    bytes,
+                    part: self.registry.blame(&config, &BTreeSet::new()),
+                })
+            });
+            if let Some(Some(breach)) = withheld {
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    continue;
+                };
+                p.depends_on = deps;
+                if p.withheld_hash != Some(hash) {
+                    p.withheld_hash = Some(hash);
+                    let reason = breach.reason();
+                    // Once per episode: a replica learns of some changes
+                    // (VIPs, endpoint records) a moment after the resources,
+                    // so one apply may change a withheld Config twice.
+                    if p.config_withheld.is_none() {
+                        self.metrics.configs_over_budget.inc();
+                        warn!(
+                            instance = %p.instance,
+                            workload = %p.workload,
+                            namespace = %p.namespace,
+                            bytes,
+                            largest = %breach.part.what,
+                            "not sending a proxy its Config: over the Config budget; it keeps its last one"
+                        );
+                    }
+                    p.config_withheld = Some(reason);
+                }
+                continue;
+            }
+            let (Some(p), Some(link)) =
+                (self.registry.proxies.get_mut(&conn), self.links.get(&conn))
+            else {
+                continue;
+            };
+            config.version = floor.max(p.sent_version + 1).max(p.running_version + 1);
+            debug!(
+                instance = %p.instance,
+                version = config.version,
+                services = config.services.len(),
+                "sending config"
+            );
+            p.sent_version = config.version;
+            link.out.send_replace(Out::Config(config));
+            if p.config_withheld.take().is_some() {
+                info!(instance = %p.instance, "a proxy's Config is within the budget again; sent");
+            }
+            p.withheld_hash = None;
+            p.sent_hash = Some(hash);
+            p.depends_on = deps;
+            self.metrics.configs_sent.inc();
+        }
+    }
+
+    fn publish(&mut self) {
+        let td = self.registry.trust_domain();
+        if td != self.published_trust_domain {
+            // Every identity in the views names the trust domain.
+            self.published_trust_domain = td.to_string();
+            self.views.clear();
+            self.dirty.extend(self.registry.proxies.keys().copied());
+        }
+        for conn in self.dirty.drain() {
+            match self.registry.proxies.get(&conn) {
+                Some(p) => {
+                    self.views
+                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
+                }
+                None => {
+                    self.views.remove(&conn);
+                }
+            }
+        }
+        self.snapshot.store(Arc::new(Snapshot {
+            proxies: self.views.values().cloned().collect(),
+            endpoints: self.registry.endpoints.values().cloned().collect(),
+            revision: self.applied,
+            trust_domain: self.published_trust_domain.clone(),
+            certificate_ttl: self.registry.resources.certificate_ttl(),
+            vips: self.registry.vips.clone(),
+        }));
+    }
+
+    fn publish_empty(&self) {
+        self.snapshot.store(Arc::new(Snapshot {
+            trust_domain: self.registry.trust_domain().to_string(),
+            certificate_ttl: self.registry.resources.certificate_ttl(),
+            vips: self.registry.vips.clone(),
+            revision: self.applied,
+            ..Snapshot::default()
+        }));
+    }
+}
+
+fn parse_record(instance: &str, bytes: &[u8]) -> Option<EndpointRecord> {
+    match serde_json::from_slice::<EndpointRecord>(bytes) {
+        Ok(r) if r.instance == instance => Some(r),
+        Ok(_) | Err(_) => {
+            warn!(instance, "ignoring an endpoint record that cannot be read");
+            None
+        }
+    }
+}
