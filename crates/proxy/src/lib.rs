@@ -208,6 +208,7 @@ impl Proxy {
         tokio::spawn(tls.run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
+        tokio::spawn(endpoint::warm_up(inputs.clone(), shutdown_rx.clone()));
         if let Some(dns) = dns {
             tokio::spawn(dns.run(inputs.clone(), shutdown_rx.clone()));
         }
