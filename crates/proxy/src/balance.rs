@@ -441,7 +441,11 @@ mod tests {
         // 25 of them 40 ms (a scheduling hiccup), two in a row now and then.
         let got = sequential(&b, &eps, 2000, |_, k| {
             let hiccup = k % 25 == 0 || k % 301 == 1;
-            Duration::from_micros(if hiccup { 40_000 } else { 600 + (k * 7919 % 800) as u64 })
+            Duration::from_micros(if hiccup {
+                40_000
+            } else {
+                600 + (k * 7919 % 800) as u64
+            })
         });
         assert!(got.iter().all(|n| *n >= 800), "{got:?}");
     }
@@ -480,7 +484,9 @@ mod tests {
         let eps = endpoints(2, 2500);
         let b = Balancer::new(Algorithm::PeakEwma, no_locality(), &eps);
         sequential(&b, &eps, 100, |_, _| Duration::from_millis(1));
-        eps[0].load.observe(now_nanos(), Duration::from_millis(1), false);
+        eps[0]
+            .load
+            .observe(now_nanos(), Duration::from_millis(1), false);
         let rr = AtomicUsize::new(0);
         let failing = (0..100)
             .filter(|_| {

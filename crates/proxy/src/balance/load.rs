@@ -18,18 +18,22 @@
 //!   every `IDLE_TIME` and every `IDLE_ANSWERS` answers of the service.
 //!   So an endpoint that was slow is tried again after a while, sooner the
 //!   more traffic the service has, and an endpoint that gets no traffic
-//!   is not left behind by one bad moment.
+//!   is not left behind by one bad moment. Each time an endpoint is found
+//!   slow or failing again when it is tried again (its estimate more than
+//!   doubles at once, in a row), the return takes twice as long, up to 16
+//!   times; a fast answer starts it over.
 //! - An endpoint that has not answered yet costs the typical latency: a
 //!   new endpoint gets its share of traffic at once.
 //! - While requests wait on an endpoint that has not answered since, its
 //!   latency is at least that wait: requests do not pile up on one that
-//!   is being tried again and turns out slow, or that hangs.
+//!   hangs. And while one tries again an endpoint last found slow or
+//!   failing, the estimate it was found with counts until the answer.
 //!
 //! Everything is atomics: the request path reads and writes them with no
 //! lock and no allocation. Two updates racing may lose one sample, which
 //! a moving average can afford.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +48,9 @@ const DEFAULT_RTT_NANOS: f64 = 1_000_000.0;
 const IDLE_TIME: Duration = Duration::from_secs(10);
 /// ...and in traffic: a factor e per this many answers of the service.
 const IDLE_ANSWERS: f64 = 20.0;
+/// Strikes counted at most: the return to typical slows down (doubles)
+/// from the second strike in a row on, so up to 16 times.
+const MAX_STRIKES: u32 = 5;
 /// The share of the way a faster answer pulls the estimate down.
 const DOWN: f64 = 0.25;
 /// The weight of one answer in the service's typical latency.
@@ -117,6 +124,8 @@ pub struct Load {
     /// `now_nanos` when the requests in flight started to wait (when
     /// `pending` last left 0).
     waiting_since: AtomicU64,
+    /// Times in a row the endpoint was found slow or failing at once.
+    strikes: AtomicU32,
     peers: Arc<Peers>,
 }
 
@@ -129,6 +138,7 @@ impl Load {
             updated_at: AtomicU64::new(0),
             updated_after: AtomicU64::new(0),
             waiting_since: AtomicU64::new(0),
+            strikes: AtomicU32::new(0),
             peers,
         }
     }
@@ -150,6 +160,11 @@ impl Load {
                 .load(Ordering::Relaxed)
                 .max(self.updated_at.load(Ordering::Relaxed));
             latency = latency.max(now.saturating_sub(since) as f64);
+            if self.strikes.load(Ordering::Relaxed) > 0 {
+                // Found slow or failing last time: one request tries it
+                // again, the others wait for its answer.
+                latency = latency.max(f64::from_bits(self.estimate.load(Ordering::Relaxed)));
+            }
         }
         latency * (pending + 1) as f64
     }
@@ -164,12 +179,14 @@ impl Load {
         }
         let time = now.saturating_sub(self.updated_at.load(Ordering::Relaxed)) as f64
             / IDLE_TIME.as_nanos() as f64;
-        let answers = self
-            .peers
-            .answers()
-            .saturating_sub(self.updated_after.load(Ordering::Relaxed)) as f64
-            / IDLE_ANSWERS;
-        typical + (estimate - typical) * (-(time + answers)).exp()
+        let answers =
+            self.peers
+                .answers()
+                .saturating_sub(self.updated_after.load(Ordering::Relaxed)) as f64
+                / IDLE_ANSWERS;
+        let strikes = self.strikes.load(Ordering::Relaxed);
+        let slower = (1u32 << strikes.saturating_sub(1)) as f64;
+        typical + (estimate - typical) * (-(time + answers) / slower).exp()
     }
 
     pub fn pending(&self) -> u64 {
@@ -193,8 +210,9 @@ impl Load {
     /// Records one answer (`ok`) or failure that took `latency`, at `now`.
     pub fn observe(&self, now: u64, latency: Duration, ok: bool) {
         let rtt = (latency.as_nanos() as f64).max(1.0);
+        let typical = self.peers.typical();
         let current = self.latency(now);
-        let (next, previous, typical) = if ok {
+        let (next, previous, sample) = if ok {
             let previous = f64::from_bits(self.previous.load(Ordering::Relaxed));
             // A new endpoint's first answer is confirmed by what it was
             // assumed to cost.
@@ -206,15 +224,20 @@ impl Load {
             };
             (next, rtt, Some(confirmed))
         } else {
-            let penalty = rtt
-                .max(FAILURE_MIN_NANOS)
-                .max(FAILURE_FACTOR * self.peers.typical());
+            let penalty = rtt.max(FAILURE_MIN_NANOS).max(FAILURE_FACTOR * typical);
             (current.max(penalty), penalty, None)
         };
+        if next > 2.0 * current {
+            let s = self.strikes.load(Ordering::Relaxed);
+            self.strikes
+                .store((s + 1).min(MAX_STRIKES), Ordering::Relaxed);
+        } else if ok && rtt <= 2.0 * typical {
+            self.strikes.store(0, Ordering::Relaxed);
+        }
         self.estimate.store(next.to_bits(), Ordering::Relaxed);
         self.previous.store(previous.to_bits(), Ordering::Relaxed);
         self.updated_at.store(now, Ordering::Relaxed);
-        let after = self.peers.answered(typical);
+        let after = self.peers.answered(sample);
         self.updated_after.store(after, Ordering::Relaxed);
     }
 }
@@ -310,7 +333,10 @@ mod tests {
         a.observe(11 * MS, ms(2), true);
         a.observe(12 * MS, ms(200), true);
         a.observe(13 * MS, ms(200), true);
-        assert!(a.latency(13 * MS) >= 199e6, "two in a row: the endpoint is slow");
+        assert!(
+            a.latency(13 * MS) >= 199e6,
+            "two in a row: the endpoint is slow"
+        );
         // Fast answers pull it down a quarter of the way each.
         a.observe(14 * MS, ms(2), true);
         let l = a.latency(14 * MS);
@@ -334,19 +360,65 @@ mod tests {
         let typical = a.peers().typical();
         let later = 41 * MS + 2 * IDLE_TIME.as_nanos() as u64;
         let expected = typical + (was - typical) * (-2.0f64).exp();
-        assert!((a.latency(later) - expected).abs() < 1e3, "{}", a.latency(later));
-        // Traffic alone: the other endpoint's answers, a factor e per
+        assert!(
+            (a.latency(later) - expected).abs() < 1e3,
+            "{}",
+            a.latency(later)
+        );
+        // Traffic alone: another endpoint's answers, a factor e per
         // IDLE_ANSWERS.
-        let now = later + 2 * MS;
-        let was = slow(later);
-        for _ in 0..(IDLE_ANSWERS as u64 * 5) {
-            b.observe(now, ms(2), true);
+        let (c, d) = pair();
+        for i in 0..40 {
+            d.observe(i * MS, ms(2), true);
         }
-        let typical = a.peers().typical();
-        assert!((typical - 2e6).abs() < 2e5, "the slow one hardly moved it: {typical}");
-        let l = a.latency(now);
+        c.observe(40 * MS, ms(100), true);
+        c.observe(40 * MS, ms(100), true);
+        let was = c.latency(40 * MS);
+        for _ in 0..(IDLE_ANSWERS as u64 * 5) {
+            d.observe(40 * MS, ms(2), true);
+        }
+        let typical = c.peers().typical();
+        assert!(
+            (typical - 2e6).abs() < 2e5,
+            "the slow one hardly moved it: {typical}"
+        );
+        let l = c.latency(40 * MS);
         assert!(l < typical + (was - typical) * 0.01, "{l} from {was}");
         assert!(l >= typical, "it decays toward typical, not below");
+    }
+
+    #[test]
+    fn found_slow_again_it_is_forgiven_more_slowly_until_it_answers_fast() {
+        let (a, b) = pair();
+        let mut now = 0;
+        let mut others = |n: u64| {
+            for _ in 0..n {
+                now += MS;
+                b.observe(now, ms(2), true);
+            }
+            now
+        };
+        let t = others(100);
+        // Slow twice in a row, then 40 answers elsewhere; twice.
+        let after_40 = |at: u64, others: &mut dyn FnMut(u64) -> u64| {
+            a.observe(at, ms(200), true);
+            a.observe(at, ms(200), true);
+            a.latency(others(40))
+        };
+        let first = after_40(t, &mut others);
+        let t = others(0);
+        let second = after_40(t, &mut others);
+        let typical = a.peers().typical();
+        assert!(first < typical + 200e6 * 0.2, "e^-2 of the way: {first}");
+        assert!(
+            second > typical + 200e6 * 0.3,
+            "again slow: half as fast, e^-1: {second}"
+        );
+        // A fast answer: forgiven at the first pace again.
+        let t = others(0);
+        a.observe(t, ms(2), true);
+        let third = after_40(others(0), &mut others);
+        assert!(third < typical + 200e6 * 0.2, "{third}");
     }
 
     #[test]
@@ -379,7 +451,10 @@ mod tests {
             b.observe(i * MS, ms(1), true);
         }
         a.observe(20 * MS, ms(1), false);
-        assert!(a.latency(20 * MS) >= FAILURE_MIN_NANOS, "one failure is enough");
+        assert!(
+            a.latency(20 * MS) >= FAILURE_MIN_NANOS,
+            "one failure is enough"
+        );
         let load = Arc::new(Load::new(Arc::default()));
         load.start().finish(Outcome::Status(503));
         assert!(load.latency(now_nanos()) >= FAILURE_MIN_NANOS * 0.99);
@@ -399,6 +474,9 @@ mod tests {
         assert_eq!(load.cost(t + 50 * MS), 2.0 * 50e6);
         g.finish_at(t + 51 * MS, Outcome::Status(200));
         assert_eq!(load.pending(), 0);
-        assert!(load.cost(t + 100 * MS) < 2e6, "idle again, the wait is over");
+        assert!(
+            load.cost(t + 100 * MS) < 2e6,
+            "idle again, the wait is over"
+        );
     }
 }
