@@ -17,9 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
-
 use crate::balance::{Load, Peers};
 use crate::error::ProxyError;
 use crate::inputs::Inputs;
@@ -106,13 +103,9 @@ impl Endpoint {
                 "the endpoint has no identity to verify",
             ));
         }
-        let config = creds
-            .client(&self.identity, alpn)
-            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
-        let name = ServerName::try_from("peer.trellis").expect("a valid DNS name");
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            TlsConnector::from(config).connect(name, tcp),
+            creds.connect(self.addr, &self.identity, alpn, tcp),
         )
         .await
         .map_err(|_| ProxyError::upstream_connect(self.addr, "TLS handshake timed out"))?

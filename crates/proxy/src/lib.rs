@@ -325,7 +325,12 @@ async fn workload_identity(
     let trust_domain = inputs.discovery.snapshot().mesh.trust_domain.clone();
     let spiffe =
         trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
-    let tls = Tls::new(spiffe, cfg.cache_dir.clone()).map_err(StartError::WorkloadKey)?;
+    let tls = Tls::new(
+        spiffe,
+        cfg.cache_dir.clone(),
+        inputs.metrics.tls_handshakes.clone(),
+    )
+    .map_err(StartError::WorkloadKey)?;
     control.trust(tls.trusted_roots());
     inputs.discovery.set_tls(tls.clone());
     if tls.current().is_none() {
