@@ -9,6 +9,8 @@
 
 use prost::Message;
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("trellis.proxy.v1");

@@ -246,6 +246,99 @@ pub struct ProxyArgs {
     /// Pods mode (transparent interception).
     #[command(flatten)]
     pub pods: crate::init::TransparentArgs,
+    /// Timeouts and limits (docs/security.md, "Limits").
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The proxy's timeouts and limits; each flag left out keeps the default
+/// of `trellis_proxy::limits::Limits` (docs/security.md lists them).
+#[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// A request's headers must arrive within this [10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Option<std::time::Duration>,
+    /// Close an HTTP/1 connection idle between requests after this [5m].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub http1_idle_timeout: Option<std::time::Duration>,
+    /// Send GOAWAY on an HTTP/2 connection with no stream for this long [1h].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub http2_idle_timeout: Option<std::time::Duration>,
+    /// How often HTTP/2 PINGs check that a client is alive [20s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub http2_keepalive_interval: Option<std::time::Duration>,
+    /// How long a PING may go unanswered before the connection closes [10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub http2_keepalive_timeout: Option<std::time::Duration>,
+    /// Connections each listener holds; more are closed at once [10000].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Streams one HTTP/2 connection may have open at once [1024].
+    #[arg(long, value_name = "N")]
+    pub http2_max_concurrent_streams: Option<u32>,
+    /// Streams a client may reset before they are taken, then GOAWAY [20].
+    #[arg(long, value_name = "N")]
+    pub http2_max_pending_accept_reset_streams: Option<usize>,
+    /// GOAWAY once more than half of this many streams were reset early [500].
+    #[arg(long, value_name = "N")]
+    pub http2_reset_flood_streams: Option<u32>,
+    /// Largest request header section, in KiB [60].
+    #[arg(long, value_name = "KIB")]
+    pub max_request_headers_kb: Option<u32>,
+    /// Most headers in one request [100].
+    #[arg(long, value_name = "N")]
+    pub max_request_headers: Option<usize>,
+    /// Most proxies one request may pass through (x-trellis-hops) [16].
+    #[arg(long, value_name = "N")]
+    pub max_hops: Option<u32>,
+    /// Connecting to a peer, the app or an outside host [3s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Option<std::time::Duration>,
+    /// A call outside the mesh must answer within this [60s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub egress_request_timeout: Option<std::time::Duration>,
+    /// Close opaque TCP that carried nothing either way for this long [1h].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub tcp_idle_timeout: Option<std::time::Duration>,
+}
+
+impl LimitArgs {
+    /// Sets the limits given on the command line.
+    pub fn apply(&self, l: &mut trellis_proxy::limits::Limits) {
+        fn set<T: Copy>(flag: Option<T>, field: &mut T) {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        set(self.header_read_timeout, &mut l.header_read_timeout);
+        set(self.http1_idle_timeout, &mut l.http1_idle_timeout);
+        set(self.http2_idle_timeout, &mut l.http2_idle_timeout);
+        set(
+            self.http2_keepalive_interval,
+            &mut l.http2_keepalive_interval,
+        );
+        set(self.http2_keepalive_timeout, &mut l.http2_keepalive_timeout);
+        set(self.max_connections, &mut l.max_connections);
+        set(
+            self.http2_max_concurrent_streams,
+            &mut l.http2_max_concurrent_streams,
+        );
+        set(
+            self.http2_max_pending_accept_reset_streams,
+            &mut l.http2_max_pending_accept_reset_streams,
+        );
+        set(
+            self.http2_reset_flood_streams,
+            &mut l.http2_reset_flood_streams,
+        );
+        set(self.max_request_headers_kb, &mut l.max_request_headers_kb);
+        set(self.max_request_headers, &mut l.max_request_headers);
+        set(self.max_hops, &mut l.max_hops);
+        set(self.connect_timeout, &mut l.connect_timeout);
+        set(self.egress_request_timeout, &mut l.egress_request_timeout);
+        set(self.tcp_idle_timeout, &mut l.tcp_idle_timeout);
+    }
 }
 
 #[derive(Debug, Args)]
@@ -455,6 +548,41 @@ mod tests {
         assert_eq!(p.outbound_addr, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(p.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(p.drain_grace, std::time::Duration::from_secs(10));
+        // Limits left out keep the proxy's defaults.
+        let mut limits = trellis_proxy::limits::Limits::default();
+        p.limits.apply(&mut limits);
+        assert_eq!(limits, trellis_proxy::limits::Limits::default());
+    }
+
+    #[test]
+    fn limit_flags_set_their_limit() {
+        let cli = parse(&[
+            "proxy",
+            "--control-plane",
+            "127.0.0.1:15010",
+            "--workload",
+            "web",
+            "--app-port",
+            "9000",
+            "--header-read-timeout",
+            "2s",
+            "--max-connections",
+            "50",
+            "--max-request-headers-kb",
+            "96",
+        ]);
+        let Command::Proxy(p) = cli.command else {
+            panic!()
+        };
+        let mut limits = trellis_proxy::limits::Limits::default();
+        p.limits.apply(&mut limits);
+        assert_eq!(
+            limits.header_read_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(limits.max_connections, 50);
+        assert_eq!(limits.max_request_headers_kb, 96);
+        assert_eq!(limits.max_hops, 16);
     }
 
     #[test]

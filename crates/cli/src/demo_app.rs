@@ -208,9 +208,18 @@ pub async fn serve(listener: TcpListener, cfg: DemoAppConfig) -> anyhow::Result<
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                async move {
+                    let head = req.method() == http::Method::HEAD;
+                    let mut resp = handle(&state, req).await;
+                    // A HEAD answer has no content (RFC 9110 §9.3.2); over
+                    // HTTP/2 its stream must end with the headers.
+                    if head {
+                        *resp.body_mut() = Full::new(Bytes::new());
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -62,6 +62,7 @@ pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyCo
     cfg.instance = args.instance.clone();
     cfg.drain_grace = args.drain_grace;
     cfg.transparent = args.pods.settings();
+    args.limits.apply(&mut cfg.limits);
     cfg.validate()?;
     Ok(cfg)
 }

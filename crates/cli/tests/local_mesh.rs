@@ -299,3 +299,33 @@ fn demo_runs_with_load_and_cleans_up() {
     );
     assert!(!data_dir.exists(), "the demo removes its folder");
 }
+
+/// `trellis down | head -1` closes stdout before `down` is done: `down`
+/// still finishes and exits 0 instead of panicking on the broken pipe.
+#[test]
+fn down_finishes_when_its_reader_hangs_up() {
+    use std::os::fd::FromRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills both descriptors, which are owned below.
+    #[allow(unsafe_code)]
+    let (reader, writer) = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let out = std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("down")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running trellis");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

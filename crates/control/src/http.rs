@@ -741,7 +741,7 @@ async fn proxies(State(state): State<AppState>) -> Json<Value> {
         .proxies
         .iter()
         .map(|p| {
-            let mut v = serde_json::to_value(p).unwrap_or_default();
+            let mut v = serde_json::to_value(&**p).unwrap_or_default();
             v["connectedSeconds"] = json!(p.connected_at.elapsed().as_secs());
             v
         })

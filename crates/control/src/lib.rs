@@ -285,7 +285,7 @@ impl ControlPlane {
             .add_service(service)
             .add_service(
                 opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                    traces::Receiver(observers.traces.clone()),
+                    traces::Receiver::new(observers.traces.clone(), auth.clone()),
                 ),
             )
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {

@@ -56,6 +56,7 @@ pub struct Metrics {
     registry: Registry,
     pub connected_proxies: Gauge,
     pub configs_sent: Counter,
+    pub configs_computed: Counter,
     pub nacks: Counter,
     pub configs_over_budget: Counter,
     pub applies: Family<ApplyLabels, Counter>,
@@ -82,6 +83,12 @@ impl Metrics {
             "trellis_control_configs_sent",
             "Configs sent to proxies",
             configs_sent.clone(),
+        );
+        let configs_computed = Counter::default();
+        registry.register(
+            "trellis_control_configs_computed",
+            "Proxy Configs computed (a change recomputes only the proxies it can reach; those whose Config did not change are not sent)",
+            configs_computed.clone(),
         );
         let nacks = Counter::default();
         registry.register(
@@ -112,6 +119,7 @@ impl Metrics {
             registry,
             connected_proxies,
             configs_sent,
+            configs_computed,
             nacks,
             configs_over_budget,
             applies,

@@ -18,6 +18,8 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+
+use crate::auth::{Auth, AuthError, Role};
 use serde_json::Value;
 
 /// Traces kept; the oldest go first.
@@ -259,8 +261,33 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// OTLP/gRPC `TraceService`, served beside the proxy API.
-pub struct Receiver(pub std::sync::Arc<Traces>);
+/// OTLP/gRPC `TraceService`, served beside the proxy API. Spans sent here
+/// need the same credential as `POST /v1/traces`: an admin API token as
+/// `authorization: Bearer TOKEN` metadata (the proxies' own spans travel on
+/// their authenticated config stream instead).
+pub struct Receiver {
+    traces: std::sync::Arc<Traces>,
+    auth: std::sync::Arc<Auth>,
+}
+
+impl Receiver {
+    pub fn new(traces: std::sync::Arc<Traces>, auth: std::sync::Arc<Auth>) -> Receiver {
+        Receiver { traces, auth }
+    }
+
+    async fn admit(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), AuthError> {
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        let who = self.auth.verify(header).await?;
+        if who.role < Role::Admin {
+            return Err(AuthError::Forbidden {
+                id: who.id,
+                has: who.role,
+                needed: Role::Admin,
+            });
+        }
+        Ok(())
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
@@ -268,7 +295,17 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.ingest(request.into_inner());
+        if let Err(e) = self.admit(request.metadata()).await {
+            self.auth.failed(&e);
+            return Err(match e {
+                AuthError::Forbidden { .. } => tonic::Status::permission_denied(e.to_string()),
+                AuthError::Store(_) | AuthError::Corrupt(_) => {
+                    tonic::Status::unavailable(e.to_string())
+                }
+                _ => tonic::Status::unauthenticated(e.to_string()),
+            });
+        }
+        self.traces.ingest(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }

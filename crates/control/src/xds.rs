@@ -7,7 +7,7 @@
 //! proxy never blocks the actor and never gets stale configs queued. The
 //! HTTP API reads an arc-swapped snapshot that the actor publishes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +46,9 @@ pub enum XdsError {
 /// What the HTTP API sees of the proxies.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub proxies: Vec<ProxyView>,
+    /// Shared with earlier snapshots: a publish rebuilds only the views
+    /// of the proxies that changed since the last one.
+    pub proxies: Vec<Arc<ProxyView>>,
     pub trust_domain: String,
     /// `Mesh.certificateTTL`.
     pub certificate_ttl: std::time::Duration,
@@ -149,6 +151,18 @@ enum Scope {
     Affected(BTreeSet<ServiceName>, Option<ConnId>),
 }
 
+impl Scope {
+    fn reaches(&self, p: &Proxy) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::One(c) => *c == p.conn,
+            Scope::Affected(services, extra) => {
+                *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
+            }
+        }
+    }
+}
+
 /// Gives new Services a VIP and stores the table before any proxy sees
 /// it, so an address handed out survives a restart.
 async fn assign_vips(registry: &mut Registry, store: &dyn Store) {
@@ -188,9 +202,12 @@ pub async fn start(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(1);
-    let actor = Actor {
+    let mut actor = Actor {
         registry,
         links: HashMap::new(),
+        views: BTreeMap::new(),
+        dirty: HashSet::new(),
+        published_trust_domain: String::new(),
         version,
         revision,
         store,
@@ -218,6 +235,13 @@ struct Actor {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// The published view of each proxy, and the proxies changed since
+    /// (every site that changes a proxy marks it: `self.dirty.insert`).
+    /// With 12,000 proxies, rebuilding every view after each ack cost more
+    /// than the Configs themselves.
+    views: BTreeMap<ConnId, Arc<ProxyView>>,
+    dirty: HashSet<ConnId>,
+    published_trust_domain: String,
 }
 
 impl Actor {
@@ -282,10 +306,17 @@ impl Actor {
     async fn reload(&mut self) {
         match self.store.list(None).await {
             Ok((resources, revision)) => {
-                self.registry.resources = ResourceIndex::new(&resources);
-                assign_vips(&mut self.registry, self.store.as_ref()).await;
+                let next = ResourceIndex::new(&resources);
+                let scope = match self.registry.resources.changed_services(&next) {
+                    Some(services) => Scope::Affected(services, None),
+                    None => Scope::All,
+                };
+                self.registry.resources = next;
+                if matches!(scope, Scope::All) {
+                    assign_vips(&mut self.registry, self.store.as_ref()).await;
+                }
                 self.revision = revision;
-                self.update(Scope::All);
+                self.update(scope);
             }
             // Keep serving the last good state; the next event retries.
             Err(e) => warn!(error = %e, "cannot reload resources; proxies keep their config"),
@@ -301,6 +332,7 @@ impl Actor {
                 kill,
             } => self.register(conn, register, out, kill),
             Event::Subscribe { conn, services } => {
+                self.dirty.insert(conn);
                 let Some(p) = self.registry.proxies.get_mut(&conn) else {
                     return;
                 };
@@ -311,6 +343,7 @@ impl Actor {
                 }
             }
             Event::Ack { conn, ack } => {
+                self.dirty.insert(conn);
                 let Some(p) = self.registry.proxies.get_mut(&conn) else {
                     return;
                 };
@@ -392,6 +425,7 @@ impl Actor {
             "proxy registered"
         );
         affected.extend(self.registry.services_selecting(&proxy));
+        self.dirty.insert(conn);
         self.registry.proxies.insert(conn, proxy);
         self.links.insert(conn, Link { out, _kill: kill });
         self.metrics
@@ -402,6 +436,7 @@ impl Actor {
 
     fn remove(&mut self, conn: ConnId) -> Option<Proxy> {
         self.links.remove(&conn);
+        self.dirty.insert(conn);
         let p = self.registry.proxies.remove(&conn);
         self.metrics
             .connected_proxies
@@ -409,14 +444,15 @@ impl Actor {
         p
     }
 
-    /// Every proxy's Config size under the current resources.
-    fn config_sizes(&self) -> HashMap<ConnId, usize> {
+    /// The Config size of each proxy in `scope` under the current resources.
+    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
         use prost::Message as _;
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
+        let mut cache = self.endpoint_cache(scope, &mut memo);
         self.registry
             .proxies
             .values()
+            .filter(|p| scope.reaches(p))
             .map(|p| {
                 let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
                 (p.conn, config.encoded_len())
@@ -424,20 +460,34 @@ impl Actor {
             .collect()
     }
 
-    /// See `XdsHandle::check_budget`. Builds every connected proxy's
-    /// Config twice (now, and with `proposed`), as a reload does once.
+    /// Every Service's endpoints in one pass when every proxy is computed;
+    /// otherwise filled per Service as needed.
+    fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
+        match scope {
+            Scope::All => self.registry.all_endpoints(memo),
+            _ => EndpointCache::new(),
+        }
+    }
+
+    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
+    /// would change twice (now, and with `proposed`), as a reload does once.
     fn check_budget(
         &mut self,
         proposed: &[trellis_resource::Resource],
         applied: &BTreeSet<trellis_resource::ResourceKey>,
     ) -> Vec<Breach> {
         use prost::Message as _;
-        let before = self.config_sizes();
-        let current = std::mem::replace(&mut self.registry.resources, ResourceIndex::new(proposed));
+        let next = ResourceIndex::new(proposed);
+        let scope = match self.registry.resources.changed_services(&next) {
+            Some(services) => Scope::Affected(services, None),
+            None => Scope::All,
+        };
+        let before = self.config_sizes(&scope);
+        let current = std::mem::replace(&mut self.registry.resources, next);
         let mut breaches = Vec::new();
         let mut memo = SelectionMemo::default();
-        let mut cache = self.registry.all_endpoints(&mut memo);
-        for p in self.registry.proxies.values() {
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
             let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
             let bytes = config.encoded_len();
             let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
@@ -458,31 +508,18 @@ impl Actor {
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
         let mut memo = SelectionMemo::default();
-        // Every proxy's Config is recomputed: index every Service's
-        // endpoints in one pass over the proxies first.
-        let mut cache = match scope {
-            Scope::All => self.registry.all_endpoints(&mut memo),
-            _ => EndpointCache::new(),
-        };
+        let mut cache = self.endpoint_cache(&scope, &mut memo);
         let mut changed = Vec::new();
-        for p in self.registry.proxies.values() {
-            let wanted = match &scope {
-                Scope::All => true,
-                Scope::One(c) => *c == p.conn,
-                Scope::Affected(services, extra) => {
-                    *extra == Some(p.conn) || !p.depends_on.is_disjoint(services)
-                }
-            };
-            if !wanted {
-                continue;
-            }
+        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
             let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
+            self.metrics.configs_computed.inc();
             let hash = config.content_hash();
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
             }
         }
         for (conn, mut config, deps, hash) in changed {
+            self.dirty.insert(conn);
             // Over the budget, a Config would fail the proxy's decoding and
             // make it reconnect in a loop: it keeps its last one instead.
             let bytes = prost::Message::encoded_len(&config);
@@ -543,17 +580,28 @@ impl Actor {
         }
     }
 
-    fn publish(&self) {
-        let td = self.registry.trust_domain().to_string();
-        let proxies = self
-            .registry
-            .proxies
-            .values()
-            .map(|p| p.view(&td))
-            .collect();
+    fn publish(&mut self) {
+        let td = self.registry.trust_domain();
+        if td != self.published_trust_domain {
+            // Every identity in the views names the trust domain.
+            self.published_trust_domain = td.to_string();
+            self.views.clear();
+            self.dirty.extend(self.registry.proxies.keys().copied());
+        }
+        for conn in self.dirty.drain() {
+            match self.registry.proxies.get(&conn) {
+                Some(p) => {
+                    self.views
+                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
+                }
+                None => {
+                    self.views.remove(&conn);
+                }
+            }
+        }
         self.snapshot.store(Arc::new(Snapshot {
-            proxies,
-            trust_domain: td,
+            proxies: self.views.values().cloned().collect(),
+            trust_domain: self.published_trust_domain.clone(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
             vips: self.registry.vips.clone(),
         }));
@@ -663,6 +711,7 @@ impl ProxyApi for ProxyApiService {
                 "refused a proxy's registration"
             );
         })?;
+        register.admin_addr = admin_target(&register, peer);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(?peer, conn, instance = %register.instance, "stream opened");
         let taps = self.observers.taps.connect(
@@ -763,6 +812,37 @@ fn admit(claims: &Claims, register: &Register, peer: Option<SocketAddr>) -> Resu
         "the proxy advertises {ip} but connects from {from}, and its token grants no other address: advertise the address it connects from, or make a token with `trellis token create -n {} --service-account {} --advertise-addr {ip} ...`",
         claims.namespace, claims.service_account
     )))
+}
+
+/// The admin address to list for Prometheus discovery, given the admitted
+/// `inbound_addr`: on the proxy's own published address or the one it
+/// connects from, never another host's (a proxy must not steer the mesh's
+/// scrapers at arbitrary addresses). Anything else is left out, not refused:
+/// the proxy still serves, it is just not scraped.
+fn admin_target(register: &Register, peer: Option<SocketAddr>) -> String {
+    if register.admin_addr.is_empty() {
+        return String::new();
+    }
+    let Ok(admin) = register.admin_addr.parse::<SocketAddr>() else {
+        warn!(instance = %register.instance, admin = %register.admin_addr, "left out an admin address that is not IP:PORT");
+        return String::new();
+    };
+    let inbound_ip = register
+        .inbound_addr
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical());
+    if admin.ip().is_unspecified() {
+        return inbound_ip.map_or(String::new(), |ip| {
+            SocketAddr::new(ip, admin.port()).to_string()
+        });
+    }
+    let ip = admin.ip().to_canonical();
+    if Some(ip) == inbound_ip || Some(ip) == peer.map(|p| p.ip().to_canonical()) {
+        return SocketAddr::new(ip, admin.port()).to_string();
+    }
+    warn!(instance = %register.instance, admin = %admin, "left out an admin address on another host than the proxy's");
+    String::new()
 }
 
 /// Reads a proxy's messages until its stream ends, then reports it gone.
@@ -883,6 +963,25 @@ mod tests {
             exp: u64::MAX,
             ca: String::new(),
         }
+    }
+
+    #[test]
+    fn admin_addresses_stay_on_the_proxys_host() {
+        let peer: SocketAddr = "10.0.0.7:40000".parse().unwrap();
+        let target = |inbound: &str, admin: &str| {
+            let mut r = register(&[], inbound);
+            r.admin_addr = admin.into();
+            admin_target(&r, Some(peer))
+        };
+        assert_eq!(target("10.0.0.7:15006", "10.0.0.7:15000"), "10.0.0.7:15000");
+        // Published on a granted address other than the peer's.
+        assert_eq!(target("10.0.0.9:15006", "10.0.0.9:15000"), "10.0.0.9:15000");
+        assert_eq!(target("10.0.0.7:15006", "0.0.0.0:15000"), "10.0.0.7:15000");
+        // Another host, the control plane's loopback, garbage: left out.
+        assert_eq!(target("10.0.0.7:15006", "10.0.0.8:15000"), "");
+        assert_eq!(target("10.0.0.7:15006", "127.0.0.1:2379"), "");
+        assert_eq!(target("10.0.0.7:15006", "not an address"), "");
+        assert_eq!(target("10.0.0.7:15006", ""), "");
     }
 
     fn register(labels: &[(&str, &str)], inbound: &str) -> Register {

@@ -685,3 +685,168 @@ async fn proxies_refuse_a_control_plane_their_token_does_not_pin() {
     cp_a.shutdown().await;
     cp_b.shutdown().await;
 }
+
+/// OTLP/gRPC spans sent to the proxy API's port need an admin API token,
+/// like `POST /v1/traces`: none or a viewer's is refused and stores nothing.
+#[tokio::test]
+async fn otlp_grpc_spans_need_an_admin_token() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    // The channel pins the mesh CA through a join token; the span export
+    // itself carries an API token.
+    let (join, _) = cp
+        .identity()
+        .create_token(&Grant::new("default", "app"), Duration::from_secs(600));
+    let chan = channel(&cp, &join).await;
+    let (viewer, _) = cp
+        .auth()
+        .create(trellis_control::auth::Role::Viewer, None, "test")
+        .await
+        .unwrap();
+    let spans = |trace: u8| ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![trace; 16],
+                    span_id: vec![1; 8],
+                    name: "GET /".into(),
+                    start_time_unix_nano: 1_000,
+                    end_time_unix_nano: 2_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let export = |credential: Option<String>, trace: u8| {
+        let chan = chan.clone();
+        async move {
+            let mut req = tonic::Request::new(spans(trace));
+            if let Some(c) = credential {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {c}").parse().unwrap());
+            }
+            TraceServiceClient::new(chan).export(req).await
+        }
+    };
+
+    let none = export(None, 1).await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated, "{none:?}");
+    let join_as_api = export(Some(join.clone()), 2).await.unwrap_err();
+    assert_eq!(
+        join_as_api.code(),
+        tonic::Code::Unauthenticated,
+        "{join_as_api:?}"
+    );
+    let viewer_err = export(Some(viewer), 3).await.unwrap_err();
+    assert_eq!(
+        viewer_err.code(),
+        tonic::Code::PermissionDenied,
+        "{viewer_err:?}"
+    );
+    export(Some(cp.admin_token().to_string()), 4)
+        .await
+        .expect("an admin token may send spans");
+
+    let (status, traces) = get(&cp, "/api/v1/traces").await;
+    assert_eq!(status, 200, "{traces}");
+    let ids: Vec<String> = traces["traces"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a list of traces: {traces}"))
+        .iter()
+        .map(|t| t["traceId"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["04".repeat(16)],
+        "only the admin's spans are kept"
+    );
+    cp.shutdown().await;
+}
+
+/// A route change is computed for the proxies whose Config holds its
+/// Service, not for every proxy.
+#[tokio::test]
+async fn a_route_change_recomputes_only_the_proxies_it_reaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let (status, body) = apply(
+        &cp,
+        &json!([
+            service("catalog", json!({"app": "catalog"})),
+            service("reviews", json!({"app": "reviews"})),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let computed = || async {
+        let (status, text) = get(&cp, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        Metrics::parse(text.as_str().unwrap())
+            .unwrap()
+            .sum("trellis_control_configs_computed_total", &[])
+    };
+
+    let mut callers = Vec::new();
+    for (i, svc) in ["catalog", "reviews", "reviews"].into_iter().enumerate() {
+        let mut p = FakeProxy::connect(
+            &cp,
+            register(
+                &format!("c-{i}"),
+                "caller",
+                &[],
+                &format!("127.0.0.1:{}", 22001 + i),
+            ),
+        )
+        .await;
+        p.send(proxy_message::Msg::Subscribe(Subscribe {
+            services: vec![format!("default/{svc}")],
+        }))
+        .await;
+        p.config_where(svc, |c| service_in(c, svc).is_some()).await;
+        callers.push(p);
+    }
+    let before = computed().await;
+
+    let (status, body) = apply(
+        &cp,
+        &json!([{
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "catalog-timeout"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "catalog"}],
+                "rules": [{"backendRefs": [{"name": "catalog"}], "timeouts": {"request": "2s"}}],
+            },
+        }]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    callers[0]
+        .config_where("the route", |c| {
+            service_in(c, "catalog").is_some_and(|s| s.routes_json.len() == 1)
+        })
+        .await;
+    // The Config is computed before it is sent: the count is final here.
+    assert_eq!(
+        computed().await - before,
+        1.0,
+        "only catalog's one subscriber is recomputed"
+    );
+
+    // A new Service still reaches every proxy.
+    let before = computed().await;
+    let (status, body) = apply(&cp, &json!([service("ratings", json!({"app": "ratings"}))])).await;
+    assert_eq!(status, 200, "{body}");
+    let all = eventually("every proxy recomputed", WAIT, || async {
+        let n = computed().await - before;
+        (n >= 3.0).then_some(n)
+    })
+    .await;
+    assert_eq!(all, 3.0);
+    cp.shutdown().await;
+}

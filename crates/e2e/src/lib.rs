@@ -4,6 +4,8 @@
 //! so tests wait for facts rather than sleep.
 #![forbid(unsafe_code)]
 
+pub mod attack;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

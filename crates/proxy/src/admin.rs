@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
-use crate::http::{full, serve_connection, text_response};
+use crate::http::{full, text_response};
 use crate::inputs::Inputs;
-use crate::listener::{self, BindError, Kind};
+use crate::listener::{self, BindError, Kind, Listening};
+use crate::server::{serve_connection, Hop};
 use crate::Body;
 
 pub struct Admin {
@@ -32,21 +33,24 @@ impl Admin {
     }
 
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let errors = inputs.metrics.accept_errors.clone();
+        let how = Listening {
+            kind: Kind::admin,
+            cap: inputs.cfg.limits.max_connections,
+            metrics: inputs.metrics.conns.clone(),
+        };
         let sd = shutdown.clone();
-        listener::serve(
-            self.listener,
-            Kind::admin,
-            errors,
-            shutdown,
-            move |tcp, _| {
-                let inputs = inputs.clone();
-                tokio::spawn(serve_connection(tcp, sd.clone(), move |req| {
+        listener::serve(self.listener, how, shutdown, move |tcp, _| {
+            let inputs = inputs.clone();
+            let sd = sd.clone();
+            tokio::spawn(async move {
+                let i = inputs.clone();
+                serve_connection(tcp, &i, Kind::admin, Hop::App, sd, move |req| {
                     let inputs = inputs.clone();
                     async move { handle(&inputs, req) }
-                }));
-            },
-        )
+                })
+                .await
+            });
+        })
         .await
     }
 }

@@ -17,6 +17,8 @@ pub enum ConfigError {
     Labels(String),
     #[error("--workload must not be empty")]
     NoWorkload,
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitsError),
 }
 
 /// Configuration of `trellis proxy`.
@@ -52,6 +54,9 @@ pub struct ProxyConfig {
     /// `transparent`); omitted: explicit proxy and `--upstream` only.
     #[serde(default)]
     pub transparent: Option<crate::transparent::Settings>,
+    /// Timeouts and limits every client and peer is held to.
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
@@ -119,6 +124,7 @@ impl ProxyConfig {
             instance: None,
             drain_grace: Duration::from_secs(10),
             transparent: None,
+            limits: Default::default(),
         }
     }
 
@@ -126,6 +132,7 @@ impl ProxyConfig {
         if self.workload.is_empty() {
             return Err(ConfigError::NoWorkload);
         }
+        self.limits.validate()?;
         Ok(())
     }
 

@@ -120,6 +120,12 @@ impl<S> Rewind<S> {
             inner,
         }
     }
+
+    /// Nothing was read before (detection saw a silent client, or one that
+    /// closed at once).
+    pub fn replays_nothing(&self) -> bool {
+        self.prefix.is_empty()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

@@ -87,22 +87,20 @@ impl DnsServer {
     }
 
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let errors = inputs.metrics.accept_errors.clone();
+        let how = listener::Listening {
+            kind: Kind::dns,
+            cap: inputs.cfg.limits.max_connections,
+            metrics: inputs.metrics.conns.clone(),
+        };
         let resolver = Arc::new(Resolver {
             inputs,
             upstreams: self.upstreams,
             hosts_file: "/etc/hosts".into(),
         });
         let tcp_resolver = resolver.clone();
-        let tcp = listener::serve(
-            self.tcp,
-            Kind::dns,
-            errors,
-            shutdown.clone(),
-            move |tcp, _| {
-                tokio::spawn(serve_tcp(tcp_resolver.clone(), tcp));
-            },
-        );
+        let tcp = listener::serve(self.tcp, how, shutdown.clone(), move |tcp, _| {
+            tokio::spawn(serve_tcp(tcp_resolver.clone(), tcp));
+        });
         tokio::join!(tcp, serve_udp(Arc::new(self.udp), resolver, shutdown));
     }
 }
@@ -132,7 +130,7 @@ async fn serve_udp(
 }
 
 /// DNS over TCP: 2-byte length-prefixed messages until the client is done.
-async fn serve_tcp(resolver: Arc<Resolver>, mut tcp: tokio::net::TcpStream) {
+async fn serve_tcp(resolver: Arc<Resolver>, mut tcp: listener::Counted<tokio::net::TcpStream>) {
     loop {
         let mut len = [0u8; 2];
         let read = async {

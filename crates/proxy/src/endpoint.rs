@@ -24,6 +24,7 @@ use crate::tls::Credentials;
 use crate::traffic::now_nanos;
 use crate::Body;
 
+/// The default of `--connect-timeout` (see `limits`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections the warm-up opens at once.
 const WARM_UP_AT_ONCE: usize = 4;
@@ -104,7 +105,7 @@ impl Endpoint {
             ));
         }
         let tls = tokio::time::timeout(
-            CONNECT_TIMEOUT,
+            crate::limits::connect_timeout(),
             creds.connect(self.addr, &self.identity, alpn, tcp),
         )
         .await
@@ -166,7 +167,12 @@ impl Endpoint {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
-            .adaptive_window(true)
+            // Fixed, large windows, not adaptive ones (see
+            // `server::SHARED_CONN_WINDOW`): this connection carries every
+            // call to the peer.
+            .initial_stream_window_size(crate::server::SHARED_STREAM_WINDOW)
+            .initial_connection_window_size(crate::server::SHARED_CONN_WINDOW)
+            .max_header_list_size(crate::server::MAX_RESPONSE_HEADERS)
             .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
@@ -275,10 +281,13 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 /// Opens a TCP connection with a bounded wait and Nagle off.
 pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     // Marked in pods mode, so the redirect rules let it pass.
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::transparent::connect_marked(addr))
-        .await
-        .map_err(|_| ProxyError::upstream_connect(addr, "connect timed out"))?
-        .map_err(|e| ProxyError::upstream_connect(addr, e))?;
+    let tcp = tokio::time::timeout(
+        crate::limits::connect_timeout(),
+        crate::transparent::connect_marked(addr),
+    )
+    .await
+    .map_err(|_| ProxyError::upstream_connect(addr, "connect timed out"))?
+    .map_err(|e| ProxyError::upstream_connect(addr, e))?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }

@@ -50,6 +50,15 @@ impl ProxyError {
         Self::new(StatusCode::BAD_REQUEST, Source::Downstream, message)
     }
 
+    /// The client's request body broke off while it was sent on (bad
+    /// chunked framing, a reset): the client's fault, whatever the
+    /// upstream then said.
+    pub fn bad_body() -> Self {
+        Self::bad_request(
+            "the request body broke off before its end (malformed chunked encoding, or the client reset it); send it whole",
+        )
+    }
+
     pub fn upstream_connect(addr: SocketAddr, e: impl fmt::Display) -> Self {
         ProxyError {
             status: StatusCode::BAD_GATEWAY,

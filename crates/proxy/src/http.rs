@@ -1,17 +1,20 @@
-//! HTTP plumbing shared by both directions: body boxing, hop-by-hop
-//! headers, the internal headers between proxies, upgrades, and serving a
-//! connection with HTTP/1 and HTTP/2.
+//! HTTP plumbing shared by both directions: bodies (boxed, their small
+//! frames coalesced, a client's broken body told apart), hop-by-hop
+//! headers, the internal headers between proxies, and upgrades. Serving a
+//! connection is `server`'s.
 
-use std::convert::Infallible;
-use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, Uri};
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::ProxyError;
@@ -30,8 +33,129 @@ pub const DESTINATION: HeaderName = HeaderName::from_static("x-trellis-destinati
 /// Internal headers that must never reach an app.
 pub const INTERNAL: [HeaderName; 3] = [ORIG_PROTO, SOURCE, DESTINATION];
 
+/// A body received, to be sent on: its small frames that are ready
+/// together go as one (see `Coalesce`).
 pub fn boxed(b: Incoming) -> Body {
-    b.map_err(BoxError::from).boxed_unsync()
+    Coalesce::new(b).map_err(BoxError::from).boxed_unsync()
+}
+
+/// A client's request body, to be sent on: as `boxed`, and when it breaks
+/// (bad chunked framing, a reset), `fault` says so, so that the failure of
+/// the request it was sent with is put down to the client, not the
+/// upstream.
+pub fn request_body(b: Incoming, fault: &BodyFault) -> Body {
+    let fault = fault.clone();
+    Coalesce::new(b)
+        .map_err(move |e| {
+            fault.0.store(true, Ordering::Relaxed);
+            BoxError::from(e)
+        })
+        .boxed_unsync()
+}
+
+/// Whether a client's request body broke while it was sent on.
+#[derive(Clone, Debug, Default)]
+pub struct BodyFault(Arc<AtomicBool>);
+
+impl BodyFault {
+    pub fn broke(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Frames below this are merged with the next ones that are ready at once.
+const COALESCE_BELOW: usize = 16 * 1024;
+
+/// A body whose small DATA frames that are ready together are sent as one.
+/// Frame boundaries mean nothing in HTTP, and fewer, larger frames cost
+/// less to send and to hold: the `h2` crate closes a connection whose
+/// peer holds too many small frames unread (see `server`), so a stream of
+/// small gRPC messages is best sent in as few frames as it can. Nothing
+/// waits for more: only frames already there are merged.
+pub struct Coalesce<B> {
+    inner: B,
+    /// What came after merged data: trailers or an error, sent next.
+    held: Option<Result<Frame<Bytes>, hyper::Error>>,
+    done: bool,
+}
+
+impl<B> Coalesce<B> {
+    pub fn new(inner: B) -> Self {
+        Coalesce {
+            inner,
+            held: None,
+            done: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for Coalesce<B>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(held) = self.held.take() {
+            return Poll::Ready(Some(held));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let first = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => f,
+            other => return other,
+        };
+        let data = match first.into_data() {
+            Ok(d) if d.len() < COALESCE_BELOW && !self.inner.is_end_stream() => d,
+            Ok(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+            Err(f) => return Poll::Ready(Some(Ok(f))),
+        };
+        let mut merged: Option<BytesMut> = None;
+        loop {
+            let len = merged.as_ref().map_or(data.len(), |m| m.len());
+            if len >= COALESCE_BELOW || self.inner.is_end_stream() {
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(more) => merged
+                        .get_or_insert_with(|| BytesMut::from(&data[..]))
+                        .extend_from_slice(&more),
+                    Err(trailers) => {
+                        self.held = Some(Ok(trailers));
+                        break;
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    self.held = Some(Err(e));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let out = merged.map_or(data, BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(out))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && (self.done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.held.is_some() || self.done {
+            return SizeHint::default();
+        }
+        self.inner.size_hint()
+    }
 }
 
 pub fn empty() -> Body {
@@ -100,6 +224,7 @@ pub fn absolute_uri(authority: &str, uri: &Uri) -> Result<Uri, ProxyError> {
 pub async fn forward_upgrade<S>(
     mut req: Request<Incoming>,
     tcp: S,
+    idle: std::time::Duration,
 ) -> Result<Response<Body>, ProxyError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -128,86 +253,13 @@ where
                 Ok((down, up)) => {
                     let mut down = TokioIo::new(down);
                     let mut up = TokioIo::new(up);
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    crate::splice::splice(&mut down, &mut up, idle).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
     }
     Ok(resp.map(boxed))
-}
-
-/// Serves one connection with HTTP/1 and HTTP/2 (detected), with upgrades.
-/// On shutdown the connection drains: HTTP/2 gets a GOAWAY, HTTP/1 closes
-/// after the request in flight.
-pub async fn serve_connection<I, F, Fut>(
-    io: I,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    handler: F,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    serve(io, shutdown, handler, false).await
-}
-
-/// As `serve_connection`, for a peer proxy that proved its identity with
-/// mutual TLS. Such a connection lives long and carries every request
-/// between two proxies, so the `h2` crate's lifetime cap on streams it had
-/// to reset for a protocol error (1,024, a defence against peers that
-/// provoke resets) is lifted: an app that answers before reading a whole
-/// request body makes the stream end early, the caller's last body frame
-/// then arrives for a stream already forgotten, and at that cap the shared
-/// connection, with every call on it, would be torn down with
-/// ENHANCE_YOUR_CALM. Plaintext connections keep the cap.
-pub async fn serve_peer_connection<I, F, Fut>(
-    io: I,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    handler: F,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    serve(io, shutdown, handler, true).await
-}
-
-async fn serve<I, F, Fut>(
-    io: I,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-    handler: F,
-    authenticated_peer: bool,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    let svc = hyper::service::service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(req).await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .preserve_header_case(false)
-        .half_close(false);
-    builder.http2().adaptive_window(true);
-    if authenticated_peer {
-        builder.http2().max_local_error_reset_streams(None);
-    }
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = signalled(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
 }
 
 /// Resolves once shutdown is signalled; never if the sender is gone

@@ -1,6 +1,12 @@
 //! Inbound: what peer proxies (and, as the mTLS mode allows, plain clients)
 //! send to this workload. HTTP is served and forwarded to the local app on
 //! loopback; anything else is spliced to the app as opaque TCP.
+//!
+//! Plaintext that says nothing within the detection timeout (permissive
+//! or disabled mTLS) is carried to the app only when a Service of this
+//! workload declares a `tcp` port (a server-speaks-first protocol);
+//! otherwise it is closed and counted, so that idle clients cannot each
+//! hold a connection to the app.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,12 +23,14 @@ use crate::detect::{detect, Protocol, Rewind};
 use crate::endpoint::connect;
 use crate::error::ProxyError;
 use crate::http::{
-    absolute_uri, boxed, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop,
+    absolute_uri, boxed, forward_upgrade, is_upgrade, request_body, strip_hop_by_hop, BodyFault,
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
-use crate::listener::{self, BindError, Kind};
+use crate::listener::{self, BindError, Closed, Counted, Kind, Listening};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
+use crate::server::{serve_connection, Hop};
+use crate::splice::{splice, Ended};
 use crate::Body;
 use trellis_identity::SpiffeId;
 use trellis_resource::MtlsMode;
@@ -77,28 +85,26 @@ impl Inbound {
     }
 
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let errors = inputs.metrics.accept_errors.clone();
+        let how = Listening {
+            kind: Kind::inbound,
+            cap: inputs.cfg.limits.max_connections,
+            metrics: inputs.metrics.conns.clone(),
+        };
         let sd = shutdown.clone();
-        listener::serve(
-            self.listener,
-            Kind::inbound,
-            errors,
-            shutdown,
-            move |tcp, peer| {
-                // Pods mode: a redirected connection for a port the app
-                // does not serve is closed.
-                if crate::transparent::inbound_wanted(&inputs, &tcp, peer) {
-                    tokio::spawn(serve(inputs.clone(), tcp, peer, sd.clone()));
-                }
-            },
-        )
+        listener::serve(self.listener, how, shutdown, move |tcp, peer| {
+            // Pods mode: a redirected connection for a port the app
+            // does not serve is closed.
+            if crate::transparent::inbound_wanted(&inputs, tcp.get_ref(), peer) {
+                tokio::spawn(serve(inputs.clone(), tcp, peer, sd.clone()));
+            }
+        })
         .await
     }
 }
 
 async fn serve(
     inputs: Arc<Inputs>,
-    tcp: TcpStream,
+    tcp: Counted<TcpStream>,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -122,20 +128,58 @@ async fn serve(
     let info = Arc::new(PeerInfo::default());
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_connection(io, shutdown, move |req| {
+            let i = inputs.clone();
+            serve_connection(io, &i, Kind::inbound, Hop::Plain, shutdown, move |req| {
                 handle(inputs.clone(), req, info.clone())
             })
             .await;
         }
         Protocol::Tls => {}
-        Protocol::PeerTcp | Protocol::Opaque => tcp_to_app(inputs, io, peer, &info).await,
+        Protocol::PeerTcp | Protocol::Opaque => {
+            let silent = protocol == Protocol::Opaque && io.replays_nothing();
+            if silent && !declares_tcp(&inputs).await {
+                inputs
+                    .metrics
+                    .conns
+                    .closed_by_limit(Kind::inbound, Closed::detect_timeout);
+                tracing::debug!(%peer, "closed a plaintext connection that sent nothing: no Service of this workload declares a tcp port");
+                return;
+            }
+            tcp_to_app(inputs, io, peer, &info).await
+        }
     }
+}
+
+/// Whether a Service that selects this workload declares a `tcp` port, so
+/// that a client that waits for the server to speak first is expected.
+async fn declares_tcp(inputs: &Inputs) -> bool {
+    let own: Vec<_> = inputs
+        .discovery
+        .snapshot()
+        .raw
+        .own_services
+        .iter()
+        .filter_map(|s| crate::snapshot::SvcKey::parse(s))
+        .collect();
+    for key in own {
+        if let crate::discovery::Lookup::Found(svc) = inputs.discovery.resolve(&key).await {
+            if svc
+                .spec
+                .ports
+                .iter()
+                .any(|p| p.protocol == Some(trellis_resource::Protocol::Tcp))
+            {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Terminates mutual TLS from a peer proxy, then serves what its ALPN says.
 async fn serve_tls(
     inputs: Arc<Inputs>,
-    io: Rewind<TcpStream>,
+    io: Rewind<Counted<TcpStream>>,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -171,7 +215,8 @@ async fn serve_tls(
     if alpn.as_deref() == Some(trellis_identity::ALPN_TCP) {
         return tcp_to_app(inputs, tls, peer, &info).await;
     }
-    crate::http::serve_peer_connection(tls, shutdown, move |req| {
+    let i = inputs.clone();
+    serve_connection(tls, &i, Kind::inbound, Hop::Peer, shutdown, move |req| {
         handle(inputs.clone(), req, info.clone())
     })
     .await;
@@ -218,9 +263,17 @@ where
             }
         };
         inputs.metrics.tcp_opened(&labels);
-        let (from_peer, to_peer) = tokio::io::copy_bidirectional(&mut io, &mut app)
-            .await
-            .unwrap_or((0, 0));
+        let (from_peer, to_peer) =
+            match splice(&mut io, &mut app, inputs.cfg.limits.tcp_idle_timeout).await {
+                Ended::Closed(from_peer, to_peer) => (from_peer, to_peer),
+                Ended::Idle => {
+                    inputs
+                        .metrics
+                        .conns
+                        .closed_by_limit(Kind::inbound, Closed::tcp_idle);
+                    (0, 0)
+                }
+            };
         inputs.metrics.tcp_closed(&labels, to_peer, from_peer);
     }
 }
@@ -290,14 +343,19 @@ async fn handle(
     let claimed_source = req.headers().get(SOURCE).cloned();
     let destination = req.headers().get(DESTINATION).cloned();
     let http1 = req.version() < Version::HTTP_2 || req.headers().contains_key(ORIG_PROTO);
+    // The hop count, like every internal header, goes no further.
+    let hops = crate::loops::check_hops(req.headers(), inputs.cfg.limits.max_hops);
     strip_identity_claims(req.headers_mut());
-    let resp = match authorize(&inputs, &mut req, &info) {
-        Some(refusal) => Ok(refusal),
-        None if is_upgrade(&req) => match connect(inputs.app_addr).await {
-            Ok(app) => forward_upgrade(req, app).await,
-            Err(e) => Err(e),
+    let resp = match hops {
+        Err(e) => Err(e),
+        Ok(()) => match authorize(&inputs, &mut req, &info) {
+            Some(refusal) => Ok(refusal),
+            None if is_upgrade(&req) => match connect(inputs.app_addr).await {
+                Ok(app) => forward_upgrade(req, app, inputs.cfg.limits.tcp_idle_timeout).await,
+                Err(e) => Err(e),
+            },
+            None => forward_to_app(&inputs, req, http1).await,
         },
-        None => forward_to_app(&inputs, req, http1).await,
     };
     let mut resp = resp.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "inbound request failed");
@@ -383,12 +441,15 @@ async fn forward_to_app(
         parts.version = Version::HTTP_2;
         &inputs.app_http2
     };
+    let fault = BodyFault::default();
     client
-        .request(Request::from_parts(parts, boxed(body)))
+        .request(Request::from_parts(parts, request_body(body, &fault)))
         .await
         .map(|r| r.map(boxed))
         .map_err(|e| {
-            if e.is_connect() {
+            if fault.broke() {
+                ProxyError::bad_body()
+            } else if e.is_connect() {
                 ProxyError::upstream_connect(
                     inputs.app_addr,
                     "the app is not accepting connections",

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -26,8 +25,10 @@ pub struct Inputs {
     pub app_http1: Client<AppConnector, Body>,
     /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2 callers.
     pub app_http2: Client<AppConnector, Body>,
-    /// To addresses outside the mesh.
-    pub egress: Client<HttpConnector, Body>,
+    /// To addresses outside the mesh (never to this proxy's own listeners).
+    pub egress: Client<crate::loops::EgressConnector, Body>,
+    /// This proxy's listeners, which no request may be sent to.
+    pub own: Arc<crate::loops::Own>,
     pub app_addr: SocketAddr,
     /// `namespace/workload`, for the source header every outbound mesh
     /// request carries; made once.
@@ -48,18 +49,24 @@ impl Inputs {
             .pool_timer(TokioTimer::new())
             .set_host(true)
             .build(connector.clone());
+        // One connection carries every HTTP/2 caller's streams to the app:
+        // fixed, large windows (see `server::SHARED_CONN_WINDOW`).
         let app_http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
+            .http2_initial_stream_window_size(crate::server::SHARED_STREAM_WINDOW)
+            .http2_initial_connection_window_size(crate::server::SHARED_CONN_WINDOW)
+            .http2_max_header_list_size(crate::server::MAX_RESPONSE_HEADERS)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .build(connector);
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(crate::endpoint::CONNECT_TIMEOUT));
+        let own = Arc::new(crate::loops::Own::new(&cfg));
         let egress = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(http);
+            .build(crate::loops::EgressConnector {
+                own: own.clone(),
+                timeout: cfg.limits.connect_timeout,
+            });
         let source_header =
             http::HeaderValue::try_from(format!("{}/{}", cfg.namespace, cfg.workload)).ok();
         Arc::new(Inputs {
@@ -71,6 +78,7 @@ impl Inputs {
             app_http1,
             app_http2,
             egress,
+            own,
             app_addr,
         })
     }

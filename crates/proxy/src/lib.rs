@@ -28,7 +28,9 @@ pub mod error;
 pub mod http;
 pub mod inbound;
 pub mod inputs;
+pub mod limits;
 pub mod listener;
+pub mod loops;
 pub mod metrics;
 pub mod names;
 pub mod normalize;
@@ -38,7 +40,9 @@ pub mod pod;
 pub mod process;
 pub mod route;
 pub mod series;
+pub mod server;
 pub mod snapshot;
+pub mod splice;
 pub mod tap;
 pub mod telemetry;
 pub mod tls;
@@ -163,6 +167,14 @@ impl Proxy {
         cfg.inbound_addr = inbound.local_addr();
         cfg.outbound_addr = outbound.local_addr();
         cfg.admin_addr = admin.local_addr();
+        for (u, bound) in cfg.upstreams.iter_mut().zip(outbound.upstream_addrs()) {
+            u.listen = bound;
+        }
+        if let (Some(t), Some(dns)) = (cfg.transparent.as_mut(), dns.as_ref()) {
+            t.dns_addr = Some(dns.local_addr());
+        }
+        limits::set_connect_timeout(cfg.limits.connect_timeout);
+        warn_if_descriptors_run_out_first(&cfg);
 
         // 2. Register and discover; the admin server answers meanwhile.
         let control = ControlClient::new(&cfg.control_plane, &token)?;
@@ -237,6 +249,28 @@ impl Proxy {
                 "drain grace period over; dropping requests still in flight"
             );
         }
+    }
+}
+
+/// The connection caps are only a defence if the process can hold that
+/// many connections: say so when its open-file limit is lower.
+fn warn_if_descriptors_run_out_first(cfg: &ProxyConfig) {
+    let soft = procfs::process::Process::myself()
+        .and_then(|p| p.limits())
+        .ok()
+        .and_then(|l| match l.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(v) => Some(v),
+            procfs::process::LimitValue::Unlimited => None,
+        });
+    let listeners = 2 + cfg.upstreams.len() as u64;
+    let wanted = cfg.limits.max_connections as u64 * listeners;
+    if let Some(soft) = soft.filter(|s| *s < wanted) {
+        tracing::warn!(
+            open_file_limit = soft,
+            max_connections = cfg.limits.max_connections,
+            "the open-file limit ({soft}) is below what the connection caps allow ({wanted} for {listeners} listeners of --max-connections {}): at that limit new connections are shed; raise it (ulimit -n, systemd LimitNOFILE=) or lower --max-connections",
+            cfg.limits.max_connections
+        );
     }
 }
 

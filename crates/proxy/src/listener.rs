@@ -1,24 +1,35 @@
 //! The proxy's TCP listeners: binding each one once at start-up (a taken
 //! port is a start-up error naming the flag to change), and the one accept
-//! loop that every listener runs.
+//! loop that every listener runs, with its limits.
 //!
-//! When accepting fails (above all for want of file descriptors, which
-//! leaves the connection queued, so the next accept fails at once) the loop
-//! backs off, 5 ms doubling to 1 s, instead of spinning; it logs at most
-//! once every 10 s per listener and counts every error in
-//! `trellis_accept_errors_total`. Connections already accepted run in their
-//! own tasks and are served on meanwhile.
-
+//! - Each listener holds at most `--max-connections` connections at once:
+//!   one more is closed at once (a reset) and counted in
+//!   `trellis_connections_shed_total{reason="cap"}`.
+//! - When accepting fails for want of file descriptors the connection
+//!   stays queued, so the next accept fails at once. The loop then sheds
+//!   what is queued: it frees the one descriptor it keeps in reserve,
+//!   accepts and resets each queued connection into it, and takes the
+//!   reserve back (`trellis_connections_shed_total{reason="descriptors"}`),
+//!   so a client learns at once instead of waiting in the queue. Then it
+//!   backs off, 5 ms doubling to 1 s, instead of spinning; it logs at most
+//!   once every 10 s per listener and counts every error in
+//!   `trellis_accept_errors_total`. Connections already accepted run in
+//!   their own tasks and are served on meanwhile.
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,6 +40,21 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// While accepting keeps failing, one log line per listener this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 const BACKLOG: u32 = 1024;
+/// Queued connections shed in one go when descriptors run out; the
+/// backoff's next round takes the rest.
+const SHED_PER_ROUND: usize = 4096;
+
+/// The descriptor kept free for shedding (`/dev/null`, opened at the first
+/// bind): with every other one in use, it is what lets the loop accept a
+/// queued connection only to reset it. One for the whole process.
+static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+fn keep_reserve() {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+    if reserve.is_none() {
+        *reserve = std::fs::File::open("/dev/null").ok();
+    }
+}
 
 /// Which listener: the `listener` label of the accept metrics, and what a
 /// bind error names.
@@ -90,6 +116,7 @@ pub async fn bind(addr: SocketAddr, kind: Kind) -> Result<TcpListener, BindError
         TcpSocket::new_v6()
     }
     .map_err(other)?;
+    keep_reserve();
     socket.set_reuseaddr(true).map_err(other)?;
     socket.set_nodelay(true).map_err(other)?;
     socket.bind(addr).map_err(|e| {
@@ -107,6 +134,17 @@ pub async fn bind(addr: SocketAddr, kind: Kind) -> Result<TcpListener, BindError
 pub trait Accept: Send + 'static {
     type Conn: Send + 'static;
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send;
+
+    /// Out of descriptors: resets the connections waiting in the queue;
+    /// returns how many.
+    fn shed_queued(&mut self) -> usize {
+        0
+    }
+
+    /// Closes a connection the listener may not take, at once.
+    fn refuse(conn: Self::Conn) {
+        drop(conn);
+    }
 }
 
 impl Accept for TcpListener {
@@ -116,6 +154,35 @@ impl Accept for TcpListener {
         let (tcp, peer) = TcpListener::accept(self).await?;
         let _ = tcp.set_nodelay(true);
         Ok((tcp, peer))
+    }
+
+    fn shed_queued(&mut self) -> usize {
+        let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
+        // Freeing the reserve gives the next accept a descriptor; each
+        // connection reset returns it for the next.
+        if reserve.take().is_none() {
+            *reserve = std::fs::File::open("/dev/null").ok();
+            return 0;
+        }
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut shed = 0;
+        while shed < SHED_PER_ROUND {
+            match self.poll_accept(&mut cx) {
+                Poll::Ready(Ok((tcp, _))) => {
+                    Self::refuse(tcp);
+                    shed += 1;
+                }
+                _ => break,
+            }
+        }
+        *reserve = std::fs::File::open("/dev/null").ok();
+        shed
+    }
+
+    fn refuse(tcp: TcpStream) {
+        // A reset: the client learns at once, and no TIME_WAIT is left here.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        drop(tcp);
     }
 }
 
@@ -161,6 +228,197 @@ impl Reason {
     }
 }
 
+/// Why a connection was shed as it came: the `reason` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Shed {
+    /// The listener holds `--max-connections` already.
+    cap,
+    /// The process is out of file descriptors.
+    descriptors,
+}
+
+/// Why a served connection was closed by a limit: the `reason` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Closed {
+    /// A request's header (or a new connection's first request) did not
+    /// arrive within `--header-read-timeout`.
+    header_timeout,
+    /// No request for `--http1-idle-timeout` / `--http2-idle-timeout`.
+    idle,
+    /// More than half of the last `--http2-reset-flood-streams` streams
+    /// were reset by the client early.
+    reset_flood,
+    /// Permissive inbound plaintext that said nothing within the
+    /// detection timeout, for an app whose Service declares no tcp port.
+    detect_timeout,
+    /// Opaque TCP that carried nothing for `--tcp-idle-timeout`.
+    tcp_idle,
+}
+
+/// Who is to blame for an answer the proxy made itself (its
+/// `x-trellis-error` header): the `source` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Blame {
+    downstream,
+    upstream,
+    internal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Kind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub listener: Kind,
+    pub reason: Shed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: Kind,
+    pub reason: Closed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub listener: Kind,
+    pub source: Blame,
+    pub status_code: u16,
+}
+
+/// What the listeners count: connections open, shed and closed by a limit,
+/// failed accepts, and the proxy's own error answers by whom they blame.
+#[derive(Clone, Debug, Default)]
+pub struct ConnMetrics {
+    pub accept_errors: AcceptErrors,
+    open: Family<ListenerLabels, Gauge>,
+    shed: Family<ShedLabels, Counter>,
+    closed: Family<ClosedLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+}
+
+impl ConnMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        self.accept_errors.register(registry);
+        registry.register(
+            "trellis_connections_open",
+            "Connections each listener holds now",
+            self.open.clone(),
+        );
+        registry.register(
+            "trellis_connections_shed",
+            "Connections closed as they came (cap: --max-connections reached; descriptors: out of file descriptors)",
+            self.shed.clone(),
+        );
+        registry.register(
+            "trellis_connections_closed_by_limit",
+            "Connections closed by a timeout or limit (header_timeout, idle, reset_flood, detect_timeout, tcp_idle)",
+            self.closed.clone(),
+        );
+        registry.register(
+            "trellis_proxy_errors",
+            "Answers the proxy made itself for an error, by whom they blame (downstream: the client; upstream: the peer or app; internal)",
+            self.errors.clone(),
+        );
+    }
+
+    pub fn open(&self, listener: Kind) -> i64 {
+        self.open.get_or_create(&ListenerLabels { listener }).get()
+    }
+
+    pub fn shed(&self, listener: Kind, reason: Shed) -> u64 {
+        self.shed
+            .get_or_create(&ShedLabels { listener, reason })
+            .get()
+    }
+
+    pub fn closed_by_limit(&self, listener: Kind, reason: Closed) {
+        self.closed
+            .get_or_create(&ClosedLabels { listener, reason })
+            .inc();
+    }
+
+    pub fn proxy_error(&self, listener: Kind, source: Blame, status_code: u16) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                listener,
+                source,
+                status_code,
+            })
+            .inc();
+    }
+}
+
+/// An accepted connection, counted as open on its listener until dropped
+/// (wherever it ends up: an upgraded or tunnelled connection too).
+pub struct Counted<C> {
+    conn: C,
+    open: Gauge,
+}
+
+impl<C> Counted<C> {
+    pub fn get_ref(&self) -> &C {
+        &self.conn
+    }
+}
+
+impl<C> Drop for Counted<C> {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.conn.is_write_vectored()
+    }
+}
+
+/// What one listener's loop is told: which listener, its cap and where to
+/// count.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    pub kind: Kind,
+    /// `--max-connections`.
+    pub cap: usize,
+    pub metrics: ConnMetrics,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AcceptErrorLabels {
     pub listener: Kind,
@@ -202,6 +460,8 @@ struct Failing {
     errors: u64,
     /// Errors not logged since the last line.
     unlogged: u64,
+    /// Queued connections shed since the last line.
+    shed: u64,
     last_logged: Option<Instant>,
 }
 
@@ -212,6 +472,7 @@ impl Failing {
             next_wait: BACKOFF_MIN,
             errors: 0,
             unlogged: 0,
+            shed: 0,
             last_logged: None,
         }
     }
@@ -239,12 +500,14 @@ impl Failing {
             error = %e,
             retry_in = ?wait,
             errors_not_logged = self.unlogged,
-            "the {} listener cannot accept connections: {}; connections already accepted are served on",
+            connections_shed = self.shed,
+            "the {} listener cannot accept connections: {}; connections already accepted are served on, new ones are reset",
             self.kind,
             reason.advice(),
         );
         self.last_logged = Some(now);
         self.unlogged = 0;
+        self.shed = 0;
         wait
     }
 
@@ -261,18 +524,35 @@ impl Failing {
 }
 
 /// Accepts connections until shutdown and hands each to `on_conn`, which
-/// must not block (it spawns the connection's task).
+/// must not block (it spawns the connection's task). Past the cap, and
+/// out of descriptors, connections are shed (see the module's doc).
 pub async fn serve<L, F>(
     mut listener: L,
-    kind: Kind,
-    errors: AcceptErrors,
+    how: Listening,
     mut shutdown: watch::Receiver<bool>,
     mut on_conn: F,
 ) where
     L: Accept,
-    F: FnMut(L::Conn, SocketAddr),
+    F: FnMut(Counted<L::Conn>, SocketAddr),
 {
+    let Listening { kind, cap, metrics } = how;
+    let open = metrics
+        .open
+        .get_or_create(&ListenerLabels { listener: kind })
+        .clone();
+    let shed = |reason| {
+        metrics
+            .shed
+            .get_or_create(&ShedLabels {
+                listener: kind,
+                reason,
+            })
+            .clone()
+    };
+    let (shed_cap, shed_descriptors) = (shed(Shed::cap), shed(Shed::descriptors));
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
     let mut failing = Failing::new(kind);
+    let mut last_cap_log: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -281,11 +561,32 @@ pub async fn serve<L, F>(
         match accepted {
             Ok((conn, peer)) => {
                 failing.accepted();
-                on_conn(conn, peer);
+                if open.get() >= cap {
+                    L::refuse(conn);
+                    shed_cap.inc();
+                    if last_cap_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        tracing::warn!(listener = %kind, cap, "the {kind} listener holds its cap of {cap} connections: new ones are closed until some end; raise --max-connections if this is normal load");
+                        last_cap_log = Some(Instant::now());
+                    }
+                    continue;
+                }
+                open.inc();
+                on_conn(
+                    Counted {
+                        conn,
+                        open: open.clone(),
+                    },
+                    peer,
+                );
             }
             Err(e) => {
                 let reason = Reason::of(&e);
-                errors.inc(kind, reason);
+                metrics.accept_errors.inc(kind, reason);
+                if reason == Reason::descriptors {
+                    let n = listener.shed_queued();
+                    shed_descriptors.inc_by(n as u64);
+                    failing.shed += n as u64;
+                }
                 let wait = failing.failed(&e, reason);
                 if wait.is_zero() {
                     continue;
@@ -360,16 +661,18 @@ mod tests {
             attempts: attempts.clone(),
             conns,
         };
-        let errors = AcceptErrors::default();
+        let metrics = ConnMetrics::default();
+        let errors = metrics.accept_errors.clone();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (served_tx, mut served) = mpsc::unbounded_channel();
-        let task = tokio::spawn(serve(
-            listener,
-            Kind::inbound,
-            errors.clone(),
-            shutdown,
-            move |c, _| served_tx.send(c).unwrap(),
-        ));
+        let how = Listening {
+            kind: Kind::inbound,
+            cap: 100,
+            metrics,
+        };
+        let task = tokio::spawn(serve(listener, how, shutdown, move |c, _| {
+            served_tx.send(*c.get_ref()).unwrap()
+        }));
 
         // Tries at 0, 5, 15, 35, 75, 155, 315, 635 and 1275 ms (the waits
         // double from 5 ms), then one a second at the 1 s cap, the last at
@@ -414,5 +717,48 @@ mod tests {
         // Shutdown ends the loop even in the middle of a wait.
         shutdown_tx.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_connections_are_shed_until_one_ends() {
+        let (conn_tx, conns) = mpsc::unbounded_channel();
+        let listener = Exhaustible {
+            exhausted: Arc::new(AtomicBool::new(false)),
+            attempts: Arc::new(AtomicU64::new(0)),
+            conns,
+        };
+        let metrics = ConnMetrics::default();
+        let (_shutdown_tx, shutdown) = watch::channel(false);
+        let (served_tx, mut served) = mpsc::unbounded_channel();
+        let how = Listening {
+            kind: Kind::outbound,
+            cap: 2,
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(serve(listener, how, shutdown, move |c, _| {
+            served_tx.send(c).unwrap()
+        }));
+        for c in 1..=5 {
+            conn_tx.send(c).unwrap();
+        }
+        let first = served.recv().await.unwrap();
+        let second = served.recv().await.unwrap();
+        assert_eq!((*first.get_ref(), *second.get_ref()), (1, 2));
+        assert_eq!(metrics.open(Kind::outbound), 2);
+        // 3, 4 and 5 come while two are held: shed.
+        trellis_testkit::assert_eventually!(metrics.shed(Kind::outbound, Shed::cap) == 3);
+        assert!(
+            served.try_recv().is_err(),
+            "a connection past the cap was served"
+        );
+
+        // One ends: the next is taken.
+        drop(first);
+        assert_eq!(metrics.open(Kind::outbound), 1);
+        conn_tx.send(6).unwrap();
+        let sixth = served.recv().await.unwrap();
+        assert_eq!(*sixth.get_ref(), 6);
+        assert_eq!(metrics.open(Kind::outbound), 2);
+        assert_eq!(metrics.shed(Kind::outbound, Shed::cap), 3);
     }
 }

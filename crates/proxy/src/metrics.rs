@@ -88,8 +88,9 @@ pub struct Metrics {
     pub tls_handshakes: crate::tls::Handshakes,
     /// Plaintext connections refused at the inbound in strict mTLS mode.
     pub plaintext_refused: Counter,
-    /// Failed accepts, per listener (see `listener`).
-    pub accept_errors: crate::listener::AcceptErrors,
+    /// Per listener: connections open, shed and closed by a limit, failed
+    /// accepts, the proxy's own error answers (see `listener`).
+    pub conns: crate::listener::ConnMetrics,
     /// Spans, access log lines and tap events sent or dropped.
     pub telemetry: crate::telemetry::Counters,
     /// Retries, ejections, circuit breaking, rate limits, faults, mirrors.
@@ -166,8 +167,8 @@ impl Metrics {
         telemetry.register(&mut registry);
         let traffic = crate::traffic::TrafficMetrics::default();
         traffic.register(&mut registry);
-        let accept_errors = crate::listener::AcceptErrors::default();
-        accept_errors.register(&mut registry);
+        let conns = crate::listener::ConnMetrics::default();
+        conns.register(&mut registry);
         let tls_handshakes = crate::tls::Handshakes::default();
         tls_handshakes.register(&mut registry);
         registry.register_collector(Box::new(crate::process::ProcessCollector));
@@ -185,7 +186,7 @@ impl Metrics {
             tls_handshake_failures,
             tls_handshakes,
             plaintext_refused,
-            accept_errors,
+            conns,
             telemetry,
             traffic,
             in_flight: AtomicU64::new(0),

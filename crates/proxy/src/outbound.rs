@@ -18,18 +18,21 @@ use crate::balance::PickCtx;
 use crate::config::ProxyConfig;
 use crate::detect::{detect, Protocol, PEER_TCP_PREAMBLE};
 use crate::discovery::Lookup;
-use crate::endpoint::{connect, Endpoint};
+use crate::endpoint::Endpoint;
 use crate::error::{ProxyError, Source};
 use crate::http::{
-    absolute_uri, boxed, empty, forward_upgrade, is_upgrade, serve_connection, strip_hop_by_hop,
-    DESTINATION, ORIG_PROTO, SOURCE,
+    absolute_uri, boxed, empty, forward_upgrade, is_upgrade, request_body, strip_hop_by_hop,
+    BodyFault, DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
-use crate::listener::{self, BindError, Kind};
+use crate::listener::{self, BindError, Closed, Kind, Listening};
+use crate::loops::{EgressError, HOPS};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::names::{classify, Name};
 use crate::route::modify_headers;
+use crate::server::{serve_connection, Hop};
 use crate::snapshot::{ServiceState, SvcKey};
+use crate::splice::{splice, Ended};
 use crate::traffic::admit::Admission;
 use crate::traffic::forward::{Destination, Forwarded, Outgoing};
 use crate::traffic::policy::Limit;
@@ -48,7 +51,12 @@ pub struct Target {
 
 impl Target {
     fn authority(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            // An IPv6 address, as a URI writes it.
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -93,48 +101,57 @@ impl Outbound {
     }
 
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let errors = inputs.metrics.accept_errors.clone();
+        let listening = |kind| Listening {
+            kind,
+            cap: inputs.cfg.limits.max_connections,
+            metrics: inputs.metrics.conns.clone(),
+        };
         for (l, target) in self.upstreams {
             let inputs = inputs.clone();
             let sd = shutdown.clone();
             tokio::spawn(listener::serve(
                 l,
-                Kind::upstream,
-                errors.clone(),
+                listening(Kind::upstream),
                 shutdown.clone(),
                 move |tcp, _| {
-                    tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), sd.clone()));
+                    tokio::spawn(serve_fixed(
+                        inputs.clone(),
+                        tcp,
+                        target.clone(),
+                        Kind::upstream,
+                        sd.clone(),
+                    ));
                 },
             ));
         }
         let sd = shutdown.clone();
-        listener::serve(
-            self.listener,
-            Kind::outbound,
-            errors,
-            shutdown,
-            move |tcp, _| {
-                let inputs = inputs.clone();
-                let sd = sd.clone();
-                // Pods mode: a redirected connection keeps its original
-                // destination.
-                let orig = inputs
-                    .cfg
-                    .transparent
-                    .as_ref()
-                    .and_then(|_| crate::transparent::original_dst(&tcp));
-                match orig {
-                    Some(orig) => {
-                        tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
-                    }
-                    None => {
-                        tokio::spawn(serve_connection(tcp, sd.clone(), move |req| {
-                            handle(inputs.clone(), req, None, sd.clone())
-                        }));
-                    }
+        let how = listening(Kind::outbound);
+        listener::serve(self.listener, how, shutdown, move |tcp, _| {
+            let inputs = inputs.clone();
+            let sd = sd.clone();
+            // Pods mode: a redirected connection keeps its original
+            // destination.
+            let orig = inputs
+                .cfg
+                .transparent
+                .as_ref()
+                .and_then(|_| crate::transparent::original_dst(tcp.get_ref()));
+            match orig {
+                Some(orig) => {
+                    tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
                 }
-            },
-        )
+                None => {
+                    tokio::spawn(async move {
+                        let i = inputs.clone();
+                        let s = sd.clone();
+                        serve_connection(tcp, &i, Kind::outbound, Hop::App, s, move |req| {
+                            handle(inputs.clone(), req, None, sd.clone())
+                        })
+                        .await
+                    });
+                }
+            }
+        })
         .await
     }
 }
@@ -145,6 +162,7 @@ pub(crate) async fn serve_fixed<S>(
     inputs: Arc<Inputs>,
     io: S,
     target: Target,
+    kind: Kind,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -159,7 +177,8 @@ pub(crate) async fn serve_fixed<S>(
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let sd = shutdown.clone();
-            serve_connection(io, shutdown, move |req| {
+            let i = inputs.clone();
+            serve_connection(io, &i, kind, Hop::App, shutdown, move |req| {
                 handle(inputs.clone(), req, Some(target.clone()), sd.clone())
             })
             .await
@@ -172,11 +191,18 @@ pub(crate) async fn serve_fixed<S>(
 /// Handles one request from the app.
 async fn handle(
     inputs: Arc<Inputs>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     fixed: Option<Target>,
     shutdown: watch::Receiver<bool>,
 ) -> Response<Body> {
     let _in_flight = InFlight::new(&inputs.metrics);
+    // One more proxy on the request's way, or the end of a loop.
+    match crate::loops::next_hop(req.headers(), inputs.cfg.limits.max_hops) {
+        Ok(hop) => {
+            req.headers_mut().insert(HOPS, hop);
+        }
+        Err(e) => return e.into_response(),
+    }
     if req.method() == Method::CONNECT {
         return connect_tunnel(inputs, req, shutdown);
     }
@@ -199,19 +225,39 @@ async fn handle(
     match inputs.discovery.resolve(&key).await {
         Lookup::Found(svc) => to_service(inputs, req, &target, svc).await,
         Lookup::Missing if matches!(name, Name::Maybe(_)) => egress(inputs, req, &target).await,
-        Lookup::Missing => ProxyError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Source::Downstream,
-            format!(
-                "no service {key} in the mesh: apply a Service named {} in namespace {}",
-                key.name, key.namespace
-            ),
-        )
-        .into_response(),
+        // `localhost:<own port>` with no such Service: a loop.
+        Lookup::Missing => match own_target(&inputs, &target) {
+            Some(e) => e.to_proxy_error().into_response(),
+            None => ProxyError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Source::Downstream,
+                format!(
+                    "no service {key} in the mesh: apply a Service named {} in namespace {}",
+                    key.name, key.namespace
+                ),
+            )
+            .into_response(),
+        },
         Lookup::Unavailable(msg) => {
             ProxyError::new(StatusCode::SERVICE_UNAVAILABLE, Source::Internal, msg).into_response()
         }
     }
+}
+
+/// A loop error when a single-label name (`localhost`) names one of this
+/// proxy's own listeners.
+fn own_target(inputs: &Inputs, target: &Target) -> Option<EgressError> {
+    if target.host != "localhost" {
+        return None;
+    }
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], target.port));
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, target.port));
+    let a = target.authority();
+    inputs
+        .own
+        .check(&a, v4)
+        .and_then(|()| inputs.own.check(&a, v6))
+        .err()
 }
 
 fn target_of<B>(req: &Request<B>) -> Option<Target> {
@@ -256,6 +302,7 @@ fn connect_tunnel(
                     inputs,
                     hyper_util::rt::TokioIo::new(upgraded),
                     target,
+                    Kind::outbound,
                     shutdown,
                 )
                 .await
@@ -437,7 +484,8 @@ async fn forward(
             Ok(io) => crate::traffic::forward::HeldIo::new(io, permit),
             Err(e) => return (Err(e), Some(ep)),
         };
-        return (forward_upgrade(req, io).await, Some(ep));
+        let idle = inputs.cfg.limits.tcp_idle_timeout;
+        return (forward_upgrade(req, io, idle).await, Some(ep));
     }
     let creds = match peer_credentials(inputs) {
         Ok(c) => c,
@@ -504,20 +552,15 @@ async fn egress(
 ) -> Response<Body> {
     let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     let key = SvcKey::new("", &target.host);
+    let limits = &inputs.cfg.limits;
     let result = if is_upgrade(&req) {
-        match tokio::net::lookup_host(target.authority())
+        match inputs
+            .own
+            .connect(&target.host, target.port, limits.connect_timeout)
             .await
-            .ok()
-            .and_then(|mut a| a.next())
         {
-            Some(addr) => match connect(addr).await {
-                Ok(tcp) => forward_upgrade(req, tcp).await,
-                Err(e) => Err(e),
-            },
-            None => Err(ProxyError::upstream(format!(
-                "cannot resolve {}",
-                target.host
-            ))),
+            Ok(tcp) => forward_upgrade(req, tcp, limits.tcp_idle_timeout).await,
+            Err(e) => Err(e.to_proxy_error()),
         }
     } else {
         let (mut parts, body) = req.into_parts();
@@ -526,12 +569,22 @@ async fn egress(
             Ok(uri) => {
                 parts.uri = uri;
                 parts.version = Version::HTTP_11;
-                inputs
+                let fault = BodyFault::default();
+                let sent = inputs
                     .egress
-                    .request(Request::from_parts(parts, boxed(body)))
-                    .await
-                    .map(|r| r.map(boxed))
-                    .map_err(ProxyError::upstream)
+                    .request(Request::from_parts(parts, request_body(body, &fault)));
+                match tokio::time::timeout(limits.egress_request_timeout, sent).await {
+                    Ok(Ok(r)) => Ok(r.map(boxed)),
+                    Ok(Err(_)) if fault.broke() => Err(ProxyError::bad_body()),
+                    Ok(Err(e)) => Err(EgressError::find(&e)
+                        .map(EgressError::to_proxy_error)
+                        .unwrap_or_else(|| ProxyError::upstream(e))),
+                    Err(_) => Err(ProxyError::timeout(&format!(
+                        "the call to {} outside the mesh (--egress-request-timeout {:?})",
+                        target.authority(),
+                        limits.egress_request_timeout
+                    ))),
+                }
             }
             Err(e) => Err(e),
         }
@@ -619,14 +672,17 @@ where
             (up, svc.key.clone(), Some(ep))
         }
         None => {
-            let addr = tokio::net::lookup_host(target.authority())
+            let connect_timeout = inputs.cfg.limits.connect_timeout;
+            match inputs
+                .own
+                .connect(&target.host, target.port, connect_timeout)
                 .await
-                .ok()
-                .and_then(|mut a| a.next());
-            let Some(addr) = addr else { return };
-            match connect(addr).await {
+            {
                 Ok(up) => (Box::new(up), SvcKey::new("", &target.host), None),
-                Err(_) => return,
+                Err(e) => {
+                    tracing::warn!(target = %target.authority(), "closing TCP connection: {e}");
+                    return;
+                }
             }
         }
     };
@@ -635,9 +691,17 @@ where
         tls,
     };
     inputs.metrics.tcp_opened(&labels);
-    let (sent, received) = tokio::io::copy_bidirectional(&mut io, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
+    let (sent, received) =
+        match splice(&mut io, &mut upstream, inputs.cfg.limits.tcp_idle_timeout).await {
+            Ended::Closed(sent, received) => (sent, received),
+            Ended::Idle => {
+                inputs
+                    .metrics
+                    .conns
+                    .closed_by_limit(Kind::outbound, Closed::tcp_idle);
+                (0, 0)
+            }
+        };
     inputs.metrics.tcp_closed(&labels, sent, received);
 }
 

@@ -300,6 +300,12 @@ impl Telemetry {
     /// line (written when the response body ends). Past the metrics, every
     /// part is skipped (and allocates nothing) unless it is wanted.
     pub fn end(&self, b: Begun, done: Done<'_>, resp: &mut Response<Body>) {
+        // An answer to HEAD has no content (RFC 9110 §9.3.2): one the
+        // proxy made itself is emptied here, before the access log wraps
+        // it, so that it ends with its headers and is logged complete.
+        if b.method == http::Method::HEAD && !http_body::Body::is_end_stream(resp.body()) {
+            *resp.body_mut() = crate::http::empty();
+        }
         let elapsed = b.started.elapsed();
         let status = resp.status().as_u16();
         self.metrics

@@ -11,7 +11,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use socket2::SockRef;
@@ -20,6 +19,7 @@ use tokio::sync::watch;
 use trellis_resource::Protocol;
 
 use crate::inputs::Inputs;
+use crate::listener::{Closed, Counted, Kind};
 use crate::metrics::{Direction, Peers, TcpLabels};
 use crate::outbound::Target;
 use crate::snapshot::SvcKey;
@@ -161,7 +161,7 @@ pub fn service_of_vip(inputs: &Inputs, ip: IpAddr, port: u16) -> Option<(SvcKey,
 /// skip detection); to any other address it passes through unchanged.
 pub async fn serve_outbound(
     inputs: Arc<Inputs>,
-    tcp: TcpStream,
+    tcp: Counted<TcpStream>,
     orig: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -174,7 +174,7 @@ pub async fn serve_outbound(
             if opaque {
                 crate::outbound::tcp_to(inputs, tcp, target).await
             } else {
-                crate::outbound::serve_fixed(inputs, tcp, target, shutdown).await
+                crate::outbound::serve_fixed(inputs, tcp, target, Kind::outbound, shutdown).await
             }
         }
         None => passthrough(inputs, tcp, orig).await,
@@ -198,9 +198,15 @@ pub fn inbound_wanted(inputs: &Inputs, tcp: &TcpStream, peer: SocketAddr) -> boo
     }
 }
 
-/// Egress: a marked connection to where the app was going.
-async fn passthrough(inputs: Arc<Inputs>, mut tcp: TcpStream, orig: SocketAddr) {
-    let up = tokio::time::timeout(Duration::from_secs(10), connect_marked(orig)).await;
+/// Egress: a marked connection to where the app was going (never one of
+/// this proxy's own listeners).
+async fn passthrough(inputs: Arc<Inputs>, mut tcp: Counted<TcpStream>, orig: SocketAddr) {
+    if let Err(e) = inputs.own.check(&orig.to_string(), orig) {
+        tracing::warn!(%orig, "closing a redirected connection: {e}");
+        return;
+    }
+    let connect_timeout = inputs.cfg.limits.connect_timeout;
+    let up = tokio::time::timeout(connect_timeout, connect_marked(orig)).await;
     let mut up = match up {
         Ok(Ok(up)) => up,
         Ok(Err(e)) => {
@@ -225,9 +231,17 @@ async fn passthrough(inputs: Arc<Inputs>, mut tcp: TcpStream, orig: SocketAddr) 
         tls: false,
     };
     inputs.metrics.tcp_opened(&labels);
-    let (sent, received) = tokio::io::copy_bidirectional(&mut tcp, &mut up)
-        .await
-        .unwrap_or((0, 0));
+    let idle = inputs.cfg.limits.tcp_idle_timeout;
+    let (sent, received) = match crate::splice::splice(&mut tcp, &mut up, idle).await {
+        crate::splice::Ended::Closed(sent, received) => (sent, received),
+        crate::splice::Ended::Idle => {
+            inputs
+                .metrics
+                .conns
+                .closed_by_limit(Kind::outbound, Closed::tcp_idle);
+            (0, 0)
+        }
+    };
     inputs.metrics.tcp_closed(&labels, sent, received);
 }
 

@@ -1,7 +1,9 @@
 //! Descriptor exhaustion for real: a child process (this test binary run
 //! again) with a low open-file limit runs a listener with the proxy's
 //! accept loop, and this process opens more connections than the child has
-//! descriptors for. No root needed.
+//! descriptors for. The ones it cannot take are reset at once (shed), the
+//! ones it has are served on, and once descriptors come back new ones are
+//! taken again. No root needed.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -11,21 +13,19 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
-use trellis_proxy::listener::{self, AcceptErrors, Kind, Reason};
+use trellis_proxy::listener::{self, ConnMetrics, Kind, Listening, Reason, Shed};
 use trellis_testkit::assert_eventually;
 
 const CHILD: &str = "TRELLIS_ACCEPT_TEST_CHILD";
-const TEST: &str = "out_of_descriptors_the_accept_loop_backs_off_serves_on_and_recovers";
+const TEST: &str = "out_of_descriptors_the_accept_loop_sheds_serves_on_and_recovers";
 /// The child's open-file limit: a few for the runtime and the listener,
 /// the rest for connections.
 const NOFILE: usize = 64;
-/// More than the child can hold; fewer than it holds plus `FREED`, so
-/// that closing `FREED` lets it accept every queued one.
+/// More than the child can hold.
 const CLIENTS: usize = 80;
-const FREED: usize = 40;
 
 #[tokio::test]
-async fn out_of_descriptors_the_accept_loop_backs_off_serves_on_and_recovers() {
+async fn out_of_descriptors_the_accept_loop_sheds_serves_on_and_recovers() {
     if std::env::var_os(CHILD).is_some() {
         return child().await;
     }
@@ -47,35 +47,67 @@ async fn out_of_descriptors_the_accept_loop_backs_off_serves_on_and_recovers() {
     let addr: SocketAddr = control.read("listening").await.parse().unwrap();
 
     // The kernel completes every handshake; the child accepts until it has
-    // no descriptor left, and the rest stay queued.
+    // no descriptor left, and resets the rest.
     let mut clients = Vec::new();
+    let mut reset_at_connect = 0;
     for _ in 0..CLIENTS {
-        clients.push(TcpStream::connect(addr).await.unwrap());
+        match TcpStream::connect(addr).await {
+            Ok(c) => clients.push(c),
+            // Shed so soon that the reset came before connect returned.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset_at_connect += 1,
+            Err(e) => panic!("connecting to the child: {e}"),
+        }
     }
     assert_eventually!(
         timeout = Duration::from_secs(20),
-        control.errors().await > 0,
+        control.get("errors").await > 0,
         "the child never ran out of descriptors"
     );
 
-    // Connections accepted before keep being served meanwhile.
-    echo(&mut clients[0]).await;
-
-    // Backing off, the loop tries a few times in 2 s (at most 9 tries in
-    // the first 1.3 s, then one a second), where a spinning loop fails
-    // hundreds of thousands of times.
-    let before = control.errors().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let in_two_seconds = control.errors().await - before;
-    assert!(
-        in_two_seconds <= 12,
-        "{in_two_seconds} failed accepts in 2 s: the accept loop does not back off"
+    // A shed client learns at once: its connection is reset.
+    let reads = clients.into_iter().map(|mut c| async move {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut b)).await;
+        (matches!(r, Ok(Ok(0)) | Ok(Err(_))), c)
+    });
+    let (shed, held): (Vec<_>, Vec<_>) = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .partition(|(shed, _)| *shed);
+    let shed = shed.len() + reset_at_connect;
+    let mut held: Vec<TcpStream> = held.into_iter().map(|(_, c)| c).collect();
+    println!(
+        "{CLIENTS} clients at an open-file limit of {NOFILE}: {shed} shed, {} held",
+        held.len()
+    );
+    assert!(shed >= CLIENTS - NOFILE, "only {shed} shed");
+    assert_eq!(
+        control.get("shed").await,
+        shed as u64,
+        "every shed one is counted"
     );
 
-    // Descriptors come back: every queued connection is accepted and
-    // served.
-    clients.drain(..FREED);
-    for c in &mut clients {
+    // The connections it holds are served meanwhile.
+    for c in &mut held {
+        echo(c).await;
+    }
+
+    // With nothing queued, the loop waits: no failed accepts pile up.
+    let before = control.get("errors").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let in_two_seconds = control.get("errors").await - before;
+    assert!(
+        in_two_seconds <= 12,
+        "{in_two_seconds} failed accepts in 2 s: the accept loop spins"
+    );
+
+    // Descriptors come back: new connections are accepted and served.
+    held.truncate(held.len() / 2);
+    let mut fresh = Vec::new();
+    for _ in 0..10 {
+        fresh.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for c in &mut fresh {
         echo(c).await;
     }
     control.finish().await;
@@ -121,38 +153,48 @@ impl Control {
         while self.stdout.next_line().await.unwrap().is_some() {}
     }
 
-    /// Failed accepts for want of descriptors so far, as the child counts.
-    async fn errors(&mut self) -> u64 {
-        self.stdin.write_all(b"errors\n").await.unwrap();
-        self.read("errors").await.parse().unwrap()
+    /// `errors` (failed accepts for want of descriptors) or `shed`
+    /// (connections reset for want of them) so far, as the child counts.
+    async fn get(&mut self, what: &str) -> u64 {
+        self.stdin
+            .write_all(format!("{what}\n").as_bytes())
+            .await
+            .unwrap();
+        self.read(what).await.parse().unwrap()
     }
 }
 
-/// Serves echo connections with the accept loop, and answers `errors` on
-/// stdin until stdin closes.
+/// Serves echo connections with the accept loop, and answers `errors` and
+/// `shed` on stdin until stdin closes.
 async fn child() {
     let l = listener::bind(([127, 0, 0, 1], 0).into(), Kind::inbound)
         .await
         .unwrap();
     println!("listening {}", l.local_addr().unwrap());
-    let errors = AcceptErrors::default();
+    let metrics = ConnMetrics::default();
     let (_shutdown, shutdown) = watch::channel(false);
-    tokio::spawn(listener::serve(
-        l,
-        Kind::inbound,
-        errors.clone(),
-        shutdown,
-        |mut tcp, _| {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        },
-    ));
+    let how = Listening {
+        kind: Kind::inbound,
+        cap: 10_000,
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(listener::serve(l, how, shutdown, |tcp, _| {
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(tcp);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }));
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await.unwrap() {
-        if line == "errors" {
-            println!("errors {}", errors.get(Kind::inbound, Reason::descriptors));
+        match line.as_str() {
+            "errors" => println!(
+                "errors {}",
+                metrics
+                    .accept_errors
+                    .get(Kind::inbound, Reason::descriptors)
+            ),
+            "shed" => println!("shed {}", metrics.shed(Kind::inbound, Shed::descriptors)),
+            _ => {}
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod process;
 pub mod runner;
 pub mod state;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use crate::cli::{ExecArgs, Global, Mode, Output, UpArgs};
@@ -100,9 +101,9 @@ pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
         // A pods-mode run that died before writing run.json: its network.
         let removed = podnet::cleanup(dir)?;
         if removed.is_empty() {
-            println!("nothing to stop in {}", dir.display());
+            say(format_args!("nothing to stop in {}", dir.display()));
         } else {
-            println!("removed {}", removed.join(", "));
+            say(format_args!("removed {}", removed.join(", ")));
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -112,25 +113,32 @@ pub fn down(global: &Global) -> anyhow::Result<ExitCode> {
     // Pods mode: namespaces, links, bridge (after their processes stopped).
     let removed = podnet::cleanup(dir)?;
     if !removed.is_empty() {
-        println!("removed {}", removed.join(", "));
+        say(format_args!("removed {}", removed.join(", ")));
     }
     RunState::remove(dir)?;
     let _ = std::fs::remove_file(&marker);
     if let Err(e) = runner::remove_state_dirs(dir) {
-        eprintln!("warning: {e:#}");
+        let _ = writeln!(std::io::stderr(), "warning: {e:#}");
     }
     if stopped == 0 {
-        println!(
+        say(format_args!(
             "nothing was running; removed the state of the last mesh in {}",
             dir.display()
-        );
+        ));
     } else {
-        println!(
+        say(format_args!(
             "stopped {stopped} processes; their logs stay in {}",
             dir.join("logs").display()
-        );
+        ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A line on stdout for `down`, which must finish tearing down whatever
+/// happens to its reader: `trellis down | head -1` closes the pipe early, and
+/// `println!` would panic half-way, leaving namespaces or state behind.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 fn state_of(p: &ProcessInfo) -> &'static str {

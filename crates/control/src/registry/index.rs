@@ -2,7 +2,7 @@
 //! routes by the Service they are attached to, TrafficPolicies by target,
 //! and the Mesh.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use trellis_resource::{MeshSpec, Resource, Spec};
 
@@ -62,6 +62,44 @@ impl ResourceIndex {
         idx
     }
 
+    /// The Services whose part of a Config differs between `self` and
+    /// `next`, when only routes and TrafficPolicies changed; `None` when
+    /// anything that can touch any proxy changed (the Mesh, a Service, which
+    /// moves selections, VIPs and `missing` lists, or an
+    /// AuthorizationPolicy): then every Config is recomputed.
+    ///
+    /// A route's or a policy's change reaches exactly the proxies whose
+    /// Config holds the Service it is filed under (their `depends_on`), so
+    /// a change one Service's subscribers see costs those proxies, not the
+    /// mesh.
+    pub fn changed_services(&self, next: &ResourceIndex) -> Option<BTreeSet<ServiceName>> {
+        // Every field named: one added to the index is a compile error here
+        // until someone says what its changes reach.
+        let ResourceIndex {
+            mesh,
+            services,
+            routes_by_parent,
+            grpc_routes_by_parent,
+            policy_by_target,
+            authorization_policies,
+        } = self;
+        if *mesh != next.mesh
+            || *services != next.services
+            || *authorization_policies != next.authorization_policies
+        {
+            return None;
+        }
+        let mut changed = BTreeSet::new();
+        differing_keys(routes_by_parent, &next.routes_by_parent, &mut changed);
+        differing_keys(
+            grpc_routes_by_parent,
+            &next.grpc_routes_by_parent,
+            &mut changed,
+        );
+        differing_keys(policy_by_target, &next.policy_by_target, &mut changed);
+        Some(changed)
+    }
+
     pub fn trust_domain(&self) -> &str {
         self.mesh
             .as_ref()
@@ -83,6 +121,25 @@ impl ResourceIndex {
         match &self.mesh {
             Some(m) => serde_json::to_string(m).unwrap_or_else(|_| "{}".into()),
             None => "{}".into(),
+        }
+    }
+}
+
+/// Adds the keys whose values differ between `a` and `b` (present in one
+/// only, or unequal).
+fn differing_keys<V: PartialEq>(
+    a: &BTreeMap<ServiceName, V>,
+    b: &BTreeMap<ServiceName, V>,
+    out: &mut BTreeSet<ServiceName>,
+) {
+    for (k, v) in a {
+        if b.get(k) != Some(v) {
+            out.insert(k.clone());
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            out.insert(k.clone());
         }
     }
 }

@@ -326,3 +326,66 @@ spec:
     assert_eq!(by_name("greeter").grpc_routes_json.len(), 1);
     assert!(by_name("greeter").routes_json.is_empty());
 }
+
+#[test]
+fn changes_name_the_services_they_reach() {
+    let load = |yaml: &str| {
+        ResourceIndex::new(&trellis_resource::parse_documents("t.yaml", yaml).unwrap())
+    };
+    const SERVICES: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {selector: {app: catalog}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}}
+"#;
+    let base = load(SERVICES);
+    let name = |n: &str| ServiceName::new("default", n);
+
+    // Nothing changed: nothing to recompute.
+    assert_eq!(
+        base.changed_services(&load(SERVICES)),
+        Some(BTreeSet::new())
+    );
+
+    // A route is filed under its parent: only that Service's subscribers.
+    let routed = load(&format!(
+        "{SERVICES}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{kind: Service, name: catalog}}]\n  rules: [{{backendRefs: [{{name: reviews}}]}}]\n"
+    ));
+    assert_eq!(
+        base.changed_services(&routed),
+        Some(BTreeSet::from([name("catalog")]))
+    );
+    // Removing it reaches the same Service.
+    assert_eq!(
+        routed.changed_services(&base),
+        Some(BTreeSet::from([name("catalog")]))
+    );
+
+    // A TrafficPolicy: its target.
+    let policed = load(&format!(
+        "{SERVICES}---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{kind: Service, name: reviews}}\n  loadBalancer: {{type: round-robin}}\n"
+    ));
+    assert_eq!(
+        base.changed_services(&policed),
+        Some(BTreeSet::from([name("reviews")]))
+    );
+
+    // A Service, the Mesh or an AuthorizationPolicy: everyone.
+    let more = load(&format!(
+        "{SERVICES}---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: ratings}}\nspec: {{selector: {{app: ratings}}}}\n"
+    ));
+    assert_eq!(base.changed_services(&more), None);
+    let meshed = load(&format!(
+        "{SERVICES}---\napiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{trustDomain: example.org}}\n"
+    ));
+    assert_eq!(base.changed_services(&meshed), None);
+    let authz = load(&format!(
+        "{SERVICES}---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec:\n  action: ALLOW\n  rules: [{{from: [{{namespaces: [default]}}]}}]\n"
+    ));
+    assert_eq!(base.changed_services(&authz), None);
+}

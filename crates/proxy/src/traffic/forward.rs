@@ -38,7 +38,7 @@ use super::{add_flag, is_idempotent, mirror, now_nanos, stable_hash};
 use crate::balance::PickCtx;
 use crate::endpoint::Endpoint;
 use crate::error::{ProxyError, Source};
-use crate::http::{boxed, empty, full};
+use crate::http::{boxed, empty, full, request_body, BodyFault};
 use crate::inputs::Inputs;
 use crate::route::{modify_headers, Backend, Rule};
 use crate::snapshot::ServiceState;
@@ -54,7 +54,8 @@ pub type Forwarded = (Result<Response<Body>, ProxyError>, Option<Arc<Endpoint>>)
 enum Payload {
     Empty,
     Kept(Bytes),
-    Stream(Option<Incoming>),
+    /// Streamed once; the fault says whether the client broke it off.
+    Stream(Option<Incoming>, BodyFault),
 }
 
 impl Payload {
@@ -71,7 +72,7 @@ impl Payload {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .is_some_and(|n| n <= MAX_REPLAY_BODY);
         if !(keep && small) {
-            return Ok(Payload::Stream(Some(body)));
+            return Ok(Payload::Stream(Some(body), BodyFault::default()));
         }
         let bytes = body
             .collect()
@@ -88,7 +89,12 @@ impl Payload {
     }
 
     fn replayable(&self) -> bool {
-        !matches!(self, Payload::Stream(_))
+        !matches!(self, Payload::Stream(..))
+    }
+
+    /// The client's streamed body broke off while it was sent.
+    fn broke(&self) -> bool {
+        matches!(self, Payload::Stream(_, fault) if fault.broke())
     }
 
     /// The body for the next try; None when a streamed body was used up.
@@ -96,7 +102,7 @@ impl Payload {
         match self {
             Payload::Empty => Some(empty()),
             Payload::Kept(b) => Some(full(b.clone())),
-            Payload::Stream(s) => s.take().map(boxed),
+            Payload::Stream(s, fault) => s.take().map(|b| request_body(b, fault)),
         }
     }
 
@@ -104,7 +110,7 @@ impl Payload {
         match self {
             Payload::Empty => Some(Bytes::new()),
             Payload::Kept(b) => Some(b.clone()),
-            Payload::Stream(_) => None,
+            Payload::Stream(..) => None,
         }
     }
 }
@@ -369,6 +375,12 @@ impl<'a> Exchange<'a> {
             return Try::Stop;
         };
         let result = self.send(&mut conn, body).await;
+        if result.is_err() && self.payload.broke() {
+            // The client's fault, not the endpoint's: not counted against
+            // it, not retried.
+            state.last = (Err(ProxyError::bad_body()), Some(ep));
+            return Try::Stop;
+        }
         let outcome = match &result {
             Ok(resp) => Outcome::Status(resp.status().as_u16()),
             Err(_) => Outcome::Failed,
