@@ -602,8 +602,8 @@ spec:
     println!(
         "resumed: client {client_resumed}, intruder {intruder_resumed}; echo inbound: {echo_resumed} resumed, {echo_full} full"
     );
-    // The first connection of each caller may be a full handshake (and so
-    // may the warm-up's), every later one resumes.
+    // The first connection of each caller is a full handshake, every later
+    // one resumes.
     assert!(client_resumed >= 4.0, "{client_resumed}");
     assert!(intruder_resumed >= 2.0, "{intruder_resumed}");
     assert!(echo_resumed >= 6.0, "{echo_resumed}");

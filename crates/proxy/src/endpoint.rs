@@ -225,7 +225,22 @@ async fn warm_up_due(
     // Held across awaits: a full Arc, not an arc-swap guard.
     let snap = arc_swap::Guard::into_inner(inputs.discovery.snapshot());
     let mut next: Option<u64> = None;
-    for ep in snap.services.values().flat_map(|s| &s.endpoints) {
+    // Opaque TCP opens a connection per client connection and never uses
+    // the shared HTTP/2 one: a Service that declares only TCP ports gets
+    // none.
+    let http = |s: &&Arc<crate::snapshot::ServiceState>| {
+        s.spec.ports.is_empty()
+            || s.spec
+                .ports
+                .iter()
+                .any(|p| p.protocol != Some(trellis_resource::Protocol::Tcp))
+    };
+    for ep in snap
+        .services
+        .values()
+        .filter(http)
+        .flat_map(|s| &s.endpoints)
+    {
         if ep.ready_h2(creds.is_some()).is_some() {
             continue;
         }
