@@ -525,3 +525,101 @@ async fn certificate(admin: SocketAddr) -> (String, i64) {
         c["notAfter"].as_i64().unwrap_or_default(),
     )
 }
+
+/// Opaque TCP opens a mutual-TLS connection between the proxies for each
+/// client connection, and after the first they resume the TLS session.
+/// A resumed session still carries each caller's own identity: a policy
+/// that allows only `client` lets every one of its connections through and
+/// refuses every one of `intruder`'s, resumed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_tls_sessions_keep_each_callers_identity() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 7000, protocol: tcp}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: client-only}
+spec:
+  targetRef: {kind: Service, name: echo}
+  action: ALLOW
+  rules:
+  - from: [{principals: ["spiffe://trellis.local/ns/default/sa/client"]}]
+"#,
+    )
+    .await
+    .expect("apply");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let echo = mesh.sidecar("echo", &[("app", "echo")], echo_port).await;
+    let (cport, _c) = demo_app("client", "v1", "client-0").await;
+    let client = mesh
+        .sidecar_with_upstream("client", cport, "echo", 7000)
+        .await;
+    let (iport, _i) = demo_app("intruder", "v1", "intruder-0").await;
+    let intruder = mesh
+        .sidecar_with_upstream("intruder", iport, "echo", 7000)
+        .await;
+    mesh.wait_endpoints("echo", 1).await;
+
+    /// One connection through `upstream`: what came back for a line.
+    async fn echo_once(upstream: SocketAddr, i: usize) -> Vec<u8> {
+        let mut s = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let line = format!("hello {i}\n");
+        // Refused connections may be closed before the write.
+        let _ = s.write_all(line.as_bytes()).await;
+        let mut got = vec![0u8; line.len()];
+        match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await {
+            Ok(Ok(_)) => got,
+            Ok(Err(_)) => Vec::new(),
+            Err(_) => panic!("connection {i} neither echoed nor closed"),
+        }
+    }
+    for i in 0..5 {
+        let got = echo_once(client.upstream_addrs[0], i).await;
+        assert_eq!(got, format!("hello {i}\n").as_bytes(), "connection {i}");
+    }
+    for i in 0..3 {
+        let got = echo_once(intruder.upstream_addrs[0], i).await;
+        assert!(got.is_empty(), "intruder connection {i} was refused");
+    }
+
+    let handshakes = |admin, direction, resumed| async move {
+        metric_sum(
+            admin,
+            "trellis_tls_handshakes_total",
+            &[("direction", direction), ("resumed", resumed)],
+        )
+        .await
+    };
+    let client_resumed = handshakes(client.admin_addr, "outbound", "true").await;
+    let intruder_resumed = handshakes(intruder.admin_addr, "outbound", "true").await;
+    let echo_resumed = handshakes(echo.admin_addr, "inbound", "true").await;
+    let echo_full = handshakes(echo.admin_addr, "inbound", "false").await;
+    println!(
+        "resumed: client {client_resumed}, intruder {intruder_resumed}; echo inbound: {echo_resumed} resumed, {echo_full} full"
+    );
+    // The first connection of each caller is a full handshake, every later
+    // one resumes.
+    assert!(client_resumed >= 4.0, "{client_resumed}");
+    assert!(intruder_resumed >= 2.0, "{intruder_resumed}");
+    assert!(echo_resumed >= 6.0, "{echo_resumed}");
+}

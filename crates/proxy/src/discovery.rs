@@ -154,6 +154,11 @@ impl Discovery {
         self.snapshot.load()
     }
 
+    /// Changes with each config applied (its version).
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
     }

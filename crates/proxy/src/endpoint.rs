@@ -1,11 +1,13 @@
 //! One endpoint of a service: a peer proxy's inbound listener, its load
-//! figures and the HTTP/2 connection this proxy keeps to it.
+//! figures and the HTTP/2 connection this proxy keeps to it; and the
+//! warm-up that opens that connection ahead of the first request.
 //!
 //! Endpoints outlive config versions: a new config reuses the `Endpoint` of
 //! an address it still lists, so load figures and connections carry over.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +15,23 @@ use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify, Semaphore};
 
-use rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
-
-use crate::balance::Load;
+use crate::balance::{Load, Peers};
 use crate::error::ProxyError;
+use crate::inputs::Inputs;
 use crate::tls::Credentials;
+use crate::traffic::now_nanos;
 use crate::Body;
 
 /// The default of `--connect-timeout` (see `limits`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections the warm-up opens at once.
+const WARM_UP_AT_ONCE: usize = 4;
+/// The wait before warming up an endpoint again after a failure, doubling
+/// with each failure in a row up to `WARM_UP_MAX_BACKOFF`.
+const WARM_UP_BACKOFF: Duration = Duration::from_secs(1);
+const WARM_UP_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -39,10 +47,24 @@ pub struct Endpoint {
     h2: ArcSwapOption<(SendRequest<Body>, bool)>,
     // Serialises connection set-up so a burst opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
+    /// Attempts to open the HTTP/2 connection that failed, so far.
+    connect_failures: AtomicU64,
+    warm_up: WarmUp,
+}
+
+/// When the warm-up may next open this endpoint's connection.
+#[derive(Default)]
+struct WarmUp {
+    /// `now_nanos` from which it may; 0: at once; `u64::MAX`: under way.
+    due: AtomicU64,
+    /// Failures in a row, for the backoff.
+    failures: AtomicU32,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, ep: &trellis_api::v1::Endpoint) -> Self {
+    /// An endpoint compared with the others that share `peers` (those of
+    /// one service).
+    pub fn new(addr: SocketAddr, ep: &trellis_api::v1::Endpoint, peers: &Arc<Peers>) -> Self {
         Endpoint {
             addr,
             instance: ep.instance.clone(),
@@ -50,10 +72,12 @@ impl Endpoint {
             namespace: ep.namespace.clone(),
             identity: ep.identity.clone(),
             labels: ep.labels.clone().into_iter().collect(),
-            load: Arc::new(Load::default()),
+            load: Arc::new(Load::new(peers.clone())),
             health: Default::default(),
             h2: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            connect_failures: AtomicU64::new(0),
+            warm_up: WarmUp::default(),
         }
     }
 
@@ -80,13 +104,9 @@ impl Endpoint {
                 "the endpoint has no identity to verify",
             ));
         }
-        let config = creds
-            .client(&self.identity, alpn)
-            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
-        let name = ServerName::try_from("peer.trellis").expect("a valid DNS name");
         let tls = tokio::time::timeout(
             crate::limits::connect_timeout(),
-            TlsConnector::from(config).connect(name, tcp),
+            creds.connect(self.addr, &self.identity, alpn, tcp),
         )
         .await
         .map_err(|_| ProxyError::upstream_connect(self.addr, "TLS handshake timed out"))?
@@ -99,22 +119,49 @@ impl Endpoint {
         Ok(Box::new(tls))
     }
 
-    /// A ready HTTP/2 connection to the peer, made on first use and shared
-    /// by every request to this endpoint.
+    /// The shared HTTP/2 connection, when it is open (and mutual TLS iff
+    /// `tls`).
+    fn ready_h2(&self, tls: bool) -> Option<SendRequest<Body>> {
+        self.h2
+            .load()
+            .as_deref()
+            .filter(|c| !c.0.is_closed() && c.1 == tls)
+            .map(|c| c.0.clone())
+    }
+
+    /// A ready HTTP/2 connection to the peer, made on first use (or by the
+    /// warm-up) and shared by every request to this endpoint.
     pub async fn h2(&self, creds: Option<&Credentials>) -> Result<SendRequest<Body>, ProxyError> {
         let tls = creds.is_some();
-        let usable = |c: &(SendRequest<Body>, bool)| !c.0.is_closed() && c.1 == tls;
-        if let Some(c) = self.h2.load().as_deref() {
-            if usable(c) {
-                return Ok(c.0.clone());
-            }
+        if let Some(c) = self.ready_h2(tls) {
+            return Ok(c);
         }
+        let failures = self.connect_failures.load(Ordering::Acquire);
         let _guard = self.connecting.lock().await;
-        if let Some(c) = self.h2.load().as_deref() {
-            if usable(c) {
-                return Ok(c.0.clone());
-            }
+        if let Some(c) = self.ready_h2(tls) {
+            return Ok(c);
         }
+        if self.connect_failures.load(Ordering::Acquire) != failures {
+            // The attempt this request waited for (another request's or
+            // the warm-up's) failed: fail now, so the request moves to
+            // another endpoint instead of waiting for a second attempt.
+            return Err(ProxyError::upstream_connect(
+                self.addr,
+                "connecting to the endpoint failed just now",
+            ));
+        }
+        let conn = self.connect_h2(creds).await;
+        if conn.is_err() {
+            self.connect_failures.fetch_add(1, Ordering::Release);
+        }
+        conn
+    }
+
+    async fn connect_h2(
+        &self,
+        creds: Option<&Credentials>,
+    ) -> Result<SendRequest<Body>, ProxyError> {
+        let tls = creds.is_some();
         let io = self.open(creds, trellis_identity::ALPN_H2).await?;
         let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -140,6 +187,108 @@ impl Endpoint {
     }
 }
 
+/// Opens the connection to every endpoint of the snapshot's services
+/// ahead of their first request, when an endpoint appears and again when
+/// a new config comes with the connection closed: a request then never
+/// waits for a TCP and TLS handshake, and its latency is the endpoint's.
+/// At most `WARM_UP_AT_ONCE` at a time; an endpoint whose warm-up failed
+/// is tried again after a backoff (1 s doubling to 60 s). Requests never
+/// wait for the warm-up: one that needs a connection being opened shares
+/// the attempt (or its failure, then moves to another endpoint).
+pub async fn warm_up(inputs: Arc<Inputs>, mut shutdown: watch::Receiver<bool>) {
+    let mut configs = inputs.discovery.watch_applied();
+    let at_once = Arc::new(Semaphore::new(WARM_UP_AT_ONCE));
+    // Told when a warm-up failed, so its retry gets scheduled.
+    let failed = Arc::new(Notify::new());
+    loop {
+        let next = match crate::outbound::peer_credentials(&inputs) {
+            Ok(creds) => warm_up_due(&inputs, &creds, &at_once, &failed).await,
+            Err(_) => Some(now_nanos() + WARM_UP_BACKOFF.as_nanos() as u64),
+        };
+        let wait = next.map(|at| Duration::from_nanos(at.saturating_sub(now_nanos())));
+        tokio::select! {
+            changed = configs.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait.unwrap_or(Duration::MAX)), if wait.is_some() => {}
+            _ = failed.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Starts the warm-ups that are due; the earliest time one is due later.
+async fn warm_up_due(
+    inputs: &Inputs,
+    creds: &Option<Arc<Credentials>>,
+    at_once: &Arc<Semaphore>,
+    failed: &Arc<Notify>,
+) -> Option<u64> {
+    // Held across awaits: a full Arc, not an arc-swap guard.
+    let snap = arc_swap::Guard::into_inner(inputs.discovery.snapshot());
+    let mut next: Option<u64> = None;
+    // Opaque TCP opens a connection per client connection and never uses
+    // the shared HTTP/2 one: a Service that declares only TCP ports gets
+    // none.
+    let http = |s: &&Arc<crate::snapshot::ServiceState>| {
+        s.spec.ports.is_empty()
+            || s.spec
+                .ports
+                .iter()
+                .any(|p| p.protocol != Some(trellis_resource::Protocol::Tcp))
+    };
+    for ep in snap
+        .services
+        .values()
+        .filter(http)
+        .flat_map(|s| &s.endpoints)
+    {
+        if ep.ready_h2(creds.is_some()).is_some() {
+            continue;
+        }
+        let now = now_nanos();
+        let due = ep.warm_up.due.load(Ordering::Acquire);
+        if due > now {
+            if due != u64::MAX {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+            continue;
+        }
+        if ep
+            .warm_up
+            .due
+            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            continue;
+        }
+        let Ok(permit) = at_once.clone().acquire_owned().await else {
+            return None;
+        };
+        let (ep, creds, failed) = (ep.clone(), creds.clone(), failed.clone());
+        tokio::spawn(async move {
+            let result = ep.h2(creds.as_deref()).await;
+            drop(permit);
+            let w = &ep.warm_up;
+            match result {
+                Ok(_) => {
+                    w.failures.store(0, Ordering::Relaxed);
+                    w.due.store(0, Ordering::Release);
+                }
+                Err(e) => {
+                    let failures = w.failures.fetch_add(1, Ordering::Relaxed);
+                    let backoff = WARM_UP_BACKOFF
+                        .saturating_mul(1 << failures.min(16))
+                        .min(WARM_UP_MAX_BACKOFF);
+                    tracing::debug!(endpoint = %ep.addr, error = %e, ?backoff, "warm-up failed");
+                    w.due
+                        .store(now_nanos() + backoff.as_nanos() as u64, Ordering::Release);
+                    failed.notify_one();
+                }
+            }
+        });
+    }
+    next
+}
+
 /// A connection to a peer, plaintext or TLS.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
@@ -163,6 +312,11 @@ pub mod tests {
     use super::*;
 
     pub fn endpoint(addr: &str) -> Arc<Endpoint> {
+        endpoint_among(addr, &Arc::default())
+    }
+
+    /// An endpoint of the service whose endpoints share `peers`.
+    pub fn endpoint_among(addr: &str, peers: &Arc<Peers>) -> Arc<Endpoint> {
         Arc::new(Endpoint::new(
             addr.parse().unwrap(),
             &trellis_api::v1::Endpoint {
@@ -172,6 +326,7 @@ pub mod tests {
                 namespace: "default".into(),
                 ..Default::default()
             },
+            peers,
         ))
     }
 }

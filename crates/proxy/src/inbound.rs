@@ -202,6 +202,11 @@ async fn serve_tls(
         }
     };
     let (_, conn) = tls.get_ref();
+    if let Err(e) = creds.accepted(conn) {
+        inputs.metrics.tls_handshake_failures.inc();
+        tracing::warn!(%peer, error = %e, "refused a TLS peer");
+        return;
+    }
     let info = Arc::new(PeerInfo::new(
         trellis_identity::verify::peer_identity(conn.peer_certificates()),
         true,

@@ -229,6 +229,7 @@ impl Proxy {
         tokio::spawn(tls.run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
+        tokio::spawn(endpoint::warm_up(inputs.clone(), shutdown_rx.clone()));
         if let Some(dns) = dns {
             tokio::spawn(dns.run(inputs.clone(), shutdown_rx.clone()));
         }
@@ -375,7 +376,12 @@ async fn workload_identity(
     let trust_domain = inputs.discovery.snapshot().mesh.trust_domain.clone();
     let spiffe =
         trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
-    let tls = Tls::new(spiffe, cfg.cache_dir.clone()).map_err(StartError::WorkloadKey)?;
+    let tls = Tls::new(
+        spiffe,
+        cfg.cache_dir.clone(),
+        inputs.metrics.tls_handshakes.clone(),
+    )
+    .map_err(StartError::WorkloadKey)?;
     control.trust(tls.trusted_roots());
     inputs.discovery.set_tls(tls.clone());
     if tls.current().is_none() {

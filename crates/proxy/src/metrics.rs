@@ -84,6 +84,8 @@ pub struct Metrics {
     /// Requests and connections refused by an AuthorizationPolicy.
     pub authz_denied: Counter,
     pub tls_handshake_failures: Counter,
+    /// Handshakes with peer proxies, full and resumed.
+    pub tls_handshakes: crate::tls::Handshakes,
     /// Plaintext connections refused at the inbound in strict mTLS mode.
     pub plaintext_refused: Counter,
     /// Per listener: connections open, shed and closed by a limit, failed
@@ -167,6 +169,8 @@ impl Metrics {
         traffic.register(&mut registry);
         let conns = crate::listener::ConnMetrics::default();
         conns.register(&mut registry);
+        let tls_handshakes = crate::tls::Handshakes::default();
+        tls_handshakes.register(&mut registry);
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
@@ -180,6 +184,7 @@ impl Metrics {
             stats_dropped,
             authz_denied,
             tls_handshake_failures,
+            tls_handshakes,
             plaintext_refused,
             conns,
             telemetry,

@@ -132,6 +132,12 @@ impl Snapshot {
                 },
             )?;
             let old = prev.services.get(&key);
+            // The service's endpoints are compared with each other: new
+            // ones join the figures the old ones share.
+            let peers = old
+                .and_then(|o| o.endpoints.first())
+                .map(|e| e.load.peers().clone())
+                .unwrap_or_default();
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             for ep in &sc.endpoints {
                 let addr: SocketAddr =
@@ -145,7 +151,7 @@ impl Snapshot {
                     old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr && e.same_as(ep)));
                 endpoints.push(match reused {
                     Some(e) => e.clone(),
-                    None => Arc::new(Endpoint::new(addr, ep)),
+                    None => Arc::new(Endpoint::new(addr, ep, &peers)),
                 });
             }
             // A TrafficPolicy's balancer wins over the older annotation.

@@ -2,7 +2,8 @@
 //! dir with mode 0600), its certificate from the control plane's CA, the
 //! trust bundle, and the rustls configs built from them. Certificates are
 //! renewed at about half their life, with jitter; while the control plane
-//! is away the proxy keeps its certificate and keeps retrying.
+//! is away the proxy keeps its certificate and keeps retrying. Mutual TLS
+//! with peer proxies, and its session resumption, is `peer.rs`'s.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,16 +11,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, ServerConfig};
+use rustls::pki_types::CertificateDer;
+use rustls::ServerConfig;
 use tokio::sync::watch;
 use trellis_identity::certs::{self, CertError, CertInfo};
 use trellis_identity::keys::WorkloadKey;
 use trellis_identity::spiffe::ParseError;
-use trellis_identity::verify::{PeerClientVerifier, PeerServerVerifier, TrustBundle};
+use trellis_identity::verify::{PeerClientVerifier, TrustBundle};
 use trellis_identity::{write_secret, SpiffeId, ALPN_H2, ALPN_HTTP1, ALPN_TCP};
 
 use crate::control::{ControlClient, ControlError};
+
+mod peer;
+
+pub use peer::Handshakes;
 
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
@@ -39,17 +44,27 @@ pub enum TlsError {
     WrongIdentity { issued: String, expected: String },
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("{0}")]
+    Handshake(std::io::Error),
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("the peer is {presented}, not {expected}")]
+    PeerIdentity { expected: String, presented: String },
+    #[error("the certificate of {0} expired since the session it resumed")]
+    PeerExpired(String),
 }
 
 /// One certificate with everything built from it.
 pub struct Credentials {
     pub identity: SpiffeId,
     pub chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
     pub bundle: Arc<TrustBundle>,
     pub bundle_pem: Vec<String>,
     pub info: CertInfo,
     pub server: Arc<ServerConfig>,
+    /// Client configs per expected peer identity, with their sessions.
+    clients: peer::Clients,
+    handshakes: Handshakes,
     /// When this proxy got the certificate (unix seconds): its useful life
     /// starts here, not at the backdated not-before.
     installed_at: i64,
@@ -60,6 +75,7 @@ impl Credentials {
         chain_pem: &str,
         key_pem: &str,
         bundle_pem: Vec<String>,
+        handshakes: Handshakes,
     ) -> Result<Credentials, TlsError> {
         let chain = certs::certs_from_pem(chain_pem)?;
         let key = certs::key_from_pem(key_pem)?;
@@ -71,33 +87,24 @@ impl Credentials {
             .with_client_cert_verifier(Arc::new(PeerClientVerifier::new(bundle.clone())))
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+        // Stateless tickets, under a key of this certificate's own: a
+        // renewed certificate or trust bundle ends every session.
+        server.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let clients = peer::Clients::new(chain.clone(), key)?;
         Ok(Credentials {
             identity,
             chain,
-            key,
             bundle,
             bundle_pem,
             info,
             server: Arc::new(server),
+            clients,
+            handshakes,
             installed_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs() as i64,
         })
-    }
-
-    /// A client config that accepts only `expected` as the peer.
-    pub fn client(&self, expected: &str, alpn: &[u8]) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let mut c = ClientConfig::builder_with_provider(trellis_identity::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerServerVerifier::new(
-                self.bundle.clone(),
-                expected,
-            )))
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        c.alpn_protocols = vec![alpn.to_vec()];
-        Ok(Arc::new(c))
     }
 
     fn expires_in(&self) -> Duration {
@@ -115,12 +122,17 @@ pub struct Tls {
     cache_dir: Option<PathBuf>,
     key: WorkloadKey,
     changed: watch::Sender<u64>,
+    handshakes: Handshakes,
 }
 
 impl Tls {
     /// Loads a still-valid certificate from the cache dir, if any; the key is
     /// reused from there, or made now.
-    pub fn new(identity: SpiffeId, cache_dir: Option<PathBuf>) -> Result<Arc<Tls>, TlsError> {
+    pub fn new(
+        identity: SpiffeId,
+        cache_dir: Option<PathBuf>,
+        handshakes: Handshakes,
+    ) -> Result<Arc<Tls>, TlsError> {
         let cached_key = cache_dir
             .as_ref()
             .and_then(|d| std::fs::read_to_string(d.join(KEY_FILE)).ok());
@@ -135,6 +147,7 @@ impl Tls {
             cache_dir,
             key,
             changed: watch::channel(0).0,
+            handshakes,
         });
         tls.load_cache();
         Ok(tls)
@@ -164,7 +177,7 @@ impl Tls {
             return;
         };
         let bundle = split(&bundle);
-        match Credentials::build(&chain, &self.key.key_pem, bundle) {
+        match Credentials::build(&chain, &self.key.key_pem, bundle, self.handshakes.clone()) {
             Ok(c) if c.identity == self.identity && c.expires_in() > Duration::ZERO => {
                 tracing::info!(identity = %c.identity, serial = %c.info.serial, "using the cached certificate");
                 self.current.store(Some(Arc::new(c)));
@@ -177,7 +190,12 @@ impl Tls {
     }
 
     fn install(&self, chain_pem: &str, bundle_pem: Vec<String>) -> Result<(), TlsError> {
-        let c = Credentials::build(chain_pem, &self.key.key_pem, bundle_pem.clone())?;
+        let c = Credentials::build(
+            chain_pem,
+            &self.key.key_pem,
+            bundle_pem.clone(),
+            self.handshakes.clone(),
+        )?;
         if c.identity != self.identity {
             return Err(TlsError::WrongIdentity {
                 issued: c.identity.to_string(),

@@ -365,11 +365,12 @@ impl<'a> Exchange<'a> {
             return Try::Stop;
         };
         state.tried.push(ep.addr);
-        let load = ep.load.start();
+        let mut load = ep.load.start();
         let mut conn = match self.connect(&ep, state).await {
             Ok(c) => c,
             Err(end) => return end,
         };
+        load.connected();
         let Some(body) = self.payload.for_try() else {
             return Try::Stop;
         };
@@ -400,7 +401,7 @@ impl<'a> Exchange<'a> {
             Ok(resp) => {
                 let mut resp = resp.map(boxed);
                 if !can_retry {
-                    load.finish();
+                    load.finish(outcome);
                     return Try::Answer(resp, ep);
                 }
                 if !self.withdraw_retry() {
