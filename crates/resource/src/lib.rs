@@ -7,6 +7,8 @@
 pub mod duration;
 pub mod load;
 pub mod refs;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod traffic;
 pub mod types;
 pub mod validate;

@@ -1,0 +1,21 @@
+//! Trellis on Kubernetes. Everything the control plane and the CLI need
+//! to run a mesh on a cluster, and nothing the proxy needs:
+//!
+//! - `crd`: the Trellis CRDs, schemas from the resource model's own types;
+//! - `gateway`: the Gateway API CRDs, installed only when absent;
+//! - `install`: the control plane's manifests and the Helm chart, from one
+//!   template;
+//! - `inject`: the sidecar injection of a pod (pure), and of workloads in
+//!   files (`trellis inject -f`); `webhook`: the admission handler;
+//! - `source`: the API server as a mesh source: watchers, and their
+//!   translation into the resource model and each Service's endpoints;
+//! - `identity`: TokenReview of the sidecars' projected tokens;
+//! - `ca_secret`: the mesh CA kept in a Secret; `lease`: leader election
+//!   for singleton work; `status`: route status.
+#![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod gateway;
+pub mod install;
+pub mod names;
+pub mod template;
