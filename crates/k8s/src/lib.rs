@@ -16,6 +16,12 @@
 
 pub mod crd;
 pub mod gateway;
+pub mod inject;
+pub mod inject_files;
 pub mod install;
 pub mod names;
 pub mod template;
+pub mod webhook;
+
+#[cfg(test)]
+mod testing;
