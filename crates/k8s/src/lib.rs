@@ -14,12 +14,15 @@
 //!   for singleton work; `status`: route status.
 #![forbid(unsafe_code)]
 
+pub mod ca_secret;
 pub mod crd;
 pub mod gateway;
+pub mod identity;
 pub mod inject;
 pub mod inject_files;
 pub mod install;
 pub mod names;
+pub mod source;
 pub mod template;
 pub mod webhook;
 
