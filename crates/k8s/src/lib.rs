@@ -21,8 +21,10 @@ pub mod identity;
 pub mod inject;
 pub mod inject_files;
 pub mod install;
+pub mod lease;
 pub mod names;
 pub mod source;
+pub mod status;
 pub mod template;
 pub mod webhook;
 
