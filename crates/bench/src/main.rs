@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use trellis_api::v1::Register;
 
 use fake::{Fleet, Role};
-use sys::{cpu_seconds, free_port, http, memory_kb, wait_http_ok, Proc};
+use sys::{cpu_seconds, free_port, http, http_as, memory_kb, wait_http_ok, Proc};
 
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(
@@ -213,11 +213,13 @@ pub struct Results {
     pub notes: Vec<String>,
 }
 
-/// A running `trellis control` with its HTTP and gRPC addresses.
+/// A running `trellis control` with its HTTP and gRPC addresses, and its
+/// admin token (for the API).
 struct ControlPlane {
     proc: Proc,
     http: SocketAddr,
     grpc: SocketAddr,
+    admin: String,
 }
 
 impl ControlPlane {
@@ -241,8 +243,17 @@ impl ControlPlane {
             dir.join(format!("{name}.log")),
         )?;
         wait_http_ok(http, "/readyz", Duration::from_secs(30), &mut proc).await?;
+        let admin = std::fs::read_to_string(data.join("admin-token"))
+            .context("the control plane's admin token")?
+            .trim()
+            .to_string();
         progress!("{name} (pid {}) on http {http}, grpc {grpc}", proc.pid());
-        Ok(ControlPlane { proc, http, grpc })
+        Ok(ControlPlane {
+            proc,
+            http,
+            grpc,
+            admin,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -251,11 +262,12 @@ impl ControlPlane {
 
     async fn apply(&self, resources: &Value) -> anyhow::Result<()> {
         let body = resources.to_string();
-        let a = http(
+        let a = http_as(
             self.http,
             "POST",
             "/api/v1/apply",
             "localhost",
+            Some(&self.admin),
             Some(("application/json", &body)),
             Duration::from_secs(60),
         )
@@ -266,13 +278,17 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn token(&self, sa: &str) -> anyhow::Result<String> {
-        let body = json!({"namespace": "default", "serviceAccount": sa, "ttl": "24h"}).to_string();
-        let a = http(
+    /// A join token for `sa` that grants the label `app=<app>` (proxies
+    /// may claim only the labels their token grants).
+    async fn token(&self, sa: &str, app: &str) -> anyhow::Result<String> {
+        let body = json!({"namespace": "default", "serviceAccount": sa, "ttl": "24h", "labels": {"app": app}})
+            .to_string();
+        let a = http_as(
             self.http,
             "POST",
             "/api/v1/tokens",
             "localhost",
+            Some(&self.admin),
             Some(("application/json", &body)),
             Duration::from_secs(10),
         )
@@ -586,8 +602,12 @@ async fn propagation(
         plan.proxies
     );
     let cp = ControlPlane::start(trellis, dir, "control-propagation").await?;
-    let ep_token = cp.token("bench-ep").await?;
-    let client_token = cp.token("bench-client").await?;
+    // One join token per service: each grants its endpoints that app label.
+    let mut ep_tokens = Vec::with_capacity(plan.services);
+    for k in 0..plan.services {
+        ep_tokens.push(cp.token("bench-ep", &format!("svc-{k}")).await?);
+    }
+    let client_token = cp.token("bench-client", "bench-client").await?;
     let services: Vec<Value> = (0..plan.services)
         .map(|k| service(&format!("svc-{k}"), &format!("svc-{k}")))
         .collect();
@@ -602,7 +622,7 @@ async fn propagation(
         let k = (i / per) % plan.services.max(1);
         fleet
             .start(
-                endpoint_register(i, &format!("svc-{k}"), &ep_token),
+                endpoint_register(i, &format!("svc-{k}"), &ep_tokens[k]),
                 Role::Endpoint,
             )
             .await?;
@@ -762,9 +782,8 @@ async fn proxy_rss(
         plan.rss_endpoints_per_service
     );
     let cp = ControlPlane::start(trellis, dir, "control-rss").await?;
-    let ep_token = cp.token("bench-ep").await?;
     for sa in ["backend", "client"] {
-        std::fs::write(dir.join(format!("{sa}.token")), cp.token(sa).await?)?;
+        std::fs::write(dir.join(format!("{sa}.token")), cp.token(sa, sa).await?)?;
     }
     // The backend: demo-app behind a real proxy, the one endpoint of the 3
     // called services.
@@ -804,14 +823,19 @@ async fn proxy_rss(
         let mut resources: Vec<Value> = called.iter().map(|n| service(n, "backend")).collect();
         resources.extend((have..want).map(|k| service(&format!("svc-{k}"), &format!("svc-{k}"))));
         cp.apply(&Value::Array(resources)).await?;
+        // Tokens before the clock starts: one per service, as in part 1.
+        let mut ep_tokens = Vec::new();
+        for k in have..want {
+            ep_tokens.push(cp.token("bench-ep", &format!("svc-{k}")).await?);
+        }
         let t0 = Instant::now();
         let c0 = cpu_seconds(cp.pid());
         let added_from = eps;
-        for k in have..want {
+        for (k, token) in (have..want).zip(&ep_tokens) {
             for _ in 0..plan.rss_endpoints_per_service {
                 fleet
                     .start(
-                        endpoint_register(eps, &format!("svc-{k}"), &ep_token),
+                        endpoint_register(eps, &format!("svc-{k}"), token),
                         Role::Endpoint,
                     )
                     .await?;

@@ -49,51 +49,28 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// User + system CPU seconds of a process (`/proc/PID/stat`).
+/// User + system CPU seconds of a process (0 when it is gone).
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after "(comm) ": state is field 0, utime 11, stime 12.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / clk_tck()
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64)
+        .unwrap_or(0.0)
 }
 
-/// `VmRSS` and `VmHWM` in kB (`/proc/PID/status`).
+/// `VmRSS` and `VmHWM` of a process in kB (0 when it is gone).
 pub fn memory_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .map(|s| (s.vmrss.unwrap_or(0), s.vmhwm.unwrap_or(0)))
+        .unwrap_or((0, 0))
 }
 
+/// The one-minute load average.
 pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_string()
+    use procfs::Current;
+    procfs::LoadAverage::current()
+        .map(|l| format!("{:.2}", l.one))
+        .unwrap_or_else(|_| "?".to_string())
 }
 
 /// A child process that is killed (and reaped) when dropped.
@@ -194,12 +171,29 @@ pub async fn http(
     body: Option<(&str, &str)>,
     timeout: Duration,
 ) -> anyhow::Result<Answer> {
+    http_as(addr, method, target, host, None, body, timeout).await
+}
+
+/// `http` with `Authorization: Bearer <token>` when given (the control
+/// plane's API needs a credential).
+pub async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    host: &str,
+    token: Option<&str>,
+    body: Option<(&str, &str)>,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
     tokio::time::timeout(timeout, async {
         let mut s = TcpStream::connect(addr).await?;
         let _ = s.set_nodelay(true);
         let (ctype, body) = body.unwrap_or(("application/json", ""));
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+            "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}\
              Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
@@ -272,5 +266,24 @@ pub async fn wait_http_ok(
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_and_nothing_of_a_gone_one() {
+        let me = std::process::id();
+        let (rss, hwm) = memory_kb(me);
+        assert!(rss > 1024 && hwm >= rss, "{rss} kB resident, {hwm} kB peak");
+        assert!(cpu_seconds(me) >= 0.0);
+        let mut child = Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        assert_eq!(memory_kb(gone), (0, 0));
+        assert_eq!(cpu_seconds(gone), 0.0);
+        assert!(load_average().parse::<f32>().is_ok());
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trellis_proxy::config::{parse_labels, Upstream};
+use trellis_proxy::pod;
 
 use crate::duration::parse_duration;
 
@@ -39,6 +40,15 @@ pub struct Global {
     /// Where `trellis up` keeps its state, and `trellis control` its store.
     #[arg(long, global = true, default_value = ".trellis", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// A file holding the control plane credential (default: $TRELLIS_TOKEN,
+    /// else the local mesh's own). `trellis proxy --token-file` is the
+    /// proxy's join token instead (same flag id, so clap keeps the proxy's).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) to trust for an https:// --server, e.g. the
+    /// control plane's <data-dir>/ca/roots.pem.
+    #[arg(long, global = true, env = "TRELLIS_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -179,6 +189,21 @@ pub struct ControlArgs {
     /// The roots to trust (needed when --ca-cert is an intermediate).
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
+    /// Serve the HTTP API over TLS with this certificate chain (PEM);
+    /// required for an --http-addr beyond loopback.
+    #[arg(long, value_name = "FILE", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// The key of --http-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+    /// Serve the HTTP API over TLS with a certificate from the mesh CA
+    /// (clients trust <data-dir>/ca/roots.pem).
+    #[arg(long, conflicts_with = "http_tls_cert")]
+    pub http_tls_mesh_ca: bool,
+    /// A name (or IP) clients use to reach the HTTP API (repeatable):
+    /// accepted as Host, and named in the mesh-CA certificate.
+    #[arg(long = "http-host", value_name = "NAME")]
+    pub http_hosts: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -197,11 +222,11 @@ pub struct ProxyArgs {
     /// The local app's port on 127.0.0.1.
     #[arg(long, value_name = "PORT")]
     pub app_port: u16,
-    #[arg(long, default_value = "0.0.0.0:15006")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], pod::INBOUND_PORT)))]
     pub inbound_addr: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], pod::OUTBOUND_PORT)))]
     pub outbound_addr: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], pod::ADMIN_PORT)))]
     pub admin_addr: SocketAddr,
     /// The IP peers use to reach the inbound listener.
     #[arg(long, value_name = "IP")]
@@ -304,16 +329,40 @@ pub struct TokenArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a join token that grants one identity (`-n` sets the namespace).
+    /// Create a control plane credential (--role), or a proxy's join token
+    /// that grants one identity (--service-account; `-n` sets the namespace).
     Create {
-        #[arg(long)]
-        service_account: String,
-        /// How long the token may be used to join and renew certificates.
+        /// An API credential: admin (everything), viewer (read), tap (read
+        /// and live request metadata).
+        #[arg(long, value_enum, conflicts_with = "service_account")]
+        role: Option<TokenRole>,
+        /// A join token for this service account.
+        #[arg(long, required_unless_present = "role")]
+        service_account: Option<String>,
+        /// The labels the proxy may register with (it may claim fewer);
+        /// without them it may claim none, and serves no Service.
+        #[arg(long, value_parser = parse_labels, value_name = "k=v,...", conflicts_with = "role")]
+        labels: Option<BTreeMap<String, String>>,
+        /// An IP the proxy may advertise besides the one it connects from.
+        #[arg(long, value_name = "IP", conflicts_with = "role")]
+        advertise_addr: Option<IpAddr>,
+        /// How long the token is valid.
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
-    /// Revoke a token by its id: proxies can no longer join or renew with it.
+    /// List tokens made over the API: ids, kinds, roles or identities,
+    /// expiry (never the tokens themselves).
+    List,
+    /// Revoke a token by its id, at once: a credential stops working, a
+    /// proxy can no longer join or renew with a join token.
     Revoke { id: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TokenRole {
+    Admin,
+    Viewer,
+    Tap,
 }
 
 #[derive(Debug, Args)]
@@ -450,6 +499,68 @@ mod tests {
         assert_eq!(c.http_addr.port(), 15080);
         assert_eq!(c.grpc_addr.port(), 15010);
         assert_eq!(cli.global.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn token_flags() {
+        let cli = parse(&["token", "create", "--role", "viewer", "--token-file", "/t"]);
+        assert_eq!(cli.global.token_file, Some(PathBuf::from("/t")));
+        let Command::Token(TokenArgs {
+            command: TokenCommand::Create { role, .. },
+        }) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(role, Some(TokenRole::Viewer));
+        let cli = parse(&[
+            "token",
+            "create",
+            "--service-account",
+            "reviews",
+            "--labels",
+            "app=reviews,version=v1",
+            "--advertise-addr",
+            "10.0.0.7",
+        ]);
+        let Command::Token(TokenArgs {
+            command: TokenCommand::Create { labels, .. },
+        }) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(labels.unwrap()["version"], "v1");
+        let bad = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("trellis").chain(args.iter().copied())).is_err()
+        };
+        assert!(bad(&["token", "create"]));
+        assert!(bad(&["token", "create", "--role", "root"]));
+        assert!(bad(&[
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--service-account",
+            "x"
+        ]));
+        assert!(bad(&[
+            "token", "create", "--role", "admin", "--labels", "app=x"
+        ]));
+        // The proxy's --token-file is its join token, not the credential.
+        let cli = parse(&[
+            "proxy",
+            "--control-plane",
+            "x:1",
+            "--workload",
+            "w",
+            "--app-port",
+            "1",
+            "--token-file",
+            "/join",
+        ]);
+        let Command::Proxy(p) = cli.command else {
+            panic!()
+        };
+        assert_eq!(p.token_file, Some(PathBuf::from("/join")));
     }
 
     #[test]

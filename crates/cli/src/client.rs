@@ -1,23 +1,41 @@
 //! The client of the control plane's HTTP API (docs/dev/contracts.md), and
-//! how the CLI finds the control plane: `--server`, then `TRELLIS_SERVER`
-//! (both through clap), then the mesh that `trellis up` runs for
-//! `--data-dir`, then the default address of a hand-run `trellis control`.
+//! how the CLI finds the control plane and its credential.
+//!
+//! The control plane: `--server`, then `TRELLIS_SERVER` (both through
+//! clap), then the mesh that `trellis up` runs for `--data-dir`, then the
+//! default address of a hand-run `trellis control`. The credential:
+//! `--token-file`, then `TRELLIS_TOKEN`, then the local mesh's own admin
+//! token — only when talking to that mesh, so it never goes elsewhere.
 
 use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 
 use crate::cli::Global;
-use crate::http::{HttpClient, HttpError};
+use crate::http::HttpError;
 use crate::local::state::RunState;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15080";
+/// The control plane's admin token inside its data dir.
+const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The environment variable that holds a credential (the token itself).
+pub const TOKEN_ENV: &str = "TRELLIS_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -43,8 +61,19 @@ pub enum ApiError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("--server {0:?}: expected a URL such as http://127.0.0.1:15080")]
+    #[error(
+        "--server {0:?}: expected a URL such as http://127.0.0.1:15080 or https://cp.example:15080"
+    )]
     BadServer(String),
+    #[error("cannot read the credential in {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{server} is https: give the CA that signed its certificate with --ca-file FILE or TRELLIS_CA_FILE (for a certificate from the mesh CA: the control plane's <data-dir>/ca/roots.pem)")]
+    NoCa { server: String },
+    #[error("--ca-file {path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
 }
 
 /// One problem the control plane found with a resource.
@@ -93,54 +122,174 @@ struct ErrorBody {
     details: Vec<ErrorDetail>,
 }
 
-/// A control plane to talk to.
+/// A control plane to talk to, and the credential to show it.
 #[derive(Clone)]
 pub struct Api {
     base: String,
     /// Where the address came from, for error messages.
     found: String,
-    http: HttpClient,
+    token: Option<String>,
+    client: Client<Connector, Full<Bytes>>,
+}
+
+/// The admin token of the control plane that `trellis up` runs in
+/// `data_dir` (it makes it on start, mode 0600).
+pub fn local_admin_token(data_dir: &Path) -> Result<String, ApiError> {
+    read_token(&data_dir.join("control").join(ADMIN_TOKEN_FILE))
+}
+
+fn read_token(path: &Path) -> Result<String, ApiError> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|source| ApiError::TokenFile {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl Api {
-    /// Finds the control plane as SPEC.md says.
+    /// Finds the control plane and the credential as SPEC.md says.
     pub fn discover(global: &Global) -> anyhow::Result<Api> {
-        if let Some(server) = &global.server {
-            return Ok(Api::new(server, "from --server or TRELLIS_SERVER")?);
-        }
-        if let Some(state) = RunState::read(&global.data_dir)? {
-            let found = format!("the mesh of `trellis up` in {}", global.data_dir.display());
-            return Ok(Api::new(&state.control_url(), &found)?);
-        }
-        Ok(Api::new(
-            DEFAULT_SERVER,
-            &format!("the default; no mesh runs in {}", global.data_dir.display()),
-        )?)
+        Api::discover_with(global, std::env::var(TOKEN_ENV).ok())
     }
 
-    /// `server` is a URL, or HOST:PORT.
+    /// `discover`, with the value of `TRELLIS_TOKEN` given (tests).
+    fn discover_with(global: &Global, env_token: Option<String>) -> anyhow::Result<Api> {
+        let local = RunState::read(&global.data_dir)?;
+        let (server, found) = match (&global.server, &local) {
+            (Some(server), _) => (
+                server.clone(),
+                "from --server or TRELLIS_SERVER".to_string(),
+            ),
+            (None, Some(state)) => (
+                state.control_url(),
+                format!("the mesh of `trellis up` in {}", global.data_dir.display()),
+            ),
+            (None, None) => (
+                DEFAULT_SERVER.to_string(),
+                format!("the default; no mesh runs in {}", global.data_dir.display()),
+            ),
+        };
+        let mut api = Api::with_ca(&server, &found, global.ca_file.as_deref())?;
+        let env = env_token.filter(|t| !t.trim().is_empty());
+        api.token = if let Some(path) = &global.token_file {
+            Some(read_token(path)?)
+        } else if let Some(t) = env {
+            Some(t.trim().to_string())
+        } else {
+            // The local mesh's own token goes to the local mesh only.
+            match &local {
+                Some(state) if api.base == state.control_url() => {
+                    match local_admin_token(&global.data_dir) {
+                        Ok(t) => Some(t),
+                        Err(ApiError::TokenFile { path, source })
+                            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                        {
+                            anyhow::bail!(
+                                "the local mesh's credential {} is not readable ({source}): run as the user who started the mesh (root, for pods mode), or give --token-file FILE",
+                                path.display()
+                            )
+                        }
+                        Err(_) => None,
+                    }
+                }
+                _ => None,
+            }
+        };
+        Ok(api)
+    }
+
+    /// `server` is a URL, or HOST:PORT (plain HTTP).
     pub fn new(server: &str, found: &str) -> Result<Api, ApiError> {
+        Api::with_ca(server, found, None)
+    }
+
+    /// Like `new`; an https:// server is trusted if `ca_file` signed it.
+    pub fn with_ca(server: &str, found: &str, ca_file: Option<&Path>) -> Result<Api, ApiError> {
         let server = server.trim().trim_end_matches('/');
         let base = if server.contains("://") {
             server.to_string()
         } else {
             format!("http://{server}")
         };
-        let ok = base
-            .parse::<http::Uri>()
-            .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
-        if !ok {
-            return Err(ApiError::BadServer(server.to_string()));
-        }
+        let uri = base
+            .parse::<Uri>()
+            .ok()
+            .filter(|u| u.host().is_some())
+            .ok_or_else(|| ApiError::BadServer(server.to_string()))?;
+        let tls = match (uri.scheme_str(), ca_file) {
+            (Some("http"), _) => None,
+            (Some("https"), Some(ca)) => Some(tls_connector(ca)?),
+            (Some("https"), None) => return Err(ApiError::NoCa { server: base }),
+            _ => return Err(ApiError::BadServer(server.to_string())),
+        };
         Ok(Api {
             base,
             found: found.to_string(),
-            http: HttpClient::direct(),
+            token: None,
+            client: Client::builder(TokioExecutor::new()).build(Connector { tls }),
         })
+    }
+
+    /// Sends `token` as the credential.
+    pub fn with_token(mut self, token: impl Into<String>) -> Api {
+        self.token = Some(token.into());
+        self
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The credential, if any (the dashboard link of `demo` carries one).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        req.body(Full::new(body.unwrap_or_default()))
+            .map_err(|_| ApiError::BadServer(self.base.clone()))
+    }
+
+    /// Sends a request; the answer's head, its body still streaming.
+    async fn start(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ApiError> {
+        let url = req.uri().to_string();
+        let resp = tokio::time::timeout(TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| {
+                ApiError::Http(HttpError::Timeout {
+                    url: url.clone(),
+                    timeout: TIMEOUT,
+                })
+            })?;
+        resp.map_err(|cause| {
+            let e = HttpError::Request {
+                url,
+                cause: Box::new(cause),
+            };
+            if e.is_connect() {
+                ApiError::Unreachable {
+                    server: self.base.clone(),
+                    found: self.found.clone(),
+                    cause: e,
+                }
+            } else {
+                ApiError::Http(e)
+            }
+        })
     }
 
     async fn send(
@@ -149,23 +298,39 @@ impl Api {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<(StatusCode, Bytes), ApiError> {
-        let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url);
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        let req = self.request(method, path, body)?;
+        let url = req.uri().to_string();
+        let resp = self.start(req).await?;
+        let status = resp.status();
+        let body = tokio::time::timeout(TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| {
+                ApiError::Http(HttpError::Timeout {
+                    url: url.clone(),
+                    timeout: TIMEOUT,
+                })
+            })?
+            .map_err(|cause| ApiError::Http(HttpError::Body { url, cause }))?;
+        Ok((status, body.to_bytes()))
+    }
+
+    /// GETs a streaming answer (tap): the body is read by the caller for as
+    /// long as it likes; a refusal becomes an error.
+    pub async fn stream(&self, path: &str) -> Result<Incoming, ApiError> {
+        let req = self.request(Method::GET, path, None)?;
+        let url = req.uri().to_string();
+        let resp = self.start(req).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.into_body());
         }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|_| ApiError::BadServer(self.base.clone()))?;
-        match self.http.send(req, TIMEOUT).await {
-            Ok(resp) => Ok((resp.status(), resp.into_body())),
-            Err(e) if e.is_connect() => Err(ApiError::Unreachable {
-                server: self.base.clone(),
-                found: self.found.clone(),
-                cause: e,
-            }),
-            Err(e) => Err(ApiError::Http(e)),
-        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|cause| ApiError::Http(HttpError::Body { url, cause }))?
+            .to_bytes();
+        Err(error_from(&Method::GET, path, status, &body))
     }
 
     /// Sends a request and decodes a JSON answer; 4xx/5xx become errors.
@@ -177,27 +342,7 @@ impl Api {
     ) -> Result<T, ApiError> {
         let (status, body) = self.send(method.clone(), path, body).await?;
         if !status.is_success() {
-            let (message, details) = match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(e) => (e.error, e.details),
-                Err(_) => (
-                    String::from_utf8_lossy(&body).trim().to_string(),
-                    Vec::new(),
-                ),
-            };
-            let message = if message.is_empty() {
-                format!("{method} {path}: {status}")
-            } else {
-                message
-            };
-            return Err(if status == StatusCode::NOT_FOUND {
-                ApiError::NotFound(message)
-            } else {
-                ApiError::Refused {
-                    status,
-                    message,
-                    details,
-                }
-            });
+            return Err(error_from(&method, path, status, &body));
         }
         serde_json::from_slice(&body).map_err(|source| ApiError::Decode {
             what: format!("{method} {path}"),
@@ -226,6 +371,145 @@ impl Api {
     pub async fn ok(&self, path: &str) -> Result<bool, ApiError> {
         let (status, _) = self.send(Method::GET, path, None).await?;
         Ok(status == StatusCode::OK)
+    }
+}
+
+/// The error an answer of `status` carries (`{"error", "details"}`).
+fn error_from(method: &Method, path: &str, status: StatusCode, body: &[u8]) -> ApiError {
+    let (message, details) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => (e.error, e.details),
+        Err(_) => (String::from_utf8_lossy(body).trim().to_string(), Vec::new()),
+    };
+    let message = if message.is_empty() {
+        format!("{method} {path}: {status}")
+    } else {
+        message
+    };
+    if status == StatusCode::NOT_FOUND {
+        ApiError::NotFound(message)
+    } else {
+        ApiError::Refused {
+            status,
+            message,
+            details,
+        }
+    }
+}
+
+fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, ApiError> {
+    let bad = |reason: String| ApiError::BadCa {
+        path: ca_file.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(ca_file).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trellis_identity::certs::certs_from_pem(&pem).map_err(|e| bad(e.to_string()))? {
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(trellis_identity::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// Connects to the control plane: plain TCP, or TLS checked against the
+/// CA the user gave.
+#[derive(Clone)]
+struct Connector {
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = ApiIo;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<ApiIo, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let invalid = |what: &str| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
+            };
+            let host = dst
+                .host()
+                .ok_or_else(|| invalid("no host in the URL"))?
+                .trim_matches(['[', ']'])
+                .to_string();
+            let port = dst
+                .port_u16()
+                .unwrap_or(if tls.is_some() { 443 } else { 80 });
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            match tls {
+                None => Ok(ApiIo::Plain(TokioIo::new(tcp))),
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(host)
+                        .map_err(|_| invalid("the host is not a valid TLS server name"))?;
+                    Ok(ApiIo::Tls(Box::new(TokioIo::new(
+                        tls.connect(name, tcp).await?,
+                    ))))
+                }
+            }
+        })
+    }
+}
+
+/// A connection to the control plane.
+enum ApiIo {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for ApiIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for ApiIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ApiIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for ApiIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ApiIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ApiIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ApiIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ApiIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ApiIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -338,7 +622,10 @@ mod tests {
             "http://127.0.0.1:15080"
         );
         assert_eq!(Api::new("http://cp:1/", "").unwrap().base(), "http://cp:1");
-        assert!(Api::new("https://cp:1", "").is_err());
+        // https needs a CA to trust, and says so.
+        let err = Api::new("https://cp:1", "").err().unwrap().to_string();
+        assert!(err.contains("--ca-file"), "{err}");
+        assert!(Api::new("ftp://cp:1", "").is_err());
         assert!(Api::new("", "").is_err());
     }
 
@@ -350,6 +637,8 @@ mod tests {
             namespace: None,
             output: crate::cli::Output::Table,
             data_dir: dir.path().to_path_buf(),
+            token_file: None,
+            ca_file: None,
         };
         assert_eq!(Api::discover(&global).unwrap().base(), DEFAULT_SERVER);
         let state = RunState {
@@ -370,6 +659,49 @@ mod tests {
             Api::discover(&global).unwrap().base(),
             "http://elsewhere:15080"
         );
+    }
+
+    #[test]
+    fn the_local_mesh_token_goes_to_the_local_mesh_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("control")).unwrap();
+        std::fs::write(dir.path().join("control").join(ADMIN_TOKEN_FILE), "local\n").unwrap();
+        let mut global = Global {
+            server: None,
+            namespace: None,
+            output: crate::cli::Output::Table,
+            data_dir: dir.path().to_path_buf(),
+            token_file: None,
+            ca_file: None,
+        };
+        let state = RunState {
+            control: crate::local::state::ControlInfo {
+                pid: 1,
+                http: "127.0.0.1:41000".parse().unwrap(),
+                grpc: "127.0.0.1:41001".parse().unwrap(),
+            },
+            processes: vec![],
+        };
+        state.write(dir.path()).unwrap();
+        let token = |g: &Global, env: Option<&str>| {
+            Api::discover_with(g, env.map(str::to_string))
+                .unwrap()
+                .token()
+                .map(str::to_string)
+        };
+        assert_eq!(token(&global, None).as_deref(), Some("local"));
+        assert_eq!(token(&global, Some("env")).as_deref(), Some("env"));
+        global.server = Some("http://127.0.0.1:41000".into());
+        assert_eq!(token(&global, None).as_deref(), Some("local"));
+        global.server = Some("http://elsewhere:15080".into());
+        assert_eq!(token(&global, None), None);
+        assert_eq!(token(&global, Some("env")).as_deref(), Some("env"));
+        let file = dir.path().join("mine");
+        std::fs::write(&file, "mine\n").unwrap();
+        global.token_file = Some(file);
+        assert_eq!(token(&global, Some("env")).as_deref(), Some("mine"));
+        global.token_file = Some(dir.path().join("missing"));
+        assert!(Api::discover_with(&global, None).is_err());
     }
 
     #[tokio::test]

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use crate::cli::DemoArgs;
 use crate::client::Api;
 use crate::http::HttpClient;
@@ -91,21 +93,32 @@ async fn show(mesh: &mut Runner<Host>, args: &DemoArgs) -> anyhow::Result<()> {
         .find(|r| r.workload == "frontend")
         .ok_or_else(|| anyhow::anyhow!("the demo has no frontend workload"))?;
     let outbound = ReplicaPorts::addr(frontend.ports.outbound);
-    // The dashboard's live tap needs the admin token: a link that carries
-    // it (in the fragment, which browsers never send) saves pasting it.
-    let token = std::fs::read_to_string(mesh.data_dir.join("control").join("admin-token"))
-        .map(|t| format!("#token={}", t.trim()))
-        .unwrap_or_default();
+    let api = Api::new(&url, "the demo's control plane")?
+        .with_token(crate::client::local_admin_token(&mesh.data_dir)?);
+    // The dashboard link logs the browser in with a credential of its own
+    // that can read and tap but not change anything, carried in the
+    // fragment (which browsers never send, so no server logs it); the page
+    // moves it to sessionStorage.
+    let dashboard: serde_json::Value = api
+        .post(
+            "/api/v1/tokens",
+            &serde_json::json!({"role": "tap", "ttl": "24h", "description": "demo dashboard link"}),
+        )
+        .await
+        .context("making the dashboard's credential")?;
+    let token = format!("#token={}", dashboard["token"].as_str().unwrap_or_default());
     let header = format!(
         "{}\n\
          Trellis demo: frontend -> catalog (90% v1, 10% v2) -> reviews (2 replicas)\n  \
          dashboard:  {url}/{token}\n  \
-         golden signals:  trellis stat --server {url}\n  \
-         traces:  trellis trace list --server {url}\n  \
+         golden signals:  trellis stat --data-dir {dir}\n  \
+         traces:  trellis trace list --data-dir {dir}\n  \
          load:  {} rps to {TARGET} through the frontend's sidecar ({outbound})\n  \
          Ctrl-C stops the demo and removes everything it started.",
         mesh.ready_line(),
-        args.rps
+        args.rps,
+        // The demo's folder: there the CLI finds its control plane and credential.
+        dir = mesh.data_dir.display(),
     );
     println!("{header}");
 
@@ -116,7 +129,6 @@ async fn show(mesh: &mut Runner<Host>, args: &DemoArgs) -> anyhow::Result<()> {
         counters.clone(),
     ));
 
-    let api = Api::new(&url, "the demo's control plane")?;
     let redraw = std::io::stdout().is_terminal();
     let shutdown = crate::signals::shutdown();
     tokio::pin!(shutdown);

@@ -3,14 +3,11 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -60,10 +57,6 @@ pub struct TapArgs {
     /// Stop after this long (default: until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// The admin token's file (default: `$TRELLIS_ADMIN_TOKEN`, else the
-    /// control plane's `admin-token` under --data-dir).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -281,32 +274,6 @@ pub struct TapLine {
     pub trace_id: String,
 }
 
-/// The admin token: --token-file, `$TRELLIS_ADMIN_TOKEN`, or the file the
-/// control plane of `trellis up` (or `trellis control`) keeps in --data-dir.
-fn admin_token(global: &Global, args: &TapArgs) -> anyhow::Result<String> {
-    if let Some(f) = &args.token_file {
-        let t = std::fs::read_to_string(f)
-            .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", f.display()))?;
-        return Ok(t.trim().to_string());
-    }
-    if let Ok(t) = std::env::var("TRELLIS_ADMIN_TOKEN") {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
-    }
-    for p in [
-        global.data_dir.join("control").join("admin-token"),
-        global.data_dir.join("admin-token"),
-    ] {
-        if let Ok(t) = std::fs::read_to_string(&p) {
-            return Ok(t.trim().to_string());
-        }
-    }
-    anyhow::bail!(
-        "tapping needs the admin token: pass --token-file FILE (the control plane's <data-dir>/admin-token) or set TRELLIS_ADMIN_TOKEN"
-    )
-}
-
 /// Opens a tap and calls `on` for each event until it returns false, the
 /// stream ends, or `until` passes.
 async fn stream_tap(
@@ -315,8 +282,8 @@ async fn stream_tap(
     until: Option<Instant>,
     mut on: impl FnMut(TapLine) -> bool,
 ) -> anyhow::Result<()> {
+    // Tapping needs a credential with the tap role (or admin).
     let api = Api::discover(global)?;
-    let token = admin_token(global, args)?;
     let mut q = Vec::new();
     if let Some(w) = &args.workload {
         let (ns, w) = match w.split_once('/') {
@@ -336,32 +303,10 @@ async fn stream_tap(
     if let Some(m) = args.max {
         q.push(format!("max={m}"));
     }
-    let url: http::Uri = format!("{}/api/v1/tap?{}", api.base(), q.join("&")).parse()?;
-    let host = url.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
-    let port = url.port_u16().unwrap_or(80);
-    let tcp = tokio::net::TcpStream::connect((host, port))
+    let mut body = api
+        .stream(&format!("/api/v1/tap?{}", q.join("&")))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {}: {e}", api.base()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::get(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(
-            http::header::HOST,
-            url.authority().map(|a| a.as_str()).unwrap_or(""),
-        )
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    if !status.is_success() {
-        let bytes = body.collect().await?.to_bytes();
-        let msg = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
-        anyhow::bail!("tap refused ({status}): {msg}");
-    }
+        .map_err(|e| anyhow::anyhow!("tap refused: {e}"))?;
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let next = match until {

@@ -15,6 +15,15 @@ pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
     cfg.ca.key = args.ca_key.clone();
     cfg.ca.bundle = args.ca_bundle.clone();
     cfg.grpc_addr = args.grpc_addr;
+    cfg.http_tls = match (&args.http_tls_cert, &args.http_tls_key) {
+        (Some(cert), Some(key)) => trellis_control::HttpTls::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ if args.http_tls_mesh_ca => trellis_control::HttpTls::MeshCa,
+        _ => trellis_control::HttpTls::Off,
+    };
+    cfg.http_hosts = args.http_hosts.clone();
     cfg
 }
 

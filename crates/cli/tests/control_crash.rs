@@ -46,11 +46,21 @@ fn service(i: usize) -> String {
     )
 }
 
-async fn apply(http: std::net::SocketAddr, body: String) -> anyhow::Result<StatusCode> {
+/// The bootstrap admin credential the control plane writes (0600) into
+/// its data dir on first start.
+fn bearer(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(data_dir.join("admin-token"))?;
+    Ok(format!("Bearer {}", token.trim()))
+}
+
+async fn apply(http: std::net::SocketAddr, auth: &str, body: String) -> anyhow::Result<StatusCode> {
     let resp = http_request(
         Method::POST,
         &format!("http://{http}/api/v1/apply"),
-        &[("content-type", "application/json")],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", auth),
+        ],
         Bytes::from(body),
         None,
     )
@@ -58,11 +68,15 @@ async fn apply(http: std::net::SocketAddr, body: String) -> anyhow::Result<Statu
     Ok(resp.status())
 }
 
-async fn names(http: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+async fn names(
+    http: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    let auth = bearer(data_dir)?;
     let resp = http_request(
         Method::GET,
         &format!("http://{http}/api/v1/resources/services"),
-        &[],
+        &[("authorization", &auth)],
         Bytes::new(),
         None,
     )
@@ -82,22 +96,28 @@ async fn kill_9_mid_apply_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let (http, grpc) = (free_addr(), free_addr());
     let mut control = start(dir.path(), http, grpc);
+    let data_dir = dir.path().to_path_buf();
     eventually("the control plane answers", Duration::from_secs(20), || {
-        names(http)
+        names(http, &data_dir)
     })
     .await;
+    let auth = bearer(dir.path()).unwrap();
 
     // Apply one service after another; kill -9 while they are still coming.
     let mut acknowledged = Vec::new();
     for i in 0..40 {
-        assert_eq!(apply(http, service(i)).await.unwrap(), StatusCode::OK);
+        assert_eq!(
+            apply(http, &auth, service(i)).await.unwrap(),
+            StatusCode::OK
+        );
         acknowledged.push(format!("svc-{i}"));
     }
     // Keep applying from another task so the kill lands mid-stream.
+    let writer_auth = auth.clone();
     let writer = tokio::spawn(async move {
         let mut more = Vec::new();
         for i in 40..400 {
-            match apply(http, service(i)).await {
+            match apply(http, &writer_auth, service(i)).await {
                 Ok(StatusCode::OK) => more.push(format!("svc-{i}")),
                 _ => break,
             }
@@ -109,7 +129,7 @@ async fn kill_9_mid_apply_loses_nothing_acknowledged() {
         "some concurrent applies land",
         Duration::from_secs(20),
         || async {
-            let n = names(http).await?.len();
+            let n = names(http, &data_dir).await?.len();
             anyhow::ensure!(n >= 45, "{n} services");
             Ok(())
         },
@@ -123,7 +143,7 @@ async fn kill_9_mid_apply_loses_nothing_acknowledged() {
     let after = eventually(
         "the restarted control plane answers",
         Duration::from_secs(20),
-        || names(http),
+        || names(http, &data_dir),
     )
     .await;
     for name in &acknowledged {
@@ -134,5 +154,8 @@ async fn kill_9_mid_apply_loses_nothing_acknowledged() {
     }
     assert!(after.len() >= acknowledged.len());
     // And the store still takes writes.
-    assert_eq!(apply(http, service(1000)).await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        apply(http, &auth, service(1000)).await.unwrap(),
+        StatusCode::OK
+    );
 }

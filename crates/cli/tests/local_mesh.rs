@@ -2,62 +2,17 @@
 //! --detach`, traffic through a sidecar, the API commands against it, `ps`,
 //! `exec`, then `down`, and that nothing is left running.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
 use std::time::Duration;
 
+use common::{ok, text, trellis, Down, BIN};
 use trellis_testkit::{eventually, try_http_get};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/demo");
 
-fn trellis(dir: &Path, args: &[&str]) -> Output {
-    // Global flags first: after `exec ... --` they would belong to CMD.
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("TRELLIS_SERVER")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running trellis")
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = trellis(dir, args);
-    assert!(
-        out.status.success(),
-        "trellis {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// Runs `down` even when an assertion fails, so no test leaves a mesh.
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = trellis(self.0, &["down"]);
-    }
-}
-
 fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s[s.rfind(')').unwrap() + 1..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("");
-            state != "Z" && state != "X"
-        })
-        .unwrap_or(false)
+    trellis_testkit::process::alive(pid as u32)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -307,7 +262,7 @@ fn commands_without_a_mesh_say_what_to_do() {
 
 #[test]
 fn demo_runs_with_load_and_cleans_up() {
-    let child = Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args(["demo", "--duration", "5s"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -322,10 +277,13 @@ fn demo_runs_with_load_and_cleans_up() {
         stdout.starts_with("ready: 4 workloads, 5 replicas"),
         "{stdout}"
     );
+    // The hints find the demo's control plane and its credential.
     assert!(
-        stdout.contains("trellis stat --server http://127.0.0.1:"),
+        stdout.contains(&format!("trellis stat --data-dir {}", data_dir.display())),
         "{stdout}"
     );
+    // The dashboard link logs the browser in, in the fragment.
+    assert!(stdout.contains("/#token=trellis-api."), "{stdout}");
     // The last redraw shows traffic on every service, all of it served.
     let last = stdout.rsplit("NAME ").next().unwrap();
     for service in ["frontend", "catalog", "catalog-v1", "reviews"] {

@@ -1,6 +1,6 @@
 //! `trellis trace list|show -o json`, `edges` and `tap` against a real
-//! control plane: the JSON that scripts rely on, and tap's refusal
-//! without the admin token.
+//! control plane: the JSON that scripts rely on, with a viewer credential
+//! from `TRELLIS_TOKEN`, and tap's refusal without a tap credential.
 
 use std::process::Command;
 
@@ -26,11 +26,16 @@ fn span(id: u8, parent: Option<u8>, start: u64) -> Span {
     }
 }
 
-fn trellis(server: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
+/// Runs the CLI against `server`, with `token` in `TRELLIS_TOKEN` (or none).
+fn trellis(server: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    match token {
+        Some(t) => cmd.env("TRELLIS_TOKEN", t),
+        None => cmd.env_remove("TRELLIS_TOKEN"),
+    };
+    let out = cmd
         .args(args)
         .args(["--server", server])
-        .env_remove("TRELLIS_ADMIN_TOKEN")
         .env("TRELLIS_SERVER", server)
         .current_dir(std::env::temp_dir())
         .output()
@@ -52,6 +57,13 @@ async fn trace_edges_and_tap_commands() {
         .await
         .expect("control plane starts");
     let server = format!("http://{}", control.http_addr);
+    let (viewer, _) = control
+        .auth()
+        .create(trellis_control::auth::Role::Viewer, None, "test")
+        .await
+        .unwrap();
+    // Leaked: the closures below run on blocking threads and need 'static.
+    let viewer = &*Box::leak(viewer.into_boxed_str());
 
     // Spans from an app, over OTLP/HTTP.
     let req = ExportTraceServiceRequest {
@@ -76,7 +88,13 @@ async fn trace_edges_and_tap_commands() {
     let resp = trellis_testkit::http_request(
         http::Method::POST,
         &format!("{server}/v1/traces"),
-        &[("content-type", "application/x-protobuf")],
+        &[
+            ("content-type", "application/x-protobuf"),
+            (
+                "authorization",
+                &format!("Bearer {}", control.admin_token()),
+            ),
+        ],
         req.encode_to_vec().into(),
         None,
     )
@@ -85,10 +103,11 @@ async fn trace_edges_and_tap_commands() {
     assert_eq!(resp.status(), 200);
 
     let server2 = server.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || trellis(&server2, &["trace", "list", "-o", "json"]))
-            .await
-            .unwrap();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        trellis(&server2, Some(viewer), &["trace", "list", "-o", "json"])
+    })
+    .await
+    .unwrap();
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = "ab".repeat(16);
@@ -98,7 +117,11 @@ async fn trace_edges_and_tap_commands() {
     let server2 = server.clone();
     let id2 = id.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        trellis(&server2, &["trace", "show", &id2, "-o", "json"])
+        trellis(
+            &server2,
+            Some(viewer),
+            &["trace", "show", &id2, "-o", "json"],
+        )
     })
     .await
     .unwrap();
@@ -111,10 +134,11 @@ async fn trace_edges_and_tap_commands() {
     assert_eq!(spans[1]["parentSpanId"], "01".repeat(8));
 
     let server2 = server.clone();
-    let (ok, out, _) =
-        tokio::task::spawn_blocking(move || trellis(&server2, &["trace", "show", &id]))
-            .await
-            .unwrap();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || {
+        trellis(&server2, Some(viewer), &["trace", "show", &id])
+    })
+    .await
+    .unwrap();
     assert!(ok);
     assert!(
         out.contains("\n  GET s2"),
@@ -122,27 +146,41 @@ async fn trace_edges_and_tap_commands() {
     );
 
     let server2 = server.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || trellis(&server2, &["edges", "-o", "json"]))
-            .await
-            .unwrap();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        trellis(&server2, Some(viewer), &["edges", "-o", "json"])
+    })
+    .await
+    .unwrap();
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["edges"].is_array());
 
-    // No admin token: refused.
+    // No credential: refused, saying what to do.
     let server2 = server.clone();
     let (ok, _, err) = tokio::task::spawn_blocking(move || {
         trellis(
             &server2,
+            None,
             &["--data-dir", "/nonexistent", "tap", "--duration", "1s"],
         )
     })
     .await
     .unwrap();
     assert!(!ok);
-    assert!(err.contains("admin token"), "{err}");
-    // A wrong token: the control plane refuses it.
+    assert!(
+        err.contains("needs a credential") && err.contains("trellis token create"),
+        "{err}"
+    );
+    // A viewer may read, not tap.
+    let server2 = server.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        trellis(&server2, Some(viewer), &["tap", "--duration", "1s"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("needs the tap role"), "{err}");
+    // A wrong token in --token-file (which wins over TRELLIS_TOKEN): refused.
     let bad = dir.path().join("bad-token");
     std::fs::write(&bad, "nope").unwrap();
     let server2 = server.clone();
@@ -150,12 +188,13 @@ async fn trace_edges_and_tap_commands() {
     let (ok, _, err) = tokio::task::spawn_blocking(move || {
         trellis(
             &server2,
+            Some(viewer),
             &["tap", "--token-file", &bad2, "--duration", "1s"],
         )
     })
     .await
     .unwrap();
     assert!(!ok);
-    assert!(err.contains("401"), "{err}");
+    assert!(err.contains("not a Trellis API token"), "{err}");
     control.shutdown().await;
 }

@@ -8,6 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use trellis_testkit::eventually_blocking;
+use trellis_testkit::process::alive;
+use trellis_testkit::prometheus::Metrics;
+
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
 /// A server-speaks-first TCP service: greets, then answers one line.
@@ -267,11 +271,11 @@ fn leftovers(id: &str) -> Vec<String> {
     left
 }
 
-fn metric_sum(text: &str, name: &str, must_contain: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && must_contain.iter().all(|m| l.contains(m)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The sum of `name` over the label sets with every `(label, value)`.
+fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Metrics::parse(text)
+        .unwrap_or_else(|e| panic!("/metrics: {e:#}\n{text}"))
+        .sum(name, labels)
 }
 
 fn metrics(ip: &str) -> String {
@@ -390,8 +394,8 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
     let client = metrics(&up.pod_ip("client-0"));
     let egress = metric_sum(
         &client,
-        "trellis_tcp_connections_opened_total{",
-        &[&format!("destination_service=\"{gw}\"")],
+        "trellis_tcp_connections_opened_total",
+        &[("destination_service", &gw)],
     );
     assert!(
         egress >= 1.0,
@@ -399,26 +403,34 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
     );
     let out_http = metric_sum(
         &client,
-        "trellis_requests_total{",
-        &["direction=\"outbound\"", "destination_service=\"catalog\""],
+        "trellis_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("destination_service", "catalog"),
+        ],
     );
     assert!(
         out_http >= 4.0,
         "client outbound requests to catalog: {out_http}\n{client}"
     );
-    let tcp = metric_sum(
-        &client,
-        "trellis_tcp_connections_opened_total{",
-        &["destination_service=\"greeter"],
-    );
+    let tcp: f64 = ["greeter", "greeter-detected"]
+        .map(|svc| {
+            metric_sum(
+                &client,
+                "trellis_tcp_connections_opened_total",
+                &[("destination_service", svc)],
+            )
+        })
+        .iter()
+        .sum();
     assert!(tcp >= 2.0, "client TCP connections to the greeters: {tcp}");
     let inbound: f64 = ["catalog-0", "catalog-1"]
         .iter()
         .map(|i| {
             metric_sum(
                 &metrics(&up.pod_ip(i)),
-                "trellis_requests_total{",
-                &["direction=\"inbound\"", "tls=\"true\""],
+                "trellis_requests_total",
+                &[("direction", "inbound"), ("tls", "true")],
             )
         })
         .sum();
@@ -448,10 +460,7 @@ fn apps_in_pods_call_services_by_name_through_their_sidecars() {
     assert_eq!(leftovers(&id), Vec::<String>::new());
     assert!(!d.join(".trellis/pods.json").exists());
     for pid in pids {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false);
-        assert!(!alive, "process {pid} still runs after down");
+        assert!(!alive(pid as u32), "process {pid} still runs after down");
     }
     assert!(up.down().contains("nothing to stop"));
 }
@@ -479,11 +488,26 @@ fn two_meshes_coexist_and_a_crashed_one_is_cleaned_up() {
     }
 
     // Mesh b "crashes": every process it started is killed at once.
-    for p in b.run()["processes"].as_array().unwrap() {
-        let pid = p["pid"].as_u64().unwrap().to_string();
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let pids: Vec<u32> = b.run()["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap() as u32)
+        .collect();
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    eventually_blocking(
+        "every process of mesh b is gone",
+        Duration::from_secs(10),
+        || {
+            pids.iter()
+                .find(|pid| alive(**pid))
+                .map_or(Ok(()), |pid| Err(format!("{pid} still runs")))
+        },
+    );
     let said = b.down();
     assert!(said.contains(&format!("bridge trb{idb}")), "{said}");
     assert_eq!(leftovers(&idb), Vec::<String>::new());
@@ -599,7 +623,7 @@ fn a_foreground_up_reports_a_pod_process_that_exits() {
         .spawn()
         .unwrap();
     let mut fg = Foreground { tmp, up, stderr };
-    netns::eventually(Duration::from_secs(120), "up is ready", || {
+    eventually_blocking("up is ready", Duration::from_secs(120), || {
         let out = std::fs::read_to_string(d.join("up.stdout")).unwrap_or_default();
         assert!(
             fg.up.try_wait().unwrap().is_none(),
@@ -624,7 +648,7 @@ fn a_foreground_up_reports_a_pod_process_that_exits() {
     netns::sh(&["kill", "-KILL", &pid]);
 
     // Reported once, with its exit status, and the mesh runs on.
-    netns::eventually(Duration::from_secs(30), "up reports the app", || {
+    eventually_blocking("up reports the app", Duration::from_secs(30), || {
         fg.stderr()
             .contains("catalog-0 exited (signal: 9 (SIGKILL)): see ")
             .then_some(())
@@ -784,8 +808,8 @@ spec:
     let client = metrics(&up.pod_ip("client-0"));
     let calls = metric_sum(
         &client,
-        "trellis_requests_total{",
-        &["direction=\"outbound\"", "destination_service=\"health\""],
+        "trellis_requests_total",
+        &[("direction", "outbound"), ("destination_service", "health")],
     );
     assert!(
         calls >= 2.0,

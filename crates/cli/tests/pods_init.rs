@@ -6,7 +6,8 @@ mod netns;
 
 use std::time::Duration;
 
-use netns::{eventually, pair, Netns};
+use netns::{pair, Netns};
+use trellis_testkit::eventually_blocking;
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -88,7 +89,7 @@ fn init_redirects_excludes_is_idempotent_and_removes() {
     ]);
     let a_ip = p.a_ip.clone();
     let b_ip = p.b_ip.clone();
-    eventually(Duration::from_secs(10), "the test servers", || {
+    eventually_blocking("the test servers", Duration::from_secs(10), || {
         (probe(&p.a, "tcp", "127.0.0.1", 15001, None) == "outbound"
             && probe(&p.b, "tcp", &b_ip, 80, None) == "real-b")
             .then_some(())

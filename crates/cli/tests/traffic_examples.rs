@@ -2,45 +2,15 @@
 //! example, run by the real binary, keeps every call up while one instance
 //! fails.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
+use common::{ok, Down};
 use trellis_testkit::{eventually, try_http_get};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/traffic");
-
-fn trellis(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("TRELLIS_SERVER")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running trellis")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = trellis(dir, args);
-    assert!(
-        out.status.success(),
-        "trellis {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = trellis(self.0, &["down"]);
-    }
-}
 
 fn examples() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(EXAMPLES)

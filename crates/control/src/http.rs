@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 use trellis_resource::{Kind, LoadError, Resource, ResourceError, ResourceKey};
 
+use crate::auth::{self, Auth, AuthError};
+use crate::mesh_identity::MeshIdentity;
 use crate::metrics::{ApplyResultLabel, Metrics};
 use crate::stats::{parse_window, StatKind, Stats};
 use crate::store::{Action, Store, StoreError};
@@ -88,72 +90,66 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+/// What `router` serves from.
+pub struct AppDeps {
+    pub store: Arc<dyn Store>,
+    pub xds: XdsHandle,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+    pub observers: crate::xds::Observers,
+    pub identity: Arc<MeshIdentity>,
+    pub auth: Arc<Auth>,
+    /// Where the API listens.
+    pub bind: SocketAddr,
+    /// Names besides loopback and the bound IP that clients use (`--http-host`).
+    pub hosts: Vec<String>,
+}
+
 struct Inner {
-    store: Arc<dyn Store>,
-    xds: XdsHandle,
-    stats: Arc<Stats>,
-    metrics: Arc<Metrics>,
+    deps: AppDeps,
     /// Applies and deletes validate against the store, then write it: one
     /// at a time, so that nothing changes in between.
     write_lock: tokio::sync::Mutex<()>,
-    bind: SocketAddr,
-    observers: crate::xds::Observers,
-    /// Needed to tap; empty refuses every tap.
-    admin_token: String,
 }
 
 impl AppState {
-    pub fn new(
-        store: Arc<dyn Store>,
-        xds: XdsHandle,
-        stats: Arc<Stats>,
-        metrics: Arc<Metrics>,
-        bind: SocketAddr,
-    ) -> Self {
+    pub fn new(deps: AppDeps) -> Self {
         AppState {
             inner: Arc::new(Inner {
-                store,
-                xds,
-                stats,
-                metrics,
+                deps,
                 write_lock: tokio::sync::Mutex::new(()),
-                bind,
-                observers: crate::xds::Observers::default(),
-                admin_token: String::new(),
             }),
         }
     }
 
-    /// Traces and taps come from these; taps need `admin_token`.
-    pub fn with_observers(mut self, observers: crate::xds::Observers, admin_token: String) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.observers = observers;
-            inner.admin_token = admin_token;
-        }
-        self
-    }
-
     pub(crate) fn observers(&self) -> &crate::xds::Observers {
-        &self.inner.observers
-    }
-
-    pub(crate) fn admin_token(&self) -> &str {
-        &self.inner.admin_token
+        &self.inner.deps.observers
     }
 
     pub(crate) fn stats(&self) -> &Stats {
-        &self.inner.stats
+        &self.inner.deps.stats
     }
 
     pub(crate) fn xds(&self) -> &XdsHandle {
-        &self.inner.xds
+        &self.inner.deps.xds
     }
 
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+        &self.inner.deps.store
+    }
+
+    pub(crate) fn identity(&self) -> &MeshIdentity {
+        &self.inner.deps.identity
+    }
+
+    pub(crate) fn auth(&self) -> &Auth {
+        &self.inner.deps.auth
     }
 }
 
+/// Every route of the HTTP API, the identity routes included, behind one
+/// guard (`guard`): Host and Origin checks, then the credential the route
+/// needs (`auth::access`).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(crate::observe_api::index))
@@ -184,55 +180,116 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/stat", get(stat))
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
+        .merge(crate::identity_api::routes())
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
-/// Security headers on every answer, and refusal of browser requests that
-/// a DNS-rebinding page could make: the dashboard only under a local or
-/// bound host name, and writes only without a foreign `Origin`.
-async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let bind = state.inner.bind;
-    // Browsers say where a request comes from; the CLI does not. A page
-    // that rebinds its DNS name to this address reaches it under its own
-    // Host name, so browsers get answers only under a local or bound one.
-    let from_browser = ["sec-fetch-mode", "origin", "referer"]
-        .iter()
-        .any(|h| req.headers().contains_key(*h));
-    let dashboard = matches!(req.uri().path(), "/" | "/dashboard.js" | "/dashboard.css");
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route: see docs/control-plane.md for the HTTP API".into())
+}
+
+/// Where a request came from, for the logs of refusals.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*s.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::https::TlsListener>,
+    > for ClientAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::https::TlsListener>) -> Self {
+        ClientAddr(*s.remote_addr())
+    }
+}
+
+/// Security headers on every answer; then, in order: the Host check (a
+/// DNS-rebinding page reaches this server under its own name), the Origin
+/// check on writes (a page of another origin), and the credential the
+/// route needs.
+async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let deps = &state.inner.deps;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<ClientAddr>>()
+        .map(|c| c.0 .0.to_string())
+        .unwrap_or_default();
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    let host_refused = ((dashboard || from_browser) && !host_allowed(host, bind)).then(|| {
+    let mut refused = (!host_allowed(host, deps.bind, &deps.hosts)).then(|| {
         format!(
-            "host {host:?} is not allowed: open the dashboard at http://localhost:{}/",
-            bind.port()
+            "host {host:?} is not allowed: use http://localhost:{}/ (or a name given with --http-host)",
+            deps.bind.port()
         )
     });
-    let refused = host_refused.or_else(|| {
-        if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-            return None;
-        }
+    if refused.is_none() && !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         // The CLI sends no Origin; browsers always do on writes.
-        match req
-            .headers()
-            .get(header::ORIGIN)
-            .map(|o| o.to_str().unwrap_or(""))
-        {
-            Some(origin) if !origin_allowed(origin, bind) => {
-                Some(format!("requests from origin {origin:?} are not allowed"))
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            if !origin_allowed(origin, deps.bind, &deps.hosts) {
+                refused = Some(format!(
+                    "requests from origin {origin:?} are not allowed: use the trellis CLI, or the dashboard on this server"
+                ));
             }
-            _ => None,
         }
-    });
-    let mut resp = match refused {
-        Some(msg) => {
-            warn!(%msg, "refused a request");
-            ApiError::Forbidden(msg).into_response()
+    }
+    let mut resp = if let Some(msg) = refused {
+        warn!(%msg, path = %req.uri().path(), %client, "refused a request");
+        ApiError::Forbidden(msg).into_response()
+    } else {
+        match auth::access(req.method(), route.as_deref()) {
+            auth::Access::Public => next.run(req).await,
+            auth::Access::Needs(needed) => {
+                let header = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|h| h.to_str().ok());
+                let checked = match deps.auth.verify(header).await {
+                    Ok(who) if who.role >= needed => Ok(who),
+                    Ok(who) => Err(AuthError::Forbidden {
+                        id: who.id,
+                        has: who.role,
+                        needed,
+                    }),
+                    Err(e) => Err(e),
+                };
+                match checked {
+                    Ok(who) => {
+                        req.extensions_mut().insert(who);
+                        next.run(req).await
+                    }
+                    Err(e) => {
+                        deps.auth.failed(&e);
+                        warn!(
+                            method = %req.method(),
+                            route = route.as_deref().unwrap_or(req.uri().path()),
+                            needed = needed.as_str(),
+                            reason = e.reason(),
+                            %client,
+                            "refused a credential"
+                        );
+                        auth_refusal(e)
+                    }
+                }
+            }
         }
-        None => next.run(req).await,
     };
     let h = resp.headers_mut();
     h.insert(
@@ -252,16 +309,44 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// 401 with `WWW-Authenticate` for a missing or bad credential, 403 for a
+/// good one with too weak a role.
+fn auth_refusal(e: AuthError) -> Response {
+    let status = match &e {
+        AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        AuthError::Store(_) | AuthError::Corrupt(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    let mut resp = (status, Json(json!({"error": e.to_string(), "details": []}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        let challenge = match e {
+            AuthError::Missing => r#"Bearer realm="trellis""#,
+            _ => r#"Bearer realm="trellis", error="invalid_token""#,
+        };
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
+    resp
+}
+
 /// Whether a Host header (`name[:port]`) names this server safely: a
-/// loopback name, the bound address, or (when bound to every interface)
-/// any IP literal. A rebinding attack needs a DNS name, so IP literals
-/// are never one.
-pub fn host_allowed(host: &str, bind: SocketAddr) -> bool {
+/// loopback name, the bound address, (when bound to every interface) any
+/// IP literal, or a name the operator listed. A rebinding attack needs a
+/// DNS name of its own, so IP literals are never one.
+pub fn host_allowed(host: &str, bind: SocketAddr, names: &[String]) -> bool {
     let name = strip_port(host.trim()).to_ascii_lowercase();
     if name.is_empty() {
         return false;
     }
     if name == "localhost" || name == "127.0.0.1" || name == "[::1]" {
+        return true;
+    }
+    if names
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name.trim_start_matches('[').trim_end_matches(']')))
+    {
         return true;
     }
     let ip: Option<IpAddr> = name
@@ -276,11 +361,11 @@ pub fn host_allowed(host: &str, bind: SocketAddr) -> bool {
     }
 }
 
-fn origin_allowed(origin: &str, bind: SocketAddr) -> bool {
+fn origin_allowed(origin: &str, bind: SocketAddr, names: &[String]) -> bool {
     let rest = origin
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"));
-    rest.is_some_and(|host| host_allowed(host, bind))
+    rest.is_some_and(|host| host_allowed(host, bind, names))
 }
 
 fn strip_port(host: &str) -> &str {
@@ -307,7 +392,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.inner.metrics.encode(),
+        state.inner.deps.metrics.encode(),
     )
 }
 
@@ -328,7 +413,7 @@ async fn apply(
         }
     };
     let result = apply_inner(s, dry_run, body).await;
-    s.metrics.apply(match &result {
+    s.deps.metrics.apply(match &result {
         Ok(_) if dry_run => ApplyResultLabel::DryRun,
         Ok(_) => ApplyResultLabel::Success,
         Err(ApiError::Store(_)) => ApplyResultLabel::Error,
@@ -357,7 +442,7 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
     }
 
     let _write = s.write_lock.lock().await;
-    let (existing, revision) = s.store.list(None).await?;
+    let (existing, revision) = s.deps.store.list(None).await?;
     trellis_resource::validate_apply(&resources, &sources, &existing)
         .map_err(|e| ApiError::invalid("apply", e))?;
 
@@ -379,7 +464,7 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
         ));
     }
 
-    let outcome = s.store.apply(resources).await?;
+    let outcome = s.deps.store.apply(resources).await?;
     let changed = outcome
         .results
         .iter()
@@ -444,7 +529,7 @@ async fn list_resources(
     Query(q): Query<NamespaceQuery>,
 ) -> ApiResult<Json<Value>> {
     let kind = parse_kind(&kind)?;
-    let (mut items, _) = state.inner.store.list(Some(kind)).await?;
+    let (mut items, _) = state.store().list(Some(kind)).await?;
     if let (Some(ns), true) = (q.namespace.as_deref(), kind.namespaced()) {
         items.retain(|r| r.metadata.namespace == ns);
     }
@@ -456,7 +541,7 @@ async fn get_resource(
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Resource>> {
     let key = key_from_path(&kind, &namespace, &name)?;
-    match state.inner.store.get(&key).await? {
+    match state.store().get(&key).await? {
         Some(r) => Ok(Json(r)),
         None => Err(ApiError::NotFound(format!("{key} not found"))),
     }
@@ -469,7 +554,7 @@ async fn delete_resource(
     let s = &state.inner;
     let key = key_from_path(&kind, &namespace, &name)?;
     let _write = s.write_lock.lock().await;
-    let (all, _) = s.store.list(None).await?;
+    let (all, _) = s.deps.store.list(None).await?;
     if !all.iter().any(|r| r.key() == key) {
         return Err(ApiError::NotFound(format!("{key} not found")));
     }
@@ -477,6 +562,7 @@ async fn delete_resource(
     trellis_resource::validate_delete(&key, &remaining)
         .map_err(|e| ApiError::invalid("delete", e))?;
     let revision = s
+        .deps
         .store
         .delete(&key)
         .await?
@@ -489,8 +575,8 @@ async fn delete_resource(
 }
 
 async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let (svcs, _) = state.inner.store.list(Some(Kind::Service)).await?;
-    let snap = state.inner.xds.snapshot();
+    let (svcs, _) = state.store().list(Some(Kind::Service)).await?;
+    let snap = state.xds().snapshot();
     let out: Vec<Value> = svcs
         .iter()
         .filter_map(|r| Some((r, r.as_service()?)))
@@ -521,7 +607,7 @@ async fn services(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 async fn proxies(State(state): State<AppState>) -> Json<Value> {
-    let snap = state.inner.xds.snapshot();
+    let snap = state.xds().snapshot();
     let out: Vec<Value> = snap
         .proxies
         .iter()
@@ -547,14 +633,14 @@ async fn stat(State(state): State<AppState>, Query(q): Query<StatQuery>) -> ApiR
         Some(w) => parse_window(w).map_err(bad)?,
         None => Duration::from_secs(30),
     };
-    let rows = state.inner.stats.query(kind, window);
+    let rows = state.stats().query(kind, window);
     Ok(Json(
         json!({"windowSeconds": window.as_secs(), "rows": rows}),
     ))
 }
 
 async fn prometheus_targets(State(state): State<AppState>) -> Json<Value> {
-    let snap = state.inner.xds.snapshot();
+    let snap = state.xds().snapshot();
     let out: Vec<Value> = snap
         .proxies
         .iter()
@@ -581,20 +667,24 @@ mod tests {
     #[test]
     fn hosts() {
         let local: SocketAddr = "127.0.0.1:15080".parse().unwrap();
-        assert!(host_allowed("localhost:15080", local));
-        assert!(host_allowed("127.0.0.1:15080", local));
-        assert!(host_allowed("[::1]:15080", local));
-        assert!(host_allowed("LOCALHOST", local));
-        assert!(!host_allowed("evil.example:15080", local));
-        assert!(!host_allowed("10.1.2.3:15080", local));
-        assert!(!host_allowed("", local));
+        let none: &[String] = &[];
+        assert!(host_allowed("localhost:15080", local, none));
+        assert!(host_allowed("127.0.0.1:15080", local, none));
+        assert!(host_allowed("[::1]:15080", local, none));
+        assert!(host_allowed("LOCALHOST", local, none));
+        assert!(!host_allowed("evil.example:15080", local, none));
+        assert!(!host_allowed("10.1.2.3:15080", local, none));
+        assert!(!host_allowed("", local, none));
         let any: SocketAddr = "0.0.0.0:15080".parse().unwrap();
-        assert!(host_allowed("10.1.2.3:15080", any));
-        assert!(!host_allowed("evil.example", any));
+        assert!(host_allowed("10.1.2.3:15080", any, none));
+        assert!(!host_allowed("evil.example", any, none));
+        let named = ["cp.example".to_string()];
+        assert!(host_allowed("CP.example:15080", any, &named));
+        assert!(!host_allowed("evil.example", any, &named));
         let v6: SocketAddr = "[fd00::1]:15080".parse().unwrap();
-        assert!(host_allowed("[fd00::1]:15080", v6));
-        assert!(origin_allowed("http://localhost:15080", local));
-        assert!(!origin_allowed("http://evil.example:15080", local));
-        assert!(!origin_allowed("null", local));
+        assert!(host_allowed("[fd00::1]:15080", v6, none));
+        assert!(origin_allowed("http://localhost:15080", local, none));
+        assert!(!origin_allowed("http://evil.example:15080", local, none));
+        assert!(!origin_allowed("null", local, none));
     }
 }

@@ -1,13 +1,16 @@
 //! The Trellis control plane.
 //!
 //! It owns the resource store, serves the HTTP API (apply, get, delete,
-//! stat, dashboard, metrics) and the gRPC proxy API, through which every
-//! proxy registers, follows the services its app calls and reports
-//! traffic. `ControlPlane::start` runs all of it inside the caller's tokio
-//! runtime; `trellis control` and `trellis up` both use it.
+//! stat, dashboard, metrics; every route but health behind a credential,
+//! see `auth`) and the gRPC proxy API, through which every proxy
+//! registers, follows the services its app calls and reports traffic.
+//! `ControlPlane::start` runs all of it inside the caller's tokio runtime;
+//! `trellis control` and `trellis up` both use it.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod http;
+pub mod https;
 pub mod identity_api;
 pub mod mesh_identity;
 pub mod metrics;
@@ -46,6 +49,26 @@ pub struct ControlConfig {
     /// A user-supplied CA; by default a root is made in `<data-dir>/ca`.
     #[serde(default)]
     pub ca: mesh_identity::CaFiles,
+    /// TLS of the HTTP API; required when `http_addr` is not loopback.
+    #[serde(default)]
+    pub http_tls: HttpTls,
+    /// Names (or IPs) clients use for the HTTP API besides loopback and the
+    /// bound address: accepted in `Host`, and put in a mesh-CA certificate.
+    #[serde(default)]
+    pub http_hosts: Vec<String>,
+}
+
+/// Where the HTTP API's certificate comes from.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpTls {
+    /// Plain HTTP: loopback only.
+    #[default]
+    Off,
+    /// A certificate signed by the mesh CA (clients trust `<data-dir>/ca/roots.pem`).
+    MeshCa,
+    /// The user's certificate chain and key (PEM).
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 impl ControlConfig {
@@ -55,12 +78,81 @@ impl ControlConfig {
             http_addr: ([127, 0, 0, 1], 15080).into(),
             grpc_addr: ([127, 0, 0, 1], 15010).into(),
             ca: Default::default(),
+            http_tls: HttpTls::Off,
+            http_hosts: Vec::new(),
         }
     }
 }
 
 /// The store's file inside the data dir.
 pub const STORE_FILE: &str = "store.redb";
+
+/// Makes the data dir, readable by its owner only (and tightens one made
+/// by an older version).
+fn make_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    auth::set_mode(dir, 0o700).map_err(err)
+}
+
+/// The HTTP API's TLS config, if it serves TLS.
+fn http_tls_config(
+    cfg: &ControlConfig,
+    identity: &mesh_identity::MeshIdentity,
+) -> Result<Option<Arc<rustls::ServerConfig>>, anyhow::Error> {
+    match &cfg.http_tls {
+        HttpTls::Off => Ok(None),
+        HttpTls::MeshCa => {
+            let mut names = cfg.http_hosts.clone();
+            if !cfg.http_addr.ip().is_unspecified() {
+                names.push(cfg.http_addr.ip().to_string());
+            }
+            let (chain, key) = identity.server_tls(&names)?;
+            Ok(Some(https::server_config(
+                &chain,
+                &key,
+                ("mesh CA", "mesh CA"),
+            )?))
+        }
+        HttpTls::Files { cert, key } => {
+            let read = |path: &PathBuf| {
+                std::fs::read_to_string(path).map_err(|source| StartError::TlsFile {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let (chain, key_pem) = (read(cert)?, read(key)?);
+            Ok(Some(https::server_config(
+                &chain,
+                &key_pem,
+                (&cert.display().to_string(), &key.display().to_string()),
+            )?))
+        }
+    }
+}
+
+/// Serves the HTTP API on `listener` (plain or TLS) until `shutdown`.
+async fn serve_http<L>(
+    listener: L,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    http::ClientAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<http::ClientAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
+    if let Err(e) = serve.await {
+        warn!(error = %e, "HTTP API server failed");
+    }
+}
 
 /// HTTP/2 pings on idle proxy streams: a proxy that died without closing
 /// its connection (host lost, cable pulled) is found within about
@@ -85,6 +177,17 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the HTTP API would listen on {addr}, beyond loopback, in plain HTTP, where anyone on the network could read its credentials: give it TLS with --http-tls-cert FILE --http-tls-key FILE, or --http-tls-mesh-ca for a certificate from the mesh CA (clients then trust <data-dir>/ca/roots.pem), or listen on 127.0.0.1")]
+    PlainHttpBeyondLoopback { addr: SocketAddr },
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] https::TlsError),
+    #[error(transparent)]
+    Bootstrap(#[from] auth::BootstrapError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -99,6 +202,8 @@ pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     store: Arc<dyn Store>,
     identity: Arc<mesh_identity::MeshIdentity>,
+    auth: Arc<auth::Auth>,
+    admin_token: String,
     xds: xds::XdsHandle,
     actor: JoinHandle<()>,
     servers: Vec<(&'static str, oneshot::Sender<()>, JoinHandle<()>)>,
@@ -131,10 +236,13 @@ impl ControlPlane {
     /// once both ports accept connections.
     pub async fn start(cfg: ControlConfig) -> anyhow::Result<ControlPlane> {
         info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting control plane");
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        })?;
+        if !cfg.http_addr.ip().is_loopback() && cfg.http_tls == HttpTls::Off {
+            return Err(StartError::PlainHttpBeyondLoopback {
+                addr: cfg.http_addr,
+            }
+            .into());
+        }
+        make_data_dir(&cfg.data_dir)?;
         // Bind first: a taken port is the likelier mistake, and says more
         // than a store held by the other process.
         let http_listener = bind(cfg.http_addr, "--http-addr").await?;
@@ -142,22 +250,25 @@ impl ControlPlane {
         let http_addr = http_listener.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
 
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(cfg.data_dir.join(STORE_FILE)).await?);
+        let store_path = cfg.data_dir.join(STORE_FILE);
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path).await?);
+        auth::set_mode(&store_path, 0o600).map_err(|source| StartError::DataDir {
+            path: store_path.clone(),
+            source,
+        })?;
         let metrics = Arc::new(metrics::Metrics::new());
         let stats = Arc::new(stats::Stats::new());
         let identity = Arc::new(mesh_identity::MeshIdentity::open(&cfg.data_dir, &cfg.ca)?);
         let (xds, actor) = xds::start(store.clone(), metrics.clone(), identity.bundle()).await?;
-        let (server_chain, server_key) = identity.server_tls()?;
+        let (server_chain, server_key) = identity.server_tls(&[])?;
+        let auth = Arc::new(auth::Auth::new(store.clone(), metrics.clone()));
+        let admin_token = auth.bootstrap(&cfg.data_dir).await?;
+        let http_tls = http_tls_config(&cfg, &identity)?;
 
         let mut servers = Vec::new();
 
         let (tx, rx) = oneshot::channel::<()>();
         let observers = xds::Observers::default();
-        let admin_token =
-            tap::admin_token(&cfg.data_dir).map_err(|source| StartError::DataDir {
-                path: cfg.data_dir.join(tap::ADMIN_TOKEN_FILE),
-                source,
-            })?;
         let service = ProxyApiServer::new(
             xds::ProxyApiService::new(&xds, stats.clone(), identity.clone())
                 .with_observers(observers.clone()),
@@ -188,17 +299,29 @@ impl ControlPlane {
         servers.push(("proxy API", tx, task));
 
         let (tx, rx) = oneshot::channel::<()>();
-        let state = http::AppState::new(store.clone(), xds.clone(), stats, metrics, http_addr)
-            .with_observers(observers, admin_token);
-        let app = http::router(state).merge(identity_api::router(identity.clone(), xds.clone()));
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(http_listener, app).with_graceful_shutdown(async {
-                let _ = rx.await;
-            });
-            if let Err(e) = serve.await {
-                warn!(error = %e, "HTTP API server failed");
-            }
+        let state = http::AppState::new(http::AppDeps {
+            store: store.clone(),
+            xds: xds.clone(),
+            stats,
+            metrics,
+            observers,
+            identity: identity.clone(),
+            auth: auth.clone(),
+            bind: http_addr,
+            hosts: cfg.http_hosts.clone(),
         });
+        let app = http::router(state);
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        let task = match http_tls {
+            Some(config) => tokio::spawn(serve_http(
+                https::TlsListener::new(http_listener, config)?,
+                app,
+                shutdown,
+            )),
+            None => tokio::spawn(serve_http(http_listener, app, shutdown)),
+        };
         servers.push(("HTTP API", tx, task));
 
         info!(%http_addr, %grpc_addr, data_dir = %cfg.data_dir.display(), "control plane ready");
@@ -207,10 +330,23 @@ impl ControlPlane {
             grpc_addr,
             store,
             identity,
+            auth,
+            admin_token,
             xds,
             actor,
             servers,
         })
+    }
+
+    /// The bootstrap admin token (also in `<data-dir>/admin-token`), for
+    /// tests and embedders.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// API tokens, for tests and embedders.
+    pub fn auth(&self) -> Arc<auth::Auth> {
+        self.auth.clone()
     }
 
     /// The CA and join tokens, for tests and embedders.

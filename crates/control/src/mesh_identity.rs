@@ -1,6 +1,6 @@
 //! The control plane's CA and join tokens, as the proxy API and the HTTP
-//! API use them. Keys live in `<data-dir>/ca` with mode 0600 and are never
-//! logged.
+//! API use them. Everything in `<data-dir>/ca` is mode 0600 in a 0700
+//! folder; keys are never logged.
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -10,7 +10,7 @@ use tonic::Status;
 use tracing::{info, warn};
 use trellis_api::v1::{SignRequest, SignResponse};
 use trellis_identity::ca::{Ca, CaError};
-use trellis_identity::token::{Claims, TokenAuthority, TokenError};
+use trellis_identity::token::{Claims, Grant, TokenAuthority, TokenError};
 use trellis_identity::SpiffeId;
 
 /// Where the CA comes from.
@@ -37,6 +37,30 @@ pub enum IdentityError {
     Token(#[from] TokenError),
     #[error("--ca-cert and --ca-key go together: give both or neither")]
     HalfCa,
+    #[error("cannot make {path} private (0700 folder, 0600 files): {source}")]
+    Private {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Makes `dir` a 0700 folder whose files are 0600: the CA's certificates
+/// are public, but nothing in here needs to be readable by anyone else, and
+/// one rule is easier to check than a list.
+fn make_private(dir: &std::path::Path) -> Result<(), IdentityError> {
+    let err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| IdentityError::Private { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(err(dir))?;
+    crate::auth::set_mode(dir, 0o700).map_err(err(dir))?;
+    for entry in std::fs::read_dir(dir).map_err(err(dir))? {
+        let path = entry.map_err(err(dir))?.path();
+        if path.is_file() {
+            crate::auth::set_mode(&path, 0o600).map_err(err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 impl MeshIdentity {
@@ -45,12 +69,15 @@ impl MeshIdentity {
         files: &CaFiles,
     ) -> Result<MeshIdentity, IdentityError> {
         let dir = data_dir.join("ca");
+        // Private before anything is written into it.
+        make_private(&dir)?;
         let ca = match (&files.cert, &files.key) {
             (Some(cert), Some(key)) => Ca::from_files(&dir, cert, key, files.bundle.as_deref())?,
             (None, None) => Ca::load_or_create(&dir, "trellis.local")?,
             _ => return Err(IdentityError::HalfCa),
         };
         let tokens = TokenAuthority::load_or_create(&dir)?;
+        make_private(&dir)?;
         info!(root = %ca.root_fingerprint(), roots = ca.bundle_pem().len(), "CA ready");
         Ok(MeshIdentity {
             ca: RwLock::new(ca),
@@ -71,20 +98,17 @@ impl MeshIdentity {
         self.ca().root_fingerprint()
     }
 
-    /// The control plane's own server certificate chain and key (PEM).
-    pub fn server_tls(&self) -> Result<(String, String), CaError> {
-        self.ca()
-            .server_cert(&[trellis_identity::CONTROL_PLANE_NAME, "localhost"])
+    /// The control plane's own server certificate chain and key (PEM), for
+    /// `trellis-control`, `localhost` and `extra` names or IPs.
+    pub fn server_tls(&self, extra: &[String]) -> Result<(String, String), CaError> {
+        let mut names = vec![trellis_identity::CONTROL_PLANE_NAME, "localhost"];
+        names.extend(extra.iter().map(String::as_str));
+        self.ca().server_cert(&names)
     }
 
-    pub fn create_token(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        ttl: Duration,
-    ) -> (String, Claims) {
-        self.tokens
-            .create(namespace, service_account, ttl, &self.pin())
+    /// A join token for what `grant` grants (the caller checked it).
+    pub fn create_token(&self, grant: &Grant, ttl: Duration) -> (String, Claims) {
+        self.tokens.create(grant, ttl, &self.pin())
     }
 
     pub fn revoke(&self, id: &str) -> Result<(), TokenError> {

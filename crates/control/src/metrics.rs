@@ -45,6 +45,12 @@ pub struct ApplyLabels {
     pub result: ApplyResultLabel,
 }
 
+/// Why the HTTP API refused a credential (see `auth::AuthError::reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub configs_sent: Counter,
     pub nacks: Counter,
     pub applies: Family<ApplyLabels, Counter>,
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -87,6 +94,12 @@ impl Metrics {
             "Apply requests, by result",
             applies.clone(),
         );
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register(
+            "trellis_control_auth_failures",
+            "HTTP API requests refused for their credential, by reason",
+            auth_failures.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
@@ -94,11 +107,18 @@ impl Metrics {
             configs_sent,
             nacks,
             applies,
+            auth_failures,
         }
     }
 
     pub fn apply(&self, result: ApplyResultLabel) {
         self.applies.get_or_create(&ApplyLabels { result }).inc();
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthFailureLabels { reason })
+            .inc();
     }
 
     /// OpenMetrics text.

@@ -7,7 +7,7 @@
 //! | `GET /api/v1/traces/{traceId}` | one trace's spans |
 //! | `POST /v1/traces` | OTLP/HTTP (protobuf) receiver |
 //! | `GET /api/v1/edges?window=` | who calls whom, with identities and mTLS share |
-//! | `GET /api/v1/tap?workload=&namespace=&path=&max=` | live request metadata as JSON lines; needs the admin token |
+//! | `GET /api/v1/tap?workload=&namespace=&path=&max=` | live request metadata as JSON lines; needs the tap role |
 //! | `/`, `/dashboard.js`, `/dashboard.css` | the dashboard |
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,17 +18,17 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use prost::Message;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use trellis_resource::Kind;
 
+use crate::auth::Principal;
 use crate::http::{ApiError, AppState};
 use crate::registry::spiffe_id;
 use crate::stats::parse_window;
-use crate::tap::token_matches;
 
 /// Largest OTLP/HTTP request accepted.
 pub const MAX_OTLP_BYTES: usize = 8 << 20;
@@ -220,32 +220,14 @@ pub struct TapQuery {
     max: Option<u32>,
 }
 
-/// Streams tap events as JSON lines until the client goes away.
+/// Streams tap events as JSON lines until the client goes away, or its
+/// credential is revoked or expires (checked at every heartbeat). The
+/// guard checked the tap role before this runs.
 pub async fn tap(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Extension<Principal>,
     Query(q): Query<TapQuery>,
 ) -> Result<Response, ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let expected = state.admin_token();
-    match given {
-        Some(t) if !expected.is_empty() && token_matches(t, expected) => {}
-        _ => {
-            tracing::warn!("refused a tap without the admin token");
-            return Ok((
-                StatusCode::UNAUTHORIZED,
-                Json(json!({
-                    "error": "tapping needs admin rights: send `Authorization: Bearer TOKEN` with the token in the control plane's data dir (admin-token)",
-                    "details": [],
-                })),
-            )
-                .into_response());
-        }
-    }
     let prefix = q.path.unwrap_or_default();
     if !prefix.is_empty() && !prefix.starts_with('/') {
         return Err(ApiError::BadRequest(format!(
@@ -266,20 +248,27 @@ pub async fn tap(
             crate::tap::TapError::NoProxy(_) => ApiError::NotFound(e.to_string()),
             crate::tap::TapError::TooMany => ApiError::BadRequest(e.to_string()),
         })?;
+    tracing::info!(tap = %session.id, by = %who.id, "tap opened for a credential");
     let hello = json!({"tap": session.id, "proxies": session.proxies}).to_string() + "\n";
     let stream = futures::stream::unfold(
-        (Some(Bytes::from(hello)), session),
-        |(first, mut session)| async move {
+        (Some(Bytes::from(hello)), session, state, who),
+        |(first, mut session, state, who)| async move {
             if let Some(b) = first {
-                return Some((Ok::<_, Infallible>(b), (None, session)));
+                return Some((Ok::<_, Infallible>(b), (None, session, state, who)));
             }
             tokio::select! {
                 ev = session.events.recv() => {
                     let ev = ev?;
                     let line = serde_json::to_string(&ev).unwrap_or_default() + "\n";
-                    Some((Ok(Bytes::from(line)), (None, session)))
+                    Some((Ok(Bytes::from(line)), (None, session, state, who)))
                 }
-                _ = tokio::time::sleep(TAP_HEARTBEAT) => Some((Ok(Bytes::from_static(b"\n")), (None, session))),
+                _ = tokio::time::sleep(TAP_HEARTBEAT) => {
+                    if let Err(e) = state.auth().still_valid(&who).await {
+                        tracing::info!(tap = %session.id, token = %who.id, reason = e.reason(), "tap ended: its credential is no longer valid");
+                        return None;
+                    }
+                    Some((Ok(Bytes::from_static(b"\n")), (None, session, state, who)))
+                }
             }
         },
     );

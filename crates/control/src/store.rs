@@ -124,6 +124,12 @@ pub trait Store: Send + Sync + 'static {
     async fn put_state(&self, _key: &str, _value: Vec<u8>) -> Result<()> {
         Ok(())
     }
+    /// Every state value whose key starts with `prefix`, sorted by key
+    /// (e.g. the API tokens, one key each, so that creating one is a single
+    /// write that replicas cannot lose to each other).
+    async fn list_state(&self, _prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// The embedded store: one redb file. redb commits are durable and
@@ -429,6 +435,28 @@ impl Store for RedbStore {
         .await
     }
 
+    async fn list_state(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = prefix.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            let table = match txn.open_table(STATE) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(redb::Error::from(e).into()),
+            };
+            let mut out = Vec::new();
+            for item in table.range(prefix.as_str()..).map_err(redb::Error::from)? {
+                let (k, v) = item.map_err(redb::Error::from)?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn close(&self) -> Result<()> {
         let db = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
         // redb commits are durable already; dropping the last handle
@@ -544,6 +572,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.revision, 2);
+    }
+
+    #[tokio::test]
+    async fn state_values_list_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        assert!(store.list_state("auth/").await.unwrap().is_empty());
+        for k in ["auth/b", "auth/a", "authz", "vips"] {
+            store.put_state(k, k.as_bytes().to_vec()).await.unwrap();
+        }
+        let got: Vec<String> = store
+            .list_state("auth/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, ["auth/a", "auth/b"]);
     }
 
     #[tokio::test]

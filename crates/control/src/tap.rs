@@ -2,11 +2,10 @@
 //! stream request metadata, and hands what they send to the one HTTP
 //! client that asked. The tap stops on every proxy when that client goes.
 //!
-//! Only admins may tap: the HTTP API checks the admin token (see
-//! `admin_token`) before opening one.
+//! Tapping needs the `tap` role (or `admin`): the HTTP API checks the
+//! credential before opening one (see `auth`).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,9 +21,6 @@ const PROXY_QUEUE: usize = 16;
 const CLIENT_QUEUE: usize = 4096;
 /// Taps open at once.
 pub const MAX_TAPS: usize = 32;
-
-/// The file under the data dir that holds the admin token.
-pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 struct ProxyLink {
     workload: String,
@@ -231,45 +227,6 @@ impl TapHub {
     }
 }
 
-/// Reads the admin token from the data dir, making one (mode 0600) on
-/// first start.
-pub fn admin_token(data_dir: &Path) -> std::io::Result<String> {
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let bytes: [u8; 32] = rand::random();
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = data_dir.join(format!(".{ADMIN_TOKEN_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(token.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    Ok(token)
-}
-
-/// Compares without an early exit, so timing tells nothing of the token.
-pub fn token_matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,24 +272,5 @@ mod tests {
         else {
             panic!("TapStop")
         };
-    }
-
-    #[test]
-    fn admin_token_is_made_once_and_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let t1 = admin_token(dir.path()).unwrap();
-        assert_eq!(t1.len(), 64);
-        assert_eq!(admin_token(dir.path()).unwrap(), t1);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        assert!(token_matches(&t1, &t1));
-        assert!(!token_matches("x", &t1));
     }
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use trellis_api::v1::proxy_api_server::ProxyApi;
 use trellis_api::v1::proxy_message::Msg;
 use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage, Register};
+use trellis_identity::token::Claims;
 
 use crate::metrics::Metrics;
 use crate::registry::{
@@ -531,26 +532,20 @@ impl ProxyApi for ProxyApiService {
         if register.instance.is_empty() {
             return Err(Status::invalid_argument("Register.instance is empty"));
         }
-        // A proxy is the identity its token grants, nothing else.
+        // A proxy is the identity its token grants, serves only the labels
+        // it grants, and at the address it connects from (or the one the
+        // token grants): nothing else.
         let claims = self.identity.verify_token(&register.token)?;
-        if claims.namespace != register.namespace
-            || claims.service_account != register.service_account
-        {
+        let mut register = register;
+        register.inbound_addr = admit(&claims, &register, peer).inspect_err(|e| {
             warn!(
                 instance = %register.instance,
-                claimed = %format!("{}/{}", register.namespace, register.service_account),
-                granted = %format!("{}/{}", claims.namespace, claims.service_account),
-                "refused a proxy registering as another identity"
+                token = %claims.id,
+                ?peer,
+                reason = %e.message(),
+                "refused a proxy's registration"
             );
-            return Err(Status::permission_denied(format!(
-                "the token grants namespace {} and service account {}, but the proxy registers as {}/{}",
-                claims.namespace, claims.service_account, register.namespace, register.service_account
-            )));
-        }
-        let mut register = register;
-        if let Some(peer) = peer {
-            register.inbound_addr = reachable_addr(&register.inbound_addr, peer);
-        }
+        })?;
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(?peer, conn, instance = %register.instance, "stream opened");
         let taps = self.observers.taps.connect(
@@ -582,15 +577,75 @@ impl ProxyApi for ProxyApiService {
     }
 }
 
-/// A proxy that listens on every interface (`0.0.0.0:15006`) and gave no
-/// advertise address is reached at the address its stream came from.
-fn reachable_addr(inbound: &str, peer: SocketAddr) -> String {
-    match inbound.parse::<SocketAddr>() {
-        Ok(addr) if addr.ip().is_unspecified() => {
-            SocketAddr::new(peer.ip(), addr.port()).to_string()
-        }
-        _ => inbound.to_string(),
+/// Whether a registration stays within what its token grants; returns the
+/// inbound address to publish. The identity must be the token's; every
+/// label the proxy claims must be one the token grants (fewer labels select
+/// fewer Services, so a subset is safe, and a token without labels grants
+/// none); the inbound address's IP must be the one the proxy connects from,
+/// or the one the token grants. A proxy listening on every interface
+/// (`0.0.0.0:15006`) is published at the address it connects from.
+fn admit(claims: &Claims, register: &Register, peer: Option<SocketAddr>) -> Result<String, Status> {
+    if claims.namespace != register.namespace || claims.service_account != register.service_account
+    {
+        return Err(Status::permission_denied(format!(
+            "the token grants namespace {} and service account {}, but the proxy registers as {}/{}",
+            claims.namespace, claims.service_account, register.namespace, register.service_account
+        )));
     }
+    let extra: Vec<String> = register
+        .labels
+        .iter()
+        .filter(|(k, v)| claims.labels.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !extra.is_empty() {
+        let all: Vec<String> = register
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let granted = if claims.labels.is_empty() {
+            "no labels".to_string()
+        } else {
+            let g: Vec<String> = claims
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("only {}", g.join(","))
+        };
+        return Err(Status::permission_denied(format!(
+            "the proxy claims labels {} that its token does not grant (the token grants {granted}): make a token for them with `trellis token create -n {} --service-account {} --labels {}`",
+            extra.join(","),
+            claims.namespace,
+            claims.service_account,
+            all.join(",")
+        )));
+    }
+    let inbound: SocketAddr = register.inbound_addr.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "Register.inbound_addr {:?} is not IP:PORT: give the proxy --advertise-addr IP",
+            register.inbound_addr
+        ))
+    })?;
+    let peer_ip = peer.map(|p| p.ip().to_canonical());
+    if inbound.ip().is_unspecified() {
+        return match peer_ip {
+            Some(ip) => Ok(SocketAddr::new(ip, inbound.port()).to_string()),
+            None => Err(Status::invalid_argument(
+                "cannot tell where the proxy connects from: give it --advertise-addr IP",
+            )),
+        };
+    }
+    let ip = inbound.ip().to_canonical();
+    if Some(ip) == peer_ip || Some(ip) == claims.advertise_addr.map(|a| a.to_canonical()) {
+        return Ok(inbound.to_string());
+    }
+    let from = peer_ip.map_or("an unknown address".to_string(), |p| p.to_string());
+    Err(Status::permission_denied(format!(
+        "the proxy advertises {ip} but connects from {from}, and its token grants no other address: advertise the address it connects from, or make a token with `trellis token create -n {} --service-account {} --advertise-addr {ip} ...`",
+        claims.namespace, claims.service_account
+    )))
 }
 
 /// Reads a proxy's messages until its stream ends, then reports it gone.
@@ -698,12 +753,91 @@ fn out_stream(
 mod tests {
     use super::*;
 
+    fn claims(labels: &[(&str, &str)], addr: Option<&str>) -> Claims {
+        Claims {
+            id: "t".into(),
+            namespace: "default".into(),
+            service_account: "reviews".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            advertise_addr: addr.map(|a| a.parse().unwrap()),
+            exp: u64::MAX,
+            ca: String::new(),
+        }
+    }
+
+    fn register(labels: &[(&str, &str)], inbound: &str) -> Register {
+        Register {
+            namespace: "default".into(),
+            service_account: "reviews".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            inbound_addr: inbound.into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn unspecified_inbound_addresses_use_the_peer() {
+        let c = claims(&[], None);
         let peer: SocketAddr = "10.0.0.7:40000".parse().unwrap();
-        assert_eq!(reachable_addr("0.0.0.0:15006", peer), "10.0.0.7:15006");
-        assert_eq!(reachable_addr("[::]:15006", peer), "10.0.0.7:15006");
-        assert_eq!(reachable_addr("127.0.0.1:15006", peer), "127.0.0.1:15006");
-        assert_eq!(reachable_addr("host:15006", peer), "host:15006");
+        let ok = |inbound: &str| admit(&c, &register(&[], inbound), Some(peer)).unwrap();
+        assert_eq!(ok("0.0.0.0:15006"), "10.0.0.7:15006");
+        assert_eq!(ok("[::]:15006"), "10.0.0.7:15006");
+        assert_eq!(ok("10.0.0.7:15006"), "10.0.0.7:15006");
+        // A v4 peer on a dual-stack listener.
+        let mapped: SocketAddr = "[::ffff:10.0.0.7]:40000".parse().unwrap();
+        assert!(admit(&c, &register(&[], "10.0.0.7:15006"), Some(mapped)).is_ok());
+    }
+
+    #[test]
+    fn addresses_other_than_the_peer_need_the_token() {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        for inbound in ["10.0.0.9:15006", "host:15006", "127.0.0.2:15006"] {
+            let e = admit(&claims(&[], None), &register(&[], inbound), Some(peer)).unwrap_err();
+            assert!(
+                e.message().contains("advertise"),
+                "{inbound}: {}",
+                e.message()
+            );
+        }
+        let granted = claims(&[], Some("10.0.0.9"));
+        assert!(admit(&granted, &register(&[], "10.0.0.9:15006"), Some(peer)).is_ok());
+        assert!(admit(&granted, &register(&[], "10.0.0.8:15006"), Some(peer)).is_err());
+        assert!(admit(&claims(&[], None), &register(&[], "0.0.0.0:1"), None).is_err());
+    }
+
+    #[test]
+    fn labels_must_be_granted() {
+        let peer = Some("127.0.0.1:4000".parse().unwrap());
+        let c = claims(&[("app", "reviews"), ("version", "v1")], None);
+        let ok = |labels: &[(&str, &str)]| admit(&c, &register(labels, "127.0.0.1:1"), peer);
+        assert!(ok(&[("app", "reviews"), ("version", "v1")]).is_ok());
+        assert!(ok(&[("app", "reviews")]).is_ok());
+        assert!(ok(&[]).is_ok());
+        let e = ok(&[("app", "payments")]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("app=payments"), "{}", e.message());
+        assert!(ok(&[("app", "reviews"), ("tier", "x")]).is_err());
+        // A token without labels grants none, and says how to get them.
+        let e = admit(
+            &claims(&[], None),
+            &register(&[("app", "reviews")], "127.0.0.1:1"),
+            peer,
+        )
+        .unwrap_err();
+        assert!(
+            e.message().contains("no labels") && e.message().contains("--labels app=reviews"),
+            "{}",
+            e.message()
+        );
+        // And the identity must be the token's.
+        let mut other = register(&[], "127.0.0.1:1");
+        other.service_account = "payments".into();
+        assert!(admit(&c, &other, peer).is_err());
     }
 }

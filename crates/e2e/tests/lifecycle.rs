@@ -1,68 +1,37 @@
 //! Endpoints coming and going, graceful shutdown, upgrades, and the
 //! figures behind `trellis stat`.
 
+mod traffic_common;
+
 use std::time::Duration;
 
 use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use trellis::demo_app::{DemoAppConfig, Latency};
-use trellis_e2e::{demo_app, instance_of, run_app, ProxyClient, TestMesh};
+use traffic_common::App;
+use trellis::demo_app::DemoAppConfig;
+use trellis_e2e::yaml::service;
+use trellis_e2e::{demo_app, instance_of, run_app, wait_proxy_endpoints, ProxyClient, TestMesh};
 use trellis_testkit::eventually;
-
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec:
-  selector: {app: catalog}
-  ports: [{name: http, port: 8080}]
-"#;
-
-async fn endpoints(mesh: &TestMesh, service: &str) -> usize {
-    let services = mesh.get_json("/api/v1/services").await;
-    services
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == service))
-        .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_leaves_when_its_proxy_stops() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.unwrap();
+    mesh.apply(&service("catalog")).await.unwrap();
     let (p0, _a0) = demo_app("catalog", "v1", "catalog-0").await;
     let (p1, _a1) = demo_app("catalog", "v1", "catalog-1").await;
     let c0 = mesh.sidecar("catalog-0", &[("app", "catalog")], p0).await;
     let c1 = mesh.sidecar("catalog-1", &[("app", "catalog")], p1).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    trellis_testkit::assert_eventually!(endpoints(&mesh, "catalog").await == 2);
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 2).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let (status, _) = client.get("http://catalog:8080/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
 
     c0.shutdown().await;
-    trellis_testkit::assert_eventually!(endpoints(&mesh, "catalog").await == 1);
+    mesh.wait_endpoints("catalog", 1).await;
     // The caller's proxy learns it too: every request now lands on catalog-1.
-    eventually(
-        "frontend's config drops the endpoint",
-        Duration::from_secs(10),
-        || async {
-            let (_, body) =
-                trellis_testkit::http_get(&format!("http://{}/config", frontend.admin_addr), None)
-                    .await;
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let n = v["services"][0]["endpoints"].as_array().map(|e| e.len());
-            (n == Some(1))
-                .then_some(())
-                .ok_or(format!("{n:?} endpoints"))
-        },
-    )
-    .await;
+    wait_proxy_endpoints(frontend.admin_addr, "catalog", 1).await;
     for _ in 0..100 {
         let (status, body) = client.get("http://catalog:8080/").await.unwrap();
         assert_eq!(status, StatusCode::OK);
@@ -74,39 +43,43 @@ async fn an_endpoint_leaves_when_its_proxy_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.unwrap();
-    let mut slow = DemoAppConfig::new("catalog");
-    slow.instance = "catalog-slow".into();
-    slow.latency = Some(Latency::parse("700ms").unwrap());
-    let (port, _app) = run_app(slow).await;
-    let catalog = mesh.sidecar("catalog-0", &[("app", "catalog")], port).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    trellis_testkit::assert_eventually!(endpoints(&mesh, "catalog").await == 1);
+    mesh.apply(&service("catalog")).await.unwrap();
+    // The app holds the request until the test lets it go; the grace
+    // period is far longer than this test may take.
+    let app = App::start("catalog-slow").await;
+    app.hold();
+    let mut cfg = mesh.proxy_config("catalog-0", &[("app", "catalog")], app.port);
+    cfg.drain_grace = Duration::from_secs(600);
+    let catalog = trellis_proxy::Proxy::start(cfg)
+        .await
+        .expect("proxy starts");
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 1).await;
 
     let outbound = frontend.outbound_addr;
     let request =
         tokio::spawn(async move { ProxyClient::new(outbound).get("http://catalog:8080/").await });
     trellis_testkit::assert_eventually!(
-        catalog.in_flight() == 1,
-        "the request never reached the catalog proxy"
+        catalog.in_flight() == 1 && app.in_flight() == 1,
+        "the request never reached the catalog app"
     );
     let inbound = catalog.inbound_addr;
-    let started = std::time::Instant::now();
-    catalog.shutdown().await;
+    let shutdown = tokio::spawn(catalog.shutdown());
+    // The listener closes at once: nothing new is accepted...
+    trellis_testkit::assert_eventually!(tokio::net::TcpStream::connect(inbound).await.is_err());
+    // ...while the request in flight keeps shutdown waiting.
+    assert!(!shutdown.is_finished(), "shutdown left a request in flight");
+    app.release();
     let (status, body) = request
         .await
         .unwrap()
         .expect("the request in flight completes");
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "shutdown waited for the request, not the grace period"
-    );
-    // And the listener is closed: nothing new is accepted.
-    assert!(tokio::net::TcpStream::connect(inbound).await.is_err());
+    // Shutdown ends with the request, not with the 600s grace period.
+    tokio::time::timeout(trellis_e2e::CONVERGE, shutdown)
+        .await
+        .expect("shutdown ends once no request is in flight")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,11 +142,8 @@ spec:
         }
     });
     let _chat = mesh.sidecar("chat", &[("app", "chat")], port).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    trellis_testkit::assert_eventually!(endpoints(&mesh, "chat").await == 1);
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("chat", 1).await;
 
     let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr)
         .await
@@ -210,17 +180,14 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stat_figures_match_the_traffic_sent() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.unwrap();
+    mesh.apply(&service("catalog")).await.unwrap();
     let mut flaky = DemoAppConfig::new("catalog");
     flaky.instance = "catalog-0".into();
     flaky.error_rate = 0.25;
     let (port, _app) = run_app(flaky).await;
     let _catalog = mesh.sidecar("catalog-0", &[("app", "catalog")], port).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    trellis_testkit::assert_eventually!(endpoints(&mesh, "catalog").await == 1);
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 1).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let mut failures = 0;

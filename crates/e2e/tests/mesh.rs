@@ -6,17 +6,10 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trellis_e2e::{demo_app, instance_of, metric_sum, ProxyClient, TestMesh};
-use trellis_testkit::{assert_eventually, eventually};
-
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec:
-  selector: {app: catalog}
-  ports: [{name: http, port: 8080}]
-"#;
+use trellis_e2e::yaml::service;
+use trellis_e2e::{
+    admin_config, demo_app, instance_of, metric_sum, wait_config, ProxyClient, TestMesh,
+};
 
 const ROUND_ROBIN_CATALOG: &str = r#"
 apiVersion: trellis.dev/v1alpha1
@@ -69,36 +62,22 @@ async fn catalog_replicas(mesh: &TestMesh, version: &str, n: usize) -> Vec<trell
     proxies
 }
 
-/// Waits until `frontend` sees `n` endpoints of `service`.
-async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
-    eventually(
-        &format!("{service} has {n} endpoints"),
-        Duration::from_secs(10),
-        || async {
-            let services = mesh.get_json("/api/v1/services").await;
-            let count = services
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["name"] == service))
-                .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-                .unwrap_or(0);
-            (count == n)
-                .then_some(())
-                .ok_or(format!("{count} endpoints"))
-        },
-    )
-    .await;
+/// Sends `n` GETs of `url` and asserts each is answered 200.
+async fn all_ok(client: &mut ProxyClient, url: &str, n: usize) {
+    for i in 0..n {
+        let (status, body) = client.get(url).await.unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::OK, "request {i} of {url}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_reach_the_app_through_both_sidecars() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&service("catalog")).await.expect("apply");
     let catalog = catalog_replicas(&mesh, "v1", 1).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 1).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let (status, body) = client.get("http://catalog:8080/items?x=1").await.unwrap();
@@ -140,9 +119,9 @@ async fn requests_reach_the_app_through_both_sidecars() {
         frontend.admin_addr,
         "trellis_requests_total",
         &[
-            "direction=\"outbound\"",
-            "destination_service=\"catalog\"",
-            "status_code=\"200\"",
+            ("direction", "outbound"),
+            ("destination_service", "catalog"),
+            ("status_code", "200"),
         ],
     )
     .await;
@@ -151,9 +130,9 @@ async fn requests_reach_the_app_through_both_sidecars() {
         catalog[0].admin_addr,
         "trellis_requests_total",
         &[
-            "direction=\"inbound\"",
-            "source_workload=\"frontend\"",
-            "status_code=\"200\"",
+            ("direction", "inbound"),
+            ("source_workload", "frontend"),
+            ("status_code", "200"),
         ],
     )
     .await;
@@ -172,11 +151,8 @@ async fn round_robin_spreads_over_three_replicas() {
     let mesh = TestMesh::start().await;
     mesh.apply(ROUND_ROBIN_CATALOG).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 3).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    wait_endpoints(&mesh, "catalog", 3).await;
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 3).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -197,16 +173,13 @@ async fn round_robin_spreads_over_three_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_lands_within_four_percent() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&service("catalog")).await.expect("apply");
     mesh.apply(SPLIT).await.expect("apply split");
     let _v1 = catalog_replicas(&mesh, "v1", 1).await;
     let _v2 = catalog_replicas(&mesh, "v2", 1).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    wait_endpoints(&mesh, "catalog-v1", 1).await;
-    wait_endpoints(&mesh, "catalog-v2", 1).await;
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog-v1", 1).await;
+    mesh.wait_endpoints("catalog-v2", 1).await;
 
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let mut v2 = 0;
@@ -226,7 +199,7 @@ async fn weighted_split_lands_within_four_percent() {
     let routed = metric_sum(
         frontend.admin_addr,
         "trellis_requests_total",
-        &["route=\"catalog-split\""],
+        &[("route", "catalog-split")],
     )
     .await;
     assert_eq!(routed, 2000.0);
@@ -235,27 +208,19 @@ async fn weighted_split_lands_within_four_percent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_serves_while_the_control_plane_is_down() {
     let mut mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&service("catalog")).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 2).await;
     let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
     let frontend = mesh
         .sidecar("frontend", &[("app", "frontend")], fport)
         .await;
-    wait_endpoints(&mesh, "catalog", 2).await;
+    mesh.wait_endpoints("catalog", 2).await;
     let mut client = ProxyClient::new(frontend.outbound_addr);
     let (status, _) = client.get("http://catalog:8080/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
 
     mesh.stop_control().await;
-    for i in 0..200 {
-        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "request {i}: {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
+    all_ok(&mut client, "http://catalog:8080/", 200).await;
 
     // A proxy restarted meanwhile starts from its cache and serves.
     frontend.shutdown().await;
@@ -264,34 +229,18 @@ async fn the_mesh_serves_while_the_control_plane_is_down() {
         .await
         .expect("starts from its cache");
     let mut client = ProxyClient::new(restarted.outbound_addr);
-    for i in 0..50 {
-        let (status, body) = client.get("http://catalog:8080/").await.unwrap();
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "request {i}: {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
+    all_ok(&mut client, "http://catalog:8080/", 50).await;
 
     // The control plane comes back and the proxy catches up with a change.
     mesh.restart_control().await;
-    let before: u64 = serde_json::from_slice::<serde_json::Value>(
-        &trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None)
-            .await
-            .1,
-    )
-    .unwrap()["version"]
+    let before = admin_config(restarted.admin_addr).await.unwrap()["version"]
         .as_u64()
         .unwrap();
     mesh.apply(SPLIT).await.expect("apply split");
-    assert_eventually!(
-        timeout = Duration::from_secs(15),
-        {
-            let (_, body) =
-                trellis_testkit::http_get(&format!("http://{}/config", restarted.admin_addr), None)
-                    .await;
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    wait_config(
+        restarted.admin_addr,
+        "the restarted proxy gets the route applied after the control plane came back",
+        |v| {
             v["version"].as_u64().unwrap() > before
                 && v["services"]
                     .as_array()
@@ -299,8 +248,8 @@ async fn the_mesh_serves_while_the_control_plane_is_down() {
                     .iter()
                     .any(|s| s["name"] == "catalog-v1")
         },
-        "the restarted proxy never got the route applied after the control plane came back"
-    );
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -323,13 +272,10 @@ async fn a_proxy_without_control_plane_or_cache_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_apply_leaves_the_running_config_serving() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&service("catalog")).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 1).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 1).await;
 
     // A route to a service that does not exist, and a misspelt field.
     let bad = SPLIT.replace("name: catalog-v2, port", "name: catalog-v9, port");
@@ -338,7 +284,7 @@ async fn a_refused_apply_leaves_the_running_config_serving() {
         .await
         .expect_err("a route to a missing service is refused");
     assert!(err.contains("catalog-v9"), "{err}");
-    let typo = CATALOG.replace("selector:", "selectr:");
+    let typo = service("catalog").replace("selector:", "selectr:");
     let err = mesh
         .apply(&typo)
         .await
@@ -402,7 +348,7 @@ spec:
     let client = mesh
         .sidecar_with_upstream("client", cport, "echo", 7000)
         .await;
-    wait_endpoints(&mesh, "echo", 1).await;
+    mesh.wait_endpoints("echo", 1).await;
 
     let mut s = tokio::net::TcpStream::connect(client.upstream_addrs[0])
         .await
@@ -431,7 +377,7 @@ spec:
     let opened = metric_sum(
         client.admin_addr,
         "trellis_tcp_connections_opened_total",
-        &["destination_service=\"echo\""],
+        &[("destination_service", "echo")],
     )
     .await;
     assert_eq!(opened, 1.0);
@@ -440,13 +386,10 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_fails_alone() {
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
+    mesh.apply(&service("catalog")).await.expect("apply");
     let _catalog = catalog_replicas(&mesh, "v1", 1).await;
-    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
-    let frontend = mesh
-        .sidecar("frontend", &[("app", "frontend")], fport)
-        .await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let frontend = mesh.demo_sidecar("frontend").await;
+    mesh.wait_endpoints("catalog", 1).await;
 
     // Garbage, then a request with no target, then a peer that hangs up mid-request.
     let mut s = tokio::net::TcpStream::connect(frontend.outbound_addr)

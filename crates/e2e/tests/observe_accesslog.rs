@@ -109,7 +109,7 @@ async fn access_log_lines_are_json_with_the_listed_fields() {
 
     // A failing upstream is flagged.
     t.reviews.proxy.shutdown().await;
-    wait_endpoints(&mesh, "reviews", 0).await;
+    mesh.wait_endpoints("reviews", 0).await;
     let (_, _) = get(&format!("http://{}/", t.frontend.app), &[]).await;
     let flagged = eventually("a flagged line", Duration::from_secs(10), || {
         let e = lines(&catalog_log);

@@ -16,10 +16,11 @@ use trellis_e2e::TestMesh;
 use trellis_testkit::eventually;
 
 async fn fetch(mesh: &TestMesh, path: &str, host: &str) -> (u16, http::HeaderMap, String) {
+    let auth = mesh.auth_header();
     let resp = trellis_testkit::http_request(
         http::Method::GET,
         &format!("http://{}{path}", mesh.http_addr),
-        &[("host", host)],
+        &[("host", host), ("authorization", &auth)],
         bytes::Bytes::new(),
         None,
     )
@@ -56,30 +57,14 @@ async fn dashboard_is_self_contained_and_refuses_foreign_hosts() {
         assert!(urls.is_empty(), "{path} refers to {urls:?}");
     }
     // DNS rebinding: a foreign name is refused, for the page and for any
-    // request a browser makes.
+    // request, even one with a valid credential (names other than loopback
+    // and the bound address must be listed with --http-host).
     let (status, _, _) = fetch(&mesh, "/", "evil.example").await;
     assert_eq!(status, 403);
-    let resp = trellis_testkit::http_request(
-        http::Method::GET,
-        &format!("http://{}/api/v1/services", mesh.http_addr),
-        &[("host", "evil.example"), ("sec-fetch-mode", "cors")],
-        bytes::Bytes::new(),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), 403);
-    // The CLI, which sends no browser headers, may use any name.
-    let resp = trellis_testkit::http_request(
-        http::Method::GET,
-        &format!("http://{}/api/v1/services", mesh.http_addr),
-        &[("host", "control.internal")],
-        bytes::Bytes::new(),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), 200);
+    let (status, _, _) = fetch(&mesh, "/api/v1/services", "control.internal").await;
+    assert_eq!(status, 403);
+    let (status, _, _) = fetch(&mesh, "/api/v1/services", &local).await;
+    assert_eq!(status, 200);
 }
 
 fn screenshots() -> PathBuf {
@@ -140,7 +125,17 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
     })
     .await;
 
+    // The browser logs in from the link's fragment, as `trellis demo`'s
+    // link does, with a credential that can read but not write.
+    let viewer = mesh.api_token(trellis_control::auth::Role::Viewer).await;
     let base = format!("http://127.0.0.1:{}/", mesh.http_addr.port());
+    let unauthenticated = chromium(&bin, &base, &["--dump-dom".into()]).await;
+    assert!(
+        !unauthenticated.contains("data-service=\"frontend\"")
+            && unauthenticated.contains("sign in needed"),
+        "no data without a credential, and the page asks for one:\n{unauthenticated}"
+    );
+    let base = format!("{base}#token={viewer}");
     let dom = chromium(&bin, &base, &["--dump-dom".into()]).await;
     for service in ["frontend", "catalog", "reviews"] {
         assert!(
@@ -173,13 +168,13 @@ async fn dashboard_shows_services_and_the_graph_in_chromium() {
     .await;
     chromium(
         &bin,
-        &format!("{base}#/service/default/catalog"),
+        &format!("{base}&/service/default/catalog"),
         &[format!("--screenshot={}", service.display())],
     )
     .await;
     let dom = chromium(
         &bin,
-        &format!("{base}#/service/default/catalog"),
+        &format!("{base}&/service/default/catalog"),
         &["--dump-dom".into()],
     )
     .await;

@@ -57,8 +57,9 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     };
     let mesh = TestMesh::start().await;
     mesh.apply(&format!(
-        "{}\n---\n{SERVICES}",
-        observe_common::mesh("  tracing: {sampling: 0.0}")
+        "{}---\n{}",
+        observe_common::mesh("  tracing: {sampling: 0.0}"),
+        services()
     ))
     .await
     .expect("apply");
@@ -67,9 +68,11 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
     let _catalog = tier(&mesh, "catalog", &["http://reviews:8080/reviews"], |_| {}).await;
     let frontend = tier(&mesh, "frontend", &["http://catalog:8080/items"], |_| {}).await;
     for svc in ["catalog", "reviews", "frontend"] {
-        wait_endpoints(&mesh, svc, 1).await;
+        mesh.wait_endpoints(svc, 1).await;
     }
 
+    // Prometheus discovers the proxies with a read-only credential.
+    let viewer = mesh.api_token(trellis_control::auth::Role::Viewer).await;
     let dir = mesh.dir.path().join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
@@ -79,8 +82,10 @@ async fn prometheus_discovers_every_proxy_and_answers_promql() {
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
              scrape_configs:\n\
              - job_name: trellis-proxies\n  \
-               http_sd_configs: [{{url: 'http://{}/api/v1/prometheus/targets', refresh_interval: 1s}}]\n",
-            mesh.http_addr
+               http_sd_configs: [{{url: 'http://{}/api/v1/prometheus/targets', refresh_interval: 1s, \
+               authorization: {{type: Bearer, credentials: '{}'}}}}]\n",
+            mesh.http_addr,
+            viewer,
         ),
     )
     .unwrap();

@@ -1,7 +1,9 @@
 //! Distributed tracing through three services: the spans of every hop
 //! chain to the caller's `traceparent`, B3 is read (and written back),
 //! the caller's sampling decision is kept, bad headers start a new trace,
-//! and a dead collector costs nothing but dropped spans.
+//! and a dead collector fails no request and holds no memory: its spans
+//! are dropped and counted. (The latency figures with a dead collector are
+//! printed, not asserted: timings belong in bench/.)
 
 mod observe_common;
 
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use observe_common::*;
 use serde_json::Value;
-use trellis_e2e::TestMesh;
+use trellis_e2e::{metric_sum, TestMesh};
 use trellis_testkit::eventually;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -21,11 +23,7 @@ async fn wait_spans(mesh: &TestMesh, trace: &str, n: usize) -> Vec<Value> {
         &format!("trace {trace} has {n} spans"),
         Duration::from_secs(15),
         || async {
-            let (status, body) = trellis_testkit::http_get(
-                &format!("http://{}/api/v1/traces/{trace}", mesh.http_addr),
-                None,
-            )
-            .await;
+            let (status, body) = mesh.get(&format!("/api/v1/traces/{trace}")).await;
             if status != 200 {
                 return Err(format!("{status}"));
             }
@@ -131,12 +129,18 @@ async fn one_trace_through_three_services_chains_to_the_callers_traceparent() {
     assert_eq!(status, 200);
     let tp = header(&answer["calls"][0]["body"], "traceparent").unwrap();
     assert!(tp.contains(unsampled) && tp.ends_with("-00"), "{tp}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, _) = trellis_testkit::http_get(
-        &format!("http://{}/api/v1/traces/{unsampled}", mesh.http_addr),
-        None,
+    // A sampled request after it: each proxy exports its spans in order,
+    // so once this one's four spans are kept, any of the unsampled
+    // request's would have been too.
+    let marker = "55555555555555555555555555555555";
+    let (status, _) = get(
+        &url,
+        &[("traceparent", &format!("00-{marker}-{PARENT}-01"))],
     )
     .await;
+    assert_eq!(status, 200);
+    wait_spans(&mesh, marker, 4).await;
+    let (status, _) = mesh.get(&format!("/api/v1/traces/{unsampled}")).await;
     assert_eq!(status, 404, "an unsampled trace is not exported");
 }
 
@@ -236,30 +240,21 @@ async fn latencies(url: &str, n: usize) -> Vec<Duration> {
     out
 }
 
-/// An unlabelled counter from a proxy's /metrics.
-async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let (_, body) = trellis_testkit::http_get(&format!("http://{admin}/metrics"), None).await;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_collector_leaves_latency_and_memory_flat() {
+async fn a_dead_collector_fails_no_request_and_holds_no_memory() {
     let mesh = TestMesh::start().await;
     let t = three_tier(&mesh, &mesh_yaml_sampling(1.0)).await;
     let url = format!("http://{}/", t.frontend.app);
     latencies(&url, 50).await; // warm up connections
     let base = latencies(&url, 300).await;
+    let rss = || trellis_testkit::process::rss_bytes(std::process::id()).unwrap_or(0);
+    let dropped = || {
+        metric_sum(
+            t.catalog.proxy.admin_addr,
+            "trellis_proxy_spans_dropped_total",
+            &[],
+        )
+    };
 
     let (hole, _task) = black_hole().await;
     for (protocol, endpoint) in [
@@ -271,46 +266,35 @@ async fn a_dead_collector_leaves_latency_and_memory_flat() {
         )))
         .await
         .expect("apply");
-        // Let the proxies take the new Mesh.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_before = rss_bytes();
+        mesh.wait_mesh_synced().await;
+        let (rss_before, dropped_before) = (rss(), dropped().await);
+        // Every request is answered (`latencies` asserts 200s) while the
+        // spans of enough of them to overflow the export queue many times
+        // over go nowhere.
         let dead = latencies(&url, 300).await;
-        // Enough spans to overflow the export queue many times over.
         let dead_more = latencies(&url, 1500).await;
-        let rss_after = rss_bytes();
-        let dropped = counter(
-            t.catalog.proxy.admin_addr,
-            "trellis_proxy_spans_dropped_total",
-        )
-        .await;
+        let (rss_after, dropped_after) = (rss(), dropped().await);
         println!(
-            "{protocol}: p50 {:?} -> {:?}, p99 {:?} -> {:?} (then p99 {:?} over 1500); RSS {} MB -> {} MB; catalog dropped {dropped} spans",
+            "{protocol}: p50 {:?} -> {:?}, p99 {:?} -> {:?} (then p50 {:?}, p99 {:?} over 1500); RSS {} MB -> {} MB; catalog dropped {} spans",
             percentile(&base, 0.5),
             percentile(&dead, 0.5),
             percentile(&base, 0.99),
             percentile(&dead, 0.99),
+            percentile(&dead_more, 0.5),
             percentile(&dead_more, 0.99),
             rss_before >> 20,
             rss_after >> 20,
+            dropped_after - dropped_before,
         );
         assert!(
-            dropped > 0.0,
+            dropped_after > dropped_before,
             "spans for a dead collector are dropped and counted"
-        );
-        let budget = |d: Duration| d * 2 + Duration::from_millis(5);
-        assert!(
-            percentile(&dead, 0.5) <= budget(percentile(&base, 0.5)),
-            "p50 with a dead collector"
-        );
-        assert!(
-            percentile(&dead_more, 0.5) <= budget(percentile(&base, 0.5)),
-            "p50 with a dead collector, later"
         );
         // Bounded queues: memory does not follow the number of spans.
         assert!(
             rss_after.saturating_sub(rss_before) < 64 << 20,
             "RSS grew {} MB",
-            (rss_after - rss_before) >> 20
+            rss_after.saturating_sub(rss_before) >> 20
         );
     }
 }
@@ -381,17 +365,67 @@ async fn spans_reach_an_otlp_collector_over_grpc_and_http() {
     )
     .await;
 
-    // OTLP/HTTP, to the control plane's own receiver at /v1/traces.
+    // OTLP/HTTP, to a collector of its own (the control plane's
+    // /v1/traces needs a credential, which proxies do not hold).
+    let http = http_collector(got.clone()).await;
     mesh.apply(&observe_common::mesh(&format!(
-        "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{}/v1/traces'}}",
-        mesh.http_addr
+        "  tracing: {{sampling: 0.0, otlpEndpoint: 'http://{http}/v1/traces'}}"
     )))
     .await
     .expect("apply");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    mesh.wait_mesh_synced().await;
     let trace = "33333333333333333333333333333333";
     let (status, _) = get(&url, &[("traceparent", &format!("00-{trace}-{PARENT}-01"))]).await;
     assert_eq!(status, 200);
-    let spans = wait_spans(&mesh, trace, 4).await;
-    assert_eq!(spans.len(), 4);
+    eventually(
+        "the collector gets 4 spans over HTTP",
+        Duration::from_secs(15),
+        || async {
+            let n = got.lock().unwrap().iter().filter(|t| *t == trace).count();
+            (n == 4).then_some(()).ok_or(format!("{n} spans"))
+        },
+    )
+    .await;
+}
+
+/// An OTLP/HTTP collector (protobuf, any path) that keeps the trace ids it
+/// gets, as `Collector` does for gRPC.
+async fn http_collector(
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let got = got.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if let Ok(r) = <opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as prost::Message>::decode(body) {
+                            let mut got = got.lock().unwrap();
+                            for rs in &r.resource_spans {
+                                for ss in &rs.scope_spans {
+                                    for s in &ss.spans {
+                                        got.push(trellis_proxy::trace::hex(&s.trace_id));
+                                    }
+                                }
+                            }
+                        }
+                            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }

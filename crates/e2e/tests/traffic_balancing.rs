@@ -6,40 +6,34 @@ mod traffic_common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use traffic_common::{caller, load, replica, wait_endpoints, wait_proxy_endpoints, Client};
-use trellis_e2e::{metric_sum, TestMesh};
-
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec: {selector: {app: catalog}, ports: [{port: 8080}]}
-"#;
+use traffic_common::{caller, catalog_counter, catalog_with, load, policy, replica, Client};
+use trellis_e2e::yaml::service;
+use trellis_e2e::{wait_proxy_endpoints, TestMesh};
 
 const RING_HASH: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: ring-hash, hashOn: {header: x-user}}
 "#;
 
+/// GETs catalog's cart as user `key`; the instance that answered.
+async fn cart(client: &mut Client, key: &str) -> String {
+    let a = client
+        .send(
+            Method::GET,
+            "http://catalog:8080/cart",
+            &[("x-user", key)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "user {key}");
+    a.instance()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(RING_HASH).await.expect("apply policy");
-    let mut replicas = Vec::new();
-    for i in 0..5 {
-        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
-    }
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 5).await;
+    let (mesh, mut replicas, frontend) = catalog_with(&policy(RING_HASH), 5).await;
     let mut client = Client::new(frontend.outbound_addr);
     assert_eq!(
         client.get("http://catalog:8080/").await.status,
@@ -51,17 +45,9 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
     let mut owner: HashMap<&str, String> = HashMap::new();
     for round in 0..3 {
         for k in &keys {
-            let a = client
-                .send(
-                    Method::GET,
-                    "http://catalog:8080/cart",
-                    &[("x-user", k)],
-                    Bytes::new(),
-                )
-                .await;
-            assert_eq!(a.status, StatusCode::OK);
-            let prev = owner.entry(k).or_insert_with(|| a.instance());
-            assert_eq!(*prev, a.instance(), "{k} moved in round {round}");
+            let got = cart(&mut client, k).await;
+            let prev = owner.entry(k).or_insert_with(|| got.clone());
+            assert_eq!(*prev, got, "{k} moved in round {round}");
         }
     }
     let mut per: HashMap<&str, usize> = HashMap::new();
@@ -75,20 +61,11 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
     let gone = replicas.remove(2);
     let gone_name = gone.app.instance.clone();
     gone.proxy.shutdown().await;
-    wait_endpoints(&mesh, "catalog", 4).await;
+    mesh.wait_endpoints("catalog", 4).await;
     wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
     let mut moved = 0;
     for k in &keys {
-        let a = client
-            .send(
-                Method::GET,
-                "http://catalog:8080/cart",
-                &[("x-user", k)],
-                Bytes::new(),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK);
-        if a.instance() != owner[k.as_str()] {
+        if cart(&mut client, k).await != owner[k.as_str()] {
             assert_eq!(
                 owner[k.as_str()],
                 gone_name,
@@ -114,12 +91,7 @@ async fn ring_hash_keeps_each_key_on_one_endpoint_and_moves_few_when_one_leaves(
         client.get("http://catalog:8080/cart").await.status,
         StatusCode::OK
     );
-    let missing = metric_sum(
-        frontend.admin_addr,
-        "trellis_hash_key_missing_total",
-        &["destination_service=\"catalog\""],
-    )
-    .await;
+    let missing = catalog_counter(&frontend, "trellis_hash_key_missing_total").await;
     assert!(missing >= 1.0, "{missing}");
 }
 
@@ -142,10 +114,11 @@ metadata: {name: catalog-ewma}
 spec: {selector: {app: catalog}, ports: [{port: 8080}]}
 "#;
 
-/// A benchmark-like comparison: it prints both p99s and asserts only that
-/// peak-EWMA's is well under half of round robin's.
+/// Peak-EWMA learns that one endpoint is slow and sends it far less than
+/// round robin's quarter. The latencies each gives are printed, not
+/// asserted: timings belong in bench/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peak_ewma_keeps_p99_far_below_round_robin_with_one_slow_endpoint() {
+async fn peak_ewma_sends_a_slow_endpoint_far_less_than_round_robin() {
     let mesh = TestMesh::start().await;
     mesh.apply(TWO_BALANCERS).await.expect("apply");
     let mut replicas = Vec::new();
@@ -158,10 +131,10 @@ async fn peak_ewma_keeps_p99_far_below_round_robin_with_one_slow_endpoint() {
         .delay_ms
         .store(200, Ordering::SeqCst);
     let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog-rr", 4).await;
-    wait_endpoints(&mesh, "catalog-ewma", 4).await;
+    mesh.wait_endpoints("catalog-rr", 4).await;
+    mesh.wait_endpoints("catalog-ewma", 4).await;
 
-    let mut figures = Vec::new();
+    let mut shares = Vec::new();
     for svc in ["catalog-rr", "catalog-ewma"] {
         let url = format!("http://{svc}:8080/");
         // Warm up: discovery, connections, and the latency estimates.
@@ -170,28 +143,27 @@ async fn peak_ewma_keeps_p99_far_below_round_robin_with_one_slow_endpoint() {
         wait_proxy_endpoints(frontend.admin_addr, svc, 4).await;
         let l = load(frontend.outbound_addr, &url, 800, 8).await;
         assert_eq!(l.ok_share(), 1.0, "{svc}");
-        let (p50, p99) = (l.quantile(0.5), l.quantile(0.99));
+        let slow = l.share_of("catalog-0");
         println!(
-            "{svc}: p50 {p50:?}, p99 {p99:?}, slow endpoint share {:.1}%",
-            l.share_of("catalog-0") * 100.0
+            "{svc}: p50 {:?}, p99 {:?}, slow endpoint share {:.1}%",
+            l.quantile(0.5),
+            l.quantile(0.99),
+            slow * 100.0
         );
-        figures.push(p99);
+        shares.push(slow);
     }
-    let (rr, ewma) = (figures[0], figures[1]);
-    println!("p99 with one of 4 endpoints 200ms slower: round-robin {rr:?}, peak-EWMA {ewma:?}");
-    assert!(rr >= Duration::from_millis(200), "round robin p99 {rr:?}");
+    let (rr, ewma) = (shares[0], shares[1]);
     assert!(
-        ewma < rr / 2,
-        "peak-EWMA p99 {ewma:?} vs round robin {rr:?}"
+        (0.2..=0.3).contains(&rr),
+        "round robin gives each of 4 endpoints a quarter, the slow one {rr:.3}"
+    );
+    assert!(
+        ewma < rr / 3.0,
+        "peak-EWMA sent the slow endpoint {ewma:.3} of requests, round robin {rr:.3}"
     );
 }
 
 const ZONED: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
   retry: {attempts: 2, codes: [500]}
@@ -202,14 +174,14 @@ spec:
 async fn traffic_stays_in_the_callers_zone_until_too_few_there_are_healthy() {
     const ZONE: &str = "topology.trellis.dev/zone";
     let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(ZONED).await.expect("apply policy");
+    mesh.apply(&service("catalog")).await.expect("apply");
+    mesh.apply(&policy(ZONED)).await.expect("apply policy");
     let a0 = replica(&mesh, "catalog", "catalog-a0", &[(ZONE, "a")]).await;
     let _a1 = replica(&mesh, "catalog", "catalog-a1", &[(ZONE, "a")]).await;
     let _b0 = replica(&mesh, "catalog", "catalog-b0", &[(ZONE, "b")]).await;
     let _b1 = replica(&mesh, "catalog", "catalog-b1", &[(ZONE, "b")]).await;
     let frontend = caller(&mesh, "frontend", &[(ZONE, "a")]).await;
-    wait_endpoints(&mesh, "catalog", 4).await;
+    mesh.wait_endpoints("catalog", 4).await;
     let url = "http://catalog:8080/";
     assert_eq!(
         load(frontend.outbound_addr, url, 1, 1).await.ok_share(),
@@ -241,11 +213,6 @@ async fn traffic_stays_in_the_callers_zone_until_too_few_there_are_healthy() {
         zone_b * 100.0
     );
     assert!((0.5..0.8).contains(&zone_b), "zone b got {zone_b:.2}");
-    let failovers = metric_sum(
-        frontend.admin_addr,
-        "trellis_locality_failovers_total",
-        &["destination_service=\"catalog\""],
-    )
-    .await;
+    let failovers = catalog_counter(&frontend, "trellis_locality_failovers_total").await;
     assert!(failovers >= 300.0, "{failovers}");
 }

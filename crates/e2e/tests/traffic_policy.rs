@@ -8,44 +8,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use traffic_common::{caller, load, replica, wait_endpoints, Client};
-use trellis_e2e::{metric_sum, TestMesh};
-
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec: {selector: {app: catalog}, ports: [{port: 8080}]}
-"#;
+use traffic_common::{catalog_counter, catalog_with, load, policy, Client};
+use trellis_e2e::metric_sum;
 
 const ABORT: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   faultInjection:
     abort: {percent: 10, httpStatus: 503}
 "#;
 
 const DELAY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   faultInjection:
     delay: {percent: 50, fixedDelay: 100ms}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_aborts_and_delays_about_the_configured_share() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(ABORT).await.expect("apply policy");
-    let catalog = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let (mesh, replicas, frontend) = catalog_with(&policy(ABORT), 1).await;
+    let catalog = &replicas[0];
 
     let mut client = Client::new(frontend.outbound_addr);
     let (mut aborted, n) = (0, 2000);
@@ -74,13 +53,13 @@ async fn fault_injection_aborts_and_delays_about_the_configured_share() {
     let counted = metric_sum(
         frontend.admin_addr,
         "trellis_faults_injected_total",
-        &["destination_service=\"catalog\"", "fault=\"abort\""],
+        &[("destination_service", "catalog"), ("fault", "abort")],
     )
     .await;
     assert_eq!(counted as usize, aborted);
 
     // A new policy replaces the old one: delays instead of aborts.
-    mesh.apply(DELAY).await.expect("apply delay");
+    mesh.apply(&policy(DELAY)).await.expect("apply delay");
     trellis_testkit::eventually("the delay policy runs", Duration::from_secs(10), || async {
         let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 20).await;
         (l.ok_share() == 1.0).then_some(()).ok_or("aborts still")
@@ -102,22 +81,13 @@ async fn fault_injection_aborts_and_delays_about_the_configured_share() {
 }
 
 const RATE_LIMIT: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   localRateLimit: {requestsPerSecond: 50, burst: 10}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(RATE_LIMIT).await.expect("apply policy");
-    let catalog = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(RATE_LIMIT), 1).await;
+    let catalog = &replicas[0];
     let proxy = frontend.outbound_addr;
     assert_eq!(
         Client::new(proxy).get("http://catalog:8080/").await.status,
@@ -159,38 +129,22 @@ async fn a_rate_limit_of_50_rps_under_a_200_rps_burst_passes_about_50_rps() {
         "{rate:.1} requests per second passed"
     );
     assert_eq!(catalog.app.hits() as usize, passed + 1);
-    let counted = metric_sum(
-        frontend.admin_addr,
-        "trellis_rate_limited_total",
-        &["destination_service=\"catalog\""],
-    )
-    .await;
+    let counted = catalog_counter(&frontend, "trellis_rate_limited_total").await;
     assert_eq!(counted as usize, limited);
 }
 
 const GOOD: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_or_conflicting_policies_are_refused_and_the_running_config_stays() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(GOOD).await.expect("apply policy");
-    let _a = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let _b = replica(&mesh, "catalog", "catalog-1", &[]).await;
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 2).await;
+    let (mesh, _replicas, frontend) = catalog_with(&policy(GOOD), 2).await;
 
     let cases: [(&str, String, &str); 6] = [
         (
             "maxEjectionPercent over 100",
-            GOOD.replace(
+            policy(GOOD).replace(
                 "loadBalancer: {type: round-robin}",
                 "outlierDetection: {maxEjectionPercent: 101}",
             ),
@@ -198,7 +152,7 @@ async fn impossible_or_conflicting_policies_are_refused_and_the_running_config_s
         ),
         (
             "a second TrafficPolicy for catalog",
-            GOOD.replace("metadata: {name: catalog}", "metadata: {name: catalog-2}"),
+            policy(GOOD).replace("metadata: {name: catalog}", "metadata: {name: catalog-2}"),
             "already has a TrafficPolicy",
         ),
         (
@@ -244,7 +198,7 @@ spec:
         ),
         (
             "ring-hash without a key",
-            GOOD.replace("type: round-robin", "type: ring-hash"),
+            policy(GOOD).replace("type: round-robin", "type: ring-hash"),
             "ring-hash needs a key",
         ),
     ];

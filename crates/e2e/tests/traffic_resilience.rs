@@ -8,23 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use traffic_common::{caller, load, replica, wait_endpoints, wait_proxy_endpoints, Client};
-use trellis_e2e::{metric_sum, TestMesh};
+use traffic_common::{catalog_counter, catalog_with, load, policy, Client};
+use trellis_e2e::{metric_sum, wait_config, wait_proxy_endpoints};
 use trellis_testkit::{assert_eventually, eventually};
 
-const CATALOG: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec: {selector: {app: catalog}, ports: [{port: 8080}]}
-"#;
-
 const OUTLIER: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   outlierDetection:
     consecutive5xxErrors: 5
@@ -35,17 +23,9 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_healed() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(OUTLIER).await.expect("apply policy");
-    let mut replicas = Vec::new();
-    for i in 0..4 {
-        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
-    }
+    let (_mesh, replicas, frontend) = catalog_with(&policy(OUTLIER), 4).await;
     let bad = &replicas[0];
     bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 4).await;
     let mut client = Client::new(frontend.outbound_addr);
     client.get("http://catalog:8080/").await;
     wait_proxy_endpoints(frontend.admin_addr, "catalog", 4).await;
@@ -53,12 +33,7 @@ async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_he
 
     let l = load(frontend.outbound_addr, "http://catalog:8080/", 1000, 4).await;
     let bad_hits = bad.app.hits() - before;
-    let ejections = metric_sum(
-        frontend.admin_addr,
-        "trellis_outlier_ejections_total",
-        &["destination_service=\"catalog\""],
-    )
-    .await;
+    let ejections = catalog_counter(&frontend, "trellis_outlier_ejections_total").await;
     println!(
         "outlier detection: {:.2}% success over 1000 requests, the failing endpoint got {bad_hits} tries, {ejections} ejections, {:?}",
         l.ok_share() * 100.0,
@@ -89,11 +64,6 @@ async fn outlier_detection_and_retries_hide_a_failing_endpoint_and_readmit_it_he
 }
 
 const STORM: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   retry:
     attempts: 3
     codes: [503]
@@ -103,21 +73,15 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_a_retry_storm() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(STORM).await.expect("apply policy");
-    let a = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let b = replica(&mesh, "catalog", "catalog-1", &[]).await;
-    for r in [&a, &b] {
+    let (mesh, replicas, frontend) = catalog_with(&policy(STORM), 2).await;
+    for r in &replicas {
         r.app.behaviour.fail_with.store(503, Ordering::SeqCst);
     }
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 2).await;
 
     let n = 500;
     let l = load(frontend.outbound_addr, "http://catalog:8080/", n, 4).await;
     assert_eq!(l.count(StatusCode::SERVICE_UNAVAILABLE), n);
-    let tries = (a.app.hits() + b.app.hits()) as usize;
+    let tries = replicas.iter().map(|r| r.app.hits()).sum::<u64>() as usize;
     let retries = tries - n;
     // 0.2 × 500 + 1/s × 10s = 110 (a few more if callers race on the last ones).
     println!(
@@ -129,19 +93,16 @@ async fn the_retry_budget_caps_a_retry_storm() {
         retries >= 100,
         "the budget allows its share: {retries} retries"
     );
-    let exhausted = metric_sum(
-        frontend.admin_addr,
-        "trellis_retry_budget_exhausted_total",
-        &["destination_service=\"catalog\""],
-    )
-    .await;
+    let exhausted = catalog_counter(&frontend, "trellis_retry_budget_exhausted_total").await;
     assert!(exhausted >= 300.0, "{exhausted}");
     let mut client = Client::new(frontend.outbound_addr);
     let answer = client.get("http://catalog:8080/").await;
     assert!(answer.flags().contains("URX"), "{:?}", answer.headers);
 
     // `trellis stat --traffic` shows the same figures.
-    let api = trellis::client::Api::new(&mesh.http_addr.to_string(), "test").unwrap();
+    let api = trellis::client::Api::new(&mesh.http_addr.to_string(), "test")
+        .unwrap()
+        .with_token(mesh.admin_token());
     let (rows, unreachable) = trellis::traffic_stat::collect(&api).await.unwrap();
     assert!(unreachable.is_empty(), "{unreachable:?}");
     print!("{}", trellis::traffic_stat::traffic_table(&rows));
@@ -152,31 +113,45 @@ async fn the_retry_budget_caps_a_retry_storm() {
 }
 
 const POOL: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   connectionPool: {maxRequests: 4}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_pool_limit_requests_fail_fast_with_a_flag() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(POOL).await.expect("apply policy");
-    let slow = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    slow.app.behaviour.delay_ms.store(500, Ordering::SeqCst);
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 1).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(POOL), 1).await;
+    let slow = &replicas[0];
     let mut client = Client::new(frontend.outbound_addr);
     assert_eq!(
         client.get("http://catalog:8080/").await.status,
         StatusCode::OK
     );
 
-    // 20 at once against a limit of 4 requests in flight.
-    let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 20).await;
+    // 20 at once against a limit of 4 requests in flight, while the app
+    // holds every request it gets: the 16 past the limit can only be
+    // answered by a refusal, and are, before any slot frees up.
+    slow.app.hold();
+    let burst = tokio::spawn(load(frontend.outbound_addr, "http://catalog:8080/", 20, 20));
+    let rejections = || {
+        metric_sum(
+            frontend.admin_addr,
+            "trellis_circuit_breaker_rejections_total",
+            &[("destination_service", "catalog"), ("limit", "requests")],
+        )
+    };
+    eventually(
+        "16 of 20 are refused while 4 are held",
+        Duration::from_secs(10),
+        || async {
+            let (held, refused) = (slow.app.in_flight(), rejections().await);
+            (held == 4 && refused == 16.0)
+                .then_some(())
+                .ok_or(format!("{held} held, {refused} refused"))
+        },
+    )
+    .await;
+    assert!(!burst.is_finished(), "the held requests are still waiting");
+    slow.app.release();
+    let l = burst.await.unwrap();
     let ok = l.count(StatusCode::OK);
     let refused = l.count(StatusCode::SERVICE_UNAVAILABLE);
     let fastest_refusal = l
@@ -188,49 +163,29 @@ async fn past_the_pool_limit_requests_fail_fast_with_a_flag() {
         .min()
         .unwrap_or_default();
     println!("circuit breaking: {ok} served, {refused} refused (fastest in {fastest_refusal:?})");
-    assert_eq!(ok + refused, 20);
-    assert!((4..=8).contains(&ok), "{ok} served");
-    assert!(fastest_refusal < Duration::from_millis(250));
-    assert!(slow.app.behaviour.max_in_flight.load(Ordering::SeqCst) <= 4);
-    let rejections = metric_sum(
-        frontend.admin_addr,
-        "trellis_circuit_breaker_rejections_total",
-        &["destination_service=\"catalog\"", "limit=\"requests\""],
-    )
-    .await;
-    assert_eq!(rejections as usize, refused);
+    assert_eq!((ok, refused), (4, 16));
+    assert_eq!(slow.app.behaviour.max_in_flight.load(Ordering::SeqCst), 4);
+    assert_eq!(rejections().await as usize, refused);
 
     // The flag tells the caller why.
-    slow.app.behaviour.delay_ms.store(2000, Ordering::SeqCst);
+    slow.app.hold();
     let busy = tokio::spawn(load(frontend.outbound_addr, "http://catalog:8080/", 4, 4));
-    assert_eventually!(slow.app.behaviour.in_flight.load(Ordering::SeqCst) == 4);
+    assert_eventually!(slow.app.in_flight() == 4);
     let a = client.get("http://catalog:8080/").await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.flags(), "UO");
+    slow.app.release();
     assert_eq!(busy.await.unwrap().ok_share(), 1.0);
 }
 
 const HEALTH: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
   loadBalancer: {type: round-robin}
   healthCheck: {path: /healthz, interval: 200ms, timeout: 500ms, healthyThreshold: 2, unhealthyThreshold: 2}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_an_endpoint_out_and_back() {
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(HEALTH).await.expect("apply policy");
-    let mut replicas = Vec::new();
-    for i in 0..3 {
-        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
-    }
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 3).await;
+    let (_mesh, replicas, frontend) = catalog_with(&policy(HEALTH), 3).await;
     let url = "http://catalog:8080/";
     load(frontend.outbound_addr, url, 3, 1).await;
     wait_proxy_endpoints(frontend.admin_addr, "catalog", 3).await;
@@ -261,7 +216,7 @@ async fn active_health_checks_take_an_endpoint_out_and_back() {
     let fails = metric_sum(
         frontend.admin_addr,
         "trellis_health_checks_total",
-        &["destination_service=\"catalog\"", "result=\"fail\""],
+        &[("destination_service", "catalog"), ("result", "fail")],
     )
     .await;
     assert!(fails >= 2.0, "{fails}");
@@ -311,30 +266,25 @@ spec:
   - backendRefs: [{name: catalog}]
     timeouts: {backendRequest: 200ms}
     retry: {attempts: 2, codes: [503], backoff: 1ms}
----
-apiVersion: trellis.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: catalog}
-spec:
-  targetRef: {kind: Service, name: catalog}
-  loadBalancer: {type: round-robin}
 "#;
+
+/// The route, allowing POST retries or not, and round robin for catalog.
+fn retry_route(allow_posts: bool) -> String {
+    let route = RETRY_ROUTE.replace("ANNOTATION", &allow_posts.to_string());
+    format!(
+        "{route}---\n{}",
+        policy("  loadBalancer: {type: round-robin}")
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() {
     use bytes::Bytes;
     use http::Method;
 
-    let mesh = TestMesh::start().await;
-    mesh.apply(CATALOG).await.expect("apply");
-    mesh.apply(&RETRY_ROUTE.replace("ANNOTATION", "false"))
-        .await
-        .expect("apply route");
-    let bad = replica(&mesh, "catalog", "catalog-0", &[]).await;
-    let good = replica(&mesh, "catalog", "catalog-1", &[]).await;
+    let (mesh, replicas, frontend) = catalog_with(&retry_route(false), 2).await;
+    let (bad, good) = (&replicas[0], &replicas[1]);
     bad.app.behaviour.fail_with.store(503, Ordering::SeqCst);
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    wait_endpoints(&mesh, "catalog", 2).await;
     let mut client = Client::new(frontend.outbound_addr);
     let post = |i: usize| {
         (
@@ -361,21 +311,20 @@ async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() 
     assert_eq!(l.ok_share(), 1.0);
 
     // Allowed: every POST succeeds, its body sent again intact.
-    mesh.apply(&RETRY_ROUTE.replace("ANNOTATION", "true"))
-        .await
-        .expect("apply route");
-    eventually(
-        "the annotation is in force",
-        Duration::from_secs(10),
-        || async {
-            let mut c = Client::new(frontend.outbound_addr);
-            for i in 0..6 {
-                let (m, url, body) = post(1000 + i);
-                if c.send(m, &url, &[], body).await.status != StatusCode::OK {
-                    return Err("a POST failed");
-                }
-            }
-            Ok(())
+    mesh.apply(&retry_route(true)).await.expect("apply route");
+    wait_config(
+        frontend.admin_addr,
+        "the caller's proxy runs the route that allows POST retries",
+        |c| {
+            c["services"].as_array().is_some_and(|services| {
+                services
+                    .iter()
+                    .flat_map(|s| s["routes"].as_array())
+                    .flatten()
+                    .any(|r| {
+                        r["metadata"]["annotations"]["trellis.dev/retry-non-idempotent"] == "true"
+                    })
+            })
         },
     )
     .await;
@@ -405,15 +354,22 @@ async fn posts_are_retried_only_when_the_route_allows_and_slow_tries_time_out() 
         .expect("the good instance got order 120");
     assert_eq!(copy.body, Bytes::from("order 120"));
 
-    // A try slower than backendRequest (200ms) is abandoned and retried.
+    // A try slower than backendRequest (200ms) is abandoned and retried:
+    // the slow instance gets tries, yet never answers one (held, it would
+    // answer 200 once released).
     bad.app.behaviour.fail_with.store(0, Ordering::SeqCst);
-    bad.app.behaviour.delay_ms.store(1000, Ordering::SeqCst);
+    bad.app.hold();
+    let tries_before = bad.app.hits();
     let l = load(frontend.outbound_addr, "http://catalog:8080/", 20, 1).await;
     assert_eq!(l.ok_share(), 1.0);
     assert_eq!(l.share_of("catalog-1"), 1.0);
     assert!(
-        l.quantile(1.0) < Duration::from_millis(900),
-        "{:?}",
+        bad.app.hits() > tries_before,
+        "no try reached the slow instance"
+    );
+    println!(
+        "per-try timeout: slowest of 20 answers in {:?}",
         l.quantile(1.0)
     );
+    bad.app.release();
 }

@@ -8,19 +8,21 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::ProxyConfig;
 use crate::http::{full, serve_connection, text_response};
 use crate::inputs::Inputs;
+use crate::listener::{self, BindError, Kind};
 use crate::Body;
 
 pub struct Admin {
     listener: TcpListener,
-    inputs: Arc<Inputs>,
 }
 
 impl Admin {
-    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Admin> {
-        let listener = crate::bind(inputs.cfg.admin_addr, "admin", "--admin-addr").await?;
-        Ok(Admin { listener, inputs })
+    /// Binds the admin listener (a taken port is a start-up error).
+    pub async fn new(cfg: &ProxyConfig) -> Result<Admin, BindError> {
+        let listener = listener::bind(cfg.admin_addr, Kind::admin).await?;
+        Ok(Admin { listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -29,20 +31,23 @@ impl Admin {
             .expect("bound listener has an address")
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let inputs = self.inputs.clone();
-                    tokio::spawn(serve_connection(tcp, shutdown.clone(), move |req| {
-                        let inputs = inputs.clone();
-                        async move { handle(&inputs, req) }
-                    }));
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
+    pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
+        let errors = inputs.metrics.accept_errors.clone();
+        let sd = shutdown.clone();
+        listener::serve(
+            self.listener,
+            Kind::admin,
+            errors,
+            shutdown,
+            move |tcp, _| {
+                let inputs = inputs.clone();
+                tokio::spawn(serve_connection(tcp, sd.clone(), move |req| {
+                    let inputs = inputs.clone();
+                    async move { handle(&inputs, req) }
+                }));
+            },
+        )
+        .await
     }
 }
 

@@ -19,6 +19,15 @@ pub struct Attrs<'a> {
     pub headers: Option<&'a HeaderMap>,
 }
 
+/// Why the AuthorizationPolicies of a config cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("authorization policy: {0}")]
+    Json(serde_json::Error),
+    #[error("{0} is not an AuthorizationPolicy")]
+    NotAPolicy(String),
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     Allow,
@@ -77,17 +86,19 @@ fn rule_matches(rule: &AuthzRule, a: &Attrs<'_>) -> bool {
 
 impl Authorizer {
     /// From the policies the control plane selected for this workload.
-    pub fn build(policies_json: &[String], default: DefaultPolicy) -> Result<Authorizer, String> {
+    pub fn build(
+        policies_json: &[String],
+        default: DefaultPolicy,
+    ) -> Result<Authorizer, AuthzError> {
         let mut a = Authorizer {
             default_deny: default == DefaultPolicy::Deny,
             ..Default::default()
         };
         for json in policies_json {
-            let r: Resource =
-                serde_json::from_str(json).map_err(|e| format!("authorization policy: {e}"))?;
+            let r: Resource = serde_json::from_str(json).map_err(AuthzError::Json)?;
             let name = format!("{}/{}", r.metadata.namespace, r.metadata.name);
             let Spec::AuthorizationPolicy(spec) = r.spec else {
-                return Err(format!("{name} is not an AuthorizationPolicy"));
+                return Err(AuthzError::NotAPolicy(name));
             };
             match spec.action {
                 AuthzAction::Deny => a.deny.push((name, spec.rules)),

@@ -12,8 +12,27 @@ use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 use trellis_api::v1::proxy_api_client::ProxyApiClient;
 use trellis_api::v1::{SignRequest, SignResponse};
-use trellis_identity::token::Claims;
+use trellis_identity::token::{Claims, TokenError};
 use trellis_identity::verify::ControlPlaneVerifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("--token-file: {0}")]
+    Token(TokenError),
+    #[error("no join token: create one with `trellis token create --namespace NS --service-account SA` and pass --token-file")]
+    NoToken,
+    #[error("TLS to the control plane: {0}")]
+    Tls(rustls::Error),
+    #[error("bad control plane address {addr}: {reason}")]
+    Address { addr: String, reason: String },
+    /// The whole chain of causes: tonic's top-level message alone says little.
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("the CA did not answer within 10s")]
+    CaTimeout,
+    #[error("the CA refused: {0}")]
+    CaRefused(String),
+}
 
 #[derive(Clone)]
 pub struct ControlClient {
@@ -25,7 +44,7 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// `control_plane` is `HOST:PORT` or a URL; the token pins the CA root.
-    pub fn new(control_plane: &str, token: &str) -> Result<ControlClient, String> {
+    pub fn new(control_plane: &str, token: &str) -> Result<ControlClient, ControlError> {
         let addr = match control_plane.split_once("://") {
             Some((_, rest)) => rest.trim_end_matches('/').to_string(),
             None => control_plane.to_string(),
@@ -33,11 +52,7 @@ impl ControlClient {
         let pin = if token.is_empty() {
             Vec::new()
         } else {
-            vec![
-                Claims::peek(token)
-                    .map_err(|e| format!("--token-file: {e}"))?
-                    .ca,
-            ]
+            vec![Claims::peek(token).map_err(ControlError::Token)?.ca]
         };
         Ok(ControlClient {
             addr,
@@ -65,16 +80,13 @@ impl ControlClient {
         self.trusted.store(Arc::new(all));
     }
 
-    pub async fn channel(&self) -> Result<Channel, String> {
+    pub async fn channel(&self) -> Result<Channel, ControlError> {
         if self.token.is_empty() {
-            return Err(
-                "no join token: create one with `trellis token create --namespace NS --service-account SA` and pass --token-file"
-                    .into(),
-            );
+            return Err(ControlError::NoToken);
         }
         let mut config = rustls::ClientConfig::builder_with_provider(trellis_identity::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
+            .map_err(ControlError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new(
                 (**self.trusted.load()).clone(),
@@ -100,17 +112,20 @@ impl ControlClient {
             }
         });
         Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| format!("bad control plane address {}: {e}", self.addr))?
+            .map_err(|e| ControlError::Address {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .connect_with_connector(connect)
             .await
-            .map_err(|e| format!("connect: {}", error_chain(&e)))
+            .map_err(|e| ControlError::Connect(error_chain(&e)))
     }
 
     /// Asks the CA to sign a CSR for the identity the token grants.
-    pub async fn sign(&self, csr_pem: &str) -> Result<SignResponse, String> {
+    pub async fn sign(&self, csr_pem: &str) -> Result<SignResponse, ControlError> {
         let mut client = ProxyApiClient::new(self.channel().await?);
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
@@ -120,8 +135,8 @@ impl ControlClient {
             }),
         )
         .await
-        .map_err(|_| "the CA did not answer within 10s".to_string())?
-        .map_err(|s| format!("the CA refused: {}", s.message()))?;
+        .map_err(|_| ControlError::CaTimeout)?
+        .map_err(|s| ControlError::CaRefused(s.message().to_string()))?;
         Ok(resp.into_inner())
     }
 }

@@ -18,7 +18,7 @@ use trellis_api::v1::{
     control_message, proxy_message, Ack, Config, ProxyMessage, Register, Subscribe,
 };
 
-use crate::control::ControlClient;
+use crate::control::{ControlClient, ControlError};
 use crate::metrics::Metrics;
 use crate::snapshot::{ServiceState, Snapshot, SvcKey};
 use crate::telemetry::Telemetry;
@@ -42,6 +42,21 @@ pub struct Identity {
     pub admin_addr: String,
     pub app_port: u16,
     pub token: String,
+}
+
+/// Why a session with the control plane ended (the proxy reconnects).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot send to the control plane: it stopped reading")]
+    Backlogged,
+    #[error("cannot send to the control plane: the stream is closed")]
+    SendClosed,
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("the control plane closed the stream")]
+    Closed,
 }
 
 pub enum Lookup {
@@ -259,7 +274,7 @@ impl Discovery {
                 Ack {
                     version,
                     accepted: false,
-                    error,
+                    error: error.to_string(),
                 }
             }
         }
@@ -306,7 +321,7 @@ impl Discovery {
                     if failures == 0 || failures.is_power_of_two() {
                         tracing::warn!(control_plane = %self.control_plane, error = %e, "control plane unreachable; serving the last config and retrying");
                     }
-                    self.set_error(e);
+                    self.set_error(e.to_string());
                     failures += 1;
                 }
             }
@@ -325,7 +340,7 @@ impl Discovery {
         id: &Identity,
         sub_rx: &mut mpsc::UnboundedReceiver<SvcKey>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let channel = self.control.channel().await?;
         let mut client = ProxyApiClient::new(channel);
         let (tx, rx) = mpsc::channel::<ProxyMessage>(256);
@@ -353,13 +368,16 @@ impl Discovery {
         // stream and reconnect.
         let send = |tx: &mpsc::Sender<ProxyMessage>, msg| {
             tx.try_send(ProxyMessage { msg: Some(msg) })
-                .map_err(|e| format!("cannot send to the control plane: {e}"))
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => SessionError::Backlogged,
+                    mpsc::error::TrySendError::Closed(_) => SessionError::SendClosed,
+                })
         };
         send(&tx, proxy_message::Msg::Register(register))?;
         let mut inbound = client
             .stream(ReceiverStream::new(rx))
             .await
-            .map_err(|e| format!("stream: {}", e.message()))?
+            .map_err(|e| SessionError::Stream(e.message().to_string()))?
             .into_inner();
         self.metrics.control_plane_connects.inc();
         let mut stats = tokio::time::interval(STATS_INTERVAL);
@@ -386,8 +404,8 @@ impl Discovery {
                         Some(control_message::Msg::TapStop(t)) => self.telemetry.taps.stop(&t.id),
                         None => {}
                     },
-                    Ok(None) => return Err("the control plane closed the stream".into()),
-                    Err(status) => return Err(format!("stream: {}", status.message())),
+                    Ok(None) => return Err(SessionError::Closed),
+                    Err(status) => return Err(SessionError::Stream(status.message().to_string())),
                 },
                 Some(msg) = uplink.recv() => {
                     // Span batches and tap events: dropped when the stream

@@ -23,7 +23,8 @@ use tokio::sync::watch;
 
 use crate::discovery::Lookup;
 use crate::inputs::Inputs;
-use crate::outbound::{classify, Name};
+use crate::listener::{self, BindError, Kind};
+use crate::names::{classify, Name};
 
 /// TTL of answers for mesh names: short, since VIPs are stable anyway.
 const MESH_TTL: u32 = 5;
@@ -38,12 +39,14 @@ pub enum DnsError {
     Taken(SocketAddr),
     #[error("cannot bind the DNS server on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tcp(#[from] BindError),
 }
 
 pub struct DnsServer {
-    udp: Arc<UdpSocket>,
+    udp: UdpSocket,
     tcp: TcpListener,
-    resolver: Arc<Resolver>,
+    upstreams: Vec<SocketAddr>,
 }
 
 /// What answers a query; shared by the UDP and TCP listeners.
@@ -55,11 +58,7 @@ pub struct Resolver {
 
 impl DnsServer {
     /// Binds UDP and TCP on `addr` (a conflict is a start-up error).
-    pub async fn new(
-        inputs: Arc<Inputs>,
-        addr: SocketAddr,
-        upstreams: Vec<SocketAddr>,
-    ) -> Result<DnsServer, DnsError> {
+    pub async fn new(addr: SocketAddr, upstreams: Vec<SocketAddr>) -> Result<DnsServer, DnsError> {
         let err = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 DnsError::Taken(addr)
@@ -69,23 +68,17 @@ impl DnsServer {
         };
         let udp = UdpSocket::bind(addr).await.map_err(err)?;
         let addr = udp.local_addr().map_err(err)?;
-        let tcp = crate::bind(addr, "DNS", "--dns-addr")
-            .await
-            .map_err(|e| DnsError::Bind(addr, std::io::Error::other(e.to_string())))?;
+        let tcp = listener::bind(addr, Kind::dns).await?;
         let upstreams = if upstreams.is_empty() {
-            system_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+            crate::pod::host_nameservers()
         } else {
             upstreams
         };
         tracing::info!(%addr, ?upstreams, "DNS server for service names");
         Ok(DnsServer {
-            udp: Arc::new(udp),
+            udp,
             tcp,
-            resolver: Arc::new(Resolver {
-                inputs,
-                upstreams,
-                hosts_file: "/etc/hosts".into(),
-            }),
+            upstreams,
         })
     }
 
@@ -93,26 +86,47 @@ impl DnsServer {
         self.udp.local_addr().expect("bound socket has an address")
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            tokio::select! {
-                got = self.udp.recv_from(&mut buf) => {
-                    let Ok((n, peer)) = got else { continue };
-                    let query = buf[..n].to_vec();
-                    let (udp, resolver) = (self.udp.clone(), self.resolver.clone());
-                    tokio::spawn(async move {
-                        if let Some(answer) = resolver.answer(&query).await {
-                            let _ = udp.send_to(&answer, peer).await;
-                        }
-                    });
-                }
-                accepted = self.tcp.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
-                    tokio::spawn(serve_tcp(self.resolver.clone(), tcp));
-                }
-                _ = shutdown.changed() => return,
+    pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
+        let errors = inputs.metrics.accept_errors.clone();
+        let resolver = Arc::new(Resolver {
+            inputs,
+            upstreams: self.upstreams,
+            hosts_file: "/etc/hosts".into(),
+        });
+        let tcp_resolver = resolver.clone();
+        let tcp = listener::serve(
+            self.tcp,
+            Kind::dns,
+            errors,
+            shutdown.clone(),
+            move |tcp, _| {
+                tokio::spawn(serve_tcp(tcp_resolver.clone(), tcp));
+            },
+        );
+        tokio::join!(tcp, serve_udp(Arc::new(self.udp), resolver, shutdown));
+    }
+}
+
+/// DNS over UDP: each query is answered in its own task.
+async fn serve_udp(
+    udp: Arc<UdpSocket>,
+    resolver: Arc<Resolver>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            got = udp.recv_from(&mut buf) => {
+                let Ok((n, peer)) = got else { continue };
+                let query = buf[..n].to_vec();
+                let (udp, resolver) = (udp.clone(), resolver.clone());
+                tokio::spawn(async move {
+                    if let Some(answer) = resolver.answer(&query).await {
+                        let _ = udp.send_to(&answer, peer).await;
+                    }
+                });
             }
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::authz::{Attrs, Decision};
+use crate::config::ProxyConfig;
 use crate::detect::{detect, Protocol, Rewind};
 use crate::endpoint::connect;
 use crate::error::ProxyError;
@@ -20,6 +21,7 @@ use crate::http::{
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
+use crate::listener::{self, BindError, Kind};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
 use crate::Body;
 use trellis_identity::SpiffeId;
@@ -59,13 +61,13 @@ impl PeerInfo {
 
 pub struct Inbound {
     listener: TcpListener,
-    inputs: Arc<Inputs>,
 }
 
 impl Inbound {
-    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Inbound> {
-        let listener = crate::bind(inputs.cfg.inbound_addr, "inbound", "--inbound-addr").await?;
-        Ok(Inbound { listener, inputs })
+    /// Binds the inbound listener (a taken port is a start-up error).
+    pub async fn new(cfg: &ProxyConfig) -> Result<Inbound, BindError> {
+        let listener = listener::bind(cfg.inbound_addr, Kind::inbound).await?;
+        Ok(Inbound { listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -74,21 +76,23 @@ impl Inbound {
             .expect("bound listener has an address")
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let Ok((tcp, peer)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    // Pods mode: a redirected connection for a port the app does not serve is closed.
-                    if !crate::transparent::inbound_wanted(&self.inputs, &tcp, peer) {
-                        continue;
-                    }
-                    tokio::spawn(serve(self.inputs.clone(), tcp, peer, shutdown.clone()));
+    pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
+        let errors = inputs.metrics.accept_errors.clone();
+        let sd = shutdown.clone();
+        listener::serve(
+            self.listener,
+            Kind::inbound,
+            errors,
+            shutdown,
+            move |tcp, peer| {
+                // Pods mode: a redirected connection for a port the app
+                // does not serve is closed.
+                if crate::transparent::inbound_wanted(&inputs, &tcp, peer) {
+                    tokio::spawn(serve(inputs.clone(), tcp, peer, sd.clone()));
                 }
-                _ = shutdown.changed() => return,
-            }
-        }
+            },
+        )
+        .await
     }
 }
 
@@ -320,7 +324,7 @@ fn authorize(
     req: &mut Request<Incoming>,
     info: &PeerInfo,
 ) -> Option<Response<Body>> {
-    if let Err(e) = crate::outbound::normalize_uri(req) {
+    if let Err(e) = crate::normalize::normalize_uri(req) {
         return Some(e.into_response());
     }
     let snap = inputs.discovery.snapshot();

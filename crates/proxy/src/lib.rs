@@ -3,15 +3,15 @@
 //! `inbound` and `outbound` are the two traffic directions; both read the
 //! shared `Inputs` (config, discovery snapshot, metrics, clients). The
 //! `discovery` module keeps the config snapshot current from the control
-//! plane and the on-disk cache.
+//! plane and the on-disk cache. `listener` binds every listener once, at
+//! start-up, and runs the accept loop they share.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod accesslog;
@@ -28,7 +28,9 @@ pub mod error;
 pub mod http;
 pub mod inbound;
 pub mod inputs;
+pub mod listener;
 pub mod metrics;
+pub mod names;
 pub mod normalize;
 pub mod otlp;
 pub mod outbound;
@@ -47,8 +49,54 @@ pub mod transparent;
 pub use crate::http::Body;
 pub use config::{ProxyConfig, Upstream};
 
+use crate::config::ConfigError;
+use crate::control::{ControlClient, ControlError};
+use crate::discovery::Discovery;
+use crate::inputs::Inputs;
+use crate::listener::BindError;
+use crate::tls::{Tls, TlsError};
+use crate::transparent::TransparentError;
+
 /// How long `start` waits for the first config when there is no cache.
 pub const FIRST_CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a proxy did not start; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read --token-file {}: {reason}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Transparent(#[from] TransparentError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot reach the control plane at {control_plane} ({last_error}) and there is no cached config{}: start the control plane, check --control-plane, or give --cache-dir of an earlier run", in_dir(cache_dir))]
+    NoConfig {
+        control_plane: String,
+        last_error: String,
+        cache_dir: Option<PathBuf>,
+    },
+    #[error("workload key: {0}")]
+    WorkloadKey(TlsError),
+    #[error("cannot get a certificate for {identity} from the control plane at {control_plane}: {reason}")]
+    Certificate {
+        identity: String,
+        control_plane: String,
+        reason: TlsError,
+    },
+}
+
+fn in_dir(dir: &Option<PathBuf>) -> String {
+    dir.as_ref()
+        .map(|d| format!(" in {}", d.display()))
+        .unwrap_or_default()
+}
 
 /// A running proxy.
 pub struct Proxy {
@@ -63,177 +111,107 @@ pub struct Proxy {
     drain_grace: Duration,
 }
 
-/// Binds a listener; a taken port is a start-up error that says what to do.
-pub(crate) async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }?;
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!(
-                "{what} port {addr} is taken: is another proxy running? choose another with {flag}"
-            )
-        } else {
-            anyhow::anyhow!("cannot bind the {what} listener on {addr}: {e}")
-        }
-    })?;
-    Ok(socket.listen(1024)?)
+/// Every listener of the proxy, bound; each is served once the proxy is
+/// ready for what it takes (the admin server at once).
+struct Listeners {
+    inbound: inbound::Inbound,
+    outbound: outbound::Outbound,
+    admin: admin::Admin,
+    dns: Option<dns::DnsServer>,
+}
+
+impl Listeners {
+    /// Binds them all, so that a port conflict fails before anything
+    /// registers; the sockets bound here are the ones served.
+    async fn bind(cfg: &ProxyConfig) -> Result<Listeners, StartError> {
+        Ok(Listeners {
+            inbound: inbound::Inbound::new(cfg).await?,
+            outbound: outbound::Outbound::new(cfg).await?,
+            admin: admin::Admin::new(cfg).await?,
+            dns: transparent::start(cfg).await?,
+        })
+    }
 }
 
 impl Proxy {
     /// Binds every listener (a taken port is an error), loads the cached
     /// config, connects to the control plane and starts serving. Fails when
     /// neither the control plane nor a cache gives a config in time.
-    pub async fn start(cfg: ProxyConfig) -> anyhow::Result<Proxy> {
+    pub async fn start(cfg: ProxyConfig) -> Result<Proxy, StartError> {
         Self::start_with_timeout(cfg, FIRST_CONFIG_TIMEOUT).await
     }
 
     pub async fn start_with_timeout(
         mut cfg: ProxyConfig,
         first_config: Duration,
-    ) -> anyhow::Result<Proxy> {
+    ) -> Result<Proxy, StartError> {
         cfg.validate()?;
         let instance = cfg.instance.clone().unwrap_or_else(|| {
             format!("{}-{:06x}", cfg.workload, rand::random::<u32>() & 0xff_ffff)
         });
         cfg.instance = Some(instance.clone());
         tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting proxy");
-        let token = match &cfg.token_file {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read --token-file {}", p.display()))?
-                .trim()
-                .to_string(),
-            None => String::new(),
-        };
+        let token = read_token(&cfg)?;
+
+        // 1. Bind every listener.
+        let Listeners {
+            inbound,
+            outbound,
+            admin,
+            dns,
+        } = Listeners::bind(&cfg).await?;
+        cfg.inbound_addr = inbound.local_addr();
+        cfg.outbound_addr = outbound.local_addr();
+        cfg.admin_addr = admin.local_addr();
+
+        // 2. Register and discover; the admin server answers meanwhile.
+        let control = ControlClient::new(&cfg.control_plane, &token)?;
         let metrics = metrics::Metrics::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
-
-        // Bind first, so a port conflict fails before anything registers.
-        let inbound_listener = bind(cfg.inbound_addr, "inbound", "--inbound-addr").await?;
-        let inbound_addr = inbound_listener.local_addr()?;
-        drop(inbound_listener);
-        let advertise_ip = cfg.advertise_addr.unwrap_or_else(|| {
-            if inbound_addr.ip().is_unspecified() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                inbound_addr.ip()
-            }
-        });
-        let mut cfg_bound = cfg.clone();
-        cfg_bound.inbound_addr = inbound_addr;
-
-        let identity = discovery::Identity {
-            instance: instance.clone(),
-            workload: cfg.workload.clone(),
-            namespace: cfg.namespace.clone(),
-            labels: cfg.labels.clone(),
-            service_account: cfg.service_account(),
-            inbound_addr: SocketAddr::new(advertise_ip, inbound_addr.port()).to_string(),
-            admin_addr: String::new(),
-            app_port: cfg.app_port,
-            token,
-        };
-        // Admin and listeners need Inputs, which needs Discovery, which
-        // needs the admin address to register: bind admin first.
-        let admin_listener = bind(cfg.admin_addr, "admin", "--admin-addr").await?;
-        let admin_addr = admin_listener.local_addr()?;
-        drop(admin_listener);
-        cfg_bound.admin_addr = admin_addr;
-        let mut identity = identity;
-        identity.admin_addr = SocketAddr::new(
-            if admin_addr.ip().is_unspecified() {
-                advertise_ip
-            } else {
-                admin_addr.ip()
-            },
-            admin_addr.port(),
-        )
-        .to_string();
-
-        let telemetry = telemetry::Telemetry::new(
-            telemetry::Own {
-                namespace: cfg.namespace.clone(),
-                workload: cfg.workload.clone(),
-                service_account: cfg.service_account(),
-                instance: instance.clone(),
-                service: cfg
-                    .labels
-                    .get("app")
-                    .cloned()
-                    .unwrap_or_else(|| cfg.workload.clone()),
-            },
-            &trellis_resource::MeshSpec::default(),
-            metrics.clone(),
-        );
-        let control = control::ControlClient::new(&cfg.control_plane, &identity.token)
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let discovery = discovery::Discovery::start(
+        let telemetry = own_telemetry(&cfg, &instance, &metrics);
+        let discovery = Discovery::start(
             control.clone(),
-            identity,
+            registration(&cfg, &instance, token),
             cfg.cache_dir.clone(),
             metrics.clone(),
             telemetry.clone(),
             shutdown_rx.clone(),
         );
-        let inputs = inputs::Inputs::new(cfg_bound, discovery.clone(), metrics.clone(), telemetry);
-        let inbound = inbound::Inbound::new(inputs.clone()).await?;
-        let outbound = outbound::Outbound::new(inputs.clone()).await?;
-        let admin = admin::Admin::new(inputs.clone()).await?;
-        let dns = transparent::start(&cfg, inputs.clone()).await?;
         let proxy = Proxy {
-            inbound_addr: inbound.local_addr(),
-            outbound_addr: outbound.local_addr(),
-            admin_addr: admin.local_addr(),
+            inbound_addr: cfg.inbound_addr,
+            outbound_addr: cfg.outbound_addr,
+            admin_addr: cfg.admin_addr,
             upstream_addrs: outbound.upstream_addrs(),
             instance,
             shutdown,
-            metrics,
+            metrics: metrics.clone(),
             drain_grace: cfg.drain_grace,
         };
-        tokio::spawn(admin.run(shutdown_rx.clone()));
-        if !discovery.wait_loaded(first_config).await {
-            let _ = proxy.shutdown.send(true);
-            anyhow::bail!(
-                "cannot reach the control plane at {} ({}) and there is no cached config{}: start the control plane, check --control-plane, or give --cache-dir of an earlier run",
-                cfg.control_plane,
-                discovery.last_error(),
-                cfg.cache_dir
-                    .as_ref()
-                    .map(|d| format!(" in {}", d.display()))
-                    .unwrap_or_default()
-            );
-        }
-        // The workload identity needs the trust domain, which the config
-        // (from the control plane or the cache) carries.
-        let trust_domain = discovery.snapshot().mesh.trust_domain.clone();
-        let spiffe =
-            trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
-        let tls = tls::Tls::new(spiffe, cfg.cache_dir.clone())
-            .map_err(|e| anyhow::anyhow!("workload key: {e}"))?;
-        control.trust(tls.trusted_roots());
-        discovery.set_tls(tls.clone());
-        if tls.current().is_none() {
-            if let Err(e) = tls.renew(&control).await {
+        let inputs = Inputs::new(cfg, discovery, metrics, telemetry);
+        tokio::spawn(admin.run(inputs.clone(), shutdown_rx.clone()));
+
+        // 3. The first config, then 4. the workload's certificate (its
+        // identity needs the trust domain the config carries).
+        let ready = async {
+            wait_first_config(&inputs, first_config).await?;
+            workload_identity(&inputs, &control).await
+        };
+        let tls = match ready.await {
+            Ok(tls) => tls,
+            Err(e) => {
                 let _ = proxy.shutdown.send(true);
-                anyhow::bail!(
-                    "cannot get a certificate for {} from the control plane at {}: {e}",
-                    tls.identity(),
-                    cfg.control_plane
-                );
+                return Err(e);
             }
-            control.trust(tls.trusted_roots());
-        }
-        tokio::spawn(tls.clone().run(control, shutdown_rx.clone()));
-        tokio::spawn(inbound.run(shutdown_rx.clone()));
+        };
+
+        // 5. Serve.
+        tokio::spawn(tls.run(control, shutdown_rx.clone()));
+        tokio::spawn(inbound.run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
         if let Some(dns) = dns {
-            tokio::spawn(dns.run(shutdown_rx.clone()));
+            tokio::spawn(dns.run(inputs.clone(), shutdown_rx.clone()));
         }
-        tokio::spawn(outbound.run(shutdown_rx));
+        tokio::spawn(outbound.run(inputs, shutdown_rx));
         tracing::info!(inbound = %proxy.inbound_addr, outbound = %proxy.outbound_addr, admin = %proxy.admin_addr, "proxy ready");
         Ok(proxy)
     }
@@ -258,5 +236,139 @@ impl Proxy {
                 "drain grace period over; dropping requests still in flight"
             );
         }
+    }
+}
+
+fn read_token(cfg: &ProxyConfig) -> Result<String, StartError> {
+    let Some(path) = &cfg.token_file else {
+        return Ok(String::new());
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(reason) => Err(StartError::TokenFile {
+            path: path.clone(),
+            reason,
+        }),
+    }
+}
+
+/// What the proxy registers as: the addresses peers and the control plane
+/// use reach its bound listeners (`cfg` holds the bound addresses).
+fn registration(cfg: &ProxyConfig, instance: &str, token: String) -> discovery::Identity {
+    let advertise_ip = cfg.advertise_addr.unwrap_or_else(|| {
+        if cfg.inbound_addr.ip().is_unspecified() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            cfg.inbound_addr.ip()
+        }
+    });
+    let admin_ip: IpAddr = if cfg.admin_addr.ip().is_unspecified() {
+        advertise_ip
+    } else {
+        cfg.admin_addr.ip()
+    };
+    discovery::Identity {
+        instance: instance.to_string(),
+        workload: cfg.workload.clone(),
+        namespace: cfg.namespace.clone(),
+        labels: cfg.labels.clone(),
+        service_account: cfg.service_account(),
+        inbound_addr: SocketAddr::new(advertise_ip, cfg.inbound_addr.port()).to_string(),
+        admin_addr: SocketAddr::new(admin_ip, cfg.admin_addr.port()).to_string(),
+        app_port: cfg.app_port,
+        token,
+    }
+}
+
+fn own_telemetry(
+    cfg: &ProxyConfig,
+    instance: &str,
+    metrics: &Arc<metrics::Metrics>,
+) -> Arc<telemetry::Telemetry> {
+    telemetry::Telemetry::new(
+        telemetry::Own {
+            namespace: cfg.namespace.clone(),
+            workload: cfg.workload.clone(),
+            service_account: cfg.service_account(),
+            instance: instance.to_string(),
+            service: cfg
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| cfg.workload.clone()),
+        },
+        &trellis_resource::MeshSpec::default(),
+        metrics.clone(),
+    )
+}
+
+/// Waits for a config from the control plane or the cache.
+async fn wait_first_config(inputs: &Inputs, timeout: Duration) -> Result<(), StartError> {
+    if inputs.discovery.wait_loaded(timeout).await {
+        return Ok(());
+    }
+    Err(StartError::NoConfig {
+        control_plane: inputs.cfg.control_plane.clone(),
+        last_error: inputs.discovery.last_error(),
+        cache_dir: inputs.cfg.cache_dir.clone(),
+    })
+}
+
+/// The workload's key and certificate: from the cache when still valid,
+/// else signed now by the control plane's CA.
+async fn workload_identity(
+    inputs: &Inputs,
+    control: &ControlClient,
+) -> Result<Arc<Tls>, StartError> {
+    let cfg = &inputs.cfg;
+    let trust_domain = inputs.discovery.snapshot().mesh.trust_domain.clone();
+    let spiffe =
+        trellis_identity::SpiffeId::new(&trust_domain, &cfg.namespace, &cfg.service_account());
+    let tls = Tls::new(spiffe, cfg.cache_dir.clone()).map_err(StartError::WorkloadKey)?;
+    control.trust(tls.trusted_roots());
+    inputs.discovery.set_tls(tls.clone());
+    if tls.current().is_none() {
+        if let Err(reason) = tls.renew(control).await {
+            return Err(StartError::Certificate {
+                identity: tls.identity().to_string(),
+                control_plane: cfg.control_plane.clone(),
+                reason,
+            });
+        }
+        control.trust(tls.trusted_roots());
+    }
+    Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listener::Kind;
+
+    #[tokio::test]
+    async fn a_taken_port_is_a_start_up_error_naming_its_flag() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        // Nothing listens at the control plane's address: binding fails
+        // before the proxy tries it.
+        let mut cfg = ProxyConfig::new("127.0.0.1:1", "web", 1);
+        cfg.inbound_addr = ([127, 0, 0, 1], 0).into();
+        cfg.outbound_addr = addr;
+        cfg.admin_addr = ([127, 0, 0, 1], 0).into();
+        let err = Proxy::start(cfg).await.err().expect("a taken port fails");
+        assert!(
+            matches!(
+                err,
+                StartError::Bind(BindError::Taken {
+                    kind: Kind::outbound,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("outbound port {addr} is taken: is another proxy running? choose another with --outbound-addr")
+        );
     }
 }

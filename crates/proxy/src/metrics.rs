@@ -86,6 +86,8 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// Plaintext connections refused at the inbound in strict mTLS mode.
     pub plaintext_refused: Counter,
+    /// Failed accepts, per listener (see `listener`).
+    pub accept_errors: crate::listener::AcceptErrors,
     /// Spans, access log lines and tap events sent or dropped.
     pub telemetry: crate::telemetry::Counters,
     /// Retries, ejections, circuit breaking, rate limits, faults, mirrors.
@@ -162,6 +164,8 @@ impl Metrics {
         telemetry.register(&mut registry);
         let traffic = crate::traffic::TrafficMetrics::default();
         traffic.register(&mut registry);
+        let accept_errors = crate::listener::AcceptErrors::default();
+        accept_errors.register(&mut registry);
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
@@ -176,6 +180,7 @@ impl Metrics {
             authz_denied,
             tls_handshake_failures,
             plaintext_refused,
+            accept_errors,
             telemetry,
             traffic,
             in_flight: AtomicU64::new(0),

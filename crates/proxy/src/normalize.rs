@@ -13,6 +13,10 @@
 //!   3986 §5.2.4 says (`..` never climbs above the root).
 //! - A fragment (`#...`) is dropped; the query is kept as it is.
 
+use http::Request;
+
+use crate::error::ProxyError;
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("the path holds an encoded '/' or '\\' (%2F, %5C), which Trellis refuses: send it unencoded or in the query")]
@@ -115,6 +119,28 @@ pub fn normalize_path_and_query(pq: &str) -> Result<String, PathError> {
     }
 }
 
+/// Rewrites a request's target to its normalised form: the one path that
+/// authorization, routing and forwarding see from here on. A path that
+/// cannot be normalised is the caller's error (400).
+pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let normalized =
+        normalize_path_and_query(pq).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+    if normalized != pq {
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(normalized.parse().map_err(|_| {
+            ProxyError::bad_request("the normalised path is not a valid request target")
+        })?);
+        *req.uri_mut() =
+            http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +185,18 @@ mod tests {
         );
         assert_eq!(normalize_path("").unwrap(), "/");
         assert_eq!(normalize_path("/").unwrap(), "/");
+    }
+
+    #[test]
+    fn a_request_target_is_rewritten_to_its_normal_form() {
+        let mut req = Request::get("http://catalog:8080//a/%2e%2e/b?q=../x")
+            .body(())
+            .unwrap();
+        normalize_uri(&mut req).unwrap();
+        assert_eq!(req.uri().to_string(), "http://catalog:8080/b?q=../x");
+        let mut bad = Request::get("/a%2Fb").body(()).unwrap();
+        let e = normalize_uri(&mut bad).unwrap_err();
+        assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.message, PathError::EncodedSlash.to_string());
     }
 }

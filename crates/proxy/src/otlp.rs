@@ -34,6 +34,21 @@ use crate::trace::SpanContext;
 /// Spans waiting for export; past this they are dropped.
 pub const QUEUE: usize = 2048;
 /// Spans per export request.
+/// Why a batch of spans was not exported (it is dropped and counted).
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("the control plane stream is busy or away")]
+    Uplink,
+    #[error("bad OTLP endpoint {url}: {reason}")]
+    Endpoint { url: String, reason: String },
+    #[error("{url} answered {reason}")]
+    Refused { url: String, reason: String },
+    #[error("{url}: {reason}")]
+    Failed { url: String, reason: String },
+    #[error("{url}: timed out")]
+    TimedOut { url: String },
+}
+
 const MAX_BATCH: usize = 512;
 /// How long a span may wait for its batch to fill.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
@@ -135,28 +150,14 @@ async fn run(
         let n = batch.len() as u64;
         let request = encode(&resource, batch.drain(..));
         let export = settings.load().export.clone();
-        let result: Result<(), String> = match &export {
+        let result = match &export {
             Export::ControlPlane => uplink
                 .try_send(proxy_message::Msg::Traces(TraceBatch {
                     otlp: request.encode_to_vec(),
                 }))
-                .map_err(|_| "the control plane stream is busy or away".to_string()),
+                .map_err(|_| ExportError::Uplink),
             Export::Http(url) => post(&http, url, request.encode_to_vec()).await,
-            Export::Grpc(url) => {
-                if grpc.as_ref().is_none_or(|(u, _)| u != url) {
-                    grpc = grpc_client(url).map(|c| (url.clone(), c));
-                }
-                match grpc.as_mut() {
-                    None => Err(format!("bad OTLP endpoint {url}")),
-                    Some((_, client)) => {
-                        match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(status)) => Err(status.message().to_string()),
-                            Err(_) => Err("timed out".into()),
-                        }
-                    }
-                }
-            }
+            Export::Grpc(url) => export_grpc(&mut grpc, url, request).await,
         };
         match result {
             Ok(()) => {
@@ -176,29 +177,66 @@ async fn run(
     }
 }
 
-fn grpc_client(url: &str) -> Option<TraceServiceClient<tonic::transport::Channel>> {
+/// Exports over OTLP/gRPC, keeping the client for the next batch.
+async fn export_grpc(
+    cached: &mut Option<(String, TraceServiceClient<tonic::transport::Channel>)>,
+    url: &str,
+    request: ExportTraceServiceRequest,
+) -> Result<(), ExportError> {
+    let mut client = match cached.take() {
+        Some((u, c)) if u == url => c,
+        _ => grpc_client(url)?,
+    };
+    let result = match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(ExportError::Refused {
+            url: url.to_string(),
+            reason: status.message().to_string(),
+        }),
+        Err(_) => Err(ExportError::TimedOut {
+            url: url.to_string(),
+        }),
+    };
+    *cached = Some((url.to_string(), client));
+    result
+}
+
+fn grpc_client(url: &str) -> Result<TraceServiceClient<tonic::transport::Channel>, ExportError> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .ok()?
+        .map_err(|e| ExportError::Endpoint {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?
         .connect_timeout(EXPORT_TIMEOUT)
         .timeout(EXPORT_TIMEOUT)
         .connect_lazy();
-    Some(TraceServiceClient::new(channel))
+    Ok(TraceServiceClient::new(channel))
 }
 
 async fn post(
     client: &Client<HttpConnector, Full<Bytes>>,
     url: &str,
     body: Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), ExportError> {
     let req = http::Request::post(url)
         .header(http::header::CONTENT_TYPE, "application/x-protobuf")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("bad OTLP endpoint {url}: {e}"))?;
+        .map_err(|e| ExportError::Endpoint {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    let url = url.to_string();
     match tokio::time::timeout(EXPORT_TIMEOUT, client.request(req)).await {
         Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-        Ok(Ok(resp)) => Err(format!("{url} answered {}", resp.status())),
-        Ok(Err(e)) => Err(format!("{url}: {e}")),
-        Err(_) => Err(format!("{url}: timed out")),
+        Ok(Ok(resp)) => Err(ExportError::Refused {
+            url,
+            reason: resp.status().to_string(),
+        }),
+        Ok(Err(e)) => Err(ExportError::Failed {
+            url,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(ExportError::TimedOut { url }),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::balance::PickCtx;
+use crate::config::ProxyConfig;
 use crate::detect::{detect, Protocol, PEER_TCP_PREAMBLE};
 use crate::discovery::Lookup;
 use crate::endpoint::{connect, Endpoint};
@@ -24,10 +25,13 @@ use crate::http::{
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
+use crate::listener::{self, BindError, Kind};
 use crate::metrics::{Direction, InFlight, PeerNames, TcpLabels};
-use crate::route::{modify_headers, Rule};
+use crate::names::{classify, Name};
+use crate::route::modify_headers;
 use crate::snapshot::{ServiceState, SvcKey};
 use crate::traffic::admit::Admission;
+use crate::traffic::forward::{Destination, Forwarded, Outgoing};
 use crate::traffic::policy::Limit;
 use crate::Body;
 
@@ -48,47 +52,19 @@ impl Target {
     }
 }
 
-/// A name an app used, mapped to a mesh service.
-#[derive(Debug, PartialEq)]
-pub enum Name {
-    /// `NAME`, `NAME.NS.svc[.<trustDomain>]`: a mesh name, or an error.
-    Mesh(SvcKey),
-    /// `NAME.NS`: a mesh service if one exists, else a host outside.
-    Maybe(SvcKey),
-    /// An IP address or a name that cannot be a mesh service.
-    External,
-}
-
-pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
-        return Name::External;
-    }
-    let host = host.trim_end_matches('.');
-    let labels: Vec<&str> = host.split('.').collect();
-    match labels.as_slice() {
-        [name] => Name::Mesh(SvcKey::new(namespace, name)),
-        [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
-        [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
-            Name::Mesh(SvcKey::new(ns, name))
-        }
-        _ => Name::External,
-    }
-}
-
 pub struct Outbound {
     listener: TcpListener,
     upstreams: Vec<(TcpListener, Target)>,
-    inputs: Arc<Inputs>,
 }
 
 impl Outbound {
-    /// Binds the outbound listener and every `--upstream` listener.
-    pub async fn new(inputs: Arc<Inputs>) -> anyhow::Result<Outbound> {
-        let listener = crate::bind(inputs.cfg.outbound_addr, "outbound", "--outbound-addr").await?;
+    /// Binds the outbound listener and every `--upstream` listener (a
+    /// taken port is a start-up error).
+    pub async fn new(cfg: &ProxyConfig) -> Result<Outbound, BindError> {
+        let listener = listener::bind(cfg.outbound_addr, Kind::outbound).await?;
         let mut upstreams = Vec::new();
-        for u in &inputs.cfg.upstreams {
-            let l = crate::bind(u.listen, "upstream", "--upstream").await?;
+        for u in &cfg.upstreams {
+            let l = listener::bind(u.listen, Kind::upstream).await?;
             upstreams.push((
                 l,
                 Target {
@@ -100,7 +76,6 @@ impl Outbound {
         Ok(Outbound {
             listener,
             upstreams,
-            inputs,
         })
     }
 
@@ -117,40 +92,50 @@ impl Outbound {
             .collect()
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        for (listener, target) in self.upstreams {
-            let inputs = self.inputs.clone();
-            let mut shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        accepted = listener.accept() => {
-                            let Ok((tcp, _)) = accepted else { continue };
-                            let _ = tcp.set_nodelay(true);
-                            tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), shutdown.clone()));
-                        }
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            });
+    pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
+        let errors = inputs.metrics.accept_errors.clone();
+        for (l, target) in self.upstreams {
+            let inputs = inputs.clone();
+            let sd = shutdown.clone();
+            tokio::spawn(listener::serve(
+                l,
+                Kind::upstream,
+                errors.clone(),
+                shutdown.clone(),
+                move |tcp, _| {
+                    tokio::spawn(serve_fixed(inputs.clone(), tcp, target.clone(), sd.clone()));
+                },
+            ));
         }
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    let inputs = self.inputs.clone();
-                    let sd = shutdown.clone();
-                    // Pods mode: a redirected connection keeps its original destination.
-                    if let Some(orig) = inputs.cfg.transparent.as_ref().and_then(|_| crate::transparent::original_dst(&tcp)) {
+        let sd = shutdown.clone();
+        listener::serve(
+            self.listener,
+            Kind::outbound,
+            errors,
+            shutdown,
+            move |tcp, _| {
+                let inputs = inputs.clone();
+                let sd = sd.clone();
+                // Pods mode: a redirected connection keeps its original
+                // destination.
+                let orig = inputs
+                    .cfg
+                    .transparent
+                    .as_ref()
+                    .and_then(|_| crate::transparent::original_dst(&tcp));
+                match orig {
+                    Some(orig) => {
                         tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
-                        continue;
                     }
-                    tokio::spawn(serve_connection(tcp, sd.clone(), move |req| handle(inputs.clone(), req, None, sd.clone())));
+                    None => {
+                        tokio::spawn(serve_connection(tcp, sd.clone(), move |req| {
+                            handle(inputs.clone(), req, None, sd.clone())
+                        }));
+                    }
                 }
-                _ = shutdown.changed() => return,
-            }
-        }
+            },
+        )
+        .await
     }
 }
 
@@ -301,7 +286,7 @@ async fn to_service(
 ) -> Response<Body> {
     let begun = inputs.telemetry.begin(Direction::outbound, &mut req);
     // Route and forward the one normalised path the peer will authorize.
-    if let Err(e) = normalize_uri(&mut req) {
+    if let Err(e) = crate::normalize::normalize_uri(&mut req) {
         return e.into_response();
     }
     let path = req.uri().path().to_string();
@@ -362,7 +347,12 @@ async fn to_service(
         },
     };
     let request_timeout = rule.and_then(|r| r.request_timeout);
-    let forward = forward(&inputs, req, target, &svc, &backend, rule);
+    let to = Destination {
+        svc: &svc,
+        backend: &backend,
+        rule,
+    };
+    let forward = forward(&inputs, req, target, to);
     let result = match request_timeout {
         Some(t) => tokio::time::timeout(t, forward)
             .await
@@ -395,8 +385,6 @@ async fn to_service(
     resp
 }
 
-type Forwarded = crate::traffic::forward::Forwarded;
-
 /// Prepares a request for the peer and sends it to `backend`'s endpoints
 /// with the traffic policy's circuit breaking, retries and outlier
 /// detection (see `traffic::forward`).
@@ -404,10 +392,9 @@ async fn forward(
     inputs: &Inputs,
     req: Request<Incoming>,
     target: &Target,
-    svc: &ServiceState,
-    backend: &ServiceState,
-    rule: Option<&Rule>,
+    to: Destination<'_>,
 ) -> Forwarded {
+    let Destination { svc, backend, rule } = to;
     if backend.endpoints.is_empty() {
         let e = ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -487,7 +474,13 @@ async fn forward(
     if let Some(m) = rule.and_then(|r| r.request_headers.as_ref()) {
         modify_headers(&mut parts.headers, m);
     }
-    crate::traffic::forward::forward(inputs, parts, uri, body, creds, svc, backend, rule).await
+    let req = Outgoing {
+        parts,
+        uri,
+        body,
+        creds,
+    };
+    crate::traffic::forward::forward(inputs, to, req).await
 }
 
 /// The balancer's context for a connection (no hash key): the caller's zone
@@ -664,57 +657,5 @@ pub(crate) fn peer_credentials(
             Source::Internal,
             "this proxy has no certificate yet, so it cannot call peers over mutual TLS",
         )),
-    }
-}
-
-/// Rewrites the request's path to its normalised form (see `normalize`).
-pub fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let normalized = crate::normalize::normalize_path_and_query(pq)
-        .map_err(|e| ProxyError::bad_request(e.to_string()))?;
-    if normalized != pq {
-        let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(normalized.parse().map_err(|_| {
-            ProxyError::bad_request("the normalised path is not a valid request target")
-        })?);
-        *req.uri_mut() =
-            http::Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(e.to_string()))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_map_to_services() {
-        let td = "trellis.local";
-        assert_eq!(
-            classify("catalog", "shop", td),
-            Name::Mesh(SvcKey::new("shop", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod", "shop", td),
-            Name::Maybe(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.trellis.local", "shop", td),
-            Name::Mesh(SvcKey::new("prod", "catalog"))
-        );
-        assert_eq!(
-            classify("catalog.prod.svc.other.domain", "shop", td),
-            Name::External
-        );
-        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
-        assert_eq!(classify("www.example.com", "shop", td), Name::External);
     }
 }

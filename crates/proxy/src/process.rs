@@ -1,30 +1,22 @@
 //! `process_resident_memory_bytes` and `process_cpu_seconds_total`, read
-//! from /proc/self on each scrape.
+//! from /proc/self on each scrape (through `procfs`, which the benchmark
+//! and the test kit read processes with too).
 
+use procfs::WithCurrentSystemInfo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-
-// Linux reports CPU time in clock ticks (USER_HZ, 100 on every mainstream
-// architecture) and RSS in pages; reading sysconf would need unsafe code.
-const TICKS_PER_SECOND: f64 = 100.0;
-const PAGE_SIZE: i64 = 4096;
 
 #[derive(Debug)]
 pub struct ProcessCollector;
 
 /// (resident bytes, cpu seconds) of this process.
 pub fn sample() -> Option<(i64, f64)> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let rss_pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may hold spaces; fields after it are fixed.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((rss_pages * PAGE_SIZE, (utime + stime) / TICKS_PER_SECOND))
+    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+    let rss = i64::try_from(stat.rss_bytes().get()).ok()?;
+    let cpu = (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64;
+    Some((rss, cpu))
 }
 
 impl Collector for ProcessCollector {

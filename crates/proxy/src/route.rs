@@ -14,12 +14,30 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use rand::Rng;
 use regex::Regex;
 use trellis_resource::{
-    parse_optional_duration, BackendRef, GrpcRouteRule, HeaderMatch, HeaderModifier, PathMatchType,
-    RequestRedirect, Resource, RouteFilter, RouteRule, UrlRewrite, ValueMatchType,
+    parse_optional_duration, BackendRef, DurationError, GrpcRouteRule, HeaderMatch, HeaderModifier,
+    PathMatchType, RequestRedirect, Resource, RouteFilter, RouteRule, UrlRewrite, ValueMatchType,
     RETRY_NON_IDEMPOTENT_ANNOTATION,
 };
 
 use crate::snapshot::SvcKey;
+
+/// Why a route cannot be compiled; the resource's validation refuses
+/// most of these before they reach a proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Regex(#[from] regex::Error),
+    #[error(transparent)]
+    HeaderName(#[from] http::header::InvalidHeaderName),
+    #[error(transparent)]
+    Method(#[from] http::method::InvalidMethod),
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    #[error("a gRPC method match names neither service nor method")]
+    EmptyGrpcMethod,
+}
 
 #[derive(Debug)]
 pub struct Rule {
@@ -178,21 +196,18 @@ pub fn replace_prefix(path: &str, prefix: &str, replacement: &str) -> String {
     }
 }
 
-fn value_matcher(t: ValueMatchType, value: &str) -> Result<ValueM, String> {
+fn value_matcher(t: ValueMatchType, value: &str) -> Result<ValueM, RouteError> {
     Ok(match t {
         ValueMatchType::Exact => ValueM::Exact(value.to_string()),
-        ValueMatchType::RegularExpression => {
-            ValueM::Regex(Regex::new(&format!("^(?:{value})$")).map_err(|e| e.to_string())?)
-        }
+        ValueMatchType::RegularExpression => ValueM::Regex(Regex::new(&format!("^(?:{value})$"))?),
     })
 }
 
-fn header_matchers(headers: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueM)>, String> {
+fn header_matchers(headers: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueM)>, RouteError> {
     headers
         .iter()
         .map(|h| {
-            let name =
-                HeaderName::try_from(h.name.to_ascii_lowercase()).map_err(|e| e.to_string())?;
+            let name = HeaderName::try_from(h.name.to_ascii_lowercase())?;
             Ok((name, value_matcher(h.match_type, &h.value)?))
         })
         .collect()
@@ -212,7 +227,7 @@ fn catch_all(rule: usize) -> Match {
 impl RouteTable {
     /// Compiles the HTTPRoutes attached to a service. Routes must be sorted
     /// by namespace/name by the caller.
-    pub fn compile(routes: &[Resource]) -> Result<RouteTable, String> {
+    pub fn compile(routes: &[Resource]) -> Result<RouteTable, RouteError> {
         let mut table = RouteTable::default();
         for route in routes {
             let Some(spec) = route.as_route() else {
@@ -240,21 +255,20 @@ impl RouteTable {
                         Some(p) => match p.match_type {
                             PathMatchType::Exact => PathM::Exact(p.value.clone()),
                             PathMatchType::PathPrefix => PathM::Prefix(p.value.clone()),
-                            PathMatchType::RegularExpression => PathM::Regex(
-                                Regex::new(&format!("^(?:{})$", p.value))
-                                    .map_err(|e| e.to_string())?,
-                            ),
+                            PathMatchType::RegularExpression => {
+                                PathM::Regex(Regex::new(&format!("^(?:{})$", p.value))?)
+                            }
                         },
                     };
                     let query = m
                         .query_params
                         .iter()
                         .map(|q| Ok((q.name.clone(), value_matcher(q.match_type, &q.value)?)))
-                        .collect::<Result<_, String>>()?;
+                        .collect::<Result<_, RouteError>>()?;
                     let method = m
                         .method
                         .as_deref()
-                        .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| e.to_string()))
+                        .map(|s| Method::from_bytes(s.as_bytes()))
                         .transpose()?;
                     let mut compiled = Match {
                         path,
@@ -275,7 +289,7 @@ impl RouteTable {
 
     /// Compiles the GRPCRoutes attached to a service, sorted by
     /// namespace/name by the caller. gRPC calls `/package.Service/Method`.
-    pub fn compile_grpc(routes: &[Resource]) -> Result<RouteTable, String> {
+    pub fn compile_grpc(routes: &[Resource]) -> Result<RouteTable, RouteError> {
         let mut table = RouteTable::default();
         for route in routes {
             let Some(spec) = route.as_grpc_route() else {
@@ -318,11 +332,11 @@ impl RouteTable {
     pub fn from_config(
         routes_json: &[String],
         grpc_routes_json: &[String],
-    ) -> Result<RouteTable, String> {
-        let parse = |list: &[String]| -> Result<Vec<Resource>, String> {
+    ) -> Result<RouteTable, RouteError> {
+        let parse = |list: &[String]| -> Result<Vec<Resource>, RouteError> {
             let mut routes = list
                 .iter()
-                .map(|r| serde_json::from_str::<Resource>(r).map_err(|e| e.to_string()))
+                .map(|r| serde_json::from_str::<Resource>(r))
                 .collect::<Result<Vec<_>, _>>()?;
             routes.sort_by(|a, b| {
                 (&a.metadata.namespace, &a.metadata.name)
@@ -368,27 +382,22 @@ impl RouteTable {
 
 /// The path matcher of a gRPC method match, and the lengths of its service
 /// and method (its precedence).
-fn grpc_path(m: &trellis_resource::GrpcMethodMatch) -> Result<(PathM, usize, usize), String> {
+fn grpc_path(m: &trellis_resource::GrpcMethodMatch) -> Result<(PathM, usize, usize), RouteError> {
     let service = m.service.as_deref().filter(|s| !s.is_empty());
     let method = m.method.as_deref().filter(|s| !s.is_empty());
     let lens = (service.map_or(0, str::len), method.map_or(0, str::len));
     let path = match (m.match_type, service, method) {
         (ValueMatchType::Exact, Some(s), Some(me)) => PathM::Exact(format!("/{s}/{me}")),
         (ValueMatchType::Exact, Some(s), None) => PathM::Prefix(format!("/{s}")),
-        (ValueMatchType::Exact, None, Some(me)) => PathM::Regex(
-            Regex::new(&format!("^/[^/]+/{}$", regex::escape(me))).map_err(|e| e.to_string())?,
-        ),
-        (ValueMatchType::RegularExpression, s, me) => PathM::Regex(
-            Regex::new(&format!(
-                "^/(?:{})/(?:{})$",
-                s.unwrap_or("[^/]+"),
-                me.unwrap_or("[^/]+")
-            ))
-            .map_err(|e| e.to_string())?,
-        ),
-        (ValueMatchType::Exact, None, None) => {
-            return Err("a gRPC method match names neither service nor method".into())
+        (ValueMatchType::Exact, None, Some(me)) => {
+            PathM::Regex(Regex::new(&format!("^/[^/]+/{}$", regex::escape(me)))?)
         }
+        (ValueMatchType::RegularExpression, s, me) => PathM::Regex(Regex::new(&format!(
+            "^/(?:{})/(?:{})$",
+            s.unwrap_or("[^/]+"),
+            me.unwrap_or("[^/]+")
+        ))?),
+        (ValueMatchType::Exact, None, None) => return Err(RouteError::EmptyGrpcMethod),
     };
     Ok((path, lens.0, lens.1))
 }
@@ -455,7 +464,7 @@ fn new_rule(route: &str, ns: &str, refs: &[BackendRef], list: &[RouteFilter]) ->
     }
 }
 
-fn compile_rule(route: &str, ns: &str, rule: &RouteRule) -> Result<Rule, String> {
+fn compile_rule(route: &str, ns: &str, rule: &RouteRule) -> Result<Rule, RouteError> {
     let mut r = new_rule(route, ns, &rule.backend_refs, &rule.filters);
     if let Some(t) = &rule.timeouts {
         r.request_timeout = parse_optional_duration(t.request.as_deref())?.filter(|d| !d.is_zero());
@@ -473,7 +482,7 @@ fn compile_rule(route: &str, ns: &str, rule: &RouteRule) -> Result<Rule, String>
     Ok(r)
 }
 
-fn compile_grpc_rule(route: &str, ns: &str, rule: &GrpcRouteRule) -> Result<Rule, String> {
+fn compile_grpc_rule(route: &str, ns: &str, rule: &GrpcRouteRule) -> Result<Rule, RouteError> {
     Ok(new_rule(route, ns, &rule.backend_refs, &rule.filters))
 }
 

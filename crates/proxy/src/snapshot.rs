@@ -10,9 +10,11 @@ use std::sync::Arc;
 use trellis_api::v1::Config;
 use trellis_resource::{MeshSpec, Resource, ServiceSpec};
 
+use crate::authz::AuthzError;
 use crate::balance::Algorithm;
 use crate::endpoint::Endpoint;
-use crate::route::RouteTable;
+use crate::route::{RouteError, RouteTable};
+use crate::traffic::policy::PolicyError;
 
 /// A service's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +42,29 @@ impl fmt::Display for SvcKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
+}
+
+/// Why a config is rejected (whole: the running one keeps serving); the
+/// control plane shows the message with the NACK.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("mesh: {0}")]
+    Mesh(serde_json::Error),
+    #[error("service {key}: {reason}")]
+    Service {
+        key: SvcKey,
+        reason: serde_json::Error,
+    },
+    #[error("service {0}: not a Service resource")]
+    NotAService(SvcKey),
+    #[error("service {key}: route: {reason}")]
+    Route { key: SvcKey, reason: RouteError },
+    #[error("service {key}: endpoint address {address:?} is not IP:PORT")]
+    EndpointAddress { key: SvcKey, address: String },
+    #[error("service {key}: {reason}")]
+    Policy { key: SvcKey, reason: PolicyError },
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
 }
 
 /// Service annotation that chooses the load balancer.
@@ -81,32 +106,41 @@ impl Snapshot {
 
     /// Builds a snapshot, reusing the endpoints of `prev` that are still
     /// listed. Any error rejects the whole config.
-    pub fn build(config: Config, prev: &Snapshot) -> Result<Snapshot, String> {
+    pub fn build(config: Config, prev: &Snapshot) -> Result<Snapshot, SnapshotError> {
         let mesh: MeshSpec = if config.mesh_json.trim().is_empty() {
             MeshSpec::default()
         } else {
-            serde_json::from_str(&config.mesh_json).map_err(|e| format!("mesh: {e}"))?
+            serde_json::from_str(&config.mesh_json).map_err(SnapshotError::Mesh)?
         };
         let mut services = HashMap::new();
         for sc in &config.services {
             let key = SvcKey::new(&sc.namespace, &sc.name);
-            let res: Resource = serde_json::from_str(&sc.service_json)
-                .map_err(|e| format!("service {key}: {e}"))?;
+            let res: Resource = serde_json::from_str(&sc.service_json).map_err(|reason| {
+                SnapshotError::Service {
+                    key: key.clone(),
+                    reason,
+                }
+            })?;
             let spec = res
                 .as_service()
                 .cloned()
-                .ok_or_else(|| format!("service {key}: not a Service resource"))?;
-            let routes = RouteTable::from_config(&sc.routes_json, &sc.grpc_routes_json)
-                .map_err(|e| format!("service {key}: route: {e}"))?;
+                .ok_or_else(|| SnapshotError::NotAService(key.clone()))?;
+            let routes = RouteTable::from_config(&sc.routes_json, &sc.grpc_routes_json).map_err(
+                |reason| SnapshotError::Route {
+                    key: key.clone(),
+                    reason,
+                },
+            )?;
             let old = prev.services.get(&key);
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             for ep in &sc.endpoints {
-                let addr: SocketAddr = ep.address.parse().map_err(|_| {
-                    format!(
-                        "service {key}: endpoint address {:?} is not IP:PORT",
-                        ep.address
-                    )
-                })?;
+                let addr: SocketAddr =
+                    ep.address
+                        .parse()
+                        .map_err(|_| SnapshotError::EndpointAddress {
+                            key: key.clone(),
+                            address: ep.address.clone(),
+                        })?;
                 let reused =
                     old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr && e.same_as(ep)));
                 endpoints.push(match reused {
@@ -120,7 +154,10 @@ impl Snapshot {
                 &sc.traffic_policy_json,
                 lb_annotation.map(String::as_str),
             )
-            .map_err(|e| format!("service {key}: {e}"))?;
+            .map_err(|reason| SnapshotError::Policy {
+                key: key.clone(),
+                reason,
+            })?;
             let algorithm = policy.balancer;
             let balancer = crate::balance::Balancer::new(algorithm, policy.locality, &endpoints);
             services.insert(

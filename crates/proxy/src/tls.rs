@@ -13,16 +13,33 @@ use rand::Rng;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
-use trellis_identity::certs::{self, CertInfo};
+use trellis_identity::certs::{self, CertError, CertInfo};
 use trellis_identity::keys::WorkloadKey;
+use trellis_identity::spiffe::ParseError;
 use trellis_identity::verify::{PeerClientVerifier, PeerServerVerifier, TrustBundle};
 use trellis_identity::{write_secret, SpiffeId, ALPN_H2, ALPN_HTTP1, ALPN_TCP};
 
-use crate::control::ControlClient;
+use crate::control::{ControlClient, ControlError};
 
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 const BUNDLE_FILE: &str = "bundle.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error("the certificate's identity: {0}")]
+    Identity(ParseError),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    #[error("the workload key: {0}")]
+    Key(rcgen::Error),
+    #[error("the CA issued {issued} but this proxy is {expected}")]
+    WrongIdentity { issued: String, expected: String },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
 
 /// One certificate with everything built from it.
 pub struct Credentials {
@@ -43,21 +60,16 @@ impl Credentials {
         chain_pem: &str,
         key_pem: &str,
         bundle_pem: Vec<String>,
-    ) -> Result<Credentials, String> {
-        let chain = certs::certs_from_pem(chain_pem).map_err(|e| e.to_string())?;
-        let key = certs::key_from_pem(key_pem).map_err(|e| e.to_string())?;
-        let info = certs::info(&chain[0]).map_err(|e| e.to_string())?;
-        let identity: SpiffeId = info
-            .identity
-            .parse()
-            .map_err(|e: trellis_identity::spiffe::ParseError| e.to_string())?;
-        let bundle = Arc::new(TrustBundle::from_pems(&bundle_pem).map_err(|e| e.to_string())?);
+    ) -> Result<Credentials, TlsError> {
+        let chain = certs::certs_from_pem(chain_pem)?;
+        let key = certs::key_from_pem(key_pem)?;
+        let info = certs::info(&chain[0])?;
+        let identity: SpiffeId = info.identity.parse().map_err(TlsError::Identity)?;
+        let bundle = Arc::new(TrustBundle::from_pems(&bundle_pem)?);
         let mut server = ServerConfig::builder_with_provider(trellis_identity::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(PeerClientVerifier::new(bundle.clone())))
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| e.to_string())?;
+            .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
         Ok(Credentials {
             identity,
@@ -108,16 +120,15 @@ pub struct Tls {
 impl Tls {
     /// Loads a still-valid certificate from the cache dir, if any; the key is
     /// reused from there, or made now.
-    pub fn new(identity: SpiffeId, cache_dir: Option<PathBuf>) -> Result<Arc<Tls>, String> {
+    pub fn new(identity: SpiffeId, cache_dir: Option<PathBuf>) -> Result<Arc<Tls>, TlsError> {
         let cached_key = cache_dir
             .as_ref()
             .and_then(|d| std::fs::read_to_string(d.join(KEY_FILE)).ok());
         let key = match cached_key {
-            Some(key_pem) => {
-                WorkloadKey::from_key_pem(&identity, &key_pem).map_err(|e| e.to_string())?
-            }
-            None => WorkloadKey::generate(&identity).map_err(|e| e.to_string())?,
-        };
+            Some(key_pem) => WorkloadKey::from_key_pem(&identity, &key_pem),
+            None => WorkloadKey::generate(&identity),
+        }
+        .map_err(TlsError::Key)?;
         let tls = Arc::new(Tls {
             current: ArcSwapOption::empty(),
             identity,
@@ -165,13 +176,13 @@ impl Tls {
         }
     }
 
-    fn install(&self, chain_pem: &str, bundle_pem: Vec<String>) -> Result<(), String> {
+    fn install(&self, chain_pem: &str, bundle_pem: Vec<String>) -> Result<(), TlsError> {
         let c = Credentials::build(chain_pem, &self.key.key_pem, bundle_pem.clone())?;
         if c.identity != self.identity {
-            return Err(format!(
-                "the CA issued {} but this proxy is {}",
-                c.identity, self.identity
-            ));
+            return Err(TlsError::WrongIdentity {
+                issued: c.identity.to_string(),
+                expected: self.identity.to_string(),
+            });
         }
         if let Some(dir) = &self.cache_dir {
             let res = std::fs::create_dir_all(dir)
@@ -201,7 +212,7 @@ impl Tls {
     }
 
     /// Asks the CA for a certificate once.
-    pub async fn renew(&self, control: &ControlClient) -> Result<(), String> {
+    pub async fn renew(&self, control: &ControlClient) -> Result<(), TlsError> {
         let resp = control.sign(&self.key.csr_pem).await?;
         self.install(&resp.certificate_chain_pem, resp.trust_bundle_pem)?;
         control.trust(self.trusted_roots());

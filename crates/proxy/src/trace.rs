@@ -203,7 +203,9 @@ pub fn extract(headers: &HeaderMap) -> Option<Parent> {
 /// `version-traceid-parentid-flags` (W3C Trace Context, level 1).
 pub fn parse_traceparent(s: &str) -> Option<Parent> {
     let b = s.as_bytes();
-    if b.len() < 55 {
+    // The fields are ASCII hex at fixed offsets; anything else in them is
+    // malformed (and slicing a `str` there could split a character).
+    if b.len() < 55 || !b[..55].is_ascii() {
         return None;
     }
     let version = parse_id::<1>(&s[0..2], true)?[0];

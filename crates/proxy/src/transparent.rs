@@ -106,24 +106,32 @@ pub fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
     Some(orig)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum TransparentError {
+    #[error("--transparent: {0}")]
+    Mark(std::io::Error),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+}
+
 /// Pods mode at start-up: marks this process's sockets and binds the DNS
 /// server (started by the caller once the proxy is ready).
 pub async fn start(
     cfg: &crate::ProxyConfig,
-    inputs: Arc<Inputs>,
-) -> anyhow::Result<Option<crate::dns::DnsServer>> {
+) -> Result<Option<crate::dns::DnsServer>, TransparentError> {
     let Some(t) = &cfg.transparent else {
         return Ok(None);
     };
     set_mark(t.mark);
     // Fail now, not on the first connection, when marking is not allowed.
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    mark_socket(&probe)?;
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|probe| mark_socket(&probe))
+        .map_err(TransparentError::Mark)?;
     let Some(addr) = t.dns_addr else {
         return Ok(None);
     };
     Ok(Some(
-        crate::dns::DnsServer::new(inputs, addr, t.dns_upstreams.clone()).await?,
+        crate::dns::DnsServer::new(addr, t.dns_upstreams.clone()).await?,
     ))
 }
 

@@ -1,7 +1,13 @@
 //! Helpers for Trellis tests: waiting for a condition instead of sleeping,
-//! free ports, and a tiny HTTP/1.1 client that can go through an explicit
-//! HTTP proxy (as an app behind a sidecar does).
+//! free ports, a tiny HTTP/1.1 client that can go through an explicit HTTP
+//! proxy (as an app behind a sidecar does), reading Prometheus text
+//! ([`prometheus`]) and processes ([`process`]), and common resource YAML
+//! ([`yaml`]).
 #![forbid(unsafe_code)]
+
+pub mod process;
+pub mod prometheus;
+pub mod yaml;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -63,6 +69,27 @@ where
             }
         }
         tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// [`eventually`] for tests without a runtime: calls `f` every 20ms until it
+/// gives `Some`/`Ok`, and panics after `timeout`.
+pub fn eventually_blocking<T, O: Outcome<Value = T>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> O,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match f().into_result() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not true after {timeout:?} ({tries} tries); last error: {last}")
+            }
+            Err(_) => std::thread::sleep(POLL_INTERVAL),
+        }
     }
 }
 
@@ -211,6 +238,22 @@ mod tests {
     #[should_panic(expected = "never: not true after")]
     async fn eventually_panics_with_last_error() {
         eventually("never", Duration::from_millis(50), || async { None::<()> }).await;
+    }
+
+    #[test]
+    fn eventually_blocking_waits_for_the_condition() {
+        let mut n = 0;
+        let v = eventually_blocking("n reaches 3", Duration::from_secs(5), || {
+            n += 1;
+            (n >= 3).then_some(n)
+        });
+        assert_eq!(v, 3);
+        let r = std::panic::catch_unwind(|| {
+            eventually_blocking("never", Duration::from_millis(50), || Err::<(), _>("no"))
+        });
+        let msg = r.unwrap_err().downcast::<String>().unwrap();
+        assert!(msg.starts_with("never: not true after"), "{msg}");
+        assert!(msg.ends_with("last error: \"no\""), "{msg}");
     }
 
     #[tokio::test]

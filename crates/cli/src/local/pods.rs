@@ -5,7 +5,8 @@
 //! `curl http://catalog:8080/` just works. The sidecar's ports, mark and
 //! DNS are the pod contract of `trellis_proxy::pod`.
 //!
-//! The control plane runs on the host, on the bridge's gateway address.
+//! The control plane runs on the host: its proxy API on the bridge's
+//! gateway address, its HTTP API on the host's loopback only.
 //! The record of processes is `run.json` as in process mode; the network
 //! is in `pods.json` (see `podnet`).
 
@@ -117,7 +118,9 @@ impl Placement for Pods {
                 upstreams: pod::host_nameservers(),
             },
             replicas,
-            http: SocketAddr::from((gateway, free[0])),
+            // The HTTP API stays on the host's loopback: pods reach only the
+            // proxy API (on the gateway), never the API that holds the keys.
+            http: SocketAddr::from((Ipv4Addr::LOCALHOST, free[0])),
             grpc: SocketAddr::from((gateway, free[1])),
         })
     }

@@ -273,7 +273,7 @@ impl<P: Placement> Runner<P> {
         loop {
             self.check_children()?;
             if api.ok("/readyz").await.unwrap_or(false) {
-                return Ok(api);
+                return Ok(api.with_token(crate::client::local_admin_token(&self.data_dir)?));
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
@@ -294,6 +294,7 @@ impl<P: Placement> Runner<P> {
                 &serde_json::json!({
                     "namespace": r.namespace,
                     "serviceAccount": r.effective_service_account(),
+                    "labels": r.labels,
                     "ttl": LOCAL_TOKEN_TTL,
                 }),
             )

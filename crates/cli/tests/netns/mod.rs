@@ -5,22 +5,12 @@
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 /// Whether this test may run: root and `ip netns` work. Not root: skip with
 /// a message, except under CI=true, where skipping would hide a failure.
 pub fn can_run(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    let ci = std::env::var("CI")
-        .map(|v| !v.is_empty() && v != "false")
-        .unwrap_or(false);
+    let root = trellis_testkit::process::is_root();
+    let ci = trellis_testkit::process::in_ci();
     let tools = ["ip", "nft"]
         .iter()
         .filter(|t| {
@@ -183,16 +173,4 @@ pub fn pair() -> Pair {
     a.exec(&["ip", "link", "set", &va, "up"]);
     b.exec(&["ip", "link", "set", &vb, "up"]);
     Pair { a, b, a_ip, b_ip }
-}
-
-/// Polls `f` every 50 ms until it returns Some, or panics after `within`.
-pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

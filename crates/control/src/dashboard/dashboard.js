@@ -30,19 +30,37 @@ const num = (content, cls) => el('td', { class: 'num ' + (cls || '') }, content)
 const when = (nanos) => new Date(nanos / 1e6).toLocaleTimeString();
 const windowParam = () => $('window').value;
 
+// The credential lives in this tab's sessionStorage only: it arrives in
+// the link's fragment (never sent to a server, so never logged), or is
+// typed into the sign-in form.
+const TOKEN_KEY = 'trellis-token';
+const token = () => sessionStorage.getItem(TOKEN_KEY) || '';
+const authHeaders = () => (token() ? { Authorization: 'Bearer ' + token() } : {});
+
+function takeTokenFromLink() {
+  const m = location.hash.match(/^#token=([^&]*)&?(.*)$/);
+  if (!m) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+  history.replaceState(null, '', '#' + (m[2] || '/'));
+}
+
 async function api(path, opts) {
-  const r = await fetch(path, opts);
+  const r = await fetch(path, Object.assign({}, opts, { headers: authHeaders() }));
+  if (r.status === 401) $('signin').hidden = false;
   if (!r.ok) {
     let msg = r.status + ' ' + r.statusText;
     try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
-    throw new Error(path + ': ' + msg);
+    const e = new Error(path + ': ' + msg);
+    e.status = r.status;
+    throw e;
   }
   return r.json();
 }
 
 function setError(e) {
   $('err').textContent = e ? String(e.message || e) : '';
-  $('status').textContent = e ? 'control plane unreachable' : 'live';
+  const refused = e && (e.status === 401 || e.status === 403);
+  $('status').textContent = !e ? 'live' : refused ? 'sign in needed' : 'control plane unreachable';
   $('status').className = 'status ' + (e ? 'bad' : 'ok');
 }
 
@@ -55,11 +73,8 @@ function show(view) {
 }
 
 function route() {
-  const h = location.hash;
-  if (h.startsWith('#token=')) {
-    sessionStorage.setItem('trellis-admin-token', decodeURIComponent(h.slice(7)));
-    history.replaceState(null, '', '#/');
-  }
+  takeTokenFromLink();
+  $('signin').hidden = token() !== '';
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
   if (state.view === 'tap' && parts[0] !== 'tap') stopTap();
   if (parts[0] === 'service' && parts.length >= 3) { show('service'); state.service = { ns: parts[1], name: parts[2] }; }
@@ -281,8 +296,6 @@ function stopTap() {
 async function startTap(ev) {
   ev.preventDefault();
   stopTap();
-  const token = $('tap-token').value.trim() || sessionStorage.getItem('trellis-admin-token') || '';
-  if ($('tap-token').value.trim()) sessionStorage.setItem('trellis-admin-token', token);
   const q = new URLSearchParams();
   if ($('tap-workload').value.trim()) q.set('workload', $('tap-workload').value.trim());
   if ($('tap-path').value.trim()) q.set('path', $('tap-path').value.trim());
@@ -293,7 +306,8 @@ async function startTap(ev) {
   $('tap-state').textContent = 'starting…';
   const rows = $('tap-events').tBodies[0];
   try {
-    const r = await fetch('/api/v1/tap?' + q, { headers: { Authorization: 'Bearer ' + token }, signal: ctl.signal });
+    const r = await fetch('/api/v1/tap?' + q, { headers: authHeaders(), signal: ctl.signal });
+    if (r.status === 401) $('signin').hidden = false;
     if (!r.ok) { let m = r.status; try { m = (await r.json()).error; } catch (_) { /* */ } throw new Error(m); }
     const reader = r.body.getReader();
     const dec = new TextDecoder();
@@ -324,6 +338,13 @@ async function startTap(ev) {
 }
 
 $('tap-form').addEventListener('submit', startTap);
+$('signin').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const t = $('signin-token').value.trim();
+  $('signin-token').value = '';
+  if (t) sessionStorage.setItem(TOKEN_KEY, t);
+  route();
+});
 $('tap-stop').addEventListener('click', () => { stopTap(); $('tap-state').textContent = 'stopped'; });
 $('window').addEventListener('change', refresh);
 window.addEventListener('hashchange', route);

@@ -4,39 +4,19 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use trellis::demo_app::{self, DemoAppConfig};
-use trellis_e2e::TestMesh;
+use trellis_e2e::{yaml, TestMesh};
 use trellis_proxy::Proxy;
 
-pub const SERVICES: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: frontend}
-spec:
-  selector: {app: frontend}
-  ports: [{name: http, port: 8080}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: catalog}
-spec:
-  selector: {app: catalog}
-  ports: [{name: http, port: 8080}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: reviews}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 8080}]
-"#;
+pub use trellis_e2e::yaml::mesh;
 
-/// A Mesh resource with these spec lines (YAML, indented by two).
-pub fn mesh(spec: &str) -> String {
-    format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec:\n{spec}\n")
+/// The three Services, `app: NAME` each, on port 8080.
+pub fn services() -> String {
+    ["frontend", "catalog", "reviews"]
+        .map(yaml::service)
+        .join("---\n")
 }
 
 pub struct Tier {
@@ -77,39 +57,20 @@ pub async fn tier(
 
 /// frontend → catalog → reviews, with `mesh_yaml` applied first.
 pub async fn three_tier(mesh: &TestMesh, mesh_yaml: &str) -> ThreeTier {
-    mesh.apply(&format!("{mesh_yaml}\n---\n{SERVICES}"))
+    mesh.apply(&format!("{mesh_yaml}---\n{}", services()))
         .await
         .expect("apply");
     let reviews = tier(mesh, "reviews", &[], |_| {}).await;
     let catalog = tier(mesh, "catalog", &["http://reviews:8080/reviews"], |_| {}).await;
     let frontend = tier(mesh, "frontend", &["http://catalog:8080/items"], |_| {}).await;
     for svc in ["catalog", "reviews", "frontend"] {
-        wait_endpoints(mesh, svc, 1).await;
+        mesh.wait_endpoints(svc, 1).await;
     }
     ThreeTier {
         frontend,
         catalog,
         reviews,
     }
-}
-
-pub async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
-    trellis_testkit::eventually(
-        &format!("{service} has {n} endpoints"),
-        Duration::from_secs(15),
-        || async {
-            let services = mesh.get_json("/api/v1/services").await;
-            let count = services
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["name"] == service))
-                .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-                .unwrap_or(0);
-            (count == n)
-                .then_some(())
-                .ok_or(format!("{count} endpoints"))
-        },
-    )
-    .await;
 }
 
 /// GET `url` directly (not through a proxy) with extra headers.
@@ -132,7 +93,7 @@ pub fn tool(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
+        if trellis_testkit::process::in_ci() {
             panic!("{name} is not installed, and CI must run this test: scripts/test installs it (apt-get install {name})");
         }
         eprintln!("SKIPPED: {name} is not installed (scripts/test installs it as root; CI always runs this test)");

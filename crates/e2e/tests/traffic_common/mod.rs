@@ -1,5 +1,5 @@
 //! Helpers shared by the traffic_* tests: an app whose behaviour a test
-//! switches at run time, a keep-alive client that returns headers, and
+//! switches at run time, a keep-alive client that panics on errors, and
 //! concurrent load with latency figures.
 #![allow(dead_code)]
 
@@ -10,16 +10,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use trellis_e2e::TestMesh;
-use trellis_testkit::eventually;
+use tokio::sync::watch;
+use trellis_e2e::{Answer, ProxyClient, TestMesh};
 
 /// What an [`App`] does; tests flip these while it runs.
 #[derive(Default)]
 pub struct Behaviour {
+    /// While true, requests (but `/healthz`) wait before answering: a test
+    /// holds them to fill a limit, then lets them go with [`App::release`].
+    pub hold: watch::Sender<bool>,
     /// Answer every request (but `/healthz`) with this status (0: 200).
     pub fail_with: AtomicU16,
     /// Answer `/healthz` with 503.
@@ -88,6 +91,21 @@ impl App {
     pub fn seen(&self) -> Vec<Seen> {
         self.behaviour.seen.lock().unwrap().clone()
     }
+
+    /// Requests being answered (or held) now.
+    pub fn in_flight(&self) -> u64 {
+        self.behaviour.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Holds every request from now on until [`release`](Self::release).
+    pub fn hold(&self) {
+        self.behaviour.hold.send_replace(true);
+    }
+
+    /// Answers the held requests, and holds no more.
+    pub fn release(&self) {
+        self.behaviour.hold.send_replace(false);
+    }
 }
 
 async fn answer(b: &Behaviour, name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -138,6 +156,7 @@ async fn respond(
             });
         }
     }
+    let _ = b.hold.subscribe().wait_for(|held| !held).await;
     let delay = b.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -170,6 +189,49 @@ pub async fn replica(
     Replica { app: a, proxy }
 }
 
+/// The TrafficPolicy `catalog` for the Service `catalog`, with `spec`
+/// (lines indented by two) besides its targetRef.
+pub fn policy(spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: catalog}}\n\
+         spec:\n  targetRef: {{kind: Service, name: catalog}}\n{}\n",
+        spec.trim_matches('\n')
+    )
+}
+
+/// The usual stage of a traffic test: the Service `catalog` with
+/// `resources` applied, `n` replicas `catalog-0`... and an app-less caller
+/// `frontend`, once the control plane lists every replica. Keep all three
+/// for the whole test: dropping the mesh stops the control plane, and
+/// dropping a replica or the caller stops its sidecar.
+pub async fn catalog_with(
+    resources: &str,
+    n: usize,
+) -> (TestMesh, Vec<Replica>, trellis_proxy::Proxy) {
+    let mesh = TestMesh::start().await;
+    mesh.apply(&trellis_e2e::yaml::service("catalog"))
+        .await
+        .expect("apply the Service");
+    mesh.apply(resources).await.expect("apply the resources");
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
+    }
+    let frontend = caller(&mesh, "frontend", &[]).await;
+    mesh.wait_endpoints("catalog", n).await;
+    (mesh, replicas, frontend)
+}
+
+/// A counter of the caller's proxy about the Service `catalog`.
+pub async fn catalog_counter(caller: &trellis_proxy::Proxy, name: &str) -> f64 {
+    trellis_e2e::metric_sum(
+        caller.admin_addr,
+        name,
+        &[("destination_service", "catalog")],
+    )
+    .await
+}
+
 /// A caller: an app-less sidecar (its app port is never called).
 pub async fn caller(mesh: &TestMesh, name: &str, labels: &[(&str, &str)]) -> trellis_proxy::Proxy {
     let mut all = vec![("app", name)];
@@ -177,136 +239,31 @@ pub async fn caller(mesh: &TestMesh, name: &str, labels: &[(&str, &str)]) -> tre
     mesh.sidecar(name, &all, 9).await
 }
 
-/// Waits until the control plane lists `n` endpoints for `service`.
-pub async fn wait_endpoints(mesh: &TestMesh, service: &str, n: usize) {
-    eventually(
-        &format!("{service} has {n} endpoints"),
-        Duration::from_secs(10),
-        || async {
-            let services = mesh.get_json("/api/v1/services").await;
-            let count = services
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["name"] == service))
-                .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-                .unwrap_or(0);
-            (count == n)
-                .then_some(())
-                .ok_or(format!("{count} endpoints"))
-        },
-    )
-    .await;
-}
-
-/// Waits until the proxy with this admin address runs a config in which
-/// `service` has `n` endpoints (the app must have called it once).
-pub async fn wait_proxy_endpoints(admin: SocketAddr, service: &str, n: usize) {
-    eventually(
-        &format!("the caller's proxy sees {n} endpoints of {service}"),
-        Duration::from_secs(10),
-        || async {
-            let (_, body) =
-                trellis_testkit::http_get(&format!("http://{admin}/config"), None).await;
-            let cfg: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let count = cfg["services"]
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["name"] == service))
-                .and_then(|s| s["endpoints"].as_array().map(|e| e.len()))
-                .unwrap_or(0);
-            (count == n)
-                .then_some(())
-                .ok_or(format!("{count} endpoints"))
-        },
-    )
-    .await;
-}
-
-/// An HTTP/1.1 keep-alive client of an explicit proxy that returns whole
-/// responses, headers included.
-pub struct Client {
-    proxy: SocketAddr,
-    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
-}
-
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Answer {
-    pub fn instance(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["instance"].as_str().map(str::to_string))
-            .unwrap_or_default()
-    }
-
-    pub fn flags(&self) -> String {
-        self.headers
-            .get("x-trellis-flags")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    }
-}
+/// A keep-alive client of an explicit proxy whose `get` panics on a
+/// connection or protocol error (a status is not an error); the rest is
+/// [`ProxyClient`]'s.
+pub struct Client(ProxyClient);
 
 impl Client {
     pub fn new(proxy: SocketAddr) -> Self {
-        Client {
-            proxy,
-            sender: None,
-        }
+        Client(ProxyClient::new(proxy))
     }
 
     pub async fn get(&mut self, url: &str) -> Answer {
-        self.send(Method::GET, url, &[], Bytes::new()).await
+        self.0.send(Method::GET, url, &[], Bytes::new()).await
     }
+}
 
-    pub async fn send(
-        &mut self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> Answer {
-        match self.try_send(method, url, headers, body).await {
-            Ok(a) => a,
-            Err(e) => panic!("{url} through {}: {e:#}", self.proxy),
-        }
+impl std::ops::Deref for Client {
+    type Target = ProxyClient;
+    fn deref(&self) -> &ProxyClient {
+        &self.0
     }
+}
 
-    pub async fn try_send(
-        &mut self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-    ) -> anyhow::Result<Answer> {
-        let uri: Uri = url.parse()?;
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let tcp = tokio::net::TcpStream::connect(self.proxy).await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            self.sender = Some(sender);
-        }
-        let sender = self.sender.as_mut().expect("connected above");
-        sender.ready().await?;
-        let mut req = Request::builder().method(method).uri(uri.clone()).header(
-            http::header::HOST,
-            uri.authority().map(|a| a.as_str()).unwrap_or(""),
-        );
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let fut = sender.send_request(req.body(Full::new(body))?);
-        let resp = tokio::time::timeout(Duration::from_secs(10), fut).await??;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut ProxyClient {
+        &mut self.0
     }
 }
 

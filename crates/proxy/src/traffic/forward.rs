@@ -14,6 +14,9 @@
 //!   flagged `URX`. Backoff doubles per retry, with jitter.
 //! - Every try's outcome feeds the endpoint's outlier detection.
 //! - Mirrors get a copy, fire and forget, before the first try.
+//!
+//! `forward` runs one `Exchange` (what every try of a request shares) one
+//! `Try` at a time, keeping where the tries stand in a `RetryState`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,18 +28,19 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http2::SendRequest;
 use trellis_resource::ZONE_LABEL;
 
 use super::metrics::{RetryReason, TrafficMetrics};
 use super::outlier::Outcome;
-use super::policy::{HashKey, Limit};
+use super::policy::{HashKey, Limit, Permit};
 use super::{add_flag, is_idempotent, mirror, now_nanos, stable_hash};
 use crate::balance::PickCtx;
 use crate::endpoint::Endpoint;
 use crate::error::{ProxyError, Source};
 use crate::http::{boxed, empty, full};
 use crate::inputs::Inputs;
-use crate::route::{modify_headers, Rule};
+use crate::route::{modify_headers, Backend, Rule};
 use crate::snapshot::ServiceState;
 use crate::tls::Credentials;
 use crate::Body;
@@ -196,196 +200,359 @@ pub fn overflow(metrics: &TrafficMetrics, backend: &ServiceState, limit: Limit) 
     resp
 }
 
-/// Sends a request (its headers ready for the peer) to `backend`, which
-/// `svc` (the service the app called) routed it to.
-#[allow(clippy::too_many_arguments)]
-pub async fn forward(
-    inputs: &Inputs,
-    mut parts: Parts,
-    uri: Uri,
-    body: Incoming,
-    creds: Option<Arc<Credentials>>,
-    svc: &ServiceState,
-    backend: &ServiceState,
-    rule: Option<&Rule>,
-) -> Forwarded {
-    let metrics = &inputs.metrics.traffic;
+/// Where a request goes: the Service the app called (its retry policy and
+/// budget), the backend the route chose (its endpoints, connection pool
+/// and outlier detection; often the same Service), and the rule that
+/// matched, if any.
+#[derive(Clone, Copy)]
+pub struct Destination<'a> {
+    pub svc: &'a ServiceState,
+    pub backend: &'a ServiceState,
+    pub rule: Option<&'a Rule>,
+}
+
+/// A request ready for the peer: its headers as they go out, its target,
+/// its body, and this proxy's credentials for mutual TLS (none when the
+/// mesh disables it).
+pub struct Outgoing {
+    pub parts: Parts,
+    pub uri: Uri,
+    pub body: Incoming,
+    pub creds: Option<Arc<Credentials>>,
+}
+
+/// Sends a request to its destination's backend: one try after another
+/// (see the module's doc) until one answers or none is left.
+pub async fn forward(inputs: &Inputs, to: Destination<'_>, req: Outgoing) -> Forwarded {
+    let backend = to.backend;
     let Some(in_flight) = backend
         .traffic
         .acquire(Limit::Requests, backend.policy.max_requests)
     else {
-        return (Ok(overflow(metrics, backend, Limit::Requests)), None);
+        return (
+            Ok(overflow(&inputs.metrics.traffic, backend, Limit::Requests)),
+            None,
+        );
     };
-    let plan = Plan::new(rule, svc);
-    let resendable = is_idempotent(&parts.method) || rule.is_some_and(|r| r.retry_non_idempotent);
-    let mirrors = rule.map(|r| r.mirrors.as_slice()).unwrap_or_default();
-    let keep = (plan.attempts > 0 && resendable) || !mirrors.is_empty();
-    let mut payload = match Payload::prepare(body, &parts.headers, keep).await {
-        Ok(p) => p,
+    let mut exchange = match Exchange::new(inputs, to, req).await {
+        Ok(e) => e,
         Err(e) => return (Err(e), None),
     };
-    let backend_ref = rule.and_then(|r| r.backend(&backend.key));
-    if let Some(m) = backend_ref.and_then(|b| b.request_headers.as_ref()) {
-        modify_headers(&mut parts.headers, m);
-    }
-    for m in mirrors {
-        mirror::send(inputs, m, &parts, &uri, payload.copy(), creds.clone());
-    }
-    let now = now_nanos();
-    svc.traffic.budget.deposit(now);
-    let hash = backend
-        .policy
-        .hash_key
-        .as_ref()
-        .and_then(|k| hash_of(k, &parts.headers, inputs));
-    let zone = inputs.cfg.labels.get(ZONE_LABEL).map(String::as_str);
-    let outlier = backend.policy.outlier.as_ref();
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut retries = 0u32;
-    let mut connect_retries = plan.attempts.max(2);
-    let mut last: Forwarded = (Err(ProxyError::upstream("no attempt made")), None);
+    let mut state = RetryState::new(&exchange.plan);
     loop {
-        let ctx = PickCtx {
+        match exchange.attempt(&mut state).await {
+            Try::Again => continue,
+            Try::Stop => return state.last,
+            Try::Refused(resp) => return (Ok(resp), None),
+            Try::Answer(resp, ep) => return (Ok(exchange.finish(resp, in_flight)), Some(ep)),
+        }
+    }
+}
+
+/// What every try of one request shares.
+struct Exchange<'a> {
+    inputs: &'a Inputs,
+    to: Destination<'a>,
+    /// The backendRef the rule sent the request to, for its header filters.
+    backend_ref: Option<&'a Backend>,
+    plan: Plan,
+    /// Idempotent, or the route lets retries resend it.
+    resendable: bool,
+    parts: Parts,
+    uri: Uri,
+    creds: Option<Arc<Credentials>>,
+    payload: Payload,
+    /// The ring-hash key of the request, if the backend hashes.
+    hash: Option<u64>,
+    zone: Option<&'a str>,
+}
+
+/// Where the tries of a request stand.
+struct RetryState {
+    /// Endpoints tried; the next pick avoids them while others are left.
+    tried: Vec<SocketAddr>,
+    /// Retries made for a status, a reset or a timeout.
+    retries: u32,
+    /// Moves to another endpoint still allowed after failed connections.
+    connect_retries: u32,
+    /// The outcome the caller gets if no later try answers.
+    last: Forwarded,
+}
+
+/// What one try came to.
+enum Try {
+    /// The answer the caller gets, from this endpoint.
+    Answer(Response<Body>, Arc<Endpoint>),
+    /// The backend's `maxPendingRequests` is reached: 503 at once.
+    Refused(Response<Body>),
+    /// Another try (after its backoff, already waited).
+    Again,
+    /// No try left: the last outcome stands.
+    Stop,
+}
+
+impl RetryState {
+    fn new(plan: &Plan) -> RetryState {
+        RetryState {
+            tried: Vec::new(),
+            retries: 0,
+            connect_retries: plan.attempts.max(2),
+            last: (Err(ProxyError::upstream("no attempt made")), None),
+        }
+    }
+}
+
+impl<'a> Exchange<'a> {
+    /// Keeps the body if a retry or a mirror needs it, applies the
+    /// backendRef's request filters, sends the mirrors their copies, and
+    /// pays the request's deposit into the retry budget.
+    async fn new(
+        inputs: &'a Inputs,
+        to: Destination<'a>,
+        req: Outgoing,
+    ) -> Result<Exchange<'a>, ProxyError> {
+        let Outgoing {
+            mut parts,
+            uri,
+            body,
+            creds,
+        } = req;
+        let plan = Plan::new(to.rule, to.svc);
+        let resendable =
+            is_idempotent(&parts.method) || to.rule.is_some_and(|r| r.retry_non_idempotent);
+        let mirrors = to.rule.map(|r| r.mirrors.as_slice()).unwrap_or_default();
+        let keep = (plan.attempts > 0 && resendable) || !mirrors.is_empty();
+        let payload = Payload::prepare(body, &parts.headers, keep).await?;
+        let backend_ref = to.rule.and_then(|r| r.backend(&to.backend.key));
+        if let Some(m) = backend_ref.and_then(|b| b.request_headers.as_ref()) {
+            modify_headers(&mut parts.headers, m);
+        }
+        for m in mirrors {
+            mirror::send(inputs, m, &parts, &uri, payload.copy(), creds.clone());
+        }
+        to.svc.traffic.budget.deposit(now_nanos());
+        let hash = to
+            .backend
+            .policy
+            .hash_key
+            .as_ref()
+            .and_then(|k| hash_of(k, &parts.headers, inputs));
+        Ok(Exchange {
+            inputs,
+            to,
+            backend_ref,
+            plan,
+            resendable,
+            parts,
+            uri,
+            creds,
+            payload,
             hash,
-            avoid: &tried,
-            zone,
+            zone: inputs.cfg.labels.get(ZONE_LABEL).map(String::as_str),
+        })
+    }
+
+    /// One try: an endpoint not tried yet, a connection to it, the request,
+    /// and whether its outcome is retried.
+    async fn attempt(&mut self, state: &mut RetryState) -> Try {
+        let Some(ep) = self.pick(&state.tried) else {
+            return Try::Stop;
         };
-        let Some(picked) = backend.balancer.pick(&backend.endpoints, &backend.rr, &ctx) else {
-            break;
+        state.tried.push(ep.addr);
+        let load = ep.load.start();
+        let mut conn = match self.connect(&ep, state).await {
+            Ok(c) => c,
+            Err(end) => return end,
         };
+        let Some(body) = self.payload.for_try() else {
+            return Try::Stop;
+        };
+        let result = self.send(&mut conn, body).await;
+        let outcome = match &result {
+            Ok(resp) => Outcome::Status(resp.status().as_u16()),
+            Err(_) => Outcome::Failed,
+        };
+        self.record(&ep, outcome);
+        let can_retry = self.can_retry(outcome, state.retries);
+        match result {
+            Err(e) => {
+                state.last = (Err(e), Some(ep));
+                if !can_retry || !self.withdraw_retry() {
+                    return Try::Stop;
+                }
+                // The endpoint counts this try as pending through the wait.
+                self.back_off(state, RetryReason::error).await;
+                drop(load);
+                Try::Again
+            }
+            Ok(resp) => {
+                let mut resp = resp.map(boxed);
+                if !can_retry {
+                    load.finish();
+                    return Try::Answer(resp, ep);
+                }
+                if !self.withdraw_retry() {
+                    add_flag(&mut resp, "URX");
+                    return Try::Answer(resp, ep);
+                }
+                drop(load);
+                state.last = (Ok(resp), Some(ep));
+                self.back_off(state, RetryReason::status).await;
+                Try::Again
+            }
+        }
+    }
+
+    /// The endpoint's connection, within the backend's
+    /// `maxPendingRequests`; else how the try ends.
+    async fn connect(
+        &self,
+        ep: &Arc<Endpoint>,
+        state: &mut RetryState,
+    ) -> Result<SendRequest<Body>, Try> {
+        let backend = self.to.backend;
+        let conn = {
+            let Some(_pending) = backend
+                .traffic
+                .acquire(Limit::Pending, backend.policy.max_pending)
+            else {
+                let metrics = &self.inputs.metrics.traffic;
+                return Err(Try::Refused(overflow(metrics, backend, Limit::Pending)));
+            };
+            ep.h2(self.creds.as_deref()).await
+        };
+        conn.map_err(|e| {
+            self.record(ep, Outcome::Failed);
+            state.last = (Err(e), Some(ep.clone()));
+            // Nothing was sent: any request may go to another endpoint.
+            if state.connect_retries == 0 {
+                return Try::Stop;
+            }
+            state.connect_retries -= 1;
+            self.inputs
+                .metrics
+                .traffic
+                .retry(&self.to.svc.key, RetryReason::connect);
+            Try::Again
+        })
+    }
+
+    /// An endpoint of the backend not tried yet (if one is left).
+    fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        let backend = self.to.backend;
+        let metrics = &self.inputs.metrics.traffic;
+        let ctx = PickCtx {
+            hash: self.hash,
+            avoid: tried,
+            zone: self.zone,
+        };
+        let picked = backend
+            .balancer
+            .pick(&backend.endpoints, &backend.rr, &ctx)?;
         if picked.failover {
             TrafficMetrics::inc(&metrics.locality_failovers, &backend.key);
         }
         if picked.hash_missing && tried.is_empty() {
             TrafficMetrics::inc(&metrics.hash_key_missing, &backend.key);
         }
-        let ep = picked.endpoint.clone();
-        tried.push(ep.addr);
-        let mut guard = Some(ep.load.start());
-        let conn = {
-            let Some(_pending) = backend
-                .traffic
-                .acquire(Limit::Pending, backend.policy.max_pending)
-            else {
-                return (Ok(overflow(metrics, backend, Limit::Pending)), None);
-            };
-            ep.h2(creds.as_deref()).await
-        };
-        let mut conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(cfg) = outlier {
-                    record(inputs, backend, &ep, cfg, Outcome::Failed);
-                }
-                last = (Err(e), Some(ep));
-                // Nothing was sent: any request may go to another endpoint.
-                if connect_retries == 0 {
-                    break;
-                }
-                connect_retries -= 1;
-                metrics.retry(&svc.key, RetryReason::connect);
-                continue;
-            }
-        };
-        let Some(try_body) = payload.for_try() else {
-            break;
-        };
-        let mut upstream_req = Request::new(try_body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri.clone();
-        *upstream_req.version_mut() = Version::HTTP_2;
-        *upstream_req.headers_mut() = parts.headers.clone();
-        let send = conn.send_request(upstream_req);
-        let result = match plan.per_try {
+        Some(picked.endpoint.clone())
+    }
+
+    /// Sends the request over the endpoint's connection, within the
+    /// per-try timeout.
+    async fn send(
+        &self,
+        conn: &mut SendRequest<Body>,
+        body: Body,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = self.parts.headers.clone();
+        let send = conn.send_request(req);
+        match self.plan.per_try {
             Some(t) => match tokio::time::timeout(t, send).await {
                 Ok(r) => r.map_err(ProxyError::upstream),
                 Err(_) => Err(ProxyError::timeout("backend request")),
             },
             None => send.await.map_err(ProxyError::upstream),
-        };
-        let outcome = match &result {
-            Ok(resp) => Outcome::Status(resp.status().as_u16()),
-            Err(_) => Outcome::Failed,
-        };
-        if let Some(cfg) = outlier {
-            record(inputs, backend, &ep, cfg, outcome);
         }
-        let wants_retry = match outcome {
-            Outcome::Status(code) => plan.codes.contains(&code),
-            // A reset or timeout is retried even without a retry policy,
-            // once, when the request can be sent again.
-            Outcome::Failed => true,
+    }
+
+    /// Whether this outcome is retried, budget aside: a listed status, or
+    /// a reset or timeout (retried once even without a retry policy),
+    /// for a request that can be sent again.
+    fn can_retry(&self, outcome: Outcome, retries: u32) -> bool {
+        let (wanted, allowed) = match outcome {
+            Outcome::Status(code) => (self.plan.codes.contains(&code), self.plan.attempts),
+            Outcome::Failed => (true, self.plan.attempts.max(1)),
         };
-        let allowed = match outcome {
-            Outcome::Status(_) => plan.attempts,
-            Outcome::Failed => plan.attempts.max(1),
-        };
-        let can_retry = wants_retry && resendable && payload.replayable() && retries < allowed;
-        let mut resp = match result {
-            Ok(resp) => {
-                if !can_retry {
-                    if let Some(g) = guard.take() {
-                        g.finish();
-                    }
-                }
-                resp.map(boxed)
-            }
-            Err(e) => {
-                last = (Err(e), Some(ep.clone()));
-                if !can_retry {
-                    break;
-                }
-                if !svc
-                    .traffic
-                    .budget
-                    .try_withdraw(&svc.policy.budget, now_nanos())
-                {
-                    TrafficMetrics::inc(&metrics.budget_exhausted, &svc.key);
-                    break;
-                }
-                retries += 1;
-                metrics.retry(&svc.key, RetryReason::error);
-                tokio::time::sleep(plan.backoff(retries)).await;
-                continue;
-            }
-        };
-        if can_retry {
-            if svc
-                .traffic
-                .budget
-                .try_withdraw(&svc.policy.budget, now_nanos())
-            {
-                retries += 1;
-                metrics.retry(&svc.key, RetryReason::status);
-                drop(guard);
-                last = (Ok(resp), Some(ep));
-                tokio::time::sleep(plan.backoff(retries)).await;
-                continue;
-            }
-            TrafficMetrics::inc(&metrics.budget_exhausted, &svc.key);
-            add_flag(&mut resp, "URX");
+        wanted && self.resendable && self.payload.replayable() && retries < allowed
+    }
+
+    /// Takes a retry from the called Service's budget; counts it if empty.
+    fn withdraw_retry(&self) -> bool {
+        let svc = self.to.svc;
+        if svc
+            .traffic
+            .budget
+            .try_withdraw(&svc.policy.budget, now_nanos())
+        {
+            return true;
         }
-        if let Some(m) = backend_ref.and_then(|b| b.response_headers.as_ref()) {
+        TrafficMetrics::inc(&self.inputs.metrics.traffic.budget_exhausted, &svc.key);
+        false
+    }
+
+    /// Counts a retry and waits its backoff.
+    async fn back_off(&self, state: &mut RetryState, reason: RetryReason) {
+        state.retries += 1;
+        self.inputs.metrics.traffic.retry(&self.to.svc.key, reason);
+        tokio::time::sleep(self.plan.backoff(state.retries)).await;
+    }
+
+    /// Feeds a try's outcome to the endpoint's outlier detection.
+    fn record(&self, ep: &Endpoint, outcome: Outcome) {
+        let backend = self.to.backend;
+        let Some(cfg) = backend.policy.outlier.as_ref() else {
+            return;
+        };
+        if ep
+            .health
+            .record(cfg, outcome, &backend.endpoints, now_nanos())
+        {
+            TrafficMetrics::inc(&self.inputs.metrics.traffic.ejections, &backend.key);
+            tracing::info!(
+                service = %backend.key,
+                endpoint = %ep.addr,
+                instance = %ep.instance,
+                "outlier detection ejected an endpoint"
+            );
+        }
+    }
+
+    /// The answer as the caller gets it: the backendRef's response filters
+    /// applied, and the request counted against `maxRequests` until the
+    /// body is done (a gRPC stream may last long after the headers).
+    fn finish(&self, mut resp: Response<Body>, in_flight: Permit) -> Response<Body> {
+        if let Some(m) = self.backend_ref.and_then(|b| b.response_headers.as_ref()) {
             modify_headers(resp.headers_mut(), m);
         }
-        // The request counts against maxRequests until its answer's body
-        // is done (a gRPC stream may last long after the headers).
-        let resp = resp.map(|b| {
+        resp.map(|b| {
             Held {
                 inner: b,
                 _permit: in_flight,
             }
             .boxed_unsync()
-        });
-        return (Ok(resp), Some(ep));
+        })
     }
-    last
 }
 
 /// A response body that holds a circuit-breaker permit until it ends.
 struct Held {
     inner: Body,
-    _permit: super::policy::Permit,
+    _permit: Permit,
 }
 
 impl http_body::Body for Held {
@@ -412,11 +579,11 @@ impl http_body::Body for Held {
 /// for as long as it is open, wherever it ends up (an upgraded tunnel).
 pub struct HeldIo<S> {
     inner: S,
-    _permit: super::policy::Permit,
+    _permit: Permit,
 }
 
 impl<S> HeldIo<S> {
-    pub fn new(inner: S, permit: super::policy::Permit) -> Self {
+    pub fn new(inner: S, permit: Permit) -> Self {
         HeldIo {
             inner,
             _permit: permit,
@@ -467,27 +634,6 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeldIo<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-fn record(
-    inputs: &Inputs,
-    backend: &ServiceState,
-    ep: &Endpoint,
-    cfg: &super::policy::OutlierConfig,
-    outcome: Outcome,
-) {
-    if ep
-        .health
-        .record(cfg, outcome, &backend.endpoints, now_nanos())
-    {
-        TrafficMetrics::inc(&inputs.metrics.traffic.ejections, &backend.key);
-        tracing::info!(
-            service = %backend.key,
-            endpoint = %ep.addr,
-            instance = %ep.instance,
-            "outlier detection ejected an endpoint"
-        );
     }
 }
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, StatusCode};
-use trellis_resource::{parse_duration, LoadBalancerType, Resource, TrafficPolicySpec};
+use trellis_resource::{
+    parse_duration, DurationError, LoadBalancerType, Resource, TrafficPolicySpec,
+};
 
 use super::budget::RetryBudget;
 use super::ratelimit::RateLimiter;
@@ -145,10 +147,45 @@ impl Default for Policy {
     }
 }
 
-fn dur(field: &str, s: &Option<String>, default: Duration) -> Result<Duration, String> {
+/// Why a TrafficPolicy cannot be used; the resource's validation refuses
+/// most of these before they reach a proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("traffic policy: {0}")]
+    Json(serde_json::Error),
+    #[error("traffic policy: not a TrafficPolicy resource")]
+    NotAPolicy,
+    #[error("traffic policy: {field}: {reason}")]
+    Duration {
+        field: &'static str,
+        reason: DurationError,
+    },
+    #[error("traffic policy: loadBalancer: ring-hash needs hashOn")]
+    NoHashKey,
+    #[error("traffic policy: loadBalancer.hashOn.header: {0}")]
+    HashHeader(http::header::InvalidHeaderName),
+    #[error("traffic policy: loadBalancer.hashOn: give exactly one of header, cookie, source")]
+    HashKeys,
+    #[error("traffic policy: faultInjection.abort.httpStatus: {0}")]
+    AbortStatus(http::status::InvalidStatusCode),
+    #[error("traffic policy: localRateLimit.requestsPerSecond is 0: give a rate above 0, or no localRateLimit")]
+    ZeroRate,
+    #[error("annotation trellis.dev/load-balancer: unknown load balancer {0:?} (use peak-ewma, round-robin or least-request)")]
+    UnknownBalancer(String),
+}
+
+fn parse(field: &'static str, s: &str) -> Result<Duration, PolicyError> {
+    parse_duration(s).map_err(|reason| PolicyError::Duration { field, reason })
+}
+
+fn dur(
+    field: &'static str,
+    s: &Option<String>,
+    default: Duration,
+) -> Result<Duration, PolicyError> {
     match s {
         None => Ok(default),
-        Some(s) => parse_duration(s).map_err(|e| format!("{field}: {e}")),
+        Some(s) => parse(field, s),
     }
 }
 
@@ -157,22 +194,19 @@ impl Policy {
     /// none). `lb_annotation` is the Service's older
     /// `trellis.dev/load-balancer` annotation, used when the policy does
     /// not choose a balancer.
-    pub fn from_json(json: &str, lb_annotation: Option<&str>) -> Result<Policy, String> {
+    pub fn from_json(json: &str, lb_annotation: Option<&str>) -> Result<Policy, PolicyError> {
         let res: Option<Resource> = if json.trim().is_empty() {
             None
         } else {
-            Some(serde_json::from_str(json).map_err(|e| format!("traffic policy: {e}"))?)
+            Some(serde_json::from_str(json).map_err(PolicyError::Json)?)
         };
         let spec = match &res {
             None => None,
-            Some(r) => Some(
-                r.as_traffic_policy()
-                    .ok_or("traffic policy: not a TrafficPolicy resource")?,
-            ),
+            Some(r) => Some(r.as_traffic_policy().ok_or(PolicyError::NotAPolicy)?),
         };
         let mut policy = match (&res, spec) {
             (Some(r), Some(spec)) => {
-                let mut p = Policy::compile(spec).map_err(|e| format!("traffic policy: {e}"))?;
+                let mut p = Policy::compile(spec)?;
                 p.name = r.metadata.name.clone();
                 p
             }
@@ -183,38 +217,26 @@ impl Policy {
                 None | Some("peak-ewma") => LoadBalancerType::PeakEwma,
                 Some("round-robin") => LoadBalancerType::RoundRobin,
                 Some("least-request") => LoadBalancerType::LeastRequest,
-                Some(other) => {
-                    return Err(format!(
-                        "annotation trellis.dev/load-balancer: unknown load balancer {other:?} (use peak-ewma, round-robin or least-request)"
-                    ))
-                }
+                Some(other) => return Err(PolicyError::UnknownBalancer(other.to_string())),
             };
         }
         Ok(policy)
     }
 
-    pub fn compile(spec: &TrafficPolicySpec) -> Result<Policy, String> {
+    pub fn compile(spec: &TrafficPolicySpec) -> Result<Policy, PolicyError> {
         let mut p = Policy::default();
         if let Some(lb) = &spec.load_balancer {
             p.balancer = lb.lb_type;
             if lb.lb_type == LoadBalancerType::RingHash {
-                let h = lb
-                    .hash_on
-                    .as_ref()
-                    .ok_or("loadBalancer: ring-hash needs hashOn")?;
+                let h = lb.hash_on.as_ref().ok_or(PolicyError::NoHashKey)?;
                 p.hash_key = Some(match (&h.header, &h.cookie, h.source) {
                     (Some(name), None, false) => HashKey::Header(
                         HeaderName::try_from(name.to_ascii_lowercase())
-                            .map_err(|e| format!("loadBalancer.hashOn.header: {e}"))?,
+                            .map_err(PolicyError::HashHeader)?,
                     ),
                     (None, Some(name), false) => HashKey::Cookie(name.clone()),
                     (None, None, true) => HashKey::Source,
-                    _ => {
-                        return Err(
-                            "loadBalancer.hashOn: give exactly one of header, cookie, source"
-                                .into(),
-                        )
-                    }
+                    _ => return Err(PolicyError::HashKeys),
                 });
             }
         }
@@ -257,9 +279,8 @@ impl Policy {
                 per_try_timeout: r
                     .per_try_timeout
                     .as_deref()
-                    .map(parse_duration)
-                    .transpose()
-                    .map_err(|e| format!("retry.perTryTimeout: {e}"))?,
+                    .map(|s| parse("retry.perTryTimeout", s))
+                    .transpose()?,
             };
             if let Some(b) = &r.budget {
                 p.budget = BudgetConfig {
@@ -271,19 +292,18 @@ impl Policy {
         }
         if let Some(f) = &spec.fault_injection {
             if let Some(d) = &f.delay {
-                let delay = parse_duration(&d.fixed_delay)
-                    .map_err(|e| format!("faultInjection.delay.fixedDelay: {e}"))?;
+                let delay = parse("faultInjection.delay.fixedDelay", &d.fixed_delay)?;
                 p.fault.delay = Some((d.percent / 100.0, delay));
             }
             if let Some(a) = &f.abort {
                 let status = StatusCode::from_u16(a.http_status.unwrap_or(503))
-                    .map_err(|e| format!("faultInjection.abort.httpStatus: {e}"))?;
+                    .map_err(PolicyError::AbortStatus)?;
                 p.fault.abort = Some((a.percent / 100.0, status));
             }
         }
         if let Some(rl) = &spec.local_rate_limit {
             if rl.requests_per_second == 0 {
-                return Err("localRateLimit.requestsPerSecond is 0".into());
+                return Err(PolicyError::ZeroRate);
             }
             p.rate_limit = Some(RateConfig {
                 per_second: rl.requests_per_second,
@@ -482,6 +502,19 @@ mod tests {
         // A policy the proxy cannot use rejects the whole config.
         let bad = r#"{"apiVersion":"trellis.dev/v1alpha1","kind":"TrafficPolicy","metadata":{"name":"catalog"},"spec":{"targetRef":{"name":"catalog"},"retry":{"backoff":"soon"}}}"#;
         let err = Snapshot::build(config(3, bad), &second).err().unwrap();
-        assert!(err.contains("retry.backoff"), "{err}");
+        assert!(
+            matches!(
+                &err,
+                crate::snapshot::SnapshotError::Policy {
+                    reason: PolicyError::Duration {
+                        field: "retry.backoff",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("retry.backoff"), "{err}");
     }
 }

@@ -1,0 +1,68 @@
+//! The names an app uses for a service (`NAME`, `NAME.NS`, `NAME.NS.svc`,
+//! `NAME.NS.svc.<trustDomain>`), and what each form means: a mesh service,
+//! maybe one, or a host outside the mesh. The outbound proxy and the DNS
+//! server both read names this way, so an app gets the same service
+//! whichever way it calls.
+
+use crate::snapshot::SvcKey;
+
+/// A name an app used, mapped to a mesh service.
+#[derive(Debug, PartialEq)]
+pub enum Name {
+    /// `NAME`, `NAME.NS.svc[.<trustDomain>]`: a mesh name, or an error.
+    Mesh(SvcKey),
+    /// `NAME.NS`: a mesh service if one exists, else a host outside.
+    Maybe(SvcKey),
+    /// An IP address or a name that cannot be a mesh service.
+    External,
+}
+
+/// Classifies the host an app used; `namespace` is the caller's own.
+pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return Name::External;
+    }
+    let host = host.trim_end_matches('.');
+    let labels: Vec<&str> = host.split('.').collect();
+    match labels.as_slice() {
+        [name] => Name::Mesh(SvcKey::new(namespace, name)),
+        [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
+        [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
+        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
+            Name::Mesh(SvcKey::new(ns, name))
+        }
+        _ => Name::External,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_services() {
+        let td = "trellis.local";
+        assert_eq!(
+            classify("catalog", "shop", td),
+            Name::Mesh(SvcKey::new("shop", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod", "shop", td),
+            Name::Maybe(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.trellis.local", "shop", td),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.other.domain", "shop", td),
+            Name::External
+        );
+        assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
+        assert_eq!(classify("www.example.com", "shop", td), Name::External);
+    }
+}
