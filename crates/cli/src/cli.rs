@@ -103,6 +103,14 @@ pub enum Command {
     Ca(CaArgs),
     /// Install a pod's redirect rules (nftables) in this network namespace.
     Init(crate::init::InitArgs),
+    /// Print the Kubernetes manifests of the control plane (or, with
+    /// --crds, the CRDs), for `kubectl apply -f -`.
+    Install(crate::kube_cmd::InstallArgs),
+    /// Print what `trellis install` created, for `kubectl delete -f -`.
+    Uninstall(crate::kube_cmd::UninstallArgs),
+    /// Add the sidecar to the pods of Kubernetes manifests, as the
+    /// webhook does, and print them.
+    Inject(crate::kube_cmd::InjectArgs),
 }
 
 impl Command {
@@ -124,6 +132,9 @@ impl Command {
                 | Command::Delete(_)
                 | Command::Token(_)
                 | Command::Ca(_)
+                | Command::Install(_)
+                | Command::Uninstall(_)
+                | Command::Inject(_)
         )
     }
 }

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod http;
 pub mod identity_cmd;
 pub mod init;
+pub mod kube_cmd;
 pub mod local;
 pub mod observe;
 pub mod observe_live;
@@ -54,6 +55,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(t) => identity_cmd::token(g, &t.command).await,
         Command::Ca(c) => identity_cmd::ca(g, &c.command).await,
         Command::Init(a) => init::run(a),
+        Command::Install(a) => kube_cmd::install(g, a).await,
+        Command::Uninstall(a) => kube_cmd::uninstall(g, a),
+        Command::Inject(a) => kube_cmd::inject(a),
     }
 }
 

@@ -390,6 +390,9 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Pod, InjectError> {
     let mut proxy_args = vec![
         "proxy".to_string(),
         "--transparent".into(),
+        // No mark (that needs CAP_NET_ADMIN): the rules know the proxy by its uid.
+        "--mark".into(),
+        "off".into(),
         "--control-plane".into(),
         cfg.control_plane_addr(),
         "--workload".into(),

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca_secret;
+pub mod client;
 pub mod crd;
 pub mod gateway;
 pub mod identity;

@@ -1,0 +1,157 @@
+//! `trellis install`, `trellis uninstall` and `trellis inject`: manifests
+//! for `kubectl`, from trellis-k8s. Output goes to stdout, notes to stderr.
+
+use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use trellis_k8s::inject::{Decision, InjectConfig};
+use trellis_k8s::install::{self, InstallOptions};
+use trellis_k8s::names::DEFAULT_NAMESPACE;
+
+use crate::cli::Global;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GatewayApi {
+    /// Ask the cluster, and print those it lacks.
+    Auto,
+    /// Print them all (for a cluster known to lack them).
+    Include,
+    /// Print none.
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Print the CRDs (Trellis's, and the Gateway API's the cluster lacks)
+    /// instead of the control plane.
+    #[arg(long)]
+    pub crds: bool,
+    /// 3 replicas with anti-affinity, a PodDisruptionBudget, and a webhook
+    /// that fails closed.
+    #[arg(long)]
+    pub ha: bool,
+    /// The image of the control plane, the sidecar and its init container.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// With --crds: which Gateway API CRDs to print.
+    #[arg(long, value_enum, default_value_t = GatewayApi::Auto, requires = "crds")]
+    pub gateway_api: GatewayApi,
+    /// The kubeconfig (default: as kubectl finds it).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Also delete the Trellis CRDs, and with them every Mesh,
+    /// TrafficPolicy and AuthorizationPolicy (never the Gateway API's).
+    #[arg(long)]
+    pub crds: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// The manifests (`-` for stdin).
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+    /// The image of the sidecar and its init container.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// The control plane's namespace (where proxies reach it).
+    #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
+    pub control_plane_namespace: String,
+}
+
+pub async fn install(g: &Global, a: &InstallArgs) -> anyhow::Result<ExitCode> {
+    if a.crds {
+        let present = match a.gateway_api {
+            GatewayApi::Skip => trellis_k8s::gateway::NEEDED
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            GatewayApi::Include => BTreeSet::new(),
+            GatewayApi::Auto => {
+                let client = trellis_k8s::client::client(a.kubeconfig.as_deref()).await;
+                let names = match client {
+                    Ok(c) => trellis_k8s::client::crd_names(c)
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                names.context(
+                    "cannot ask the cluster which Gateway API CRDs it has (Trellis never overwrites \
+                     them): fix the kubeconfig, or say --gateway-api include (a cluster without them) \
+                     or --gateway-api skip (a cluster with them)",
+                )?
+            }
+        };
+        print!("{}", install::crds_manifest(&present));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = InstallOptions {
+        namespace: g
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        image: a.image.clone().unwrap_or_else(install::default_image),
+        ha: a.ha,
+    };
+    print!("{}", install::manifests(&opts)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn uninstall(g: &Global, a: &UninstallArgs) -> anyhow::Result<ExitCode> {
+    let ns = g
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    print!("{}", install::uninstall(&ns, a.crds)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inject(a: &InjectArgs) -> anyhow::Result<ExitCode> {
+    let text = if a.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?
+    };
+    let cfg = InjectConfig::new(
+        a.image.clone().unwrap_or_else(install::default_image),
+        a.control_plane_namespace.clone(),
+    );
+    let (out, outcomes) = trellis_k8s::inject_files::inject_yaml(&text, &cfg)
+        .with_context(|| format!("{}", a.file.display()))?;
+    for o in &outcomes {
+        match &o.decision {
+            Decision::Inject => eprintln!("{} {}: injected", o.kind, o.name),
+            Decision::Skip(why) => eprintln!("{} {}: left as it is ({why})", o.kind, o.name),
+        }
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    /// trellis-k8s repeats the pod contract's ports (it must not depend on
+    /// the proxy crate); they must stay the proxy's.
+    #[test]
+    fn the_injected_ports_are_the_pod_contracts() {
+        use trellis_k8s::inject::trellis_pod;
+        assert_eq!(trellis_pod::ADMIN_PORT, trellis_proxy::pod::ADMIN_PORT);
+        assert_eq!(trellis_pod::INBOUND_PORT, trellis_proxy::pod::INBOUND_PORT);
+        assert_eq!(
+            trellis_k8s::names::PROXY_UID,
+            1337,
+            "docs/kubernetes.md and the image's user name this uid"
+        );
+    }
+}
