@@ -70,6 +70,16 @@ impl XdsHandle {
         let _ = self.events.send(Event::TrustBundle(bundle)).await;
     }
 
+    /// Makes `endpoints` every Service's endpoints from now on, in place of
+    /// the registered proxies (Kubernetes: EndpointSlices are the truth),
+    /// and sends the proxies whose Configs change.
+    pub async fn set_external_endpoints(
+        &self,
+        endpoints: Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+    ) {
+        let _ = self.events.send(Event::Endpoints(endpoints)).await;
+    }
+
     /// Stops the actor: every proxy stream ends.
     pub async fn shutdown(&self) {
         let _ = self.events.send(Event::Shutdown).await;
@@ -111,6 +121,8 @@ enum Event {
     },
     /// The CA's roots changed (rotation): every proxy gets the new bundle.
     TrustBundle(Vec<String>),
+    /// An external source's endpoints (Kubernetes).
+    Endpoints(Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>),
     Shutdown,
 }
 
@@ -151,6 +163,7 @@ pub async fn start(
                 warn!(error = %e, "cannot read the service VIP table; assigning anew");
                 Default::default()
             }),
+        endpoint_source: Default::default(),
     };
     assign_vips(&mut registry, store.as_ref()).await;
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -315,6 +328,24 @@ impl Actor {
             Event::TrustBundle(bundle) => {
                 self.registry.trust_bundle = bundle;
                 self.update(Scope::All);
+            }
+            Event::Endpoints(endpoints) => {
+                // Only the proxies whose Configs hold a Service whose
+                // endpoints changed are recomputed.
+                let changed: BTreeSet<ServiceName> = match &self.registry.endpoint_source {
+                    crate::registry::EndpointSource::External(old) => endpoints
+                        .iter()
+                        .filter(|(k, v)| old.get(*k) != Some(*v))
+                        .map(|(k, _)| k.clone())
+                        .chain(old.keys().filter(|k| !endpoints.contains_key(*k)).cloned())
+                        .collect(),
+                    crate::registry::EndpointSource::Registrations => {
+                        self.registry.resources.services.keys().cloned().collect()
+                    }
+                };
+                self.registry.endpoint_source =
+                    crate::registry::EndpointSource::External(endpoints);
+                self.update(Scope::Affected(changed, None));
             }
             Event::Shutdown => {}
         }
