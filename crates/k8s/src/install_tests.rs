@@ -428,7 +428,7 @@ fn helm() -> Option<PathBuf> {
 }
 
 /// The helm release `scripts/test-peers helm` builds.
-const HELM_VERSION: &str = "v3.19.0";
+const HELM_VERSION: &str = "v3.22.0";
 
 #[test]
 fn helm_renders_the_chart_as_trellis_install_does() {

@@ -361,10 +361,10 @@ fn external_endpoints_replace_registrations() {
     ));
     assert_eq!(
         reg.endpoints(&name, &mut EndpointCache::new()),
-        [pod.clone()]
+        std::slice::from_ref(&pod)
     );
     let all = reg.all_endpoints(&mut SelectionMemo::default());
-    assert_eq!(all[&name], [pod.clone()]);
+    assert_eq!(all[&name], std::slice::from_ref(&pod));
     // A Service the source knows but the resources do not has none.
     let ghost = ServiceName::new("default", "ghost");
     assert!(reg.endpoints(&ghost, &mut EndpointCache::new()).is_empty());
