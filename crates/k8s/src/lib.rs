@@ -11,10 +11,13 @@
 //!   translation into the resource model and each Service's endpoints;
 //! - `identity`: TokenReview of the sidecars' projected tokens;
 //! - `ca_secret`: the mesh CA kept in a Secret; `lease`: leader election
-//!   for singleton work; `status`: route status.
+//!   for singleton work; `status`: route status;
+//! - `check`: `trellis check --kubernetes --pre`; `client`: a client found
+//!   as kubectl finds one.
 #![forbid(unsafe_code)]
 
 pub mod ca_secret;
+pub mod check;
 pub mod client;
 pub mod crd;
 pub mod gateway;
