@@ -14,6 +14,18 @@ pub mod v1 {
     tonic::include_proto!("trellis.proxy.v1");
 }
 
+/// The most bytes a Config may take, protobuf-encoded: the control plane
+/// refuses an apply that would make any proxy's Config larger, and sends
+/// none larger (the proxy keeps its last config and its state says why).
+/// A proxy that follows 1,000 Services of 10 endpoints each gets about
+/// 1.5 MiB.
+pub const CONFIG_BUDGET_BYTES: usize = 2 << 20;
+
+/// The most bytes a proxy decodes in one message from the control plane:
+/// twice the budget, so a Config within it always arrives, even from a
+/// control plane built with a larger budget during an upgrade.
+pub const MAX_CONTROL_MESSAGE_BYTES: usize = 2 * CONFIG_BUDGET_BYTES;
+
 /// Upper bounds, in milliseconds, of the latency buckets that proxies report
 /// in `StatEntry::latency_buckets`. A last, implicit bucket holds the rest.
 pub const LATENCY_BUCKETS_MS: &[f64] = &[

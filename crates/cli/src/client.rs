@@ -579,6 +579,9 @@ pub struct ProxyInfo {
     pub acked_version: serde_json::Value,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Why the control plane did not send its newest Config (over budget).
+    #[serde(default)]
+    pub config_withheld: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

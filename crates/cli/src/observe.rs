@@ -238,7 +238,12 @@ pub async fn check(global: &Global) -> anyhow::Result<ExitCode> {
     for p in &proxies {
         let who = format!("proxy {} ({}/{})", p.instance, p.namespace, p.workload);
         let (sent, acked) = (version(&p.sent_version), version(&p.acked_version));
-        if let Some(err) = p.last_error.as_deref().filter(|e| !e.is_empty()) {
+        if let Some(why) = p.config_withheld.as_deref() {
+            report.fail(
+                format!("{who} is not sent its new config: {why}"),
+                "shrink or delete the resource it names; the proxy keeps its last config meanwhile",
+            );
+        } else if let Some(err) = p.last_error.as_deref().filter(|e| !e.is_empty()) {
             report.fail(
                 format!("{who} rejected config {sent}: {err}"),
                 "fix the resource it names and apply it again; the proxy keeps its last good config",

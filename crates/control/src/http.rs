@@ -28,7 +28,13 @@ use crate::xds::XdsHandle;
 /// What errors name as the file when an apply came as a request body.
 const BODY_FILE: &str = "request";
 /// Room for a large mesh's resources in one apply, still bounded.
-const MAX_APPLY_BYTES: usize = 16 << 20;
+const MAX_APPLY_BYTES: usize = trellis_resource::limits::MAX_INPUT_BYTES;
+/// Applies read, parse and validate at most this many at once, each on a
+/// blocking thread: a flood of them can take neither every blocking thread
+/// nor the memory of many 16 MiB bodies. The write itself is one at a time.
+const APPLY_SLOTS: usize = 2;
+/// How long an apply waits for a slot before it is told to retry.
+const APPLY_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -43,6 +49,12 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Internal(String),
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -68,7 +80,9 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) | ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
             warn!(error = %self, "API request failed");
@@ -110,6 +124,8 @@ struct Inner {
     /// Applies and deletes validate against the store, then write it: one
     /// at a time, so that nothing changes in between.
     write_lock: tokio::sync::Mutex<()>,
+    /// See `APPLY_SLOTS`.
+    apply_slots: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -118,6 +134,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 deps,
                 write_lock: tokio::sync::Mutex::new(()),
+                apply_slots: tokio::sync::Semaphore::new(APPLY_SLOTS),
             }),
         }
     }
@@ -167,10 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ok))
         .route("/readyz", get(ok))
         .route("/metrics", get(metrics))
-        .route(
-            "/api/v1/apply",
-            axum::routing::post(apply).layer(DefaultBodyLimit::max(MAX_APPLY_BYTES)),
-        )
+        .route("/api/v1/apply", axum::routing::post(apply))
         .route("/api/v1/resources/{kind}", get(list_resources))
         .route(
             "/api/v1/resources/{kind}/{namespace}/{name}",
@@ -399,7 +413,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 async fn apply(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
     let s = &state.inner;
     // Parsed by hand so that a bad value gets a JSON error like the rest.
@@ -412,23 +426,65 @@ async fn apply(
             )))
         }
     };
-    let result = apply_inner(s, dry_run, body).await;
+    let result = apply_slot(s, dry_run, body).await;
     s.deps.metrics.apply(match &result {
         Ok(_) if dry_run => ApplyResultLabel::DryRun,
         Ok(_) => ApplyResultLabel::Success,
-        Err(ApiError::Store(_)) => ApplyResultLabel::Error,
+        Err(ApiError::Store(_) | ApiError::Internal(_) | ApiError::Busy(_)) => {
+            ApplyResultLabel::Error
+        }
         Err(_) => ApplyResultLabel::Invalid,
     });
     result
 }
 
+/// Takes an apply slot, then reads the body: one waiting apply holds no
+/// body in memory.
+async fn apply_slot(s: &Inner, dry_run: bool, body: axum::body::Body) -> ApiResult<Json<Value>> {
+    let _slot = tokio::time::timeout(APPLY_SLOT_WAIT, s.apply_slots.acquire())
+        .await
+        .map_err(|_| {
+            ApiError::Busy(format!(
+                "{APPLY_SLOTS} applies are being processed and this one waited {}s: retry later",
+                APPLY_SLOT_WAIT.as_secs()
+            ))
+        })?
+        .map_err(|_| ApiError::Busy("the control plane is shutting down".into()))?;
+    let body =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_APPLY_BYTES))
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ApiError::TooLarge(format!(
+                    "the body is over the limit of {MAX_APPLY_BYTES} bytes (16 MiB) for one apply: \
+                     apply the resources in parts"
+                ))
+                } else {
+                    ApiError::BadRequest(format!("cannot read the body: {e}"))
+                }
+            })?
+            .to_bytes();
+    apply_inner(s, dry_run, body).await
+}
+
+/// Runs CPU-bound work on a blocking thread, off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("an apply failed unexpectedly: {e}")))
+}
+
 async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Value>> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::BadRequest("the body is not UTF-8 text".into()))?;
     // One parser for JSON and YAML (JSON is YAML), so errors carry field
     // paths and lines either way; Content-Type need not be exact.
-    let parsed = trellis_resource::parse_documents_with_sources(BODY_FILE, text)
-        .map_err(|e| ApiError::invalid("apply", e))?;
+    let (parsed, is_json) = blocking(move || {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::BadRequest("the body is not UTF-8 text".into()))?;
+        let parsed = trellis_resource::parse_documents_with_sources(BODY_FILE, text)
+            .map_err(|e| ApiError::invalid("apply", e))?;
+        Ok::<_, ApiError>((parsed, text.trim_start().starts_with(['[', '{'])))
+    })
+    .await??;
     if parsed.is_empty() {
         return Err(ApiError::BadRequest(
             "nothing to apply: send a JSON array of resources or YAML documents".into(),
@@ -437,14 +493,19 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
     let (resources, mut sources): (Vec<Resource>, Vec<_>) = parsed.into_iter().unzip();
     // The items of a JSON array all come from "document 1"; without
     // sources, validation names each resource instead, which says more.
-    if text.trim_start().starts_with(['[', '{']) {
+    if is_json {
         sources.clear();
     }
 
     let _write = s.write_lock.lock().await;
     let (existing, revision) = s.deps.store.list(None).await?;
-    trellis_resource::validate_apply(&resources, &sources, &existing)
-        .map_err(|e| ApiError::invalid("apply", e))?;
+    let (resources, sources, existing) = blocking(move || {
+        trellis_resource::validate_apply(&resources, &sources, &existing)
+            .map(|()| (resources, sources, existing))
+            .map_err(|e| ApiError::invalid("apply", e))
+    })
+    .await??;
+    check_budget(s, &resources, &sources, &existing).await?;
 
     if dry_run {
         let results: Vec<Value> = resources
@@ -484,6 +545,74 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
     Ok(Json(
         json!({"revision": outcome.revision, "results": results}),
     ))
+}
+
+/// Refuses an apply that would push a connected proxy's Config over the
+/// budget (`trellis_api::CONFIG_BUDGET_BYTES`), naming the resource to
+/// shrink: sending such a Config would fail the proxy's decoding.
+async fn check_budget(
+    s: &Inner,
+    resources: &[Resource],
+    sources: &[trellis_resource::Source],
+    existing: &[Resource],
+) -> ApiResult<()> {
+    let applied: std::collections::BTreeSet<ResourceKey> =
+        resources.iter().map(|r| r.key()).collect();
+    let mut proposed: Vec<Resource> = existing
+        .iter()
+        .filter(|r| !applied.contains(&r.key()))
+        .cloned()
+        .collect();
+    proposed.extend(resources.iter().cloned());
+    let breaches = s.deps.xds.check_budget(proposed, applied).await;
+    let mut errors: Vec<ResourceError> = Vec::new();
+    let mut named = std::collections::BTreeSet::new();
+    for b in &breaches {
+        if !named.insert(b.part.what.clone()) {
+            continue;
+        }
+        let others = breaches
+            .iter()
+            .filter(|o| o.part.what == b.part.what)
+            .count()
+            - 1;
+        let at = b
+            .part
+            .key
+            .as_ref()
+            .and_then(|k| resources.iter().position(|r| &r.key() == k));
+        let (file, document, line) = match at.and_then(|i| sources.get(i)) {
+            Some(src) => (src.file.clone(), src.document, src.line),
+            None => (b.part.what.clone(), 0, None),
+        };
+        errors.push(ResourceError {
+            file,
+            document,
+            line,
+            field: String::new(),
+            reason: format!(
+                "{} ({} bytes as sent) would make the Config of proxy {} ({}/{}){} {} bytes, over \
+                 the budget of {} bytes (2 MiB) for one proxy's Config: make it smaller, or split it",
+                b.part.what,
+                b.part.bytes,
+                b.instance,
+                b.namespace,
+                b.workload,
+                if others > 0 {
+                    format!(" and {others} other proxies")
+                } else {
+                    String::new()
+                },
+                b.bytes,
+                trellis_api::CONFIG_BUDGET_BYTES,
+            ),
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("apply", LoadError { errors }))
+    }
 }
 
 fn same_resource(a: &Resource, b: &Resource) -> bool {

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub connected_proxies: Gauge,
     pub configs_sent: Counter,
     pub nacks: Counter,
+    pub configs_over_budget: Counter,
     pub applies: Family<ApplyLabels, Counter>,
     pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
@@ -88,6 +89,12 @@ impl Metrics {
             "Configs that proxies rejected",
             nacks.clone(),
         );
+        let configs_over_budget = Counter::default();
+        registry.register(
+            "trellis_control_configs_over_budget",
+            "Configs not sent because they were over a proxy's Config budget",
+            configs_over_budget.clone(),
+        );
         let applies = Family::<ApplyLabels, Counter>::default();
         registry.register(
             "trellis_control_applies",
@@ -106,6 +113,7 @@ impl Metrics {
             connected_proxies,
             configs_sent,
             nacks,
+            configs_over_budget,
             applies,
             auth_failures,
         }

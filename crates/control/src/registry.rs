@@ -13,10 +13,12 @@ use serde::Serialize;
 use trellis_api::v1::Register;
 use trellis_resource::DEFAULT_NAMESPACE;
 
+mod budget;
 mod config;
 mod endpoints;
 mod index;
 
+pub use budget::{Breach, Part};
 pub use endpoints::{EndpointCache, SelectionMemo};
 pub use index::ResourceIndex;
 
@@ -77,6 +79,11 @@ pub struct Proxy {
     pub sent_version: u64,
     pub acked_version: u64,
     pub last_error: Option<String>,
+    /// Why its newest Config was not sent (over the Config budget); it
+    /// keeps running the last one it was sent.
+    pub config_withheld: Option<String>,
+    /// Hash of the Config withheld, so that one is counted once.
+    pub withheld_hash: Option<u64>,
     /// Hash of the content of the last Config sent (version excluded).
     pub sent_hash: Option<u64>,
     /// Services whose endpoints the last Config holds: a proxy joining or
@@ -132,6 +139,8 @@ impl Proxy {
             sent_version: 0,
             acked_version: *running_version,
             last_error: None,
+            config_withheld: None,
+            withheld_hash: None,
             sent_hash: None,
             depends_on: BTreeSet::new(),
         }
@@ -166,6 +175,7 @@ impl Proxy {
             sent_version: self.sent_version,
             acked_version: self.acked_version,
             last_error: self.last_error.clone(),
+            config_withheld: self.config_withheld.clone(),
             subscriptions: self.subscriptions.iter().cloned().collect(),
         }
     }
@@ -192,6 +202,8 @@ pub struct ProxyView {
     pub sent_version: u64,
     pub acked_version: u64,
     pub last_error: Option<String>,
+    /// Why the proxy's newest Config was not sent (over the budget).
+    pub config_withheld: Option<String>,
     pub subscriptions: Vec<String>,
 }
 

@@ -27,7 +27,8 @@ use trellis_identity::token::Claims;
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo, ServiceName,
+    Breach, ConnId, EndpointCache, Proxy, ProxyView, Registry, ResourceIndex, SelectionMemo,
+    ServiceName,
 };
 use crate::stats::Stats;
 use crate::store::{Store, StoreEvent};
@@ -80,6 +81,27 @@ impl XdsHandle {
         let _ = self.events.send(Event::Endpoints(endpoints)).await;
     }
 
+    /// The connected proxies whose Config `proposed` (the whole set of
+    /// resources an apply would leave) would push over the Config budget,
+    /// or grow while over it; `applied` are the apply's own resources, the
+    /// ones to blame first.
+    pub async fn check_budget(
+        &self,
+        proposed: Vec<trellis_resource::Resource>,
+        applied: BTreeSet<trellis_resource::ResourceKey>,
+    ) -> Vec<Breach> {
+        let (reply, rx) = oneshot::channel();
+        let ev = Event::CheckBudget {
+            proposed,
+            applied,
+            reply,
+        };
+        if self.events.send(ev).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Stops the actor: every proxy stream ends.
     pub async fn shutdown(&self) {
         let _ = self.events.send(Event::Shutdown).await;
@@ -123,6 +145,11 @@ enum Event {
     TrustBundle(Vec<String>),
     /// An external source's endpoints (Kubernetes).
     Endpoints(Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>),
+    CheckBudget {
+        proposed: Vec<trellis_resource::Resource>,
+        applied: BTreeSet<trellis_resource::ResourceKey>,
+        reply: oneshot::Sender<Vec<Breach>>,
+    },
     Shutdown,
 }
 
@@ -347,6 +374,13 @@ impl Actor {
                     crate::registry::EndpointSource::External(endpoints);
                 self.update(Scope::Affected(changed, None));
             }
+            Event::CheckBudget {
+                proposed,
+                applied,
+                reply,
+            } => {
+                let _ = reply.send(self.check_budget(&proposed, &applied));
+            }
             Event::Shutdown => {}
         }
     }
@@ -406,6 +440,52 @@ impl Actor {
         p
     }
 
+    /// Every proxy's Config size under the current resources.
+    fn config_sizes(&self) -> HashMap<ConnId, usize> {
+        use prost::Message as _;
+        let mut memo = SelectionMemo::default();
+        let mut cache = self.registry.all_endpoints(&mut memo);
+        self.registry
+            .proxies
+            .values()
+            .map(|p| {
+                let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
+                (p.conn, config.encoded_len())
+            })
+            .collect()
+    }
+
+    /// See `XdsHandle::check_budget`. Builds every connected proxy's
+    /// Config twice (now, and with `proposed`), as a reload does once.
+    fn check_budget(
+        &mut self,
+        proposed: &[trellis_resource::Resource],
+        applied: &BTreeSet<trellis_resource::ResourceKey>,
+    ) -> Vec<Breach> {
+        use prost::Message as _;
+        let before = self.config_sizes();
+        let current = std::mem::replace(&mut self.registry.resources, ResourceIndex::new(proposed));
+        let mut breaches = Vec::new();
+        let mut memo = SelectionMemo::default();
+        let mut cache = self.registry.all_endpoints(&mut memo);
+        for p in self.registry.proxies.values() {
+            let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
+            let bytes = config.encoded_len();
+            let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
+            if bytes > trellis_api::CONFIG_BUDGET_BYTES && grew {
+                breaches.push(Breach {
+                    instance: p.instance.clone(),
+                    namespace: p.namespace.clone(),
+                    workload: p.workload.clone(),
+                    bytes,
+                    part: self.registry.blame(&config, applied),
+                });
+            }
+        }
+        self.registry.resources = current;
+        breaches
+    }
+
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
         let mut memo = SelectionMemo::default();
@@ -427,15 +507,48 @@ impl Actor {
             if !wanted {
                 continue;
             }
-            let (mut config, deps) = self.registry.config_for(&p.subscriptions, &mut cache);
-            let own = self.registry.services_selecting_memo(p, &mut memo);
-            self.registry.add_own_config(p, own, &mut config);
+            let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
             let hash = config.content_hash();
             if p.sent_hash != Some(hash) {
                 changed.push((p.conn, config, deps, hash));
             }
         }
         for (conn, mut config, deps, hash) in changed {
+            // Over the budget, a Config would fail the proxy's decoding and
+            // make it reconnect in a loop: it keeps its last one instead.
+            let bytes = prost::Message::encoded_len(&config);
+            let withheld = (bytes > trellis_api::CONFIG_BUDGET_BYTES).then(|| {
+                self.registry.proxies.get(&conn).map(|p| Breach {
+                    instance: p.instance.clone(),
+                    namespace: p.namespace.clone(),
+                    workload: p.workload.clone(),
+                    bytes,
+                    part: self.registry.blame(&config, &BTreeSet::new()),
+                })
+            });
+            if let Some(Some(breach)) = withheld {
+                let Some(p) = self.registry.proxies.get_mut(&conn) else {
+                    continue;
+                };
+                p.depends_on = deps;
+                if p.withheld_hash != Some(hash) {
+                    p.withheld_hash = Some(hash);
+                    self.metrics.configs_over_budget.inc();
+                    let reason = breach.reason();
+                    if p.config_withheld.is_none() {
+                        warn!(
+                            instance = %p.instance,
+                            workload = %p.workload,
+                            namespace = %p.namespace,
+                            bytes,
+                            largest = %breach.part.what,
+                            "not sending a proxy its Config: over the Config budget; it keeps its last one"
+                        );
+                    }
+                    p.config_withheld = Some(reason);
+                }
+                continue;
+            }
             let (Some(p), Some(link)) =
                 (self.registry.proxies.get_mut(&conn), self.links.get(&conn))
             else {
@@ -450,6 +563,10 @@ impl Actor {
                 "sending config"
             );
             link.out.send_replace(Out::Config(config));
+            if p.config_withheld.take().is_some() {
+                info!(instance = %p.instance, "a proxy's Config is within the budget again; sent");
+            }
+            p.withheld_hash = None;
             p.sent_version = self.version;
             p.sent_hash = Some(hash);
             p.depends_on = deps;

@@ -342,7 +342,8 @@ impl Discovery {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let channel = self.control.channel().await?;
-        let mut client = ProxyApiClient::new(channel);
+        let mut client = ProxyApiClient::new(channel)
+            .max_decoding_message_size(trellis_api::MAX_CONTROL_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel::<ProxyMessage>(256);
         let subscriptions: Vec<String> = self
             .subs

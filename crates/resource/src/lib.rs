@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod limits;
 pub mod load;
+mod nesting;
 pub mod refs;
 #[cfg(feature = "schema")]
 pub mod schema;
@@ -17,6 +19,7 @@ mod wire;
 pub use duration::{
     format_duration, parse_duration, parse_duration_loose, parse_optional_duration, DurationError,
 };
+pub use limits::{clip, clip_message};
 pub use load::{
     load_path, load_path_with_sources, parse_documents, parse_documents_with_sources, to_yaml,
     LoadError, ResourceError, Source,

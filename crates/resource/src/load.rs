@@ -16,6 +16,9 @@ use regex::Regex;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::limits::{
+    self, clip_message, MAX_DOCUMENTS, MAX_INPUT_BYTES, MAX_NESTING, MAX_RESOURCES,
+};
 use crate::types::{Kind, Resource};
 use crate::wire::{known_kinds, ResourceSeed};
 
@@ -120,19 +123,55 @@ pub fn parse_documents_with_sources(
     file: &str,
     text: &str,
 ) -> Result<Vec<(Resource, Source)>, LoadError> {
+    if text.len() > MAX_INPUT_BYTES {
+        return Err(too_large(file, text.len()).into());
+    }
+    let docs = split_documents(text);
+    if docs.len() > MAX_DOCUMENTS {
+        return Err(ResourceError::for_path(
+            file,
+            format!(
+                "{} documents, over the limit of {MAX_DOCUMENTS} in one apply: apply them in parts",
+                docs.len()
+            ),
+        )
+        .into());
+    }
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for doc in split_documents(text) {
+    for doc in docs {
         match parse_document(file, &doc) {
             Ok(resources) => out.extend(resources),
             Err(e) => errors.push(e),
         }
     }
     if errors.is_empty() {
+        check_count(file, out.len())?;
         Ok(out)
     } else {
         Err(LoadError { errors })
     }
+}
+
+fn too_large(file: &str, bytes: usize) -> ResourceError {
+    ResourceError::for_path(
+        file,
+        format!(
+            "{bytes} bytes, over the limit of {MAX_INPUT_BYTES} bytes (16 MiB) in one apply: \
+             apply the resources in parts"
+        ),
+    )
+}
+
+fn check_count(file: &str, n: usize) -> Result<(), LoadError> {
+    if n > MAX_RESOURCES {
+        return Err(ResourceError::for_path(
+            file,
+            format!("{n} resources, over the limit of {MAX_RESOURCES} in one apply: apply them in parts"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Loads a file, or a folder's `*.yaml`, `*.yml` and `*.json` files in name
@@ -163,8 +202,14 @@ pub fn load_path_with_sources(path: &Path) -> Result<Vec<(Resource, Source)>, Lo
 
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    let mut total = 0u64;
     for file in files {
         let name = file.display().to_string();
+        // Checked before reading, so a huge file is never read whole.
+        total += fs::metadata(&file).map_or(0, |m| m.len());
+        if total > MAX_INPUT_BYTES as u64 {
+            return Err(too_large(&shown, total as usize).into());
+        }
         match fs::read_to_string(&file) {
             Ok(text) => match parse_documents_with_sources(&name, &text) {
                 Ok(v) => out.extend(v),
@@ -176,6 +221,7 @@ pub fn load_path_with_sources(path: &Path) -> Result<Vec<(Resource, Source)>, Lo
     if !errors.is_empty() {
         return Err(LoadError { errors });
     }
+    check_count(&shown, out.len())?;
     if out.is_empty() {
         return Err(ResourceError::for_path(
             shown,
@@ -300,6 +346,17 @@ fn parse_document(
     file: &str,
     doc: &Document<'_>,
 ) -> Result<Vec<(Resource, Source)>, ResourceError> {
+    // Before any YAML library sees it: libyaml's time grows with the square
+    // of the nesting depth (see nesting.rs).
+    if let Err(deep) = crate::nesting::check_nesting(doc.text, MAX_NESTING) {
+        return Err(ResourceError {
+            file: file.to_string(),
+            document: doc.number,
+            line: Some(doc.start_line - 1 + deep.line),
+            field: String::new(),
+            reason: too_deep(),
+        });
+    }
     // A first, lenient pass catches YAML syntax errors and learns the kind
     // (and whether this is a list), so the typed pass can read `spec`
     // wherever it appears in the document and still report its exact path.
@@ -368,6 +425,13 @@ impl<'de> Visitor<'de> for ListSeed {
     }
 }
 
+fn too_deep() -> String {
+    format!(
+        "nested deeper than {MAX_NESTING} levels of lists and maps: resources nest about ten \
+         levels; check the document's structure"
+    )
+}
+
 const MORE_THAN_ONE_DOCUMENT: &str =
     "deserializing from YAML containing more than one document is not supported";
 
@@ -392,12 +456,17 @@ fn yaml_error(
                   or put a `---` line between documents"
             .to_string();
     }
+    // serde_yaml_ng's own limit (128), for nesting the scan did not count.
+    if reason.starts_with("recursion limit exceeded") {
+        reason = reason.replacen("recursion limit exceeded", &too_deep(), 1);
+    }
     if let Some(loc) = &location {
         let own = format!(" at line {} column {}", loc.line(), loc.column());
         if let Some(at) = reason.find(&own) {
             reason.replace_range(at..at + own.len(), "");
         }
     }
+    let reason = clip_message(&reason);
     // Other marks, as in libyaml's "while parsing a block mapping at line 2".
     let reason = MARK.replace_all(&reason, |c: &regex::Captures<'_>| {
         let line: usize = c[1].parse().unwrap_or(0);
@@ -422,7 +491,11 @@ fn yaml_error(
         file: file.to_string(),
         document: doc.number,
         line: Some(location.map_or(doc.content_line, |l| l.line() + shift)),
-        field,
+        field: if field.len() > 4 * limits::QUOTE_CHARS {
+            limits::clip(&field)
+        } else {
+            field
+        },
         reason,
     }
 }

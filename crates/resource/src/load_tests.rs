@@ -354,3 +354,46 @@ fn error_display_forms() {
     assert_eq!(json["document"], 0);
     assert!(json["line"].is_null());
 }
+
+#[test]
+fn input_documents_and_nesting_have_limits() {
+    let many = "{kind: Mesh}\n---\n".repeat(crate::limits::MAX_DOCUMENTS + 1);
+    let e = parse_documents("many.yaml", &many).unwrap_err();
+    assert!(
+        e.errors[0].reason.contains("over the limit of 10000"),
+        "{e}"
+    );
+
+    let big = " ".repeat(crate::limits::MAX_INPUT_BYTES + 1);
+    let e = parse_documents("big.yaml", &big).unwrap_err();
+    assert!(e.errors[0].reason.contains("16 MiB"), "{e}");
+
+    let deep = format!(
+        "kind: Service\n---\nkind: Service\nspec: {}1{}\n",
+        "{\"a\":".repeat(100_000),
+        "}".repeat(100_000)
+    );
+    let e = parse_documents("deep.yaml", &deep).unwrap_err();
+    assert_eq!(e.errors.len(), 2, "{e}");
+    let deep_error = &e.errors[1];
+    assert_eq!((deep_error.document, deep_error.line), (2, Some(4)), "{e}");
+    assert!(deep_error.reason.contains("nested deeper than 32"), "{e}");
+    assert!(deep_error.reason.len() < 200, "{e}");
+}
+
+#[test]
+fn serde_messages_never_echo_huge_input() {
+    let value = "k".repeat(1 << 20);
+    let doc = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: s}}\n\
+         spec: {{ports: [{{port: \"{value}\"}}]}}\n"
+    );
+    let e = parse_documents("huge.yaml", &doc).unwrap_err();
+    let text = e.to_string();
+    assert!(text.len() < 1500, "{} bytes", text.len());
+    assert!(
+        text.contains("(1048576 bytes)"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+}

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use regex::Regex;
 
 use crate::duration::{parse_duration, parse_optional_duration};
+use crate::limits::{self, clip, clip_message, dns_label, dns_subdomain};
 pub use crate::load::Source;
 use crate::load::{LoadError, ResourceError};
 use crate::refs::{names_service, ObjectRef};
@@ -149,8 +150,13 @@ impl Problems {
                 file: file.clone(),
                 document,
                 line,
-                field,
-                reason,
+                // Paths may hold user keys, reasons user values.
+                field: if field.len() > 4 * limits::QUOTE_CHARS {
+                    clip(&field)
+                } else {
+                    field
+                },
+                reason: clip_message(&reason),
             })
             .collect()
     }
@@ -168,6 +174,18 @@ fn check_resource(r: &Resource, services: &HashMap<(&str, &str), &ServiceSpec>, 
     }
     if r.kind().namespaced() {
         p.check("metadata.namespace", dns_label(&r.metadata.namespace));
+    }
+    p.0.extend(limits::check_labels("metadata.labels", &r.metadata.labels));
+    p.0.extend(limits::check_annotations(&r.metadata.annotations));
+    if let Some(bytes) = limits::oversized(r) {
+        p.add(
+            "",
+            format!(
+                "the resource takes {bytes} bytes as JSON, over the limit of {} bytes (512 KiB) \
+                 for one resource: split it, or move large data out of it",
+                limits::MAX_RESOURCE_BYTES
+            ),
+        );
     }
     match &r.spec {
         Spec::Mesh(spec) => check_mesh(name, spec, p),
@@ -351,6 +369,7 @@ fn check_mesh(name: &str, spec: &MeshSpec, p: &mut Problems) {
 }
 
 fn check_service(spec: &ServiceSpec, p: &mut Problems) {
+    p.0.extend(limits::check_labels("spec.selector", &spec.selector));
     if spec.ports.is_empty() {
         p.add("spec.ports", "a Service needs at least one port");
     }
@@ -630,39 +649,6 @@ fn header_name(name: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "`{name}` is not a valid header name: use letters, digits and `-`, e.g. `x-canary`"
-        ))
-    }
-}
-
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// RFC 1123 label, as Kubernetes names most things.
-fn dns_label(s: &str) -> Result<(), String> {
-    if is_label(s) {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` is not a valid name: use at most 63 lowercase letters, digits and `-`, \
-             starting and ending with a letter or digit"
-        ))
-    }
-}
-
-/// RFC 1123 subdomain: labels joined by dots.
-fn dns_subdomain(s: &str) -> Result<(), String> {
-    if s.len() <= 253 && s.split('.').all(is_label) {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{s}` is not a valid DNS name: use lowercase letters, digits, `-` and `.`, \
-             each part starting and ending with a letter or digit"
         ))
     }
 }

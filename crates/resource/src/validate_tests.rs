@@ -766,3 +766,71 @@ fn mesh_access_log_and_otlp_endpoint_are_checked() {
     assert!(bad(&mesh("{tracing: {otlpEndpoint: 'ftp://x'}}")));
     assert!(bad(&mesh("{tracing: {otlpProtocol: thrift}}")));
 }
+
+/// Kubernetes' limits on metadata, and the per-resource size; every error
+/// names the field and the limit, and quotes no more than a prefix of the
+/// input.
+#[test]
+fn metadata_and_size_limits_name_the_field_and_the_limit() {
+    let svc = |metadata: &str, selector: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {metadata}\n\
+             spec: {{selector: {selector}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let errors = |yaml: &str| -> Vec<ResourceError> {
+        let rs = parse_documents("limits.yaml", yaml).unwrap();
+        validate_apply(&rs, &[], &[]).map_or_else(|e| e.errors, |_| Vec::new())
+    };
+    let long = "a".repeat(64);
+    let huge = "x".repeat(300 << 10);
+
+    let e = errors(&svc(&format!("{{name: {long}}}"), "{app: a}"));
+    assert_eq!(e[0].field, "metadata.name");
+    assert!(e[0].reason.contains("at most 63"), "{}", e[0].reason);
+
+    let e = errors(&svc(
+        &format!("{{name: s, labels: {{{long}: v, ok: {long}}}}}"),
+        "{app: a}",
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            format!("metadata.labels.{long}").as_str(),
+            "metadata.labels.ok"
+        ]
+    );
+
+    let e = errors(&svc("{name: s}", &format!("{{app: {long}}}")));
+    assert_eq!(e[0].field, "spec.selector.app");
+
+    let e = errors(&svc(
+        &format!("{{name: s, annotations: {{note: {huge}}}}}"),
+        "{app: a}",
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].field, "metadata.annotations.note");
+    assert!(e[0].reason.contains("262144"), "{}", e[0].reason);
+
+    // Under the annotation limit, and over the resource limit together.
+    let half = "y".repeat(200 << 10);
+    let e = errors(&svc(
+        &format!("{{name: s, annotations: {{a: {half}}}}}"),
+        "{app: a}",
+    ));
+    assert!(e.is_empty(), "{e:?}");
+    let workload = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\n\
+         spec: {{command: [x], port: 1, env: {{A: {half}, B: {half}, C: {half}}}}}\n"
+    );
+    let e = errors(&workload);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].field, "");
+    assert!(e[0].reason.contains("524288"), "{}", e[0].reason);
+
+    // A huge invalid name is quoted by its prefix and size only.
+    let e = errors(&svc(&format!("{{name: {huge}}}"), "{app: a}"));
+    assert!(e[0].reason.len() < 400, "{}", e[0].reason);
+    assert!(e[0].reason.contains("(307200 bytes)"), "{}", e[0].reason);
+}
