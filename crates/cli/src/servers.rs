@@ -28,6 +28,9 @@ pub fn control_config(global: &Global, args: &ControlArgs) -> ControlConfig {
 }
 
 pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    if args.kubernetes {
+        return crate::kube_control::control(global, args).await;
+    }
     let cfg = control_config(global, args);
     let cp = ControlPlane::start(cfg).await?;
     tracing::info!(http = %cp.http_addr, grpc = %cp.grpc_addr, "control plane serving; SIGTERM or Ctrl-C stops it");
@@ -53,6 +56,7 @@ pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyCo
     cfg.labels = args.labels.clone().unwrap_or_default();
     cfg.service_account = args.service_account.clone();
     cfg.token_file = args.token_file.clone();
+    cfg.ca_pins = args.ca_pins.clone();
     cfg.inbound_addr = args.inbound_addr;
     cfg.outbound_addr = args.outbound_addr;
     cfg.admin_addr = args.admin_addr;

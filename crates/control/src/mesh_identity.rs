@@ -27,6 +27,19 @@ pub struct CaFiles {
 pub struct MeshIdentity {
     ca: RwLock<Ca>,
     tokens: TokenAuthority,
+    /// Kubernetes: proxies present ServiceAccount tokens, which the API
+    /// server vouches for, instead of join tokens.
+    external: std::sync::OnceLock<std::sync::Arc<dyn ExternalTokens>>,
+}
+
+/// Who vouches for a proxy's token when it is not a join token
+/// (Kubernetes: a TokenReview of the pod's projected ServiceAccount token).
+/// The claims it returns are checked and used as a join token's are.
+#[tonic::async_trait]
+pub trait ExternalTokens: Send + Sync {
+    /// The identity, labels and address `token` grants; the error is what
+    /// the proxy is told.
+    async fn review(&self, token: &str) -> Result<Claims, Status>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +95,7 @@ impl MeshIdentity {
         Ok(MeshIdentity {
             ca: RwLock::new(ca),
             tokens,
+            external: std::sync::OnceLock::new(),
         })
     }
 
@@ -128,14 +142,30 @@ impl MeshIdentity {
         })
     }
 
-    /// Signs a CSR for exactly the identity the token grants.
+    /// From now on proxies' tokens are reviewed by `external` (Kubernetes);
+    /// join tokens are no longer accepted. Set once.
+    pub fn set_external(&self, external: std::sync::Arc<dyn ExternalTokens>) {
+        let _ = self.external.set(external);
+    }
+
+    /// Checks a proxy's token: a join token, or on Kubernetes what the API
+    /// server says of it.
+    pub async fn authenticate(&self, token: &str) -> Result<Claims, Status> {
+        match self.external.get() {
+            Some(external) => external.review(token).await,
+            None => self.verify_token(token),
+        }
+    }
+
+    /// Signs a CSR for exactly the identity `claims` (from
+    /// [`MeshIdentity::authenticate`]) grant.
     pub fn sign(
         &self,
+        claims: &Claims,
         req: &SignRequest,
         trust_domain: &str,
         ttl: Duration,
     ) -> Result<SignResponse, Status> {
-        let claims = self.verify_token(&req.token)?;
         let id = SpiffeId::new(trust_domain, &claims.namespace, &claims.service_account);
         let ca = self.ca();
         let chain = ca.sign_csr(&req.csr_pem, &id, ttl).map_err(|e| match e {

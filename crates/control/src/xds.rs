@@ -73,12 +73,14 @@ impl XdsHandle {
 
     /// Makes `endpoints` every Service's endpoints from now on, in place of
     /// the registered proxies (Kubernetes: EndpointSlices are the truth),
-    /// and sends the proxies whose Configs change.
+    /// and `vips` their VIPs (ClusterIPs) when given; sends the proxies
+    /// whose Configs change.
     pub async fn set_external_endpoints(
         &self,
         endpoints: Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+        vips: Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
     ) {
-        let _ = self.events.send(Event::Endpoints(endpoints)).await;
+        let _ = self.events.send(Event::Endpoints(endpoints, vips)).await;
     }
 
     /// The connected proxies whose Config `proposed` (the whole set of
@@ -144,7 +146,10 @@ enum Event {
     /// The CA's roots changed (rotation): every proxy gets the new bundle.
     TrustBundle(Vec<String>),
     /// An external source's endpoints (Kubernetes).
-    Endpoints(Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>),
+    Endpoints(
+        Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+        Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
+    ),
     CheckBudget {
         proposed: Vec<trellis_resource::Resource>,
         applied: BTreeSet<trellis_resource::ResourceKey>,
@@ -356,7 +361,18 @@ impl Actor {
                 self.registry.trust_bundle = bundle;
                 self.update(Scope::All);
             }
-            Event::Endpoints(endpoints) => {
+            Event::Endpoints(endpoints, vips) => {
+                if let Some(vips) = vips {
+                    let vips = crate::vips::Vips::fixed(vips);
+                    if vips != self.registry.vips {
+                        self.registry.vips = vips;
+                        // Services without a ClusterIP (headless) get one
+                        // of the mesh's own; not stored, the source is the truth.
+                        let services = self.registry.resources.services.keys();
+                        self.registry.vips.assign(services);
+                        self.update(Scope::All);
+                    }
+                }
                 // Only the proxies whose Configs hold a Service whose
                 // endpoints changed are recomputed.
                 let changed: BTreeSet<ServiceName> = match &self.registry.endpoint_source {
@@ -650,10 +666,14 @@ impl ProxyApi for ProxyApiService {
         &self,
         request: Request<trellis_api::v1::SignRequest>,
     ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
+        let claims = self.identity.authenticate(&request.get_ref().token).await?;
         let snap = self.snapshot.load();
-        let resp =
-            self.identity
-                .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)?;
+        let resp = self.identity.sign(
+            &claims,
+            request.get_ref(),
+            &snap.trust_domain,
+            snap.certificate_ttl,
+        )?;
         Ok(Response::new(resp))
     }
 
@@ -683,7 +703,7 @@ impl ProxyApi for ProxyApiService {
         // A proxy is the identity its token grants, serves only the labels
         // it grants, and at the address it connects from (or the one the
         // token grants): nothing else.
-        let claims = self.identity.verify_token(&register.token)?;
+        let claims = self.identity.authenticate(&register.token).await?;
         let mut register = register;
         register.inbound_addr = admit(&claims, &register, peer).inspect_err(|e| {
             warn!(

@@ -44,6 +44,9 @@ pub struct InjectConfig {
     pub control_plane_namespace: String,
     /// The version written in the `trellis.dev/injected` annotation.
     pub version: String,
+    /// SHA-256 of the mesh CA's root, which the proxy trusts for the
+    /// control plane (a ServiceAccount token pins nothing).
+    pub ca_pin: Option<String>,
 }
 
 impl InjectConfig {
@@ -52,6 +55,7 @@ impl InjectConfig {
             image: image.into(),
             control_plane_namespace: control_plane_namespace.into(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            ca_pin: None,
         }
     }
 
@@ -414,8 +418,14 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Pod, InjectError> {
         "--advertise-addr".into(),
         "$(TRELLIS_POD_IP)".into(),
         "--cache-dir".into(),
-        "/var/lib/trellis".into(),
+        // A folder of the volume: the proxy makes it 0700, which it may
+        // not do to the volume's root (owned by root).
+        "/var/lib/trellis/cache".into(),
     ];
+    if let Some(pin) = &cfg.ca_pin {
+        proxy_args.push("--ca-pin".into());
+        proxy_args.push(pin.clone());
+    }
     if !labels.is_empty() {
         proxy_args.push("--labels".into());
         proxy_args.push(labels);

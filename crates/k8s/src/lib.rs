@@ -13,12 +13,14 @@
 //! - `ca_secret`: the mesh CA kept in a Secret; `lease`: leader election
 //!   for singleton work; `status`: route status;
 //! - `check`: `trellis check --kubernetes --pre`; `client`: a client found
-//!   as kubectl finds one.
+//!   as kubectl finds one; `control`: what a sidecar's token grants, and
+//!   the route status sync, for `trellis control --kubernetes`.
 #![forbid(unsafe_code)]
 
 pub mod ca_secret;
 pub mod check;
 pub mod client;
+pub mod control;
 pub mod crd;
 pub mod gateway;
 pub mod identity;

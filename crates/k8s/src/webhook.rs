@@ -121,20 +121,53 @@ fn warn_allow(mut resp: AdmissionResponse, warning: String) -> AdmissionResponse
 }
 
 /// The HTTP routes of the webhook (served over TLS by the control plane).
-pub fn router(cfg: Arc<InjectConfig>, namespaces: Arc<dyn NamespaceLabels>) -> axum::Router {
+/// With a `client`, a pod's namespace labels are read from the API server
+/// at admission: `kubectl label namespace ... && kubectl apply ...` must
+/// inject even when the watch has not seen the label yet. `namespaces`
+/// (the watch) answers when the API server does not.
+pub fn router(
+    cfg: Arc<InjectConfig>,
+    namespaces: Arc<dyn NamespaceLabels>,
+    client: Option<kube::Client>,
+) -> axum::Router {
     use axum::extract::{DefaultBodyLimit, State};
     use axum::Json;
-    type Shared = (Arc<InjectConfig>, Arc<dyn NamespaceLabels>);
+    type Shared = (
+        Arc<InjectConfig>,
+        Arc<dyn NamespaceLabels>,
+        Option<kube::Client>,
+    );
     async fn handle(
-        State((cfg, namespaces)): State<Shared>,
+        State((cfg, namespaces, client)): State<Shared>,
         Json(body): Json<AdmissionReview<DynamicObject>>,
     ) -> Json<serde_json::Value> {
-        Json(review(body, &cfg, namespaces.as_ref()))
+        let namespace = body.request.as_ref().and_then(|r| r.namespace.clone());
+        let fresh = match (&client, namespace) {
+            (Some(client), Some(ns)) => {
+                let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+                match api.get_opt(&ns).await {
+                    Ok(Some(found)) => Some(BTreeMap::from([(
+                        ns,
+                        found.metadata.labels.unwrap_or_default(),
+                    )])),
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(namespace = %ns, error = %e, "cannot read the namespace; using the watched labels");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Json(match fresh {
+            Some(labels) => review(body, &cfg, &labels),
+            None => review(body, &cfg, namespaces.as_ref()),
+        })
     }
     axum::Router::new()
         .route(crate::names::WEBHOOK_PATH, axum::routing::post(handle))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state((cfg, namespaces))
+        .with_state((cfg, namespaces, client))
 }
 
 /// Makes every webhook of the configuration trust `ca_bundle_pem` (the

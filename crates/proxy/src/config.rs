@@ -30,6 +30,10 @@ pub struct ProxyConfig {
     /// Omitted: the `app` label, else the workload name.
     pub service_account: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// SHA-256 fingerprints of the CA roots the control plane's TLS chains
+    /// to, for a token that pins none (a Kubernetes ServiceAccount token).
+    #[serde(default)]
+    pub ca_pins: Vec<String>,
     /// The local app's port on 127.0.0.1.
     pub app_port: u16,
     pub inbound_addr: SocketAddr,
@@ -109,6 +113,7 @@ impl ProxyConfig {
             labels: BTreeMap::new(),
             service_account: None,
             token_file: None,
+            ca_pins: Vec::new(),
             app_port,
             inbound_addr: ([0, 0, 0, 0], 15006).into(),
             outbound_addr: ([127, 0, 0, 1], 15001).into(),

@@ -61,6 +61,21 @@ impl ControlClient {
         })
     }
 
+    /// For a token that pins nothing (Kubernetes: the pod's ServiceAccount
+    /// token): the control plane's CA roots are `pins` (SHA-256
+    /// fingerprints, as `trellis install` and the injector hand them out).
+    pub fn pinned(control_plane: &str, token: &str, pins: Vec<String>) -> ControlClient {
+        let addr = match control_plane.split_once("://") {
+            Some((_, rest)) => rest.trim_end_matches('/').to_string(),
+            None => control_plane.to_string(),
+        };
+        ControlClient {
+            addr,
+            token: token.to_string(),
+            trusted: Arc::new(ArcSwap::from_pointee(pins)),
+        }
+    }
+
     pub fn addr(&self) -> &str {
         &self.addr
     }

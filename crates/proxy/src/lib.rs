@@ -165,7 +165,11 @@ impl Proxy {
         cfg.admin_addr = admin.local_addr();
 
         // 2. Register and discover; the admin server answers meanwhile.
-        let control = ControlClient::new(&cfg.control_plane, &token)?;
+        let control = if cfg.ca_pins.is_empty() {
+            ControlClient::new(&cfg.control_plane, &token)?
+        } else {
+            ControlClient::pinned(&cfg.control_plane, &token, cfg.ca_pins.clone())
+        };
         let metrics = metrics::Metrics::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let telemetry = own_telemetry(&cfg, &instance, &metrics);

@@ -162,7 +162,7 @@ pub(super) fn deployment(ha: bool) -> Value {
             "imagePullPolicy": "IfNotPresent",
             "args": [
                 "control", "--kubernetes",
-                "--data-dir", "/var/lib/trellis",
+                "--data-dir", "/var/lib/trellis/control",
                 "--grpc-addr", format!("0.0.0.0:{GRPC_PORT}"),
                 "--http-addr", format!("0.0.0.0:{HTTP_PORT}"),
                 "--http-tls-mesh-ca",
@@ -192,7 +192,9 @@ pub(super) fn deployment(ha: bool) -> Value {
             },
             "volumeMounts": [{ "name": "data", "mountPath": "/var/lib/trellis" }],
         }],
-        // The CA key is copied here from its Secret: memory, never the node's disk.
+        // The CA key is copied here from its Secret: memory, never the node's
+        // disk. The data dir is a folder of it, which the control plane
+        // (not root) may make 0700.
         "volumes": [{ "name": "data", "emptyDir": { "medium": "Memory", "sizeLimit": "32Mi" } }],
     });
     if ha {
