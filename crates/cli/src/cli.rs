@@ -245,6 +245,10 @@ pub struct ProxyArgs {
     /// token that pins none (Kubernetes; the injector sets it).
     #[arg(long = "ca-pin", value_name = "SHA256")]
     pub ca_pins: Vec<String>,
+    /// Kubernetes: the app's original probes (JSON, by admin path), which
+    /// the admin port runs for the kubelet; the injector sets it.
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON", hide = true)]
+    pub app_probes: Option<String>,
     /// The local app's port on 127.0.0.1.
     #[arg(long, value_name = "PORT")]
     pub app_port: u16,

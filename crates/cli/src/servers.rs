@@ -57,6 +57,9 @@ pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyCo
     cfg.service_account = args.service_account.clone();
     cfg.token_file = args.token_file.clone();
     cfg.ca_pins = args.ca_pins.clone();
+    if let Some(json) = args.app_probes.as_deref().filter(|j| !j.trim().is_empty()) {
+        cfg.app_probes = trellis_proxy::app_health::parse(json)?;
+    }
     cfg.inbound_addr = args.inbound_addr;
     cfg.outbound_addr = args.outbound_addr;
     cfg.admin_addr = args.admin_addr;

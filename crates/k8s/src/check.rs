@@ -276,7 +276,8 @@ pub async fn post(
     // trusted its certificate for the Service's name).
     let probe: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "generateName": "trellis-check-", "annotations": { INJECT_ANNOTATION: "enabled" } },
+        // The label: the webhook's objectSelector matches labels only.
+        "metadata": { "generateName": "trellis-check-", "labels": { INJECT_LABEL: "enabled" } },
         "spec": { "containers": [{ "name": "app", "image": "trellis-check" }] },
     }))
     .expect("a Pod");

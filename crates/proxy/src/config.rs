@@ -56,6 +56,10 @@ pub struct ProxyConfig {
     /// `transparent`); omitted: explicit proxy and `--upstream` only.
     #[serde(default)]
     pub transparent: Option<crate::transparent::Settings>,
+    /// Kubernetes: the app's original probes by admin path
+    /// (`/app-health/...`), which the admin server runs for the kubelet.
+    #[serde(default)]
+    pub app_probes: BTreeMap<String, crate::app_health::AppProbe>,
 }
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
@@ -124,6 +128,7 @@ impl ProxyConfig {
             instance: None,
             drain_grace: Duration::from_secs(10),
             transparent: None,
+            app_probes: BTreeMap::new(),
         }
     }
 

@@ -275,7 +275,7 @@ async fn handle(
     mut req: Request<Incoming>,
     info: Arc<PeerInfo>,
 ) -> Response<Body> {
-    let _in_flight = InFlight::new(&inputs.metrics);
+    let in_flight = InFlight::new(&inputs.metrics);
     let begun = inputs
         .telemetry
         .begin(crate::metrics::Direction::inbound, &mut req);
@@ -313,7 +313,7 @@ async fn handle(
         },
         &mut resp,
     );
-    resp
+    in_flight.hold(resp)
 }
 
 /// Normalises the path (the one used from here on), applies the
@@ -381,7 +381,11 @@ async fn forward_to_app(
     client
         .request(Request::from_parts(parts, boxed(body)))
         .await
-        .map(|r| r.map(boxed))
+        .map(|mut r| {
+            // Only this proxy says that a request reached no app.
+            r.headers_mut().remove(crate::error::NOT_SENT);
+            r.map(boxed)
+        })
         .map_err(|e| {
             if e.is_connect() {
                 ProxyError::upstream_connect(

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 pub mod accesslog;
 pub mod admin;
+pub mod app_health;
 pub mod authz;
 pub mod balance;
 pub mod config;

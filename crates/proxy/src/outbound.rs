@@ -169,14 +169,24 @@ pub(crate) async fn serve_fixed<S>(
     }
 }
 
-/// Handles one request from the app.
+/// Handles one request from the app, counted in flight until its
+/// response has been sent.
 async fn handle(
     inputs: Arc<Inputs>,
     req: Request<Incoming>,
     fixed: Option<Target>,
     shutdown: watch::Receiver<bool>,
 ) -> Response<Body> {
-    let _in_flight = InFlight::new(&inputs.metrics);
+    let in_flight = InFlight::new(&inputs.metrics);
+    in_flight.hold(handle_request(inputs, req, fixed, shutdown).await)
+}
+
+async fn handle_request(
+    inputs: Arc<Inputs>,
+    req: Request<Incoming>,
+    fixed: Option<Target>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
     if req.method() == Method::CONNECT {
         return connect_tunnel(inputs, req, shutdown);
     }
