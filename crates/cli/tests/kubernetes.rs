@@ -15,268 +15,18 @@
 //! the end, also when a case fails.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use serde_json::Value;
-use trellis_testkit::process::{in_ci, is_root};
+use trellis_testkit::process::in_ci;
 
-const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+#[path = "kubernetes/harness.rs"]
+mod harness;
+use harness::*;
+
 const APPS: &str = include_str!("kubernetes/apps.yaml");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("TRELLIS_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/trellis".into())
-}
-
-/// Why the suite cannot run here, if it cannot.
-fn cannot_run() -> Option<String> {
-    if !is_root() {
-        return Some(
-            "needs root (the cluster mounts, makes network namespaces and cgroups)".into(),
-        );
-    }
-    let kube = cache_dir().join("k8s/v1.37.2");
-    for bin in ["kube-apiserver", "kubelet", "kubectl", "etcd"] {
-        if !kube.join(bin).exists() {
-            return Some(format!(
-                "no cluster binaries in {} (`scripts/k8s-cluster build` makes them, ~40 min once)",
-                kube.display()
-            ));
-        }
-    }
-    None
-}
-
-fn script(name: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(repo().join("scripts").join(name))
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running scripts/{name}"))?;
-    if !out.status.success() {
-        bail!("scripts/{name} {} failed: {}", args.join(" "), out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The running cluster; stops it on drop when the suite started it.
-struct Cluster {
-    started: bool,
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
-}
-
-impl Cluster {
-    fn up() -> anyhow::Result<Cluster> {
-        let running = script("k8s-cluster", &["status"])
-            .map(|s| s.contains(": Ready"))
-            .unwrap_or(false);
-        let started = !running;
-        if started {
-            script("k8s-cluster", &["up"])?;
-        }
-        let env = script("k8s-cluster", &["env"])?;
-        let mut kubeconfig = None;
-        let mut path = None;
-        for line in env.lines() {
-            let line = line.trim_start_matches("export ");
-            if let Some(v) = line.strip_prefix("KUBECONFIG=") {
-                kubeconfig = Some(PathBuf::from(v.trim_matches(['"', '\''])));
-            }
-            if let Some(v) = line.strip_prefix("PATH=") {
-                path = v
-                    .trim_matches(['"', '\''])
-                    .split(':')
-                    .next()
-                    .map(PathBuf::from);
-            }
-        }
-        let kubeconfig =
-            kubeconfig.ok_or_else(|| anyhow!("k8s-cluster env printed no KUBECONFIG: {env}"))?;
-        let kubectl = path
-            .map(|p| p.join("kubectl"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| cache_dir().join("k8s/v1.37.2/kubectl"));
-        Ok(Cluster {
-            started,
-            kubeconfig,
-            kubectl,
-        })
-    }
-
-    fn command(
-        &self,
-        program: &Path,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> anyhow::Result<String> {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if stdin.is_some() {
-            cmd.stdin(Stdio::piped());
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("running {}", program.display()))?;
-        if let Some(input) = stdin {
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(input.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{} {}: {}{}",
-                program.file_name().unwrap_or_default().to_string_lossy(),
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        self.command(&self.kubectl.clone(), args, None)
-    }
-
-    fn kubectl_in(&self, args: &[&str], stdin: &str) -> anyhow::Result<String> {
-        self.command(&self.kubectl.clone(), args, Some(stdin))
-    }
-
-    fn trellis(&self, args: &[&str]) -> anyhow::Result<String> {
-        self.command(Path::new(BIN), args, None)
-    }
-
-    fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
-    }
-
-    fn cluster_ip(&self, ns: &str, svc: &str) -> anyhow::Result<String> {
-        self.kubectl(&[
-            "-n",
-            ns,
-            "get",
-            "svc",
-            svc,
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ])
-    }
-
-    fn pods(&self, ns: &str, selector: &str) -> anyhow::Result<Vec<Value>> {
-        let list = self.json(&["-n", ns, "get", "pods", "-l", selector])?;
-        Ok(list["items"].as_array().cloned().unwrap_or_default())
-    }
-
-    fn rollout(&self, ns: &str, deploy: &str) -> anyhow::Result<()> {
-        self.kubectl(&[
-            "-n",
-            ns,
-            "rollout",
-            "status",
-            &format!("deploy/{deploy}"),
-            "--timeout=180s",
-        ])?;
-        Ok(())
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.started {
-            if let Err(e) = script("k8s-cluster", &["down"]) {
-                eprintln!("stopping the cluster: {e:#}");
-            }
-        }
-    }
-}
-
-/// What one request through the dev (or prod) frontend saw.
-#[derive(Debug)]
-struct Call {
-    /// The backend's answer, when the whole chain answered 200.
-    backend: Option<Value>,
-    /// Otherwise, what went wrong.
-    error: Option<String>,
-    /// The backend call's status, when it answered.
-    status: Option<u64>,
-}
-
-async fn call(front: &str) -> Call {
-    let url = format!("http://{front}/");
-    match trellis_testkit::try_http_get(&url, None).await {
-        Err(e) => Call {
-            backend: None,
-            error: Some(format!("frontend: {e:#}")),
-            status: None,
-        },
-        Ok((code, _)) if code != 200 => Call {
-            backend: None,
-            error: Some(format!("frontend answered {code}")),
-            status: None,
-        },
-        Ok((_, body)) => {
-            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-            let c = &v["calls"][0];
-            let status = c["status"].as_u64();
-            if status == Some(200) {
-                Call {
-                    backend: Some(c["body"].clone()),
-                    error: None,
-                    status,
-                }
-            } else {
-                Call {
-                    backend: None,
-                    error: Some(format!("backend call: {}", c)),
-                    status,
-                }
-            }
-        }
-    }
-}
-
-/// Steady load at `rps` for `duration`; every answer, in order of sending.
-async fn steady(front: String, rps: u32, duration: Duration) -> Vec<(Duration, Call)> {
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
-    let mut tasks = Vec::new();
-    while start.elapsed() < duration {
-        tick.tick().await;
-        let front = front.clone();
-        let at = start.elapsed();
-        tasks.push(tokio::spawn(async move { (at, call(&front).await) }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("a load task"));
-    }
-    out
-}
-
-fn failures(calls: &[(Duration, Call)]) -> Vec<String> {
-    calls
-        .iter()
-        .filter_map(|(at, c)| {
-            c.error
-                .as_ref()
-                .map(|e| format!("{:.1}s: {e}", at.as_secs_f64()))
-        })
-        .collect()
-}
 
 struct Suite {
     cluster: Cluster,
@@ -314,43 +64,7 @@ impl Suite {
     }
 }
 
-fn dev_front(c: &Cluster) -> anyhow::Result<String> {
-    Ok(format!("{}:80", c.cluster_ip("dev", "frontend")?))
-}
-
-fn prod_front(c: &Cluster) -> anyhow::Result<String> {
-    Ok(format!("{}:80", c.cluster_ip("prod", "frontend")?))
-}
-
-fn init_names(pod: &Value) -> Vec<String> {
-    pod["spec"]["initContainers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Polls `f` every 200 ms until it gives Ok, for at most `limit`.
-fn until<T>(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() > limit => bail!("{what}: not true after {limit:?}: {e:#}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
 fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
-    let t = Instant::now();
     script("k8s-cluster", &["load", &image_tar.display().to_string()])?;
     // Start from nothing: an earlier run's objects, then the README's steps.
     for ns in ["dev", "prod", "plain"] {
@@ -368,6 +82,7 @@ fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
         &["delete", "--ignore-not-found", "--wait=true", "-f", "-"],
         &old,
     );
+    let t = Instant::now();
     let crds = c.trellis(&["install", "--crds"])?;
     c.kubectl_in(&["apply", "-f", "-"], &crds)?;
     c.kubectl(&[
@@ -381,7 +96,7 @@ fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
     c.kubectl_in(&["apply", "-f", "-"], &cp)?;
     c.rollout("trellis-system", "trellis-control")?;
     Ok(format!(
-        "control plane ready {:.1}s after the image load",
+        "CRDs established and control plane (2 replicas) ready {:.1}s after `trellis install --crds | kubectl apply -f -`",
         t.elapsed().as_secs_f64()
     ))
 }
@@ -447,6 +162,23 @@ fn injection(c: &Cluster, image: &str) -> anyhow::Result<String> {
             injected += 1;
         }
     }
+    // The app's own probe runs through the proxy, and passes.
+    let backend = c.pods("prod", "app=backend,version=v1")?;
+    let probe = &backend
+        .first()
+        .ok_or_else(|| anyhow!("no backend-v1 pod"))?["spec"]["containers"][0]["readinessProbe"]
+        ["httpGet"];
+    if probe["path"] != "/app-health/app/readiness" || probe["port"] != 15000 {
+        bail!("backend-v1's readiness probe was not rewritten to the proxy: {probe}");
+    }
+    let ready = backend.iter().all(|p| {
+        p["status"]["containerStatuses"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|c| c["ready"] == true))
+    });
+    if !ready {
+        bail!("backend-v1's app containers are not Ready through /app-health");
+    }
     let plain = c.pods("plain", "app=web")?;
     let untouched = plain.iter().all(|p| {
         init_names(p).is_empty() && p["spec"]["containers"].as_array().map_or(0, Vec::len) == 1
@@ -486,7 +218,7 @@ fn injection(c: &Cluster, image: &str) -> anyhow::Result<String> {
         bail!("the Job's pod was not injected: {job_injected:?}");
     }
     Ok(format!(
-        "{injected} pods in dev+prod with trellis-init + native trellis-proxy (NET_ADMIN/NET_RAW only); plain/web untouched (1 container, no init); injected Job complete in {:.1}s",
+        "{injected} pods in dev+prod with trellis-init + native trellis-proxy (NET_ADMIN/NET_RAW only); backend-v1's httpGet readiness probe rewritten to :15000/app-health/app/readiness and Ready; plain/web untouched (1 container, no init); injected Job complete in {:.1}s",
         t.elapsed().as_secs_f64()
     ))
 }
@@ -769,6 +501,109 @@ fn control_plane_kill(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     ))
 }
 
+/// Every control-plane replica down: existing pods keep serving (from
+/// their proxies' last config), and a pod created meanwhile (refused by a
+/// webhook that fails closed, as with `--ha`, and retried by its
+/// ReplicaSet) comes up with its sidecar once a replica is back.
+fn control_plane_down(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
+    let front = dev_front(c)?;
+    let policy = |p: &str| {
+        format!(
+            r#"[{{"op":"replace","path":"/webhooks/0/failurePolicy","value":"{p}"}},{{"op":"replace","path":"/webhooks/1/failurePolicy","value":"{p}"}}]"#
+        )
+    };
+    let webhook = [
+        "patch",
+        "mutatingwebhookconfiguration",
+        "trellis-sidecar-injector",
+        "--type=json",
+        "-p",
+    ];
+    let mut args = webhook.to_vec();
+    let fail = policy("Fail");
+    args.push(&fail);
+    c.kubectl(&args)?;
+    let result = (|| -> anyhow::Result<String> {
+        c.kubectl(&[
+            "-n",
+            "trellis-system",
+            "scale",
+            "deploy/trellis-control",
+            "--replicas=0",
+        ])?;
+        until(
+            "every control-plane pod gone",
+            Duration::from_secs(90),
+            || {
+                let left = c
+                    .pods("trellis-system", "app.kubernetes.io/name=trellis-control")?
+                    .len();
+                if left == 0 {
+                    Ok(())
+                } else {
+                    bail!("{left} left")
+                }
+            },
+        )?;
+        let load = rt.spawn(steady(front.clone(), 50, Duration::from_secs(20)));
+        c.kubectl(&["-n", "prod", "scale", "deploy/backend-v2", "--replicas=2"])?;
+        let calls = rt.block_on(load)?;
+        let failed = failures(&calls);
+        let pods_meanwhile = c.pods("prod", "app=backend,version=v2")?.len();
+        let back = Instant::now();
+        c.kubectl(&[
+            "-n",
+            "trellis-system",
+            "scale",
+            "deploy/trellis-control",
+            "--replicas=2",
+        ])?;
+        c.rollout("trellis-system", "trellis-control")?;
+        let cp_ready = back.elapsed();
+        c.rollout("prod", "backend-v2")?;
+        let pod_ready = back.elapsed();
+        let pods = c.pods("prod", "app=backend,version=v2")?;
+        let injected = pods
+            .iter()
+            .filter(|p| init_names(p).contains(&"trellis-proxy".to_string()))
+            .count();
+        if !failed.is_empty() {
+            bail!(
+                "{} of {} requests failed while the control plane was down: {:?}",
+                failed.len(),
+                calls.len(),
+                &failed[..failed.len().min(5)]
+            );
+        }
+        if pods_meanwhile != 1 {
+            bail!("{pods_meanwhile} backend-v2 pods while the control plane was down (want the old one only: the new one must wait for its sidecar)");
+        }
+        if pods.len() != 2 || injected != 2 {
+            bail!("after the control plane came back: {} backend-v2 pods, {injected} with the sidecar", pods.len());
+        }
+        Ok(format!(
+            "control plane at 0 replicas: {} requests at 50 rps over 20 s, 0 failed; the new backend-v2 pod waited, then was Ready with its sidecar {:.1}s after scaling the control plane back ({:.1}s for the control plane itself)",
+            calls.len(),
+            pod_ready.as_secs_f64(),
+            cp_ready.as_secs_f64()
+        ))
+    })();
+    let mut args = webhook.to_vec();
+    let ignore = policy("Ignore");
+    args.push(&ignore);
+    let _ = c.kubectl(&args);
+    let _ = c.kubectl(&[
+        "-n",
+        "trellis-system",
+        "scale",
+        "deploy/trellis-control",
+        "--replicas=2",
+    ]);
+    let _ = c.kubectl(&["-n", "prod", "scale", "deploy/backend-v2", "--replicas=1"]);
+    c.rollout("trellis-system", "trellis-control")?;
+    result
+}
+
 fn rolling_restart(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
     let front = dev_front(c)?;
     let load = rt.spawn(steady(front, 50, Duration::from_secs(60)));
@@ -836,20 +671,6 @@ fn scale_out(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String
         )),
         _ => bail!("new pods first seen after rollout: {first_seen:?} (want both within 5 s)"),
     }
-}
-
-/// `n` calls at once.
-async fn futures_join(front: &str, n: usize) -> Vec<Call> {
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let f = front.to_string();
-        tasks.push(tokio::spawn(async move { call(&f).await }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("a call task"));
-    }
-    out
 }
 
 fn bad_input(c: &Cluster) -> anyhow::Result<String> {
@@ -1000,6 +821,9 @@ fn kubernetes_suite() {
     });
     s.case("control-plane process kill -9 under load", |c, rt, _| {
         control_plane_kill(c, rt)
+    });
+    s.case("every control-plane replica down", |c, rt, _| {
+        control_plane_down(c, rt)
     });
     s.case("rolling restart of the backend under load", |c, rt, _| {
         rolling_restart(c, rt)
