@@ -70,6 +70,7 @@ pub async fn grant(
                 node: None,
                 zone: None,
                 injected: crate::inject::is_injected(&pod),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
                 workload: crate::inject::workload_name(&pod),
             }
         }

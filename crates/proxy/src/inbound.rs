@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -370,6 +370,10 @@ async fn forward_to_app(
         .unwrap_or_else(|| inputs.app_addr.to_string());
     parts.uri = absolute_uri(&authority, &parts.uri)?;
     strip_hop_by_hop(&mut parts.headers, false);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
     let client = if http1 {
         parts.version = Version::HTTP_11;
         parts.headers.remove(http::header::HOST);
@@ -392,8 +396,29 @@ async fn forward_to_app(
                     inputs.app_addr,
                     "the app is not accepting connections",
                 )
+            } else if idempotent && closed_before_answer(&e) {
+                // The app closed a kept-alive connection as the request
+                // went out on it (an app shutting down closes idle ones):
+                // it did not answer, and an idempotent request may go to
+                // another endpoint.
+                let mut err = ProxyError::upstream(e);
+                err.retry_safe = true;
+                err
             } else {
                 ProxyError::upstream(e)
             }
         })
+}
+
+/// Whether the app's connection closed before any answer to the request
+/// (hyper's `IncompleteMessage` or a request canceled unsent).
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled();
+        }
+        source = s.source();
+    }
+    false
 }

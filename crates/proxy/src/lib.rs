@@ -60,6 +60,9 @@ use crate::transparent::TransparentError;
 
 /// How long `start` waits for the first config when there is no cache.
 pub const FIRST_CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a draining proxy lets its connections flush once no request is
+/// in flight.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
 /// Why a proxy did not start; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +236,13 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + self.drain_grace;
         while self.metrics.in_flight_now() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A response's last frames may still sit in its connection's
+        // write buffer when its body is done: let the connections flush
+        // (they close gracefully) before the process exits.
+        if self.metrics.in_flight_now() == 0 {
+            let flush = deadline.min(tokio::time::Instant::now() + FLUSH_GRACE);
+            tokio::time::sleep_until(flush).await;
         }
         let left = self.metrics.in_flight_now();
         if left > 0 {

@@ -169,6 +169,23 @@ pub(crate) async fn serve_fixed<S>(
     }
 }
 
+/// An app connection to a Service port declared HTTP (HTTP/1.1 or h2c,
+/// told apart by hyper), without detection.
+pub(crate) async fn serve_http<S>(
+    inputs: Arc<Inputs>,
+    io: S,
+    target: Target,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let sd = shutdown.clone();
+    serve_connection(io, shutdown, move |req| {
+        handle(inputs.clone(), req, Some(target.clone()), sd.clone())
+    })
+    .await
+}
+
 /// Handles one request from the app, counted in flight until its
 /// response has been sent.
 async fn handle(

@@ -72,6 +72,10 @@ pub struct PodInfo {
     pub zone: Option<String>,
     /// Whether the pod has the sidecar.
     pub injected: bool,
+    /// Whether the pod is being deleted: seen here first, before the
+    /// EndpointSlice controller marks its endpoint terminating, so that
+    /// proxies stop picking it as its app begins to exit.
+    pub terminating: bool,
     pub workload: String,
 }
 

@@ -185,6 +185,7 @@ pub fn translate(inputs: &Inputs) -> MeshState {
                 zone: node.as_ref().and_then(|n| node_zone.get(n).cloned()),
                 node,
                 injected: is_injected(pod),
+                terminating: pod.metadata.deletion_timestamp.is_some(),
                 workload: workload_name(pod),
             },
         );
@@ -337,7 +338,7 @@ fn endpoints_of(
             let cond = ep.conditions.clone().unwrap_or_default();
             // Unset conditions mean "unknown": read as ready, as the
             // EndpointSlice API says consumers should.
-            let ready = cond.ready.unwrap_or(true);
+            let ready = cond.ready.unwrap_or(true) && !pod.terminating;
             let zone = ep.zone.clone().or_else(|| pod.zone.clone());
             let mut labels = pod.labels.clone();
             if let Some(z) = &zone {
@@ -357,7 +358,7 @@ fn endpoints_of(
                     ),
                     ready,
                     serving: cond.serving.unwrap_or(ready),
-                    terminating: cond.terminating.unwrap_or(false),
+                    terminating: cond.terminating.unwrap_or(false) || pod.terminating,
                     zone,
                 },
             );

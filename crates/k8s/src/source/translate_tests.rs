@@ -174,6 +174,28 @@ fn proxies_get_ready_endpoints_else_the_terminating_ones_still_serving() {
 }
 
 #[test]
+fn a_pod_being_deleted_is_no_ready_endpoint_before_its_slice_says_so() {
+    let mut deleting = inputs();
+    // web-1's slice still says ready; the pod itself is being deleted.
+    let mut web1 = (*pod("web-1", "10.244.0.5", "web", true)).clone();
+    web1.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    deleting.pods[0] = Arc::new(web1);
+    let state = translate(&deleting);
+    let e = &state.endpoints[&key("shop", "web")][0];
+    assert_eq!(e.pod, "web-1");
+    assert!(!e.ready && e.terminating && e.serving);
+    // No ready endpoint left: the serving ones while they terminate.
+    let sent: Vec<String> = state
+        .proxy_endpoints(&key("shop", "web"))
+        .into_iter()
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(sent, ["10.244.0.5:15006", "10.244.0.6:15006"]);
+}
+
+#[test]
 fn the_mesh_sets_the_trust_domain_and_crds_become_model_resources() {
     let mut i = inputs();
     i.meshes = vec![obj(
