@@ -181,7 +181,8 @@ def build(args):
     image_id = hashlib.sha256(config_bytes).hexdigest()
     ref = args.ref or f"{args.name}:{args.tag_prefix}-{image_id[:12]}"
     layer_name = diff_id[len("sha256:"):] + "/layer.tar"
-    manifest = [{"Config": image_id + ".json", "RepoTags": [ref], "Layers": [layer_name]}]
+    tags = [ref] + [t for t in args.also_tag if t != ref]
+    manifest = [{"Config": image_id + ".json", "RepoTags": tags, "Layers": [layer_name]}]
 
     outer = Layer()
     outer.add_bytes("/" + image_id + ".json", config_bytes)
@@ -200,6 +201,8 @@ def main():
     p.add_argument("--name", help="repository, e.g. trellis.local/trellis")
     p.add_argument("--tag-prefix", help="the tag before -<image id>, e.g. the version")
     p.add_argument("--ref", help="a fixed reference instead of --name and --tag-prefix")
+    p.add_argument("--also-tag", action="append", default=[], metavar="REF",
+                   help="another reference of the same image (repeatable)")
     p.add_argument("--add", action="append", default=[], metavar="SRC:DEST")
     p.add_argument("--add-elf", action="append", default=[], metavar="SRC:DEST")
     p.add_argument("--user", metavar="NAME:UID")

@@ -92,7 +92,7 @@ pub enum Command {
     /// The busiest paths right now, from a live tap.
     Top(crate::observe_live::TopArgs),
     /// Check that the mesh is healthy, and say what to do about each failure.
-    Check,
+    Check(crate::kube_cmd::CheckArgs),
     /// List what the local mesh of `up` runs.
     Ps,
     /// The small HTTP service of the demo, tests and benchmarks.
@@ -103,6 +103,14 @@ pub enum Command {
     Ca(CaArgs),
     /// Install a pod's redirect rules (nftables) in this network namespace.
     Init(crate::init::InitArgs),
+    /// Print the Kubernetes manifests of the control plane (or, with
+    /// --crds, the CRDs), for `kubectl apply -f -`.
+    Install(crate::kube_cmd::InstallArgs),
+    /// Print what `trellis install` created, for `kubectl delete -f -`.
+    Uninstall(crate::kube_cmd::UninstallArgs),
+    /// Add the sidecar to the pods of Kubernetes manifests, as the
+    /// webhook does, and print them.
+    Inject(crate::kube_cmd::InjectArgs),
 }
 
 impl Command {
@@ -118,12 +126,15 @@ impl Command {
                 | Command::Edges(_)
                 | Command::Tap(_)
                 | Command::Top(_)
-                | Command::Check
+                | Command::Check(_)
                 | Command::Ps
                 | Command::Apply(_)
                 | Command::Delete(_)
                 | Command::Token(_)
                 | Command::Ca(_)
+                | Command::Install(_)
+                | Command::Uninstall(_)
+                | Command::Inject(_)
         )
     }
 }
@@ -239,6 +250,17 @@ pub struct ControlArgs {
     /// accepted as Host, and named in the mesh-CA certificate.
     #[arg(long = "http-host", value_name = "NAME")]
     pub http_hosts: Vec<String>,
+    /// Run on Kubernetes: the API server is the source of Services,
+    /// endpoints, routes and policies; sidecars present ServiceAccount
+    /// tokens; the CA lives in a Secret; the injection webhook is served.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Where the injection webhook listens (HTTPS), with --kubernetes.
+    #[arg(long, default_value = "0.0.0.0:15017", requires = "kubernetes")]
+    pub webhook_addr: SocketAddr,
+    /// The kubeconfig (default: in-cluster, else as kubectl finds it).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// `trellis control --store`.
@@ -263,6 +285,14 @@ pub struct ProxyArgs {
     pub service_account: Option<String>,
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// SHA-256 of the CA root the control plane's TLS chains to, for a
+    /// token that pins none (Kubernetes; the injector sets it).
+    #[arg(long = "ca-pin", value_name = "SHA256")]
+    pub ca_pins: Vec<String>,
+    /// Kubernetes: the app's original probes (JSON, by admin path), which
+    /// the admin port runs for the kubelet; the injector sets it.
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON", hide = true)]
+    pub app_probes: Option<String>,
     /// The local app's port on 127.0.0.1.
     #[arg(long, value_name = "PORT")]
     pub app_port: u16,

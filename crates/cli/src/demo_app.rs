@@ -193,10 +193,31 @@ struct State {
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until the
 /// task is dropped.
 pub async fn serve(listener: TcpListener, cfg: DemoAppConfig) -> anyhow::Result<()> {
+    serve_until(listener, cfg, std::future::pending()).await
+}
+
+/// How long requests in flight at shutdown may take to finish.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown`; then stops accepting, lets the requests in
+/// flight finish (for at most `DRAIN`) and closes idle connections, as a
+/// well-behaved app does on SIGTERM (a rolling restart then loses nothing).
+pub async fn serve_until(
+    listener: TcpListener,
+    cfg: DemoAppConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let client = HttpClient::with_proxy(&cfg.http_proxy, &cfg.no_proxy)?;
     let state = Arc::new(State { cfg, client });
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => break,
+        };
+        let (stream, _) = match accepted {
             Ok(conn) => conn,
             // Out of file descriptors and the like: back off, keep serving.
             Err(e) => {
@@ -207,28 +228,38 @@ pub async fn serve(listener: TcpListener, cfg: DemoAppConfig) -> anyhow::Result<
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let head = req.method() == http::Method::HEAD;
-                    let mut resp = handle(&state, req).await;
-                    // A HEAD answer has no content (RFC 9110 §9.3.2); over
-                    // HTTP/2 its stream must end with the headers.
-                    if head {
-                        *resp.body_mut() = Full::new(Bytes::new());
-                    }
-                    Ok::<_, Infallible>(resp)
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move {
+                let head = req.method() == http::Method::HEAD;
+                let mut resp = handle(&state, req).await;
+                // A HEAD answer has no content (RFC 9110 §9.3.2); over
+                // HTTP/2 its stream must end with the headers.
+                if head {
+                    *resp.body_mut() = Full::new(Bytes::new());
                 }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = graceful.watch(
+            builder
                 .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
     }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
+    }
+    Ok(())
 }
 
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -383,10 +414,7 @@ pub async fn run(args: &DemoAppArgs) -> anyhow::Result<()> {
         proxy = %cfg.http_proxy,
         "demo app serving"
     );
-    tokio::select! {
-        r = serve(listener, cfg) => r,
-        _ = crate::signals::shutdown() => Ok(()),
-    }
+    serve_until(listener, cfg, crate::signals::shutdown()).await
 }
 
 #[cfg(test)]

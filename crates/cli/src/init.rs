@@ -49,6 +49,11 @@ pub struct InitArgs {
     /// The socket mark of the proxy's own connections, which pass unredirected.
     #[arg(long, default_value_t = Mark(pod::MARK), value_parser = parse_mark)]
     pub mark: Mark,
+    /// The uid the proxy runs as, whose traffic passes unredirected like
+    /// marked traffic: on Kubernetes the sidecar runs as its own uid with no
+    /// capability, so it cannot mark its sockets.
+    #[arg(long, value_name = "UID")]
+    pub proxy_uid: Option<u32>,
     /// Inbound ports that reach the app directly (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub exclude_inbound_ports: Vec<u16>,
@@ -89,8 +94,10 @@ pub struct TransparentArgs {
     /// mark the proxy's own sockets and serve DNS for service names.
     #[arg(long)]
     pub transparent: bool,
-    /// The mark of the proxy's sockets (must match `trellis init --mark`).
-    #[arg(long = "mark", default_value_t = Mark(pod::MARK), value_parser = parse_mark, requires = "transparent")]
+    /// The mark of the proxy's sockets (must match `trellis init --mark`);
+    /// `off` when the rules let the proxy's uid pass instead (`trellis init
+    /// --proxy-uid`), as on Kubernetes, where it has no CAP_NET_ADMIN.
+    #[arg(long = "mark", default_value_t = Mark(pod::MARK), value_parser = parse_proxy_mark, requires = "transparent")]
     pub transparent_mark: Mark,
     /// Where the DNS server listens (UDP and TCP); `off` for none.
     #[arg(long, default_value_t = DnsAddr(Some(pod::DNS_ADDR)), value_parser = parse_dns_addr, requires = "transparent")]
@@ -123,8 +130,19 @@ pub struct Mark(pub u32);
 
 impl std::fmt::Display for Mark {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#x}", self.0)
+        match self.0 {
+            0 => f.write_str("off"),
+            m => write!(f, "{m:#x}"),
+        }
     }
+}
+
+/// The proxy's `--mark`: a mark, or `off` (0: its sockets are not marked).
+fn parse_proxy_mark(s: &str) -> Result<Mark, String> {
+    if s == "off" {
+        return Ok(Mark(0));
+    }
+    parse_mark(s)
 }
 
 fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
@@ -223,6 +241,10 @@ pub fn rules(a: &InitArgs) -> String {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         format!("\t\ttcp dport != {{ {} }} return\n", ports.join(", "))
     };
+    let uid = match a.proxy_uid {
+        Some(uid) => format!("\t\tmeta skuid {uid} return\n"),
+        None => String::new(),
+    };
     let dns = if a.no_dns {
         String::new()
     } else {
@@ -239,6 +261,7 @@ pub fn rules(a: &InitArgs) -> String {
          \tchain output {{\n\
          \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tmeta mark {mark:#x} return\n\
+         {uid}\
          {owners}\
          {dns}\
          \t\toifname \"lo\" return\n\
@@ -378,6 +401,30 @@ mod tests {
         assert!(at("meta mark") < at("udp dport 53"));
         assert!(at("udp dport 53") < at("oifname \"lo\""));
         assert!(at("oifname \"lo\"") < at("redirect to :15001"));
+    }
+
+    #[test]
+    fn the_proxys_uid_passes_before_anything_is_redirected() {
+        let r = rules(&args(&["--proxy-uid", "1337"]));
+        let at = |s: &str| r.find(s).unwrap();
+        // Before DNS too: the proxy's own queries to the upstream
+        // nameservers must not come back to it.
+        assert!(at("meta skuid 1337 return") < at("udp dport 53"));
+        assert!(at("meta skuid 1337 return") < at("redirect to :15001"));
+        assert!(!rules(&args(&[])).contains("skuid"));
+    }
+
+    #[test]
+    fn the_proxy_may_run_without_a_mark_and_init_may_not() {
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            t: TransparentArgs,
+        }
+        let p = P::parse_from(["p", "--transparent", "--mark", "off"]);
+        assert_eq!(p.t.settings().unwrap().mark, 0);
+        assert_eq!(Mark(0).to_string(), "off");
+        assert!(T::try_parse_from(["t", "--mark", "off"]).is_err());
     }
 
     #[test]

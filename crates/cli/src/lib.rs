@@ -14,6 +14,8 @@ pub mod duration;
 pub mod http;
 pub mod identity_cmd;
 pub mod init;
+pub mod kube_cmd;
+pub mod kube_control;
 pub mod local;
 pub mod observe;
 pub mod observe_live;
@@ -49,11 +51,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Edges(args) => observe_live::edges(g, args).await,
         Command::Tap(args) => observe_live::tap(g, args).await,
         Command::Top(args) => observe_live::top(g, args).await,
-        Command::Check => observe::check(g).await,
+        Command::Check(a) if a.kubernetes => kube_cmd::check(g, a).await,
+        Command::Check(_) => observe::check(g).await,
         Command::DemoApp(args) => demo_app::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Token(t) => identity_cmd::token(g, &t.command).await,
         Command::Ca(c) => identity_cmd::ca(g, &c.command).await,
         Command::Init(a) => init::run(a),
+        Command::Install(a) => kube_cmd::install(g, a).await,
+        Command::Uninstall(a) => kube_cmd::uninstall(g, a),
+        Command::Inject(a) => kube_cmd::inject(a).await,
     }
 }
 

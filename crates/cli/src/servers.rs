@@ -52,6 +52,9 @@ pub fn control_config(global: &Global, args: &ControlArgs) -> anyhow::Result<Con
 }
 
 pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    if args.kubernetes {
+        return crate::kube_control::control(global, args).await;
+    }
     let cfg = control_config(global, args)?;
     let cp = ControlPlane::start(cfg).await?;
     tracing::info!(http = %cp.http_addr, grpc = %cp.grpc_addr, "control plane serving; SIGTERM or Ctrl-C stops it");
@@ -77,6 +80,10 @@ pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyCo
     cfg.labels = args.labels.clone().unwrap_or_default();
     cfg.service_account = args.service_account.clone();
     cfg.token_file = args.token_file.clone();
+    cfg.ca_pins = args.ca_pins.clone();
+    if let Some(json) = args.app_probes.as_deref().filter(|j| !j.trim().is_empty()) {
+        cfg.app_probes = trellis_proxy::app_health::parse(json)?;
+    }
     cfg.inbound_addr = args.inbound_addr;
     cfg.outbound_addr = args.outbound_addr;
     cfg.admin_addr = args.admin_addr;

@@ -245,10 +245,13 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
         .get::<axum::extract::ConnectInfo<ClientAddr>>()
         .map(|c| c.0 .0.to_string())
         .unwrap_or_default();
+    // HTTP/2 clients (the kubelet's HTTPS probes) send `:authority`, not Host.
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or(authority.as_deref())
         .unwrap_or("");
     let mut refused = (!host_allowed(host, deps.bind, &deps.hosts)).then(|| {
         format!(

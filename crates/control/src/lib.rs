@@ -449,6 +449,12 @@ impl ControlPlane {
         self.identity.clone()
     }
 
+    /// The proxy API's registry, for an external endpoint source
+    /// (Kubernetes).
+    pub fn xds(&self) -> xds::XdsHandle {
+        self.xds.clone()
+    }
+
     /// The resource store, for tests and embedders.
     pub fn store(&self) -> Arc<dyn Store> {
         self.store.clone()

@@ -56,6 +56,19 @@ pub struct MeshIdentity {
     ca_sealed: RwLock<Vec<u8>>,
     tokens: TokenAuthority,
     roots_file: PathBuf,
+    /// Kubernetes: proxies present ServiceAccount tokens, which the API
+    /// server vouches for, instead of join tokens.
+    external: std::sync::OnceLock<std::sync::Arc<dyn ExternalTokens>>,
+}
+
+/// Who vouches for a proxy's token when it is not a join token
+/// (Kubernetes: a TokenReview of the pod's projected ServiceAccount token).
+/// The claims it returns are checked and used as a join token's are.
+#[tonic::async_trait]
+pub trait ExternalTokens: Send + Sync {
+    /// The identity, labels and address `token` grants; the error is what
+    /// the proxy is told.
+    async fn review(&self, token: &str) -> Result<Claims, Status>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +225,7 @@ impl MeshIdentity {
             ca_sealed: RwLock::new(sealed),
             tokens,
             roots_file: dir.join(ROOTS_FILE),
+            external: std::sync::OnceLock::new(),
         };
         identity.write_roots()?;
         info!(root = %identity.pin(), roots = identity.bundle().len(), "CA ready");
@@ -309,14 +323,30 @@ impl MeshIdentity {
         }
     }
 
-    /// Signs a CSR for exactly the identity the token grants.
-    pub async fn sign(
+    /// From now on proxies' tokens are reviewed by `external` (Kubernetes);
+    /// join tokens are no longer accepted. Set once.
+    pub fn set_external(&self, external: std::sync::Arc<dyn ExternalTokens>) {
+        let _ = self.external.set(external);
+    }
+
+    /// Checks a proxy's token: a join token, or on Kubernetes what the API
+    /// server says of it.
+    pub async fn authenticate(&self, token: &str) -> Result<Claims, Status> {
+        match self.external.get() {
+            Some(external) => external.review(token).await,
+            None => self.verify_token(token).await,
+        }
+    }
+
+    /// Signs a CSR for exactly the identity `claims` (from
+    /// [`MeshIdentity::authenticate`]) grant.
+    pub fn sign(
         &self,
+        claims: &Claims,
         req: &SignRequest,
         trust_domain: &str,
         ttl: Duration,
     ) -> Result<SignResponse, Status> {
-        let claims = self.verify_token(&req.token).await?;
         let id = SpiffeId::new(trust_domain, &claims.namespace, &claims.service_account);
         let ca = self.ca();
         let chain = ca.sign_csr(&req.csr_pem, &id, ttl).map_err(|e| match e {

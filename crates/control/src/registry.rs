@@ -312,6 +312,20 @@ fn selects(
             .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
+/// Where Services' endpoints come from: the one thing universal mode and
+/// Kubernetes do differently (resources are the resource model's in both).
+#[derive(Clone, Debug, Default)]
+pub enum EndpointSource {
+    /// Universal mode: each registered proxy is an endpoint of every
+    /// Service of its namespace whose selector its labels match.
+    #[default]
+    Registrations,
+    /// Kubernetes: the endpoints the API server's EndpointSlices and Pods
+    /// say (trellis-k8s computes them, ready ones first); a registering
+    /// proxy only asks for its config and is no endpoint by itself.
+    External(std::sync::Arc<BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>),
+}
+
 /// Connected proxies, endpoint records and stored resources: everything
 /// configs are made of.
 #[derive(Debug, Default)]
@@ -324,6 +338,7 @@ pub struct Registry {
     pub trust_bundle: Vec<String>,
     /// Each Service's stable virtual IP (pods mode).
     pub vips: crate::vips::Vips,
+    pub endpoint_source: EndpointSource,
 }
 
 impl Registry {

@@ -51,6 +51,12 @@ impl Vips {
         serde_json::to_vec(&raw).expect("a map of strings serialises")
     }
 
+    /// A table given whole by an external source (Kubernetes: each
+    /// Service's ClusterIP is its VIP).
+    pub fn fixed(by_service: BTreeMap<ServiceName, Ipv4Addr>) -> Vips {
+        Vips { by_service }
+    }
+
     pub fn get(&self, name: &ServiceName) -> Option<Ipv4Addr> {
         self.by_service.get(name).copied()
     }

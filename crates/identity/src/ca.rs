@@ -151,6 +151,20 @@ impl Ca {
         .map(Some)
     }
 
+    /// Writes the files [`Ca::load_dir`] reads (the key 0600): how a CA
+    /// kept elsewhere, such as a Kubernetes Secret, is handed to a control
+    /// plane, which moves it into its store.
+    pub fn write_dir(&self, dir: &Path) -> Result<(), CaError> {
+        let m = self.material();
+        let path = dir.join(SIGNER_KEY);
+        crate::write_secret(&path, m.signer_key_pem.as_bytes()).map_err(io(&path))?;
+        let path = dir.join(SIGNER_CERT);
+        crate::write_secret(&path, m.signer_cert_pem.as_bytes()).map_err(io(&path))?;
+        let path = dir.join(ROOTS);
+        crate::write_secret(&path, m.roots_pem.concat().as_bytes()).map_err(io(&path))?;
+        Ok(())
+    }
+
     /// The files [`Ca::load_dir`] reads that hold secrets or are kept in the
     /// store now (all but the public `roots.pem`).
     pub const LEGACY_FILES: [&'static str; 2] = [SIGNER_CERT, SIGNER_KEY];

@@ -199,6 +199,11 @@ pub fn read_legacy(dir: &Path) -> (Option<Vec<u8>>, BTreeSet<String>) {
     (key, revoked)
 }
 
+/// Writes a signing key where [`read_legacy`] finds it (0600).
+pub fn write_legacy_key(dir: &Path, key: &[u8]) -> std::io::Result<()> {
+    crate::write_secret(&dir.join(KEY_FILE), key)
+}
+
 /// The files [`read_legacy`] reads.
 pub const LEGACY_FILES: [&str; 2] = [KEY_FILE, REVOKED_FILE];
 

@@ -1,4 +1,5 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/config`.
+//! The admin server: `/metrics`, `/ready`, `/live`, `/config`, `/certs`,
+//! and on Kubernetes the app's probes (`/app-health/...`, see `app_health`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +47,7 @@ impl Admin {
                 let i = inputs.clone();
                 serve_connection(tcp, &i, Kind::admin, Hop::App, sd, move |req| {
                     let inputs = inputs.clone();
-                    async move { handle(&inputs, req) }
+                    async move { handle(&inputs, req).await }
                 })
                 .await
             });
@@ -55,7 +56,11 @@ impl Admin {
     }
 }
 
-fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
+async fn handle(inputs: &Inputs, req: Request<Incoming>) -> Response<Body> {
+    if let Some(probe) = inputs.cfg.app_probes.get(req.uri().path()) {
+        let (status, why) = crate::app_health::run(probe).await;
+        return text_response(status, why);
+    }
     match req.uri().path() {
         "/metrics" => {
             let mut r = Response::new(full(inputs.metrics.encode()));

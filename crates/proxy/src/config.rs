@@ -32,6 +32,10 @@ pub struct ProxyConfig {
     /// Omitted: the `app` label, else the workload name.
     pub service_account: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// SHA-256 fingerprints of the CA roots the control plane's TLS chains
+    /// to, for a token that pins none (a Kubernetes ServiceAccount token).
+    #[serde(default)]
+    pub ca_pins: Vec<String>,
     /// The local app's port on 127.0.0.1.
     pub app_port: u16,
     pub inbound_addr: SocketAddr,
@@ -57,6 +61,10 @@ pub struct ProxyConfig {
     /// Timeouts and limits every client and peer is held to.
     #[serde(default)]
     pub limits: crate::limits::Limits,
+    /// Kubernetes: the app's original probes by admin path
+    /// (`/app-health/...`), which the admin server runs for the kubelet.
+    #[serde(default)]
+    pub app_probes: BTreeMap<String, crate::app_health::AppProbe>,
 }
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
@@ -114,6 +122,7 @@ impl ProxyConfig {
             labels: BTreeMap::new(),
             service_account: None,
             token_file: None,
+            ca_pins: Vec::new(),
             app_port,
             inbound_addr: ([0, 0, 0, 0], 15006).into(),
             outbound_addr: ([127, 0, 0, 1], 15001).into(),
@@ -125,6 +134,7 @@ impl ProxyConfig {
             drain_grace: Duration::from_secs(10),
             transparent: None,
             limits: Default::default(),
+            app_probes: BTreeMap::new(),
         }
     }
 

@@ -108,6 +108,20 @@ impl ControlClient {
         })
     }
 
+    /// For a token that pins nothing (Kubernetes: the pod's ServiceAccount
+    /// token): the control plane's CA roots are `pins` (SHA-256
+    /// fingerprints, as `trellis install` and the injector hand them out).
+    pub fn pinned(
+        control_plane: &str,
+        token: &str,
+        pins: Vec<String>,
+    ) -> Result<ControlClient, ControlError> {
+        let mut client = ControlClient::new(control_plane, "")?;
+        client.token = token.to_string();
+        client.trusted = Arc::new(ArcSwap::from_pointee(pins));
+        Ok(client)
+    }
+
     /// Every address given, comma-separated.
     pub fn addr(&self) -> &str {
         &self.given

@@ -19,6 +19,10 @@ pub enum Source {
     Internal,
 }
 
+/// On an answer of a peer proxy: the request reached no app, so it may go
+/// to another endpoint whatever its method.
+pub const NOT_SENT: http::HeaderName = http::HeaderName::from_static("x-trellis-not-sent");
+
 #[derive(Debug)]
 pub struct ProxyError {
     pub status: StatusCode,
@@ -96,6 +100,13 @@ impl ProxyError {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain"),
         );
+        if self.retry_safe {
+            // The request reached no app (the peer proxy could not connect
+            // to it, e.g. a pod whose app has exited while it terminates):
+            // the caller's proxy may send it to another endpoint.
+            resp.headers_mut()
+                .insert(NOT_SENT, http::HeaderValue::from_static("1"));
+        }
         resp.headers_mut().insert(
             "x-trellis-error",
             http::HeaderValue::from_static(match self.source {

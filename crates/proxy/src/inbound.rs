@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -333,7 +333,7 @@ async fn handle(
     mut req: Request<Incoming>,
     info: Arc<PeerInfo>,
 ) -> Response<Body> {
-    let _in_flight = InFlight::new(&inputs.metrics);
+    let in_flight = InFlight::new(&inputs.metrics);
     let begun = inputs
         .telemetry
         .begin(crate::metrics::Direction::inbound, &mut req);
@@ -376,7 +376,7 @@ async fn handle(
         },
         &mut resp,
     );
-    resp
+    in_flight.hold(resp)
 }
 
 /// Normalises the path (the one used from here on), applies the
@@ -433,6 +433,10 @@ async fn forward_to_app(
         .unwrap_or_else(|| inputs.app_addr.to_string());
     parts.uri = absolute_uri(&authority, &parts.uri)?;
     strip_hop_by_hop(&mut parts.headers, false);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
     let client = if http1 {
         parts.version = Version::HTTP_11;
         parts.headers.remove(http::header::HOST);
@@ -445,7 +449,11 @@ async fn forward_to_app(
     client
         .request(Request::from_parts(parts, request_body(body, &fault)))
         .await
-        .map(|r| r.map(boxed))
+        .map(|mut r| {
+            // Only this proxy says that a request reached no app.
+            r.headers_mut().remove(crate::error::NOT_SENT);
+            r.map(boxed)
+        })
         .map_err(|e| {
             if fault.broke() {
                 ProxyError::bad_body()
@@ -454,8 +462,29 @@ async fn forward_to_app(
                     inputs.app_addr,
                     "the app is not accepting connections",
                 )
+            } else if idempotent && closed_before_answer(&e) {
+                // The app closed a kept-alive connection as the request
+                // went out on it (an app shutting down closes idle ones):
+                // it did not answer, and an idempotent request may go to
+                // another endpoint.
+                let mut err = ProxyError::upstream(e);
+                err.retry_safe = true;
+                err
             } else {
                 ProxyError::upstream(e)
             }
         })
+}
+
+/// Whether the app's connection closed before any answer to the request
+/// (hyper's `IncompleteMessage` or a request canceled unsent).
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled();
+        }
+        source = s.source();
+    }
+    false
 }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 pub mod accesslog;
 pub mod admin;
+pub mod app_health;
 pub mod authz;
 pub mod balance;
 pub mod config;
@@ -70,6 +71,9 @@ pub const FIRST_CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
 pub const LEAVE_GRACE: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the control plane to see the proxy leave.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a draining proxy lets its connections flush once no request is
+/// in flight.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
 /// Why a proxy did not start; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +189,11 @@ impl Proxy {
         warn_if_descriptors_run_out_first(&cfg);
 
         // 2. Register and discover; the admin server answers meanwhile.
-        let control = ControlClient::new(&cfg.control_plane, &token)?;
+        let control = if cfg.ca_pins.is_empty() {
+            ControlClient::new(&cfg.control_plane, &token)?
+        } else {
+            ControlClient::pinned(&cfg.control_plane, &token, cfg.ca_pins.clone())?
+        };
         let metrics = metrics::Metrics::new();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let telemetry = own_telemetry(&cfg, &instance, &metrics);
@@ -258,6 +266,13 @@ impl Proxy {
         let deadline = started + self.drain_grace.max(LEAVE_GRACE);
         while self.metrics.in_flight_now() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A response's last frames may still sit in its connection's
+        // write buffer when its body is done: let the connections flush
+        // (they close gracefully) before the process exits.
+        if self.metrics.in_flight_now() == 0 {
+            let flush = deadline.min(tokio::time::Instant::now() + FLUSH_GRACE);
+            tokio::time::sleep_until(flush).await;
         }
         let left = self.metrics.in_flight_now();
         if left > 0 {

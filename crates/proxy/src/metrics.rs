@@ -304,6 +304,48 @@ impl Drop for InFlight {
     }
 }
 
+impl InFlight {
+    /// Keeps the request counted until its response body has been sent
+    /// (or dropped): a proxy draining on SIGTERM must not exit while a body
+    /// is still streaming, which would cut the caller's response short.
+    pub fn hold(self, resp: http::Response<crate::Body>) -> http::Response<crate::Body> {
+        use http_body_util::BodyExt as _;
+        resp.map(|inner| {
+            InFlightBody {
+                inner,
+                _guard: self,
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+/// A response body that counts its request in flight until it ends.
+struct InFlightBody {
+    inner: crate::Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

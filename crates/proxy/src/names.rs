@@ -31,6 +31,9 @@ pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
         [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
             Name::Mesh(SvcKey::new(ns, name))
         }
+        // Kubernetes' cluster domain: a Service of the cluster, which the
+        // mesh may not know (then the cluster's DNS answers).
+        [name, ns, "svc", "cluster", "local"] => Name::Maybe(SvcKey::new(ns, name)),
         _ => Name::External,
     }
 }
@@ -61,6 +64,10 @@ mod tests {
         assert_eq!(
             classify("catalog.prod.svc.other.domain", "shop", td),
             Name::External
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.cluster.local", "shop", td),
+            Name::Maybe(SvcKey::new("prod", "catalog"))
         );
         assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
         assert_eq!(classify("www.example.com", "shop", td), Name::External);

@@ -188,14 +188,42 @@ pub(crate) async fn serve_fixed<S>(
     }
 }
 
-/// Handles one request from the app.
+/// An app connection to a Service port declared HTTP (HTTP/1.1 or h2c,
+/// told apart by hyper), without detection.
+pub(crate) async fn serve_http<S>(
+    inputs: Arc<Inputs>,
+    io: S,
+    target: Target,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let sd = shutdown.clone();
+    let i = inputs.clone();
+    serve_connection(io, &i, Kind::outbound, Hop::App, shutdown, move |req| {
+        handle(inputs.clone(), req, Some(target.clone()), sd.clone())
+    })
+    .await
+}
+
+/// Handles one request from the app, counted in flight until its
+/// response has been sent.
 async fn handle(
+    inputs: Arc<Inputs>,
+    req: Request<Incoming>,
+    fixed: Option<Target>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
+    let in_flight = InFlight::new(&inputs.metrics);
+    in_flight.hold(handle_request(inputs, req, fixed, shutdown).await)
+}
+
+async fn handle_request(
     inputs: Arc<Inputs>,
     mut req: Request<Incoming>,
     fixed: Option<Target>,
     shutdown: watch::Receiver<bool>,
 ) -> Response<Body> {
-    let _in_flight = InFlight::new(&inputs.metrics);
     // One more proxy on the request's way, or the end of a loop.
     match crate::loops::next_hop(req.headers(), inputs.cfg.limits.max_hops) {
         Ok(hop) => {

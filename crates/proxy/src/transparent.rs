@@ -137,8 +137,12 @@ pub async fn start(
 
 /// The mesh service whose VIP is `ip`, among those this proxy knows (its
 /// app resolved the name through this proxy's DNS server, which subscribed
-/// to it), and whether `port` is declared `protocol: tcp`.
-pub fn service_of_vip(inputs: &Inputs, ip: IpAddr, port: u16) -> Option<(SvcKey, bool)> {
+/// to it), and the protocol `port` is declared with, if any.
+pub fn service_of_vip(
+    inputs: &Inputs,
+    ip: IpAddr,
+    port: u16,
+) -> Option<(SvcKey, Option<Protocol>)> {
     let snap = inputs.discovery.snapshot();
     let sc = snap
         .raw
@@ -146,19 +150,22 @@ pub fn service_of_vip(inputs: &Inputs, ip: IpAddr, port: u16) -> Option<(SvcKey,
         .iter()
         .find(|s| s.vip.parse::<IpAddr>().ok() == Some(ip))?;
     let key = SvcKey::new(&sc.namespace, &sc.name);
-    let opaque = snap.service(&key).is_some_and(|svc| {
+    let declared = snap.service(&key).and_then(|svc| {
         svc.spec
             .ports
             .iter()
-            .any(|p| p.port == port && p.protocol == Some(Protocol::Tcp))
+            .find(|p| p.port == port)
+            .and_then(|p| p.protocol)
     });
-    Some((key, opaque))
+    Some((key, declared))
 }
 
 /// A connection the redirect rules sent to the outbound listener: to a
 /// service VIP it is routed like an `--upstream` connection (HTTP detected
 /// and routed per request, else opaque TCP; ports declared `protocol: tcp`
-/// skip detection); to any other address it passes through unchanged.
+/// or HTTP skip detection: a pooled HTTP connection may stay silent past
+/// the detection timeout, and must not become an opaque tunnel to one
+/// endpoint); to any other address it passes through unchanged.
 pub async fn serve_outbound(
     inputs: Arc<Inputs>,
     tcp: Counted<TcpStream>,
@@ -166,15 +173,18 @@ pub async fn serve_outbound(
     shutdown: watch::Receiver<bool>,
 ) {
     match service_of_vip(&inputs, orig.ip(), orig.port()) {
-        Some((key, opaque)) => {
+        Some((key, declared)) => {
             let target = Target {
                 host: format!("{}.{}.svc", key.name, key.namespace),
                 port: orig.port(),
             };
-            if opaque {
-                crate::outbound::tcp_to(inputs, tcp, target).await
-            } else {
-                crate::outbound::serve_fixed(inputs, tcp, target, Kind::outbound, shutdown).await
+            match declared {
+                Some(Protocol::Tcp) => crate::outbound::tcp_to(inputs, tcp, target).await,
+                Some(_) => crate::outbound::serve_http(inputs, tcp, target, shutdown).await,
+                None => {
+                    crate::outbound::serve_fixed(inputs, tcp, target, Kind::outbound, shutdown)
+                        .await
+                }
             }
         }
         None => passthrough(inputs, tcp, orig).await,

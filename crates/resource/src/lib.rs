@@ -9,6 +9,8 @@ pub mod limits;
 pub mod load;
 mod nesting;
 pub mod refs;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod traffic;
 pub mod types;
 pub mod validate;

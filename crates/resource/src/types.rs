@@ -14,6 +14,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The kinds Trellis knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Kind {
     Mesh,
     Service,
@@ -91,6 +92,7 @@ fn default_namespace() -> String {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
@@ -136,6 +138,7 @@ impl Spec {
 
 /// Identifies a resource in the store.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceKey {
     pub kind: Kind,
     pub namespace: String,
@@ -216,15 +219,21 @@ impl Resource {
 // ---------------------------------------------------------------- Mesh
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshSpec {
     #[serde(default = "default_trust_domain")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(pattern(crate::schema::DNS_SUBDOMAIN), length(max = 253))
+    )]
     pub trust_domain: String,
     #[serde(default)]
     pub mtls: MtlsMode,
     #[serde(default)]
     pub default_policy: DefaultPolicy,
     #[serde(default = "default_ttl", rename = "certificateTTL")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::schema::DURATION)))]
     pub certificate_ttl: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSpec>,
@@ -255,6 +264,7 @@ fn default_ttl() -> String {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
     #[default]
@@ -264,6 +274,7 @@ pub enum MtlsMode {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultPolicy {
     #[default]
@@ -272,16 +283,19 @@ pub enum DefaultPolicy {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TracingSpec {
     /// Share of new traces that are sampled, 0.0 to 1.0 (default 0.01).
     /// A caller's own decision (the sampled flag it sends) always wins.
     #[serde(default = "default_sampling")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0.0, max = 1.0)))]
     pub sampling: f64,
     /// Where proxies export spans (`http://host:4317` for OTLP/gRPC,
     /// `http://host:4318/v1/traces` for OTLP/HTTP); omitted: the control
     /// plane's embedded receiver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::schema::HTTP_URL)))]
     pub otlp_endpoint: Option<String>,
     /// `grpc` or `http/protobuf`; omitted: `http/protobuf` when the
     /// endpoint's path ends in `/v1/traces` or its port is 4318, else `grpc`.
@@ -299,6 +313,7 @@ fn default_sampling() -> f64 {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum OtlpProtocol {
     #[serde(rename = "grpc")]
     Grpc,
@@ -309,6 +324,7 @@ pub enum OtlpProtocol {
 /// `accessLog: {stdout: true}` or `accessLog: {path: FILE}`; `{workload}`
 /// and `{instance}` in the path are replaced by the proxy's own.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AccessLogSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,6 +336,7 @@ pub struct AccessLogSpec {
 // ---------------------------------------------------------------- Service
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -329,6 +346,7 @@ pub struct ServiceSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,6 +361,7 @@ pub struct ServicePort {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
@@ -354,6 +373,7 @@ pub enum Protocol {
 // ---------------------------------------------------------------- Workload
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     #[serde(default = "one")]
@@ -382,6 +402,7 @@ fn default_app_port() -> u16 {
 // ---------------------------------------------------------------- HTTPRoute
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     #[serde(default)]
@@ -393,6 +414,7 @@ pub struct HttpRouteSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,6 +431,7 @@ pub struct ParentRef {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -426,6 +449,7 @@ pub struct RouteRule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -439,6 +463,7 @@ pub struct RouteMatch {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     #[serde(default, rename = "type")]
@@ -452,6 +477,7 @@ fn root_path() -> String {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathMatchType {
     Exact,
     #[default]
@@ -461,6 +487,7 @@ pub enum PathMatchType {
 
 /// A header or query parameter match.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderMatch {
     #[serde(default, rename = "type")]
@@ -470,6 +497,7 @@ pub struct HeaderMatch {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ValueMatchType {
     #[default]
     Exact,
@@ -477,6 +505,7 @@ pub enum ValueMatchType {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -497,6 +526,7 @@ pub struct BackendRef {
 /// A Gateway API filter: `type` names it, and the field of that name holds
 /// its settings (`type: RequestRedirect` with `requestRedirect: {...}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteFilter {
     #[serde(rename = "type")]
@@ -514,6 +544,7 @@ pub struct RouteFilter {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
@@ -526,6 +557,7 @@ pub enum FilterType {
 /// Answers the request with a redirect instead of forwarding it. Omitted
 /// parts keep the request's own.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestRedirect {
     /// `http` or `https`.
@@ -544,6 +576,7 @@ pub struct RequestRedirect {
 
 /// Rewrites the request before it is forwarded.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UrlRewrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -553,6 +586,7 @@ pub struct UrlRewrite {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathModifier {
     #[serde(rename = "type")]
@@ -565,6 +599,7 @@ pub struct PathModifier {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathModifierType {
     ReplaceFullPath,
     ReplacePrefixMatch,
@@ -573,6 +608,7 @@ pub enum PathModifierType {
 /// Sends a copy of matching requests to another Service, fire and forget:
 /// its answers are dropped and never delay or change the primary's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestMirror {
     pub backend_ref: MirrorBackendRef,
@@ -585,6 +621,7 @@ pub struct RequestMirror {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MirrorBackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -599,6 +636,7 @@ pub struct MirrorBackendRef {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Fraction {
     pub numerator: u32,
@@ -611,6 +649,7 @@ fn hundred() -> u32 {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderModifier {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -622,6 +661,7 @@ pub struct HeaderModifier {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValue {
     pub name: String,
@@ -629,6 +669,7 @@ pub struct HeaderValue {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteTimeouts {
     /// Whole request, retries included (Gateway API duration, e.g. `10s`).
@@ -640,6 +681,7 @@ pub struct RouteTimeouts {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRetry {
     /// Status codes that are retried (idempotent requests only).
@@ -656,6 +698,7 @@ pub struct RouteRetry {
 
 /// The Service a policy applies to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -670,6 +713,7 @@ pub struct TargetRef {
 /// Gateway API `GRPCRoute` in mesh form: `parentRefs` name a Service, and
 /// rules match gRPC service and method names and headers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteSpec {
     #[serde(default)]
@@ -681,6 +725,7 @@ pub struct GrpcRouteSpec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -696,6 +741,7 @@ pub struct GrpcRouteRule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -707,6 +753,7 @@ pub struct GrpcRouteMatch {
 /// `service` is the full name (`pkg.Service`), `method` the method's; at
 /// least one is given, an omitted one matches any.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcMethodMatch {
     #[serde(default, rename = "type")]
@@ -724,6 +771,7 @@ pub struct GrpcMethodMatch {
 /// checks and locality. At most one TrafficPolicy targets a Service. The
 /// parts are in [`crate::traffic`] (boxed: most policies set few of them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub target_ref: TargetRef,
@@ -773,6 +821,7 @@ impl TrafficPolicySpec {
 /// selects the target, a request must match one of them; otherwise
 /// `Mesh.defaultPolicy` decides.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -785,6 +834,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum AuthzAction {
     Allow,
@@ -794,6 +844,7 @@ pub enum AuthzAction {
 /// A rule matches when each of its present parts matches: one of `from`,
 /// one of `to`, and every `when`. An empty rule matches every request.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -808,9 +859,11 @@ pub struct AuthzRule {
 /// Principals are SPIFFE IDs (`spiffe://td/ns/prod/sa/web`), or
 /// `*`-prefix/suffix patterns of them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzSource {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(pattern(crate::schema::PRINCIPAL))))]
     pub principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
@@ -819,20 +872,33 @@ pub struct AuthzSource {
 /// The request. Paths are exact, `prefix*` or `*suffix`, matched against the
 /// normalised path.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzOperation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(inner(pattern(crate::schema::HTTP_METHOD)))
+    )]
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(inner(pattern(crate::schema::AUTHZ_PATH)))
+    )]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(inner(range(min = 1))))]
     pub ports: Vec<u16>,
 }
 
 /// A request header that must hold one of `values` (same patterns as paths).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzCondition {
+    #[cfg_attr(feature = "schema", schemars(pattern(crate::schema::HEADER_NAME)))]
     pub header: String,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub values: Vec<String>,
 }

@@ -1,12 +1,12 @@
 //! Endpoint indexing: which Services select each proxy, and each Service's
-//! endpoints (from the endpoint records), memoised for one round of config
-//! updates.
+//! endpoints (from the endpoint records, or from an external source such
+//! as Kubernetes), memoised for one round of config updates.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use trellis_api::v1::Endpoint;
 
-use super::{EndpointRecord, Proxy, Registry, ServiceName};
+use super::{EndpointRecord, EndpointSource, Proxy, Registry, ServiceName};
 
 /// Endpoints per service, computed once per round of config updates.
 pub type EndpointCache = HashMap<ServiceName, Vec<Endpoint>>;
@@ -101,6 +101,14 @@ impl Registry {
     /// one pass per Service): what a round that recomputes every proxy's
     /// Config starts from.
     pub fn all_endpoints(&self, memo: &mut SelectionMemo) -> EndpointCache {
+        if let EndpointSource::External(by_service) = &self.endpoint_source {
+            return self
+                .resources
+                .services
+                .keys()
+                .map(|n| (n.clone(), by_service.get(n).cloned().unwrap_or_default()))
+                .collect();
+        }
         let td = self.trust_domain().to_string();
         let mut cache: EndpointCache = self
             .resources
@@ -125,6 +133,14 @@ impl Registry {
     pub fn endpoints(&self, name: &ServiceName, cache: &mut EndpointCache) -> Vec<Endpoint> {
         if let Some(eps) = cache.get(name) {
             return eps.clone();
+        }
+        if let EndpointSource::External(by_service) = &self.endpoint_source {
+            let eps = match self.resources.services.get(name) {
+                Some(_) => by_service.get(name).cloned().unwrap_or_default(),
+                None => Vec::new(),
+            };
+            cache.insert(name.clone(), eps.clone());
+            return eps;
         }
         let td = self.trust_domain().to_string();
         let mut eps: Vec<Endpoint> = match self.resources.services.get(name) {

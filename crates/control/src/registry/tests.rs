@@ -395,3 +395,49 @@ spec: {selector: {app: reviews}}
     ));
     assert_eq!(base.changed_services(&authz), None);
 }
+
+/// Kubernetes: endpoints come from the external source, never from the
+/// registered proxies, whatever their labels.
+#[test]
+fn external_endpoints_replace_registrations() {
+    let resources = vec![service("default", "catalog", &[("app", "catalog")])];
+    let mut reg = Registry {
+        resources: ResourceIndex::new(&resources),
+        ..Default::default()
+    };
+    add(
+        &mut reg,
+        proxy(1, "default", &[("app", "catalog")], "10.0.0.1:15006"),
+    );
+    let name = ServiceName::new("default", "catalog");
+    let registered = reg.endpoints(&name, &mut EndpointCache::new());
+    assert_eq!(
+        registered.len(),
+        1,
+        "universal mode: the proxy is the endpoint"
+    );
+
+    let pod = trellis_api::v1::Endpoint {
+        address: "10.244.0.5:15006".into(),
+        instance: "catalog-7d9f-x2".into(),
+        workload: "catalog".into(),
+        namespace: "default".into(),
+        labels: Default::default(),
+        identity: "spiffe://trellis.local/ns/default/sa/catalog".into(),
+    };
+    reg.endpoint_source = EndpointSource::External(std::sync::Arc::new(
+        [(name.clone(), vec![pod.clone()])].into(),
+    ));
+    assert_eq!(
+        reg.endpoints(&name, &mut EndpointCache::new()),
+        std::slice::from_ref(&pod)
+    );
+    let all = reg.all_endpoints(&mut SelectionMemo::default());
+    assert_eq!(all[&name], std::slice::from_ref(&pod));
+    // A Service the source knows but the resources do not has none.
+    let ghost = ServiceName::new("default", "ghost");
+    assert!(reg.endpoints(&ghost, &mut EndpointCache::new()).is_empty());
+    // The Config of a proxy that calls catalog carries the pod.
+    let (cfg, _) = reg.config_for(&subs(&["default/catalog"]), &mut EndpointCache::new());
+    assert_eq!(cfg.services[0].endpoints, [pod]);
+}

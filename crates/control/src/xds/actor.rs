@@ -31,8 +31,8 @@ use super::{Event, Link, Out, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
 use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::registry::{
-    Breach, ConnId, EndpointCache, EndpointRecord, Proxy, ProxyView, Registry, ResourceIndex,
-    SelectionMemo, ServiceName,
+    Breach, ConnId, EndpointCache, EndpointRecord, EndpointSource, Proxy, ProxyView, Registry,
+    ResourceIndex, SelectionMemo, ServiceName,
 };
 use crate::store::{Change, Store, StoreEvent, StoreSnapshot};
 use crate::vips::Vips;
@@ -275,7 +275,8 @@ impl Actor {
             }
         }
         self.registry.endpoints = endpoints;
-        if let Some(v) = &snap.vips {
+        let external = matches!(self.registry.endpoint_source, EndpointSource::External(_));
+        if let (Some(v), false) = (&snap.vips, external) {
             let vips = Vips::from_json(v);
             all |= vips != self.registry.vips;
             self.registry.vips = vips;
@@ -372,9 +373,52 @@ impl Actor {
         });
     }
 
-    /// Gives Services without a VIP one, through the store.
+    /// Kubernetes: the endpoints and ClusterIPs the API server says. Only
+    /// the proxies whose Configs hold a Service whose endpoints changed are
+    /// recomputed; a change of VIPs reaches every proxy.
+    fn external_endpoints(
+        &mut self,
+        endpoints: Arc<BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+        vips: Option<BTreeMap<ServiceName, std::net::Ipv4Addr>>,
+    ) {
+        let mut all = false;
+        if let Some(vips) = vips {
+            let mut vips = Vips::fixed(vips);
+            // Services without a ClusterIP (headless) get one of the
+            // mesh's own; not stored: the source is the truth.
+            vips.assign(self.registry.resources.services.keys());
+            if vips != self.registry.vips {
+                self.registry.vips = vips;
+                all = true;
+            }
+        }
+        let changed: BTreeSet<ServiceName> = match &self.registry.endpoint_source {
+            EndpointSource::External(old) => endpoints
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .chain(old.keys().filter(|k| !endpoints.contains_key(*k)).cloned())
+                .collect(),
+            EndpointSource::Registrations => {
+                all = true;
+                BTreeSet::new()
+            }
+        };
+        self.registry.endpoint_source = EndpointSource::External(endpoints);
+        self.update(if all {
+            Scope::All
+        } else {
+            Scope::Affected(changed)
+        });
+    }
+
+    /// Gives Services without a VIP one, through the store (on Kubernetes
+    /// the ClusterIPs are the VIPs: nothing to allocate).
     fn allocate_vips(&mut self) {
-        if self.allocating || self.loading {
+        if self.allocating
+            || self.loading
+            || matches!(self.registry.endpoint_source, EndpointSource::External(_))
+        {
             return;
         }
         let missing: Vec<ServiceName> = self
@@ -470,6 +514,7 @@ impl Actor {
                 }
             }
             Event::Loaded(seq, result) => self.loaded(seq, result),
+            Event::Endpoints(endpoints, vips) => self.external_endpoints(endpoints, vips),
             Event::Allocated(result) => {
                 self.allocating = false;
                 match result {

@@ -24,7 +24,7 @@ use trellis_api::v1::proxy_message::Msg;
 use trellis_api::v1::{control_message, Ack, Config, ControlMessage, ProxyMessage, Register};
 use trellis_identity::token::Claims;
 
-use crate::registry::{Breach, ConnId, EndpointRecord, ProxyView};
+use crate::registry::{Breach, ConnId, EndpointRecord, ProxyView, ServiceName};
 use crate::stats::Stats;
 
 pub use actor::start;
@@ -72,6 +72,18 @@ impl XdsHandle {
     /// Sends every proxy a new trust bundle.
     pub async fn set_trust_bundle(&self, bundle: Vec<String>) {
         let _ = self.events.send(Event::TrustBundle(bundle)).await;
+    }
+
+    /// Makes `endpoints` every Service's endpoints from now on, in place of
+    /// the registered proxies (Kubernetes: EndpointSlices are the truth),
+    /// and `vips` their VIPs (ClusterIPs) when given; sends the proxies
+    /// whose Configs change.
+    pub async fn set_external_endpoints(
+        &self,
+        endpoints: Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+        vips: Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
+    ) {
+        let _ = self.events.send(Event::Endpoints(endpoints, vips)).await;
     }
 
     /// The connected proxies whose Config `proposed` (the whole set of
@@ -145,6 +157,11 @@ enum Event {
     ),
     /// The VIP table after an allocation.
     Allocated(Result<crate::vips::Vips, crate::store::StoreError>),
+    /// An external source's endpoints (Kubernetes).
+    Endpoints(
+        Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
+        Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
+    ),
     CheckBudget {
         proposed: Vec<trellis_resource::Resource>,
         applied: BTreeSet<trellis_resource::ResourceKey>,
@@ -203,11 +220,14 @@ impl ProxyApi for ProxyApiService {
         &self,
         request: Request<trellis_api::v1::SignRequest>,
     ) -> Result<Response<trellis_api::v1::SignResponse>, Status> {
-        let snap = self.snapshot.load_full();
-        let resp = self
-            .identity
-            .sign(request.get_ref(), &snap.trust_domain, snap.certificate_ttl)
-            .await?;
+        let claims = self.identity.authenticate(&request.get_ref().token).await?;
+        let snap = self.snapshot.load();
+        let resp = self.identity.sign(
+            &claims,
+            request.get_ref(),
+            &snap.trust_domain,
+            snap.certificate_ttl,
+        )?;
         Ok(Response::new(resp))
     }
 
@@ -237,7 +257,7 @@ impl ProxyApi for ProxyApiService {
         // A proxy is the identity its token grants, serves only the labels
         // it grants, and at the address it connects from (or the one the
         // token grants): nothing else.
-        let claims = self.identity.verify_token(&register.token).await?;
+        let claims = self.identity.authenticate(&register.token).await?;
         let mut register = register;
         register.inbound_addr = admit(&claims, &register, peer).inspect_err(|e| {
             warn!(

@@ -267,7 +267,6 @@ mod tests {
     use crate::metrics::Metrics;
 
     struct Mesh {
-        _dir: tempfile::TempDir,
         ca: Ca,
         metrics: Arc<Metrics>,
     }
@@ -275,10 +274,8 @@ mod tests {
     impl Mesh {
         fn new() -> Mesh {
             trellis_identity::install_crypto_provider();
-            let dir = tempfile::tempdir().unwrap();
-            let ca = Ca::load_or_create(dir.path(), "trellis.local").unwrap();
+            let ca = Ca::generate("trellis.local").unwrap();
             Mesh {
-                _dir: dir,
                 ca,
                 metrics: Metrics::new(),
             }

@@ -398,6 +398,21 @@ impl<'a> Exchange<'a> {
                 drop(load);
                 Try::Again
             }
+            // The peer proxy could not reach its app (it is exiting): as a
+            // failed connection, nothing was sent.
+            Ok(resp)
+                if resp.headers().contains_key(crate::error::NOT_SENT)
+                    && state.connect_retries > 0 =>
+            {
+                state.connect_retries -= 1;
+                state.last = (Ok(resp.map(boxed)), Some(ep));
+                self.inputs
+                    .metrics
+                    .traffic
+                    .retry(&self.to.svc.key, RetryReason::connect);
+                drop(load);
+                Try::Again
+            }
             Ok(resp) => {
                 let mut resp = resp.map(boxed);
                 if !can_retry {

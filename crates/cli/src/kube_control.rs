@@ -1,0 +1,236 @@
+//! `trellis control --kubernetes`: the same control plane as on a host,
+//! with the API server as its source. This module only glues trellis-k8s
+//! to it:
+//!
+//! - the CA comes from the Secret `trellis-ca` (made by the first replica);
+//! - the source's resources are synced into the replica's own store, and
+//!   its endpoints and ClusterIPs go to the registry as its endpoint
+//!   source, so one code path computes every proxy's config;
+//! - sidecars' ServiceAccount tokens are reviewed by the API server
+//!   (TokenReview) and grant their pod's identity, labels and IP;
+//! - the injection webhook is served over HTTPS with a certificate from
+//!   the mesh CA, whose roots every replica keeps in the webhook's
+//!   `caBundle`;
+//! - the Lease holder writes route status.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use trellis_control::registry::ServiceName;
+use trellis_control::ControlPlane;
+use trellis_identity::token::Claims;
+use trellis_k8s::inject::InjectConfig;
+use trellis_k8s::names::{DEFAULT_NAMESPACE, WEBHOOK_SERVICE};
+use trellis_k8s::source::MeshState;
+
+use crate::cli::{ControlArgs, Global};
+
+/// How often every replica checks the webhook's caBundle.
+const CA_BUNDLE_EVERY: Duration = Duration::from_secs(30);
+
+/// Reviews sidecars' tokens with the API server.
+struct Reviewer {
+    client: kube::Client,
+    state: watch::Receiver<Arc<MeshState>>,
+}
+
+#[tonic::async_trait]
+impl trellis_control::mesh_identity::ExternalTokens for Reviewer {
+    async fn review(&self, token: &str) -> Result<Claims, tonic::Status> {
+        let state = self.state.borrow().clone();
+        let (reviewed, pod) = trellis_k8s::control::grant(self.client.clone(), &state, token)
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "refused a sidecar's token");
+                tonic::Status::unauthenticated(e.to_string())
+            })?;
+        let pod_name = reviewed.pod_name.clone().unwrap_or_default();
+        Ok(Claims {
+            id: format!("pod:{}/{pod_name}", reviewed.namespace),
+            namespace: reviewed.namespace,
+            service_account: reviewed.service_account,
+            labels: pod.labels,
+            advertise_addr: pod.ip.and_then(|ip| ip.parse().ok()),
+            exp: u64::MAX,
+            ca: String::new(),
+        })
+    }
+}
+
+fn service_name((namespace, name): &(String, String)) -> ServiceName {
+    ServiceName::new(namespace.clone(), name.clone())
+}
+
+/// Makes the replica's store hold exactly the source's resources: changed
+/// ones are applied at once, removed ones deleted.
+async fn sync_store(
+    store: &dyn trellis_control::Store,
+    want: &[trellis_resource::Resource],
+) -> anyhow::Result<()> {
+    let (have, _) = store.list(None).await?;
+    let have: BTreeMap<_, _> = have.into_iter().map(|r| (r.key(), r)).collect();
+    let want_keys: std::collections::BTreeSet<_> = want.iter().map(|r| r.key()).collect();
+    let changed: Vec<_> = want
+        .iter()
+        .filter(|r| have.get(&r.key()) != Some(*r))
+        .cloned()
+        .collect();
+    if !changed.is_empty() {
+        store.apply(changed).await?;
+    }
+    for key in have.keys().filter(|k| !want_keys.contains(*k)) {
+        store.delete(key).await?;
+    }
+    Ok(())
+}
+
+/// Follows the source: endpoints and VIPs first (so a new Service never
+/// gets a VIP of the mesh's own before its ClusterIP), then resources.
+async fn follow(
+    xds: trellis_control::xds::XdsHandle,
+    store: Arc<dyn trellis_control::Store>,
+    mut rx: watch::Receiver<Arc<MeshState>>,
+) {
+    loop {
+        let state = rx.borrow_and_update().clone();
+        let endpoints = state
+            .endpoints
+            .keys()
+            .map(|k| (service_name(k), state.proxy_endpoints(k)))
+            .collect();
+        let vips = state
+            .vips
+            .iter()
+            .map(|(k, ip)| (service_name(k), *ip))
+            .collect();
+        xds.set_external_endpoints(Arc::new(endpoints), Some(vips))
+            .await;
+        if let Err(e) = sync_store(store.as_ref(), &state.resources).await {
+            warn!(error = %e, "cannot take the cluster's resources; retrying on the next change");
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    let client = trellis_k8s::client::client(args.kubeconfig.as_deref()).await?;
+    let namespace =
+        std::env::var("TRELLIS_NAMESPACE").unwrap_or_else(|_| DEFAULT_NAMESPACE.to_string());
+    let pod = std::env::var("TRELLIS_POD_NAME")
+        .unwrap_or_else(|_| format!("trellis-control-{}", std::process::id()));
+
+    let ca_dir = global.data_dir.join("ca");
+    let made = trellis_k8s::ca_secret::bootstrap(client.clone(), &namespace, &ca_dir, |dir| {
+        // What the Secret holds: the files a control plane reads on start
+        // and moves into its store.
+        if trellis_identity::ca::Ca::load_dir(dir)
+            .map_err(|e| e.to_string())?
+            .is_none()
+        {
+            trellis_identity::ca::Ca::generate("trellis.local")
+                .and_then(|ca| ca.write_dir(dir))
+                .map_err(|e| e.to_string())?;
+        }
+        if trellis_identity::token::read_legacy(dir).0.is_none() {
+            trellis_identity::token::write_legacy_key(
+                dir,
+                &trellis_identity::token::generate_key(),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .await?;
+    info!(?made, "mesh CA from Secret");
+
+    let mut cfg = crate::servers::control_config(global, args)?;
+    for host in [
+        format!("{}.{namespace}.svc", trellis_k8s::names::CONTROL_SERVICE),
+        format!(
+            "{}.{namespace}.svc.cluster.local",
+            trellis_k8s::names::CONTROL_SERVICE
+        ),
+    ] {
+        cfg.http_hosts.push(host);
+    }
+    let cp = ControlPlane::start(cfg).await?;
+    let identity = cp.identity();
+
+    let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    identity.set_external(Arc::new(Reviewer {
+        client: client.clone(),
+        state: rx.clone(),
+    }));
+    let source = tokio::spawn(trellis_k8s::source::run(client.clone(), tx));
+    tokio::spawn(follow(cp.xds(), cp.store(), rx.clone()));
+
+    let (lead_tx, lead_rx) = watch::channel(false);
+    tokio::spawn(trellis_k8s::lease::run(
+        client.clone(),
+        trellis_k8s::lease::LeaseConfig::new(namespace.clone(), pod.clone()),
+        lead_tx,
+    ));
+    tokio::spawn(trellis_k8s::control::route_status(
+        client.clone(),
+        rx.clone(),
+        lead_rx,
+    ));
+
+    // The webhook: HTTPS with a certificate for its Service's names.
+    let image = std::env::var("TRELLIS_PROXY_IMAGE").context(
+        "TRELLIS_PROXY_IMAGE is not set: the injected sidecar's image (`trellis install` sets it)",
+    )?;
+    let mut inject = InjectConfig::new(image, namespace.clone());
+    inject.ca_pin = Some(identity.pin());
+    let names: Vec<String> = [
+        WEBHOOK_SERVICE.to_string(),
+        format!("{WEBHOOK_SERVICE}.{namespace}"),
+        format!("{WEBHOOK_SERVICE}.{namespace}.svc"),
+        format!("{WEBHOOK_SERVICE}.{namespace}.svc.cluster.local"),
+    ]
+    .into();
+    let (chain, key) = identity.server_tls(&names)?;
+    let tls = trellis_control::https::server_config(&chain, &key, ("mesh CA", "mesh CA"))?;
+    let listener = tokio::net::TcpListener::bind(args.webhook_addr)
+        .await
+        .with_context(|| format!("cannot listen on --webhook-addr {}", args.webhook_addr))?;
+    let listener = trellis_control::https::TlsListener::new(listener, tls)?;
+    let app =
+        trellis_k8s::webhook::router(Arc::new(inject), Arc::new(rx.clone()), Some(client.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the injection webhook stopped");
+        }
+    });
+
+    let bundle = identity.bundle().concat();
+    let ca_client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = trellis_k8s::webhook::ensure_ca_bundle(ca_client.clone(), &bundle).await
+            {
+                warn!(error = %e, "cannot keep the webhook's caBundle");
+            }
+            tokio::time::sleep(CA_BUNDLE_EVERY).await;
+        }
+    });
+
+    info!(http = %cp.http_addr, grpc = %cp.grpc_addr, webhook = %args.webhook_addr, %namespace, %pod, "control plane serving on Kubernetes; SIGTERM stops it");
+    tokio::select! {
+        _ = crate::signals::shutdown() => {}
+        r = source => match r {
+            Ok(Err(e)) => warn!(error = %e, "the Kubernetes source failed"),
+            _ => warn!("the Kubernetes source stopped"),
+        },
+    }
+    info!("shutting down");
+    cp.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
