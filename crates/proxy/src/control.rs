@@ -39,6 +39,9 @@ pub struct ControlClient {
     /// `host:port`.
     addr: String,
     token: String,
+    /// Read again on each use when set: a Kubernetes projected token is
+    /// renewed by the kubelet and expires within the hour.
+    token_file: Option<std::path::PathBuf>,
     trusted: Arc<ArcSwap<Vec<String>>>,
 }
 
@@ -57,6 +60,7 @@ impl ControlClient {
         Ok(ControlClient {
             addr,
             token: token.to_string(),
+            token_file: None,
             trusted: Arc::new(ArcSwap::from_pointee(pin)),
         })
     }
@@ -72,8 +76,26 @@ impl ControlClient {
         ControlClient {
             addr,
             token: token.to_string(),
+            token_file: None,
             trusted: Arc::new(ArcSwap::from_pointee(pins)),
         }
+    }
+
+    /// Reads the token from `path` again each time it is presented (the
+    /// one given at start stays the fallback when the file cannot be read).
+    pub fn with_token_file(mut self, path: Option<std::path::PathBuf>) -> ControlClient {
+        self.token_file = path;
+        self
+    }
+
+    /// The token to present now.
+    pub fn current_token(&self) -> String {
+        self.token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.token.clone())
     }
 
     pub fn addr(&self) -> &str {
@@ -145,7 +167,7 @@ impl ControlClient {
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
             client.sign(SignRequest {
-                token: self.token.clone(),
+                token: self.current_token(),
                 csr_pem: csr_pem.to_string(),
             }),
         )
@@ -166,4 +188,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_read_again_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let client = ControlClient::pinned("cp:15010", "first", vec!["pin".into()])
+            .with_token_file(Some(path.clone()));
+        assert_eq!(client.current_token(), "first");
+        // The kubelet renews the projected token in place.
+        std::fs::write(&path, "renewed\n").unwrap();
+        assert_eq!(client.current_token(), "renewed");
+        // Unreadable: the token read at start stays.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(client.current_token(), "first");
+    }
 }
