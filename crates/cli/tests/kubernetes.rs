@@ -388,6 +388,19 @@ fn authz(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
         t
     });
     c.kubectl(&["-n", "prod", "delete", "authorizationpolicy", "prod-only"])?;
+    // The next cases call from dev again: once the policy is gone everywhere.
+    until(
+        "dev → prod allowed again",
+        Duration::from_secs(30),
+        || {
+            let d = rt.block_on(call(&dev));
+            if d.status == Some(200) {
+                Ok(())
+            } else {
+                bail!("dev got {:?} {:?}", d.status, d.error)
+            }
+        },
+    )?;
     r?;
     if tally != (20, 20) {
         bail!(

@@ -15,6 +15,9 @@ pub const WEBHOOK_CONFIG: &str = "trellis-sidecar-injector";
 pub const WEBHOOK_NAME: &str = "sidecar-injector.trellis.dev";
 /// The path the webhook serves on.
 pub const WEBHOOK_PATH: &str = "/inject";
+/// The control plane's readiness: the webhook serves, and the cluster's
+/// state has been read once.
+pub const WEBHOOK_READY_PATH: &str = "/ready";
 /// The port the control plane serves the webhook on (HTTPS).
 pub const WEBHOOK_PORT: u16 = 15017;
 /// The proxy API (gRPC over TLS).

@@ -164,6 +164,11 @@ impl crate::webhook::NamespaceLabels for watch::Receiver<Arc<MeshState>> {
     fn labels(&self, namespace: &str) -> Option<std::collections::BTreeMap<String, String>> {
         self.borrow().namespace_labels.get(namespace).cloned()
     }
+
+    /// Every cluster has namespaces: none means not read yet.
+    fn synced(&self) -> bool {
+        !self.borrow().namespace_labels.is_empty()
+    }
 }
 
 /// A namespaced object's `namespace/name`, for logs.

@@ -31,6 +31,10 @@ pub const MAX_BODY: usize = 4 << 20;
 /// The labels of a namespace, from the control plane's watch of them.
 pub trait NamespaceLabels: Send + Sync {
     fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>>;
+    /// Whether the cluster's namespaces have been read once.
+    fn synced(&self) -> bool {
+        true
+    }
 }
 
 impl NamespaceLabels for BTreeMap<String, BTreeMap<String, String>> {
@@ -164,8 +168,21 @@ pub fn router(
             None => review(body, &cfg, namespaces.as_ref()),
         })
     }
+    async fn ready(
+        State((_, namespaces, _)): State<Shared>,
+    ) -> (axum::http::StatusCode, &'static str) {
+        if namespaces.synced() {
+            (axum::http::StatusCode::OK, "ready\n")
+        } else {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "reading the cluster\n",
+            )
+        }
+    }
     axum::Router::new()
         .route(crate::names::WEBHOOK_PATH, axum::routing::post(handle))
+        .route(crate::names::WEBHOOK_READY_PATH, axum::routing::get(ready))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state((cfg, namespaces, client))
 }

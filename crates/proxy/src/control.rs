@@ -56,6 +56,9 @@ pub struct ControlClient {
     /// The replica of the current (or last) connection.
     current: Arc<ArcSwap<String>>,
     token: String,
+    /// Read again on each use when set: a Kubernetes projected token is
+    /// renewed by the kubelet and expires within the hour.
+    token_file: Option<std::path::PathBuf>,
     trusted: Arc<ArcSwap<Vec<String>>>,
 }
 
@@ -104,6 +107,7 @@ impl ControlClient {
             addrs,
             cursor: Arc::new(AtomicUsize::new(0)),
             token: token.to_string(),
+            token_file: None,
             trusted: Arc::new(ArcSwap::from_pointee(pin)),
         })
     }
@@ -120,6 +124,23 @@ impl ControlClient {
         client.token = token.to_string();
         client.trusted = Arc::new(ArcSwap::from_pointee(pins));
         Ok(client)
+    }
+
+    /// Reads the token from `path` again each time it is presented (the
+    /// one given at start stays the fallback when the file cannot be read).
+    pub fn with_token_file(mut self, path: Option<std::path::PathBuf>) -> ControlClient {
+        self.token_file = path;
+        self
+    }
+
+    /// The token to present now.
+    pub fn current_token(&self) -> String {
+        self.token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.token.clone())
     }
 
     /// Every address given, comma-separated.
@@ -242,7 +263,7 @@ impl ControlClient {
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
             client.sign(SignRequest {
-                token: self.token.clone(),
+                token: self.current_token(),
                 csr_pem: csr_pem.to_string(),
             }),
         )
@@ -303,5 +324,22 @@ mod tests {
         assert!(accepted.await.unwrap().is_ok());
         c.fail_over();
         assert_eq!(c.cursor.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_token_file_is_read_again_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let client = ControlClient::pinned("cp:15010", "first", vec!["pin".into()])
+            .unwrap()
+            .with_token_file(Some(path.clone()));
+        assert_eq!(client.current_token(), "first");
+        // The kubelet renews the projected token in place.
+        std::fs::write(&path, "renewed\n").unwrap();
+        assert_eq!(client.current_token(), "renewed");
+        // Unreadable: the token read at start stays.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(client.current_token(), "first");
     }
 }

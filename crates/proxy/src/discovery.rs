@@ -445,7 +445,10 @@ impl Discovery {
             app_port: id.app_port as u32,
             subscriptions,
             running_version: self.snapshot.load().version,
-            token: id.token.clone(),
+            // A renewed token (Kubernetes) when the client reads a file.
+            token: Some(self.control.current_token())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| id.token.clone()),
         };
         // A full channel means the control plane stopped reading: drop the
         // stream and reconnect.

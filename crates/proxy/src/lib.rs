@@ -192,7 +192,9 @@ impl Proxy {
         let control = if cfg.ca_pins.is_empty() {
             ControlClient::new(&cfg.control_plane, &token)?
         } else {
+            // Kubernetes: the projected token is renewed in its file.
             ControlClient::pinned(&cfg.control_plane, &token, cfg.ca_pins.clone())?
+                .with_token_file(cfg.token_file.clone())
         };
         let metrics = metrics::Metrics::new();
         let (shutdown, shutdown_rx) = watch::channel(false);

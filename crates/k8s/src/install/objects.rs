@@ -137,9 +137,9 @@ pub(super) fn webhook_service() -> Value {
     })
 }
 
-fn probe(path: &str) -> Value {
+fn probe(path: &str, port: &str) -> Value {
     json!({
-        "httpGet": { "path": path, "port": "https", "scheme": "HTTPS" },
+        "httpGet": { "path": path, "port": port, "scheme": "HTTPS" },
         "periodSeconds": 5,
         "timeoutSeconds": 2,
         "failureThreshold": 3,
@@ -179,8 +179,10 @@ pub(super) fn deployment(ha: bool) -> Value {
                 { "name": "https", "containerPort": HTTP_PORT, "protocol": "TCP" },
                 { "name": "webhook", "containerPort": WEBHOOK_PORT, "protocol": "TCP" },
             ],
-            "readinessProbe": probe("/readyz"),
-            "livenessProbe": probe("/healthz"),
+            // Ready once the webhook serves and the cluster has been read:
+            // a replica that took pods before would let them start unmeshed.
+            "readinessProbe": probe(crate::names::WEBHOOK_READY_PATH, "webhook"),
+            "livenessProbe": probe("/healthz", "https"),
             "resources": {
                 "requests": { "cpu": "100m", "memory": "128Mi" },
                 "limits": { "memory": "512Mi" },
