@@ -95,8 +95,19 @@ fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
     let cp = c.trellis(&["install"])?;
     c.kubectl_in(&["apply", "-f", "-"], &cp)?;
     c.rollout("trellis-system", "trellis-control")?;
+    let ready = t.elapsed();
+    // As the README says: `trellis check --kubernetes` before deploying.
+    // It passes once the API server reaches the new webhook through its
+    // Service (kube-proxy programs it a moment after the pods are ready)
+    // and trusts it (the control plane sets the caBundle).
+    until(
+        "trellis check --kubernetes passes",
+        Duration::from_secs(60),
+        || c.trellis(&["check", "--kubernetes"]),
+    )?;
     Ok(format!(
-        "CRDs established and control plane (2 replicas) ready {:.1}s after `trellis install --crds | kubectl apply -f -`",
+        "CRDs established and control plane (2 replicas) ready {:.1}s after `trellis install --crds | kubectl apply -f -`; `trellis check --kubernetes` passing after {:.1}s",
+        ready.as_secs_f64(),
         t.elapsed().as_secs_f64()
     ))
 }
