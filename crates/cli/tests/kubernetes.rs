@@ -25,6 +25,8 @@ use trellis_testkit::process::in_ci;
 #[path = "kubernetes/harness.rs"]
 mod harness;
 use harness::*;
+#[path = "kubernetes/grpc.rs"]
+mod grpc;
 
 const APPS: &str = include_str!("kubernetes/apps.yaml");
 
@@ -839,6 +841,9 @@ fn kubernetes_suite() {
         identity(c, rt)
     });
     s.case("HTTPRoute 90/10 split", |c, rt, _| split(c, rt));
+    s.case("GRPCRoute by method (ghz)", |c, rt, _| {
+        grpc::grpc_route(c, rt)
+    });
     s.case("AuthorizationPolicy dev → prod", |c, rt, _| authz(c, rt));
     s.case("control-plane pod deleted under load", |c, rt, _| {
         control_plane_loss(c, rt)

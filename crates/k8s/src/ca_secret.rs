@@ -62,10 +62,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaSecretError + '_ {
 }
 
 /// Writes the Secret's files into `dir` (made 0700; files 0600).
-fn write_files(dir: &Path, data: &BTreeMap<String, ByteString>) -> Result<(), CaSecretError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+/// Makes `dir` (0700): the CA's files are the control plane's alone.
+fn private_dir(dir: &Path) -> Result<(), CaSecretError> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
+}
+
+fn write_files(dir: &Path, data: &BTreeMap<String, ByteString>) -> Result<(), CaSecretError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    private_dir(dir)?;
     for (name, bytes) in data {
         // Secret keys are file names; refuse anything that is not one.
         if name.contains('/') || name.starts_with('.') {
@@ -120,6 +126,7 @@ pub async fn bootstrap(
         load(&secret, namespace, dir)?;
         return Ok(Bootstrap::Loaded);
     }
+    private_dir(dir)?;
     make(dir).map_err(CaSecretError::Make)?;
     let secret = Secret {
         metadata: ObjectMeta {
@@ -221,8 +228,9 @@ mod tests {
                "data": data})
     }
 
+    /// Writes into `dir` as the control plane's maker does: it expects
+    /// bootstrap to have made the directory.
     fn make_ca(dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("signer.key"), "OUR KEY").map_err(|e| e.to_string())?;
         std::fs::write(dir.join("roots.pem"), "OUR ROOT").map_err(|e| e.to_string())
     }
@@ -250,6 +258,8 @@ mod tests {
             .unwrap();
         task.await.unwrap();
         assert_eq!(out, Bootstrap::Created);
+        let mode = std::fs::metadata(&ca).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the CA directory is the control plane's alone");
         let created = seen.lock().unwrap()[1].body.clone();
         assert_eq!(
             created["data"]["signer.key"],
