@@ -287,19 +287,12 @@ fn split(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
         "rules":[{"backendRefs":[{"name":"backend-v1","port":80,"weight":90},{"name":"backend-v2","port":80,"weight":10}]}]}}"#;
     c.kubectl_in(&["apply", "-f", "-"], route)?;
     let front = dev_front(c)?;
-    until("route status Accepted", Duration::from_secs(60), || {
-        let r = c.json(&["-n", "prod", "get", "httproute", "backend-split"])?;
-        let conds = &r["status"]["parents"][0]["conditions"];
-        let ok = conds.as_array().is_some_and(|a| {
-            a.iter()
-                .any(|x| x["type"] == "Accepted" && x["status"] == "True")
-        });
-        if ok {
-            Ok(())
-        } else {
-            bail!("status {}", r["status"])
-        }
-    })?;
+    route_condition(
+        c,
+        ("httproute", "prod", "backend-split"),
+        "Accepted",
+        "True",
+    )?;
     // The dev frontend's proxy has the route once its config names it.
     let ip = c
         .pods("dev", "app=frontend")?
@@ -718,20 +711,11 @@ fn bad_input(c: &Cluster) -> anyhow::Result<String> {
       "spec":{"parentRefs":[{"group":"","kind":"Service","name":"backend","port":80}],
         "rules":[{"backendRefs":[{"name":"missing","port":80}]}]}}"#;
     c.kubectl_in(&["apply", "-f", "-"], route)?;
-    let cond = until(
-        "ResolvedRefs=False on the route",
-        Duration::from_secs(60),
-        || {
-            let r = c.json(&["-n", "prod", "get", "httproute", "to-nowhere"])?;
-            let conds = r["status"]["parents"][0]["conditions"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            conds
-                .into_iter()
-                .find(|x| x["type"] == "ResolvedRefs" && x["status"] == "False")
-                .ok_or_else(|| anyhow!("status {}", r["status"]))
-        },
+    let cond = route_condition(
+        c,
+        ("httproute", "prod", "to-nowhere"),
+        "ResolvedRefs",
+        "False",
     );
     c.kubectl(&["-n", "prod", "delete", "httproute", "to-nowhere"])?;
     let cond = cond?;

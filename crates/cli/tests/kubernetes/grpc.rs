@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::Value;
@@ -205,19 +204,12 @@ pub(crate) fn grpc_route(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::R
         c.rollout("prod", d)?;
     }
     c.kubectl_in(&["apply", "-f", "-"], &route())?;
-    until("GRPCRoute Accepted", Duration::from_secs(60), || {
-        let r = c.json(&["-n", "prod", "get", "grpcroute", "echo-by-method"])?;
-        let conds = &r["status"]["parents"][0]["conditions"];
-        let ok = conds.as_array().is_some_and(|a| {
-            a.iter()
-                .any(|x| x["type"] == "Accepted" && x["status"] == "True")
-        });
-        if ok {
-            Ok(())
-        } else {
-            bail!("status {}", r["status"])
-        }
-    })?;
+    route_condition(
+        c,
+        ("grpcroute", "prod", "echo-by-method"),
+        "Accepted",
+        "True",
+    )?;
 
     let (v1, v2) = (inbound(c, rt, "v1")?, inbound(c, rt, "v2")?);
     let unary = ghz(

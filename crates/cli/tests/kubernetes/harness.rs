@@ -299,6 +299,33 @@ pub(crate) fn until<T>(
     }
 }
 
+/// Waits until a route's first parent carries condition `kind` with
+/// `status` ("True"/"False"), as the control plane writes it; returns the
+/// condition.
+pub(crate) fn route_condition(
+    c: &Cluster,
+    route: (&str, &str, &str),
+    kind: &str,
+    status: &str,
+) -> anyhow::Result<Value> {
+    let (resource, ns, name) = route;
+    until(
+        &format!("{kind}={status} on {resource} {ns}/{name}"),
+        Duration::from_secs(60),
+        || {
+            let r = c.json(&["-n", ns, "get", resource, name])?;
+            r["status"]["parents"][0]["conditions"]
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|x| x["type"] == kind && x["status"] == status)
+                        .cloned()
+                })
+                .ok_or_else(|| anyhow!("status {}", r["status"]))
+        },
+    )
+}
+
 /// `n` calls at once.
 pub(crate) async fn futures_join(front: &str, n: usize) -> Vec<Call> {
     let mut tasks = Vec::new();
