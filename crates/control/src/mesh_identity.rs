@@ -56,6 +56,9 @@ pub struct MeshIdentity {
     ca_sealed: RwLock<Vec<u8>>,
     tokens: TokenAuthority,
     roots_file: PathBuf,
+    /// Held while `roots_file` is written, so the file ends with the CA
+    /// installed last (a rotation and the reload it triggers both write).
+    roots_write: std::sync::Mutex<()>,
     /// Kubernetes: proxies present ServiceAccount tokens, which the API
     /// server vouches for, instead of join tokens.
     external: std::sync::OnceLock<std::sync::Arc<dyn ExternalTokens>>,
@@ -225,6 +228,7 @@ impl MeshIdentity {
             ca_sealed: RwLock::new(sealed),
             tokens,
             roots_file: dir.join(ROOTS_FILE),
+            roots_write: std::sync::Mutex::new(()),
             external: std::sync::OnceLock::new(),
         };
         identity.write_roots()?;
@@ -238,6 +242,7 @@ impl MeshIdentity {
 
     /// `<data-dir>/ca/roots.pem`: what clients of the HTTP API trust.
     fn write_roots(&self) -> Result<(), IdentityError> {
+        let _one_writer = self.roots_write.lock().unwrap_or_else(|e| e.into_inner());
         let roots = self.bundle().concat();
         trellis_identity::write_secret(&self.roots_file, roots.as_bytes()).map_err(|source| {
             IdentityError::Private {
