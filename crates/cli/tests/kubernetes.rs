@@ -438,15 +438,7 @@ fn control_plane_loss(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     ])?;
     c.rollout("trellis-system", "trellis-control")?;
     let calls = rt.block_on(load)?;
-    let failed = failures(&calls);
-    if !failed.is_empty() {
-        bail!(
-            "{} of {} requests failed: {:?}",
-            failed.len(),
-            calls.len(),
-            &failed[..failed.len().min(5)]
-        );
-    }
+    no_failures(&calls)?;
     Ok(format!(
         "{} requests at 50 rps over 60 s, control-plane pod {victim} deleted at 10 s: 0 failed",
         calls.len()
@@ -505,15 +497,7 @@ fn control_plane_kill(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     )?;
     let calls = rt.block_on(load)?;
     c.rollout("trellis-system", "trellis-control")?;
-    let failed = failures(&calls);
-    if !failed.is_empty() {
-        bail!(
-            "{} of {} requests failed: {:?}",
-            failed.len(),
-            calls.len(),
-            &failed[..failed.len().min(5)]
-        );
-    }
+    no_failures(&calls)?;
     Ok(format!(
         "{} requests at 50 rps over 60 s, SIGKILL of the control-plane process of {name} at 10 s (restarted by the kubelet): 0 failed",
         calls.len()
@@ -638,15 +622,7 @@ fn rolling_restart(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<
     c.rollout("prod", "backend-v1")?;
     c.rollout("prod", "backend-v2")?;
     let calls = rt.block_on(load)?;
-    let failed = failures(&calls);
-    if !failed.is_empty() {
-        bail!(
-            "{} of {} requests failed: {:?}",
-            failed.len(),
-            calls.len(),
-            &failed[..failed.len().min(5)]
-        );
-    }
+    no_failures(&calls)?;
     Ok(format!("{} requests at 50 rps over 60 s across a rolling restart of backend-v1 and backend-v2: 0 failed", calls.len()))
 }
 

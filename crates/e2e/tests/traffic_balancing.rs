@@ -126,15 +126,7 @@ spec: {selector: {app: catalog}, ports: [{port: 8080}]}
 /// `catalog-0`... and a caller `frontend` that has not called it yet (as a
 /// new user's app), once the control plane lists every replica.
 async fn default_catalog(n: usize) -> (TestMesh, Vec<Replica>, trellis_proxy::Proxy) {
-    let mesh = TestMesh::start().await;
-    mesh.apply(&service("catalog")).await.expect("apply");
-    let mut replicas = Vec::new();
-    for i in 0..n {
-        replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);
-    }
-    let frontend = caller(&mesh, "frontend", &[]).await;
-    mesh.wait_endpoints("catalog", n).await;
-    (mesh, replicas, frontend)
+    catalog_with("", n).await
 }
 
 /// Each instance's share of `instances`, for the failure messages.

@@ -155,7 +155,8 @@ impl ProxyConfig {
     }
 }
 
-mod secs {
+/// Durations as seconds (f64) when serialized.
+pub(crate) mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -55,23 +55,23 @@ pub struct Limits {
     /// first byte arrived, must have sent its whole header within this
     /// (`--header-read-timeout`); else the connection is closed, with a
     /// 408 when part of a request came.
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub header_read_timeout: Duration,
     /// An HTTP/1 keep-alive connection with no request in flight is closed
     /// after this (`--http1-idle-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub http1_idle_timeout: Duration,
     /// An HTTP/2 connection with no stream open is sent GOAWAY after this
     /// (`--http2-idle-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub http2_idle_timeout: Duration,
     /// HTTP/2 PINGs find dead peers: sent this often
     /// (`--http2-keepalive-interval`), the connection is closed when one
     /// is not answered within `http2_keepalive_timeout`
     /// (`--http2-keepalive-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub http2_keepalive_interval: Duration,
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub http2_keepalive_timeout: Duration,
     /// Connections each listener holds at once; more are closed at once
     /// and counted (`--max-connections`).
@@ -99,16 +99,16 @@ pub struct Limits {
     pub max_hops: u32,
     /// Connecting to a peer, the app or a host outside the mesh
     /// (`--connect-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub connect_timeout: Duration,
     /// A call outside the mesh must have its response headers within this
     /// (`--egress-request-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub egress_request_timeout: Duration,
     /// An opaque TCP connection (a CONNECT tunnel, `protocol: tcp`,
     /// pass-through, an upgrade) that carries no byte either way for this
     /// long is closed (`--tcp-idle-timeout`).
-    #[serde(with = "secs")]
+    #[serde(with = "crate::config::secs")]
     pub tcp_idle_timeout: Duration,
 }
 
@@ -218,17 +218,6 @@ impl HeaderLimits {
             return Err((bytes, count));
         }
         Ok(())
-    }
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_secs_f64(f64::deserialize(d)?))
     }
 }
 

@@ -253,6 +253,20 @@ pub(crate) async fn steady(front: String, rps: u32, duration: Duration) -> Vec<(
     out
 }
 
+/// Ok when no call failed; else the count and the first five failures.
+pub(crate) fn no_failures(calls: &[(Duration, Call)]) -> anyhow::Result<()> {
+    let failed = failures(calls);
+    if failed.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        calls.len(),
+        &failed[..failed.len().min(5)]
+    )
+}
+
 pub(crate) fn failures(calls: &[(Duration, Call)]) -> Vec<String> {
     calls
         .iter()

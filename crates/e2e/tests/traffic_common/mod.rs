@@ -200,7 +200,7 @@ pub fn policy(spec: &str) -> String {
 }
 
 /// The usual stage of a traffic test: the Service `catalog` with
-/// `resources` applied, `n` replicas `catalog-0`... and an app-less caller
+/// `resources` applied (none when empty), `n` replicas `catalog-0`... and an app-less caller
 /// `frontend`, once the control plane lists every replica. Keep all three
 /// for the whole test: dropping the mesh stops the control plane, and
 /// dropping a replica or the caller stops its sidecar.
@@ -212,7 +212,9 @@ pub async fn catalog_with(
     mesh.apply(&trellis_e2e::yaml::service("catalog"))
         .await
         .expect("apply the Service");
-    mesh.apply(resources).await.expect("apply the resources");
+    if !resources.trim().is_empty() {
+        mesh.apply(resources).await.expect("apply the resources");
+    }
     let mut replicas = Vec::new();
     for i in 0..n {
         replicas.push(replica(&mesh, "catalog", &format!("catalog-{i}"), &[]).await);

@@ -236,53 +236,19 @@ pub fn translate(inputs: &Inputs) -> MeshState {
         });
     }
     for r in &inputs.http_routes {
-        if !has_service_parent(
-            r.spec
-                .parent_refs
-                .iter()
-                .flatten()
-                .map(|p| (p.group.as_deref(), p.kind.as_deref())),
-        ) {
-            continue;
-        }
-        match model_spec(&r.spec) {
-            Ok(spec) => resources.push(Resource {
-                metadata: metadata(r.as_ref()),
-                spec: Spec::HttpRoute(spec),
-            }),
-            Err(reason) => rejected.push(Rejected {
-                object: format!(
-                    "HTTPRoute {}/{}",
-                    r.namespace().unwrap_or_default(),
-                    r.name_any()
-                ),
-                reason: format!("{reason}: Trellis does not support this field or value"),
-            }),
+        let parents = r.spec.parent_refs.iter().flatten();
+        let parents = parents.map(|p| (p.group.as_deref(), p.kind.as_deref()));
+        if has_service_parent(parents) {
+            mesh_route("HTTPRoute", r.as_ref(), &r.spec, Spec::HttpRoute)
+                .map_or_else(|e| rejected.push(e), |res| resources.push(res));
         }
     }
     for r in &inputs.grpc_routes {
-        if !has_service_parent(
-            r.spec
-                .parent_refs
-                .iter()
-                .flatten()
-                .map(|p| (p.group.as_deref(), p.kind.as_deref())),
-        ) {
-            continue;
-        }
-        match model_spec(&r.spec) {
-            Ok(spec) => resources.push(Resource {
-                metadata: metadata(r.as_ref()),
-                spec: Spec::GrpcRoute(spec),
-            }),
-            Err(reason) => rejected.push(Rejected {
-                object: format!(
-                    "GRPCRoute {}/{}",
-                    r.namespace().unwrap_or_default(),
-                    r.name_any()
-                ),
-                reason: format!("{reason}: Trellis does not support this field or value"),
-            }),
+        let parents = r.spec.parent_refs.iter().flatten();
+        let parents = parents.map(|p| (p.group.as_deref(), p.kind.as_deref()));
+        if has_service_parent(parents) {
+            mesh_route("GRPCRoute", r.as_ref(), &r.spec, Spec::GrpcRoute)
+                .map_or_else(|e| rejected.push(e), |res| resources.push(res));
         }
     }
 
@@ -293,6 +259,29 @@ pub fn translate(inputs: &Inputs) -> MeshState {
     rejected.sort_by(|a, b| a.object.cmp(&b.object));
     state.rejected = rejected;
     state
+}
+
+/// A mesh route in the resource model, or why Trellis cannot take it.
+fn mesh_route<T: DeserializeOwned>(
+    kind: &str,
+    route: &impl ResourceExt,
+    spec: &impl serde::Serialize,
+    wrap: fn(T) -> Spec,
+) -> Result<Resource, Rejected> {
+    match model_spec(spec) {
+        Ok(spec) => Ok(Resource {
+            metadata: metadata(route),
+            spec: wrap(spec),
+        }),
+        Err(reason) => Err(Rejected {
+            object: format!(
+                "{kind} {}/{}",
+                route.namespace().unwrap_or_default(),
+                route.name_any()
+            ),
+            reason: format!("{reason}: Trellis does not support this field or value"),
+        }),
+    }
 }
 
 /// In GAMMA, a route belongs to the mesh when a parentRef names a Service;
