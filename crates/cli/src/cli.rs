@@ -91,6 +91,9 @@ pub enum Command {
     Tap(crate::observe_live::TapArgs),
     /// The busiest paths right now, from a live tap.
     Top(crate::observe_live::TopArgs),
+    /// Serve the dashboard on this machine (127.0.0.1) for the mesh's
+    /// control plane; with --kubernetes, for every replica on the cluster.
+    Dashboard(crate::dashboard::DashboardArgs),
     /// Check that the mesh is healthy, and say what to do about each failure.
     Check(crate::kube_cmd::CheckArgs),
     /// List what the local mesh of `up` runs.
@@ -430,6 +433,8 @@ pub struct GetArgs {
     /// mesh, service (svc), workload (wl) or httproute (route).
     pub kind: String,
     pub name: Option<String>,
+    #[command(flatten)]
+    pub kube: crate::kube_observe::KubeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -449,6 +454,8 @@ pub struct StatArgs {
     /// ejections, circuit-breaker rejections, rate limits, faults, mirrors.
     #[arg(long)]
     pub traffic: bool,
+    #[command(flatten)]
+    pub kube: crate::kube_observe::KubeArgs,
 }
 
 #[derive(Debug, Args)]

@@ -219,7 +219,14 @@ impl Api {
             .ok_or_else(|| ApiError::BadServer(server.to_string()))?;
         let tls = match (uri.scheme_str(), ca_file) {
             (Some("http"), _) => None,
-            (Some("https"), Some(ca)) => Some(tls_connector(ca)?),
+            (Some("https"), Some(ca)) => {
+                let bad = |reason: String| ApiError::BadCa {
+                    path: ca.to_path_buf(),
+                    reason,
+                };
+                let pem = std::fs::read_to_string(ca).map_err(|e| bad(e.to_string()))?;
+                Some(tls_connector(&pem).map_err(bad)?)
+            }
             (Some("https"), None) => return Err(ApiError::NoCa { server: base }),
             _ => return Err(ApiError::BadServer(server.to_string())),
         };
@@ -227,7 +234,34 @@ impl Api {
             base,
             found: found.to_string(),
             token: None,
-            client: Client::builder(TokioExecutor::new()).build(Connector { tls }),
+            client: Client::builder(TokioExecutor::new()).build(Connector {
+                tls,
+                server_name: None,
+            }),
+        })
+    }
+
+    /// An https:// `server` reached at its address but checked as
+    /// `server_name` against the CA roots `roots_pem` (a control-plane
+    /// replica through a port-forward: its certificate names its Service).
+    pub fn with_roots(
+        server: &str,
+        found: &str,
+        roots_pem: &str,
+        server_name: &str,
+    ) -> anyhow::Result<Api> {
+        let tls = tls_connector(roots_pem)
+            .map_err(|reason| anyhow::anyhow!("the control plane's CA roots: {reason}"))?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|_| anyhow::anyhow!("{server_name:?} is not a TLS server name"))?;
+        Ok(Api {
+            base: server.trim_end_matches('/').to_string(),
+            found: found.to_string(),
+            token: None,
+            client: Client::builder(TokioExecutor::new()).build(Connector {
+                tls: Some(tls),
+                server_name: Some(name),
+            }),
         })
     }
 
@@ -396,32 +430,29 @@ fn error_from(method: &Method, path: &str, status: StatusCode, body: &[u8]) -> A
     }
 }
 
-fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, ApiError> {
-    let bad = |reason: String| ApiError::BadCa {
-        path: ca_file.to_path_buf(),
-        reason,
-    };
-    let pem = std::fs::read_to_string(ca_file).map_err(|e| bad(e.to_string()))?;
+/// A TLS client that trusts the roots in `pem`; the error is the reason.
+fn tls_connector(pem: &str) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in trellis_identity::certs::certs_from_pem(&pem).map_err(|e| bad(e.to_string()))? {
-        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    for cert in trellis_identity::certs::certs_from_pem(pem).map_err(|e| e.to_string())? {
+        roots.add(cert).map_err(|e| e.to_string())?;
     }
     if roots.is_empty() {
-        return Err(bad("no certificate in it".into()));
+        return Err("no certificate in it".into());
     }
     let cfg = rustls::ClientConfig::builder_with_provider(trellis_identity::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
 /// Connects to the control plane: plain TCP, or TLS checked against the
-/// CA the user gave.
+/// CA the user gave, as the URL's host or as `server_name`.
 #[derive(Clone)]
 struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -435,6 +466,7 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let tls = self.tls.clone();
+        let server_name = self.server_name.clone();
         Box::pin(async move {
             let invalid = |what: &str| {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
@@ -452,8 +484,11 @@ impl tower::Service<Uri> for Connector {
             match tls {
                 None => Ok(ApiIo::Plain(TokioIo::new(tcp))),
                 Some(tls) => {
-                    let name = rustls::pki_types::ServerName::try_from(host)
-                        .map_err(|_| invalid("the host is not a valid TLS server name"))?;
+                    let name = match server_name {
+                        Some(name) => name,
+                        None => rustls::pki_types::ServerName::try_from(host)
+                            .map_err(|_| invalid("the host is not a valid TLS server name"))?,
+                    };
                     Ok(ApiIo::Tls(Box::new(TokioIo::new(
                         tls.connect(name, tcp).await?,
                     ))))
@@ -591,7 +626,7 @@ pub struct StatAnswer {
     pub rows: Vec<StatRow>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatRow {
     pub kind: String,
@@ -612,6 +647,14 @@ pub struct StatRow {
     #[serde(rename = "p99Ms")]
     pub p99_ms: Option<f64>,
     pub tls_share: Option<f64>,
+    /// The counts behind the shares and quantiles (what `--kubernetes`
+    /// adds up across the control plane's replicas).
+    #[serde(default)]
+    pub failures: f64,
+    #[serde(default)]
+    pub tls_requests: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_buckets: Vec<u64>,
 }
 
 #[cfg(test)]

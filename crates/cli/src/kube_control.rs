@@ -11,16 +11,20 @@
 //! - the injection webhook is served over HTTPS with a certificate from
 //!   the mesh CA, whose roots every replica keeps in the webhook's
 //!   `caBundle`;
-//! - the Lease holder writes route status.
+//! - the Lease holder writes route status;
+//! - the CLI's tokens (of the `trellis-viewer`/`trellis-tap` accounts) are
+//!   reviewed by the API server and grant the HTTP API's viewer/tap role,
+//!   and every replica keeps the CA's public roots in a ConfigMap for it.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
+use trellis_control::auth::Role;
 use trellis_control::registry::ServiceName;
 use trellis_control::ControlPlane;
 use trellis_identity::token::Claims;
@@ -59,6 +63,47 @@ impl trellis_control::mesh_identity::ExternalTokens for Reviewer {
             exp: u64::MAX,
             ca: String::new(),
         })
+    }
+}
+
+/// Reviews the CLI's tokens (`stat --kubernetes` and the others) with the
+/// API server: a token of `trellis-viewer` or `trellis-tap` in the control
+/// plane's namespace, audience `trellis-api`. A good answer is kept for
+/// `REVIEW_CACHE` so a dashboard's polling costs one review a half-minute.
+struct ApiReviewer {
+    client: kube::Client,
+    namespace: String,
+    cache: std::sync::Mutex<std::collections::HashMap<String, (Instant, String, Role)>>,
+}
+
+const REVIEW_CACHE: Duration = Duration::from_secs(30);
+const REVIEW_CACHE_ENTRIES: usize = 256;
+
+#[tonic::async_trait]
+impl trellis_control::auth::ExternalCredentials for ApiReviewer {
+    async fn review(&self, token: &str) -> Result<(String, Role), String> {
+        let now = Instant::now();
+        if let Some((at, id, role)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(token) {
+            if now.duration_since(*at) < REVIEW_CACHE {
+                return Ok((id.clone(), *role));
+            }
+        }
+        let (id, role) = trellis_k8s::identity::review_api(self.client.clone(), token, &self.namespace)
+            .await
+            .map_err(|e| e.to_string())?;
+        let role = match role {
+            trellis_k8s::identity::ApiRole::Viewer => Role::Viewer,
+            trellis_k8s::identity::ApiRole::Tap => Role::Tap,
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= REVIEW_CACHE_ENTRIES {
+            cache.retain(|_, (at, _, _)| now.duration_since(*at) < REVIEW_CACHE);
+            if cache.len() >= REVIEW_CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(token.to_string(), (now, id.clone(), role));
+        Ok((id, role))
     }
 }
 
@@ -168,6 +213,11 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
         client: client.clone(),
         state: rx.clone(),
     }));
+    cp.auth().set_external(Arc::new(ApiReviewer {
+        client: client.clone(),
+        namespace: namespace.clone(),
+        cache: Default::default(),
+    }));
     let source = tokio::spawn(trellis_k8s::source::run(client.clone(), tx));
     tokio::spawn(follow(cp.xds(), cp.store(), rx.clone()));
 
@@ -210,13 +260,25 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
         }
     });
 
-    let bundle = identity.bundle().concat();
     let ca_client = client.clone();
+    let roots_namespace = namespace.clone();
+    let ca = identity.clone();
     tokio::spawn(async move {
         loop {
+            // Read each round: a CA rotation changes the roots.
+            let bundle = ca.bundle().concat();
             if let Err(e) = trellis_k8s::webhook::ensure_ca_bundle(ca_client.clone(), &bundle).await
             {
                 warn!(error = %e, "cannot keep the webhook's caBundle");
+            }
+            if let Err(e) = trellis_k8s::ca_secret::ensure_roots_config_map(
+                ca_client.clone(),
+                &roots_namespace,
+                &bundle,
+            )
+            .await
+            {
+                warn!(error = %e, "cannot keep the ConfigMap of the CA's roots");
             }
             tokio::time::sleep(CA_BUNDLE_EVERY).await;
         }

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod dashboard;
 pub mod demo;
 pub mod demo_app;
 pub mod duration;
@@ -16,6 +17,7 @@ pub mod identity_cmd;
 pub mod init;
 pub mod kube_cmd;
 pub mod kube_control;
+pub mod kube_observe;
 pub mod local;
 pub mod observe;
 pub mod observe_live;
@@ -51,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Edges(args) => observe_live::edges(g, args).await,
         Command::Tap(args) => observe_live::tap(g, args).await,
         Command::Top(args) => observe_live::top(g, args).await,
+        Command::Dashboard(args) => dashboard::run(g, args).await,
         Command::Check(a) if a.kubernetes => kube_cmd::check(g, a).await,
         Command::Check(_) => observe::check(g).await,
         Command::DemoApp(args) => demo_app::run(args).await.map(|()| ExitCode::SUCCESS),

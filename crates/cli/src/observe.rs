@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::cli::{Global, Output, StatArgs};
 use crate::client::{Api, ApiError, ProxyInfo, StatAnswer, StatRow};
+use crate::kube_observe::{merge_stat, Access, Mesh};
 use crate::duration::format_duration;
 use crate::local::state::{Role, RunState};
 use crate::resources::version;
@@ -44,18 +45,24 @@ impl StatTarget {
     }
 }
 
-pub async fn fetch_stat(api: &Api, kind: &str, window: Duration) -> anyhow::Result<StatAnswer> {
-    let path = format!(
+fn stat_path(kind: &str, window: Duration) -> String {
+    format!(
         "/api/v1/stat?kind={kind}&window={}",
         format_duration(window)
-    );
-    Ok(api.get(&path).await?)
+    )
+}
+
+pub async fn fetch_stat(api: &Api, kind: &str, window: Duration) -> anyhow::Result<StatAnswer> {
+    Ok(api.get(&stat_path(kind, window)).await?)
 }
 
 pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> {
     let target = StatTarget::parse(args.target.as_deref())?;
-    let api = Api::discover(global)?;
-    let mut answer = fetch_stat(&api, target.kind, args.window).await?;
+    let mesh = Mesh::open(global, &args.kube, Access::View).await?;
+    let merged = mesh
+        .get(&stat_path(target.kind, args.window), merge_stat)
+        .await?;
+    let mut answer: StatAnswer = serde_json::from_value(merged)?;
     answer.rows.retain(|r| {
         target.name.as_ref().is_none_or(|n| *n == r.name)
             && global
@@ -83,6 +90,7 @@ pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> 
                         p95_ms: None,
                         p99_ms: None,
                         tls_share: None,
+                        ..Default::default()
                     });
                 } else {
                     eprintln!(
@@ -400,6 +408,7 @@ mod tests {
             p95_ms: rate.map(|_| 12.6),
             p99_ms: rate.map(|_| 40.0),
             tls_share: rate.map(|_| 0.0),
+            ..Default::default()
         };
         let out = stat_table(&[
             row("shop", "cart", None),

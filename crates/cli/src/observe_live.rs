@@ -7,12 +7,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cli::{Global, Output};
-use crate::client::Api;
+use crate::kube_observe::{self, Access, KubeArgs, Mesh};
 use crate::duration::{format_duration, parse_duration};
 use crate::table::Table;
 
@@ -20,6 +19,8 @@ use crate::table::Table;
 pub struct TraceArgs {
     #[command(subcommand)]
     pub command: TraceCommand,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +43,8 @@ pub struct EdgesArgs {
     /// The time window the figures cover.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub window: Duration,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +60,8 @@ pub struct TapArgs {
     /// Stop after this long (default: until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -69,14 +74,17 @@ pub struct TopArgs {
 }
 
 pub async fn trace(global: &Global, args: &TraceArgs) -> anyhow::Result<ExitCode> {
-    let api = Api::discover(global)?;
+    let mesh = Mesh::open(global, &args.kube, Access::View).await?;
     match &args.command {
         TraceCommand::List { service, limit } => {
             let mut path = format!("/api/v1/traces?limit={limit}");
             if let Some(s) = service {
                 path.push_str(&format!("&service={}", query_escape(s)));
             }
-            let answer: Value = api.get(&path).await?;
+            let mut answer = mesh.get(&path, kube_observe::merge_trace_lists).await?;
+            if let Some(list) = answer["traces"].as_array_mut() {
+                list.truncate(*limit);
+            }
             if global.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 return Ok(ExitCode::SUCCESS);
@@ -105,8 +113,11 @@ pub async fn trace(global: &Global, args: &TraceArgs) -> anyhow::Result<ExitCode
             print!("{}", t.render());
         }
         TraceCommand::Show { trace_id } => {
-            let answer: Value = api
-                .get(&format!("/api/v1/traces/{}", query_escape(trace_id)))
+            let answer = mesh
+                .get(
+                    &format!("/api/v1/traces/{}", query_escape(trace_id)),
+                    kube_observe::merge_trace,
+                )
                 .await?;
             if global.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -181,12 +192,12 @@ pub fn trace_tree(spans: &[Value]) -> String {
 }
 
 pub async fn edges(global: &Global, args: &EdgesArgs) -> anyhow::Result<ExitCode> {
-    let api = Api::discover(global)?;
-    let answer: Value = api
-        .get(&format!(
-            "/api/v1/edges?window={}",
-            format_duration(args.window)
-        ))
+    let mesh = Mesh::open(global, &args.kube, Access::View).await?;
+    let answer = mesh
+        .get(
+            &format!("/api/v1/edges?window={}", format_duration(args.window)),
+            kube_observe::merge_edges,
+        )
         .await?;
     if global.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -283,7 +294,8 @@ async fn stream_tap(
     mut on: impl FnMut(TapLine) -> bool,
 ) -> anyhow::Result<()> {
     // Tapping needs a credential with the tap role (or admin).
-    let api = Api::discover(global)?;
+    let mesh = Mesh::open(global, &args.kube, Access::Tap).await?;
+    let streams = mesh.apis().len();
     let mut q = Vec::new();
     if let Some(w) = &args.workload {
         let (ns, w) = match w.split_once('/') {
@@ -303,47 +315,49 @@ async fn stream_tap(
     if let Some(m) = args.max {
         q.push(format!("max={m}"));
     }
-    let mut body = api
-        .stream(&format!("/api/v1/tap?{}", q.join("&")))
+    let mut lines = mesh
+        .lines(&tap_path(&q))
         .await
         .map_err(|e| anyhow::anyhow!("tap refused: {e}"))?;
-    let mut buf: Vec<u8> = Vec::new();
+    // Each replica's stream opens with a line of how many proxies it taps.
+    let (mut heads, mut proxies) = (0, 0);
     loop {
         let next = match until {
-            Some(t) => match tokio::time::timeout_at(t.into(), body.frame()).await {
-                Ok(f) => f,
+            Some(t) => match tokio::time::timeout_at(t.into(), lines.recv()).await {
+                Ok(l) => l,
                 Err(_) => return Ok(()),
             },
-            None => body.frame().await,
+            None => lines.recv().await,
         };
-        let Some(frame) = next else { return Ok(()) };
-        let frame = frame?;
-        let Some(data) = frame.data_ref() else {
+        let Some(line) = next else { return Ok(()) };
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
-        };
-        buf.extend_from_slice(data);
-        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let line = &line[..line.len() - 1];
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        }
+        let v: Value = serde_json::from_slice(&line)?;
+        if v.get("tap").is_some() {
+            heads += 1;
+            proxies += v["proxies"].as_u64().unwrap_or(0);
+            if heads == streams && global.output != Output::Json {
+                let replicas = if streams > 1 {
+                    format!(" through {streams} control-plane replicas")
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "tapping {proxies} prox{}{replicas} (Ctrl-C stops)",
+                    if proxies == 1 { "y" } else { "ies" }
+                );
             }
-            let v: Value = serde_json::from_slice(line)?;
-            if v.get("tap").is_some() {
-                if global.output != Output::Json {
-                    eprintln!(
-                        "tapping {} prox{} (Ctrl-C stops)",
-                        v["proxies"],
-                        if v["proxies"] == 1 { "y" } else { "ies" }
-                    );
-                }
-                continue;
-            }
-            if !on(serde_json::from_value(v)?) {
-                return Ok(());
-            }
+            continue;
+        }
+        if !on(serde_json::from_value(v)?) {
+            return Ok(());
         }
     }
+}
+
+fn tap_path(query: &[String]) -> String {
+    format!("/api/v1/tap?{}", query.join("&"))
 }
 
 pub async fn tap(global: &Global, args: &TapArgs) -> anyhow::Result<ExitCode> {

@@ -95,14 +95,17 @@ pub async fn apply(global: &Global, args: &ApplyArgs) -> anyhow::Result<ExitCode
 
 pub async fn get(global: &Global, args: &GetArgs) -> anyhow::Result<ExitCode> {
     let kind = parse_kind(&args.kind)?;
-    let api = Api::discover(global)?;
+    // On a cluster every replica holds the cluster's resources: one answers.
+    let mesh = crate::kube_observe::Mesh::open(global, &args.kube, crate::kube_observe::Access::View)
+        .await?;
+    let api = mesh.first();
     let resources = match &args.name {
         Some(name) => {
             let ns = global
                 .namespace
                 .as_deref()
                 .unwrap_or(trellis_resource::DEFAULT_NAMESPACE);
-            vec![fetch_one(&api, kind, ns, name).await?]
+            vec![fetch_one(api, kind, ns, name).await?]
         }
         None => {
             let mut path = format!("/api/v1/resources/{}", kind_path(kind));

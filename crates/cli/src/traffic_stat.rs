@@ -196,6 +196,14 @@ pub async fn stat(global: &Global, args: &StatArgs) -> anyhow::Result<ExitCode> 
     if target.kind != "service" {
         anyhow::bail!("--traffic shows services: use `trellis stat --traffic [service[/NAME]]`");
     }
+    if args.kube.kubernetes {
+        // The counters live in each sidecar, which the CLI does not reach
+        // on a cluster.
+        anyhow::bail!(
+            "--traffic reads each sidecar's metrics, which the CLI cannot reach on a cluster: \
+             scrape the sidecars' :15000/metrics with Prometheus (docs/observability.md)"
+        );
+    }
     let api = Api::discover(global)?;
     let (mut rows, unreachable) = collect(&api).await?;
     rows.retain(|r| {

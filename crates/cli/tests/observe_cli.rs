@@ -198,3 +198,82 @@ async fn trace_edges_and_tap_commands() {
     assert!(err.contains("not a Trellis API token"), "{err}");
     control.shutdown().await;
 }
+
+/// `trellis dashboard`: the page on loopback, its API relayed with the
+/// CLI's credential once the browser shows the link's secret; other
+/// Hosts (DNS rebinding) and requests without the secret are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_relays_with_the_clis_credential_behind_the_links_secret() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ControlConfig::new(dir.path().join("control"));
+    cfg.http_addr = ([127, 0, 0, 1], 0).into();
+    cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
+    let control = ControlPlane::start(cfg)
+        .await
+        .expect("control plane starts");
+    let server = format!("http://{}", control.http_addr);
+    let (viewer, _) = control
+        .auth()
+        .create(trellis_control::auth::Role::Viewer, None, "test")
+        .await
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["dashboard", "--server", &server])
+        .env("TRELLIS_TOKEN", &viewer)
+        .current_dir(std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("trellis dashboard runs");
+    let stdout = child.stdout.take().unwrap();
+    let link = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("#token="))
+    })
+    .await
+    .unwrap()
+    .expect("the dashboard prints its link");
+    let (base, secret) = link.trim().split_once("/#token=").unwrap();
+    assert!(base.starts_with("http://127.0.0.1:"), "{link}");
+    let get = |path: &str, headers: Vec<(&'static str, String)>| {
+        let url = format!("{base}{path}");
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            trellis_testkit::http_request(http::Method::GET, &url, &h, Default::default(), None)
+                .await
+                .unwrap()
+        }
+    };
+    let bearer = || vec![("authorization", format!("Bearer {secret}"))];
+
+    let page = get("/", vec![]).await;
+    assert_eq!(page.status(), 200);
+    assert!(String::from_utf8_lossy(page.body()).contains("dashboard.js"));
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+
+    assert_eq!(get("/api/v1/services", vec![]).await.status(), 401);
+    let wrong = vec![("authorization", format!("Bearer {}", viewer))];
+    assert_eq!(get("/api/v1/services", wrong).await.status(), 401);
+    let mut rebound = bearer();
+    rebound.push(("host", "evil.example:80".to_string()));
+    assert_eq!(get("/api/v1/services", rebound).await.status(), 403);
+
+    let stat = get("/api/v1/stat?kind=service&window=30s", bearer()).await;
+    assert_eq!(stat.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(stat.body()).unwrap();
+    assert!(v["rows"].is_array(), "{v}");
+    // The control plane's own errors come through with their status.
+    let missing = get(&format!("/api/v1/traces/{}", "cd".repeat(16)), bearer()).await;
+    assert_eq!(missing.status(), 404);
+    // Only the routes the page reads are relayed: no writes, no tokens.
+    assert_eq!(get("/api/v1/tokens", bearer()).await.status(), 404);
+    // The viewer credential cannot tap: the control plane's refusal.
+    assert_eq!(get("/api/v1/tap", bearer()).await.status(), 403);
+
+    let _ = child.kill();
+    let _ = child.wait();
+    control.shutdown().await;
+}

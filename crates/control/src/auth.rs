@@ -149,6 +149,29 @@ pub struct JoinToken {
 pub struct Principal {
     pub id: String,
     pub role: Role,
+    /// A credential someone else vouched for (`ExternalCredentials`),
+    /// kept so a long stream can have it checked again.
+    pub external: Option<ExternalCredential>,
+}
+
+/// A credential that is not a Trellis API token; its Debug never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExternalCredential(String);
+
+impl std::fmt::Debug for ExternalCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExternalCredential(..)")
+    }
+}
+
+/// Who vouches for a bearer credential that is not a Trellis API token.
+/// On Kubernetes: the API server, through a TokenReview of a
+/// ServiceAccount token made for the CLI (`trellis-viewer`, `trellis-tap`).
+#[tonic::async_trait]
+pub trait ExternalCredentials: Send + Sync {
+    /// The id (for logs; never the credential) and role `token` grants;
+    /// the error says what to do.
+    async fn review(&self, token: &str) -> Result<(String, Role), String>;
 }
 
 /// Why a request was refused. Messages say what to do; none carries the
@@ -169,6 +192,8 @@ pub enum AuthError {
     Revoked { id: String },
     #[error("this needs the {needed} role, and the credential {id} has {has}: use a token made with `trellis token create --role {needed}`")]
     Forbidden { id: String, has: Role, needed: Role },
+    #[error("{0}")]
+    Refused(String),
     #[error("cannot check the credential: {0}")]
     Store(#[from] StoreError),
     #[error("the stored token record {0} cannot be read")]
@@ -185,6 +210,7 @@ impl AuthError {
             AuthError::Expired { .. } => "expired",
             AuthError::Revoked { .. } => "revoked",
             AuthError::Forbidden { .. } => "forbidden",
+            AuthError::Refused(_) => "refused",
             AuthError::Store(_) | AuthError::Corrupt(_) => "error",
         }
     }
@@ -224,11 +250,21 @@ fn split(token: &str) -> Option<(&str, &str)> {
 pub struct Auth {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    external: std::sync::OnceLock<Arc<dyn ExternalCredentials>>,
 }
 
 impl Auth {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Auth {
-        Auth { store, metrics }
+        Auth {
+            store,
+            metrics,
+            external: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Accepts credentials `external` vouches for, beside API tokens.
+    pub fn set_external(&self, external: Arc<dyn ExternalCredentials>) {
+        let _ = self.external.set(external);
     }
 
     /// Makes a token; returns it (shown once, never stored) and its record.
@@ -280,7 +316,20 @@ impl Auth {
             Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
             _ => return Err(AuthError::Malformed),
         };
-        let (id, secret) = split(token).ok_or(AuthError::Malformed)?;
+        let Some((id, secret)) = split(token) else {
+            return match self.external.get() {
+                Some(_) if token.starts_with(PREFIX) => Err(AuthError::Malformed),
+                Some(external) => {
+                    let (id, role) = external.review(token).await.map_err(AuthError::Refused)?;
+                    Ok(Principal {
+                        id,
+                        role,
+                        external: Some(ExternalCredential(token.to_string())),
+                    })
+                }
+                None => Err(AuthError::Malformed),
+            };
+        };
         let record = self.get(id).await?.ok_or(AuthError::Unknown)?;
         let given = sha256_hex(secret);
         if !bool::from(given.as_bytes().ct_eq(record.sha256.as_bytes())) {
@@ -291,12 +340,26 @@ impl Auth {
         Ok(Principal {
             id: record.id,
             role: record.role,
+            external: None,
         })
     }
 
     /// Whether a credential checked earlier is still good (long streams
     /// check again, so a revocation ends them too).
     pub async fn still_valid(&self, who: &Principal) -> Result<(), AuthError> {
+        if let Some(ExternalCredential(token)) = &who.external {
+            let external = self.external.get().ok_or(AuthError::Unknown)?;
+            let (_, role) = external.review(token).await.map_err(AuthError::Refused)?;
+            return if role >= who.role {
+                Ok(())
+            } else {
+                Err(AuthError::Forbidden {
+                    id: who.id.clone(),
+                    has: role,
+                    needed: who.role,
+                })
+            };
+        }
         let record = self.get(&who.id).await?.ok_or(AuthError::Unknown)?;
         check_live(&record)
     }
@@ -473,6 +536,65 @@ mod tests {
 
     fn bearer(t: &str) -> String {
         format!("Bearer {t}")
+    }
+
+    /// Vouches for `sa-viewer` and `sa-tap` until told otherwise, and
+    /// counts what it was asked.
+    struct FakeReviewer {
+        asked: std::sync::Mutex<Vec<String>>,
+        tap_role: std::sync::Mutex<Role>,
+    }
+
+    #[tonic::async_trait]
+    impl ExternalCredentials for FakeReviewer {
+        async fn review(&self, token: &str) -> Result<(String, Role), String> {
+            self.asked.lock().unwrap().push(token.to_string());
+            match token {
+                "sa-viewer" => Ok(("k8s:viewer".into(), Role::Viewer)),
+                "sa-tap" => Ok(("k8s:tap".into(), *self.tap_role.lock().unwrap())),
+                _ => Err("the API server did not authenticate the token".into()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn external_credentials_are_reviewed_and_checked_again_on_long_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&dir).await;
+        // Without a reviewer, anything but an API token is malformed.
+        assert!(matches!(
+            auth.verify(Some(&bearer("sa-viewer"))).await,
+            Err(AuthError::Malformed)
+        ));
+        let reviewer = Arc::new(FakeReviewer {
+            asked: Default::default(),
+            tap_role: std::sync::Mutex::new(Role::Tap),
+        });
+        auth.set_external(reviewer.clone());
+        let who = auth.verify(Some(&bearer("sa-tap"))).await.unwrap();
+        assert_eq!((who.id.as_str(), who.role), ("k8s:tap", Role::Tap));
+        // The credential is kept for re-checks, and never printed.
+        assert!(!format!("{who:?}").contains("sa-tap"));
+        assert!(auth.still_valid(&who).await.is_ok());
+        *reviewer.tap_role.lock().unwrap() = Role::Viewer;
+        assert!(matches!(
+            auth.still_valid(&who).await,
+            Err(AuthError::Forbidden { .. })
+        ));
+        let e = auth.verify(Some(&bearer("stranger"))).await.unwrap_err();
+        assert_eq!(e.reason(), "refused");
+        assert!(e.to_string().contains("did not authenticate"), "{e}");
+        // A Trellis API token, even a mangled one, never goes to the reviewer.
+        let (token, _) = auth.create(Role::Viewer, None, "t").await.unwrap();
+        assert_eq!(auth.verify(Some(&bearer(&token))).await.unwrap().external, None);
+        assert!(matches!(
+            auth.verify(Some(&bearer("trellis-api.zz.zz"))).await,
+            Err(AuthError::Malformed)
+        ));
+        assert_eq!(
+            *reviewer.asked.lock().unwrap(),
+            ["sa-tap", "sa-tap", "sa-tap", "stranger"]
+        );
     }
 
     #[tokio::test]

@@ -148,6 +148,12 @@ pub struct StatRow {
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub tls_share: Option<f64>,
+    /// The counts behind the shares and quantiles, so a client can merge
+    /// rows of several replicas exactly: failed and mTLS requests, and the
+    /// latency histogram (`LATENCY_BUCKETS_MS` bounds, then overflow).
+    pub failures: u64,
+    pub tls_requests: u64,
+    pub latency_buckets: Vec<u64>,
 }
 
 /// The kept reports. Locked only for short, non-async sections.
@@ -267,6 +273,9 @@ impl Stats {
                     p95_ms: quantile(&t.buckets, 0.95),
                     p99_ms: quantile(&t.buckets, 0.99),
                     tls_share: ratio(t.tls_requests),
+                    failures: t.failures,
+                    tls_requests: t.tls_requests,
+                    latency_buckets: t.buckets,
                 }
             })
             .collect()
@@ -290,6 +299,12 @@ pub struct EdgeRow {
     pub p99_ms: Option<f64>,
     /// Share of requests carried over mTLS.
     pub tls_share: Option<f64>,
+    /// The counts behind the shares and quantiles, so a client can merge
+    /// rows of several replicas exactly: failed and mTLS requests, and the
+    /// latency histogram (`LATENCY_BUCKETS_MS` bounds, then overflow).
+    pub failures: u64,
+    pub tls_requests: u64,
+    pub latency_buckets: Vec<u64>,
 }
 
 impl Stats {
@@ -346,6 +361,9 @@ impl Stats {
                     p50_ms: quantile(&t.buckets, 0.50),
                     p99_ms: quantile(&t.buckets, 0.99),
                     tls_share: ratio(t.tls_requests),
+                    failures: t.failures,
+                    tls_requests: t.tls_requests,
+                    latency_buckets: t.buckets,
                 }
             })
             .collect()

@@ -200,6 +200,52 @@ pub async fn store(client: kube::Client, namespace: &str, dir: &Path) -> Result<
     Ok(())
 }
 
+/// Keeps the ConfigMap of the CA's public roots equal to `roots_pem`, for
+/// the CLI's `--kubernetes` commands (which trust the control plane's
+/// HTTPS API by them, reading no Secret). Every replica calls it; a create
+/// lost to another replica, or an update lost to a newer write, is left
+/// for the next round. Returns whether it wrote.
+pub async fn ensure_roots_config_map(
+    client: kube::Client,
+    namespace: &str,
+    roots_pem: &str,
+) -> Result<bool, kube::Error> {
+    use crate::names::{ROOTS_CONFIG_MAP, ROOTS_KEY};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let data = BTreeMap::from([(ROOTS_KEY.to_string(), roots_pem.to_string())]);
+    let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+    match api.get_opt(ROOTS_CONFIG_MAP).await? {
+        Some(cm) if cm.data.as_ref() == Some(&data) => Ok(false),
+        Some(mut cm) => {
+            cm.data = Some(data);
+            match api.replace(ROOTS_CONFIG_MAP, &PostParams::default(), &cm).await {
+                Err(e) if conflict(&e) => Ok(false),
+                r => r.map(|_| true),
+            }
+        }
+        None => {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(ROOTS_CONFIG_MAP.to_string()),
+                    namespace: Some(namespace.to_string()),
+                    labels: Some(BTreeMap::from([(
+                        PART_OF_LABEL.to_string(),
+                        PART_OF.to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                data: Some(data),
+                ..Default::default()
+            };
+            match api.create(&PostParams::default(), &cm).await {
+                Err(e) if conflict(&e) => Ok(false),
+                r => r.map(|_| true),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -233,6 +279,32 @@ mod tests {
     fn make_ca(dir: &Path) -> Result<(), String> {
         std::fs::write(dir.join("signer.key"), "OUR KEY").map_err(|e| e.to_string())?;
         std::fs::write(dir.join("roots.pem"), "OUR ROOT").map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_roots_config_map_is_made_then_kept_equal_to_the_roots() {
+        let cms = "/api/v1/namespaces/trellis-system/configmaps";
+        let cm = |roots: &str| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "trellis-ca-roots", "namespace": "trellis-system", "resourceVersion": "3"},
+                   "data": {"roots.pem": roots}})
+        };
+        let (client, seen, task) = mock(vec![
+            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 404, status_error(404, "NotFound")),
+            step(Method::POST, cms, 201, cm("A")),
+            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 200, cm("A")),
+            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 200, cm("A")),
+            step(Method::PUT, &format!("{cms}/trellis-ca-roots"), 200, cm("A\nB")),
+        ]);
+        assert!(ensure_roots_config_map(client.clone(), "trellis-system", "A").await.unwrap());
+        assert!(!ensure_roots_config_map(client.clone(), "trellis-system", "A").await.unwrap());
+        assert!(ensure_roots_config_map(client, "trellis-system", "A\nB").await.unwrap());
+        task.await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1].body["data"], json!({"roots.pem": "A"}));
+        // The update carries the version it read, so a newer write wins.
+        assert_eq!(seen[4].body["metadata"]["resourceVersion"], "3");
+        assert_eq!(seen[4].body["data"], json!({"roots.pem": "A\nB"}));
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
-use crate::names::TOKEN_AUDIENCE;
+use crate::names::{API_AUDIENCE, TAP_ACCOUNT, TOKEN_AUDIENCE, VIEWER_ACCOUNT};
 
 /// What the API server says a token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,10 @@ pub enum ReviewError {
     NotAuthenticated(String),
     #[error("the token is not for audience `{TOKEN_AUDIENCE}`: the sidecar must present the projected token of the injected volume, not the pod's default token")]
     WrongAudience,
+    #[error("the token is not for audience `{API_AUDIENCE}`: the CLI asks for one with `--kubernetes` (a TokenRequest for {VIEWER_ACCOUNT} or {TAP_ACCOUNT})")]
+    WrongApiAudience,
+    #[error("the service account {0} grants no role here: use a token of {VIEWER_ACCOUNT} (stat, edges, trace, dashboard) or {TAP_ACCOUNT} (tap, top) in the control plane's namespace")]
+    NoRole(String),
     #[error("the token belongs to `{0}`, not a service account")]
     NotServiceAccount(String),
     #[error("the token is not bound to a pod: present the pod's projected token")]
@@ -47,8 +51,29 @@ pub enum ReviewError {
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
-/// Reviews `token` with the API server.
+/// Reviews a sidecar's `token` with the API server.
 pub async fn review(client: kube::Client, token: &str) -> Result<Reviewed, ReviewError> {
+    from_status(ask(client, token, TOKEN_AUDIENCE).await?)
+}
+
+/// The role of the HTTP API a CLI token grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiRole {
+    Viewer,
+    Tap,
+}
+
+/// Reviews a CLI's `token` (audience `trellis-api`): a token of the
+/// viewer or tap ServiceAccount of `namespace` (the control plane's).
+pub async fn review_api(
+    client: kube::Client,
+    token: &str,
+    namespace: &str,
+) -> Result<(String, ApiRole), ReviewError> {
+    api_role(ask(client, token, API_AUDIENCE).await?, namespace)
+}
+
+async fn ask(client: kube::Client, token: &str, audience: &str) -> Result<TokenReview, ReviewError> {
     if token.trim().is_empty() {
         return Err(ReviewError::Empty);
     }
@@ -56,15 +81,19 @@ pub async fn review(client: kube::Client, token: &str) -> Result<Reviewed, Revie
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: token.trim().to_string(),
-            audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
+            audiences: Some(vec![audience.to_string()]),
         },
         ..Default::default()
     };
-    let out = api.create(&PostParams::default(), &review).await?;
-    from_status(out)
+    Ok(api.create(&PostParams::default(), &review).await?)
 }
 
-fn from_status(review: TokenReview) -> Result<Reviewed, ReviewError> {
+/// The authenticated user of a review for `audience`.
+fn authenticated(
+    review: TokenReview,
+    audience: &str,
+    wrong: ReviewError,
+) -> Result<k8s_openapi::api::authentication::v1::UserInfo, ReviewError> {
     let status = review.status.unwrap_or_default();
     if status.authenticated != Some(true) {
         return Err(ReviewError::NotAuthenticated(
@@ -75,17 +104,43 @@ fn from_status(review: TokenReview) -> Result<Reviewed, ReviewError> {
     if !status
         .audiences
         .as_ref()
-        .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE))
+        .is_some_and(|a| a.iter().any(|a| a == audience))
     {
-        return Err(ReviewError::WrongAudience);
+        return Err(wrong);
     }
-    let user = status.user.unwrap_or_default();
-    let username = user.username.unwrap_or_default();
-    let Some((namespace, sa)) = username
+    Ok(status.user.unwrap_or_default())
+}
+
+/// `system:serviceaccount:<ns>:<name>` → (ns, name).
+fn service_account(username: &str) -> Option<(&str, &str)> {
+    username
         .strip_prefix("system:serviceaccount:")
         .and_then(|rest| rest.split_once(':'))
         .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
-    else {
+}
+
+fn api_role(review: TokenReview, namespace: &str) -> Result<(String, ApiRole), ReviewError> {
+    let user = authenticated(review, API_AUDIENCE, ReviewError::WrongApiAudience)?;
+    let username = user.username.unwrap_or_default();
+    let Some((ns, sa)) = service_account(&username) else {
+        return Err(ReviewError::NotServiceAccount(username));
+    };
+    let role = match sa {
+        _ if ns != namespace => None,
+        VIEWER_ACCOUNT => Some(ApiRole::Viewer),
+        TAP_ACCOUNT => Some(ApiRole::Tap),
+        _ => None,
+    };
+    match role {
+        Some(role) => Ok((format!("k8s:{ns}/{sa}"), role)),
+        None => Err(ReviewError::NoRole(format!("{ns}/{sa}"))),
+    }
+}
+
+fn from_status(review: TokenReview) -> Result<Reviewed, ReviewError> {
+    let user = authenticated(review, TOKEN_AUDIENCE, ReviewError::WrongAudience)?;
+    let username = user.username.unwrap_or_default();
+    let Some((namespace, sa)) = service_account(&username) else {
         return Err(ReviewError::NotServiceAccount(username));
     };
     let extra = user.extra.unwrap_or_default();
@@ -176,6 +231,50 @@ mod tests {
         for (status, says) in cases {
             let err = from_status(serde_json::from_value(status).unwrap()).unwrap_err();
             assert!(err.to_string().contains(says), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cli_token_grants_the_role_of_its_service_account_in_the_control_planes_namespace() {
+        let api_answer = |user: &str, audience: &str| {
+            answer(json!({"authenticated": true, "audiences": [audience],
+                          "user": {"username": user}}))
+        };
+        let (client, seen, task) = mock(vec![step(
+            Method::POST,
+            PATH,
+            201,
+            api_answer("system:serviceaccount:trellis-system:trellis-tap", "trellis-api"),
+        )]);
+        let (id, role) = review_api(client, "tok", "trellis-system").await.unwrap();
+        task.await.unwrap();
+        assert_eq!((id.as_str(), role), ("k8s:trellis-system/trellis-tap", ApiRole::Tap));
+        assert_eq!(
+            seen.lock().unwrap()[0].body["spec"]["audiences"],
+            json!(["trellis-api"])
+        );
+        let ok = |user: &str, audience: &str| {
+            api_role(
+                serde_json::from_value(api_answer(user, audience)).unwrap(),
+                "trellis-system",
+            )
+        };
+        assert_eq!(
+            ok("system:serviceaccount:trellis-system:trellis-viewer", "trellis-api")
+                .unwrap()
+                .1,
+            ApiRole::Viewer
+        );
+        for (user, audience, says) in [
+            // A sidecar's token is not the CLI's.
+            ("system:serviceaccount:trellis-system:trellis-tap", "trellis", "audience"),
+            // The same names in another namespace grant nothing.
+            ("system:serviceaccount:shop:trellis-tap", "trellis-api", "grants no role"),
+            ("system:serviceaccount:trellis-system:trellis-control", "trellis-api", "grants no role"),
+            ("alice", "trellis-api", "not a service account"),
+        ] {
+            let err = ok(user, audience).unwrap_err();
+            assert!(err.to_string().contains(says), "{user}: {err}");
         }
     }
 

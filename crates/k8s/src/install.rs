@@ -156,6 +156,10 @@ pub fn template() -> String {
         objects::cluster_role_binding(),
         objects::role(),
         objects::role_binding(),
+        objects::observer_account(names::VIEWER_ACCOUNT),
+        objects::observer_account(names::TAP_ACCOUNT),
+        objects::observer_role(names::VIEWER_ACCOUNT),
+        objects::observer_role(names::TAP_ACCOUNT),
         objects::control_service(),
         objects::webhook_service(),
     ] {

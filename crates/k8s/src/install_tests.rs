@@ -97,6 +97,10 @@ fn install_lists_what_the_control_plane_needs_in_apply_order() {
             "ClusterRoleBinding/trellis-control",
             "Role/trellis-control",
             "RoleBinding/trellis-control",
+            "ServiceAccount/trellis-viewer",
+            "ServiceAccount/trellis-tap",
+            "Role/trellis-viewer",
+            "Role/trellis-tap",
             "Service/trellis-control",
             "Service/trellis-webhook",
             "Deployment/trellis-control",
@@ -210,6 +214,8 @@ fn rbac_grants_only_what_each_part_uses() {
             "namespace /secrets update[\"trellis-ca\"]",
             "namespace coordination.k8s.io/leases create",
             "namespace coordination.k8s.io/leases update[\"trellis-control\"]",
+            "namespace /configmaps create",
+            "namespace /configmaps update[\"trellis-ca-roots\"]",
         ]
     );
     // Secrets are readable in the control plane's namespace only, and only the CA's.
@@ -222,6 +228,31 @@ fn rbac_grants_only_what_each_part_uses() {
         .iter()
         .filter(|g| !g.ends_with("create"))
         .all(|g| g.contains("trellis-ca")));
+}
+
+#[test]
+fn observers_may_forward_to_the_replicas_and_make_only_their_own_tokens() {
+    let d = default_docs();
+    for account in ["trellis-viewer", "trellis-tap"] {
+        let sa = find(&d, "ServiceAccount", account);
+        assert_eq!(sa["metadata"]["namespace"], "trellis-system");
+        assert_eq!(sa["automountServiceAccountToken"], false);
+        // The accounts hold no Kubernetes permission of their own.
+        assert!(!d.iter().any(|doc| doc["kind"].as_str().unwrap().ends_with("Binding")
+            && doc["subjects"].to_string().contains(account)));
+    }
+    let tokens = |role: &str| {
+        let rules = find(&d, "Role", role)["rules"].as_array().unwrap().clone();
+        assert!(!rules.iter().any(|r| r.to_string().contains('*')), "{rules:?}");
+        assert!(!rules.iter().any(|r| r["resources"].to_string().contains("secrets")));
+        rules
+            .iter()
+            .find(|r| r["resources"] == json!(["serviceaccounts/token"]))
+            .unwrap()["resourceNames"]
+            .clone()
+    };
+    assert_eq!(tokens("trellis-viewer"), json!(["trellis-viewer"]));
+    assert_eq!(tokens("trellis-tap"), json!(["trellis-viewer", "trellis-tap"]));
 }
 
 #[test]

@@ -32,6 +32,19 @@ pub const LEASE: &str = "trellis-control";
 pub const CONTROLLER_NAME: &str = "trellis.dev/control-plane";
 /// The audience of the projected ServiceAccount token a sidecar presents.
 pub const TOKEN_AUDIENCE: &str = "trellis";
+/// The audience of the tokens the CLI asks for to use the HTTP API
+/// (`stat --kubernetes` and the others), never accepted from a sidecar.
+pub const API_AUDIENCE: &str = "trellis-api";
+/// The ServiceAccounts (in the control plane's namespace) whose tokens
+/// grant the HTTP API's `viewer` and `tap` roles. They hold no Kubernetes
+/// permission; who may make their tokens is Kubernetes RBAC (the Roles of
+/// the same names).
+pub const VIEWER_ACCOUNT: &str = "trellis-viewer";
+pub const TAP_ACCOUNT: &str = "trellis-tap";
+/// The ConfigMap with the mesh CA's public roots (`roots.pem`), for clients
+/// of the control plane's HTTPS API.
+pub const ROOTS_CONFIG_MAP: &str = "trellis-ca-roots";
+pub const ROOTS_KEY: &str = "roots.pem";
 
 /// Namespace label that opts a namespace's pods into injection.
 pub const INJECT_LABEL: &str = "trellis.dev/inject";

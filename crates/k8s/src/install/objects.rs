@@ -42,6 +42,41 @@ pub(super) fn service_account() -> Value {
     })
 }
 
+/// The ServiceAccounts whose tokens are the CLI's credential for the HTTP
+/// API (`viewer`, `tap`). They hold no Kubernetes permission themselves.
+pub(super) fn observer_account(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(name),
+        "automountServiceAccountToken": false,
+    })
+}
+
+/// What a person needs for `stat`, `edges`, `trace`, `dashboard`
+/// (`trellis-viewer`) or also `tap`, `top` (`trellis-tap`) with
+/// `--kubernetes`: find the replicas, port-forward to them, read the CA's
+/// public roots, and make a short-lived token of the observer account.
+/// Bind it with `kubectl create rolebinding -n trellis-system ... --role`.
+pub(super) fn observer_role(name: &str) -> Value {
+    let accounts: &[&str] = if name == TAP_ACCOUNT {
+        &[VIEWER_ACCOUNT, TAP_ACCOUNT]
+    } else {
+        &[VIEWER_ACCOUNT]
+    };
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta(name),
+        "rules": [
+            { "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"] },
+            { "apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"] },
+            { "apiGroups": [""], "resources": ["configmaps"], "resourceNames": [ROOTS_CONFIG_MAP], "verbs": ["get"] },
+            { "apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": accounts, "verbs": ["create"] },
+        ],
+    })
+}
+
 /// Cluster-wide: read what the mesh is made of, write route status,
 /// review tokens, keep the webhook's caBundle. Each rule says who needs it.
 pub(super) fn cluster_role() -> Value {
@@ -80,7 +115,8 @@ pub(super) fn cluster_role_binding() -> Value {
     })
 }
 
-/// In the control plane's own namespace only: the CA Secret and the Lease.
+/// In the control plane's own namespace only: the CA Secret, the Lease and
+/// the roots ConfigMap.
 /// `create` cannot be limited to a name (the object has none yet when it
 /// is checked); everything else is limited to Trellis's own objects.
 pub(super) fn role() -> Value {
@@ -96,6 +132,9 @@ pub(super) fn role() -> Value {
             // lease: leader election for status writes and CA work.
             { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"] },
             { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [LEASE], "verbs": ["get", "update"] },
+            // the CA's public roots for the CLI (`--kubernetes`).
+            { "apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"] },
+            { "apiGroups": [""], "resources": ["configmaps"], "resourceNames": [ROOTS_CONFIG_MAP], "verbs": ["get", "update"] },
         ],
     })
 }
