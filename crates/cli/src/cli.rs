@@ -579,6 +579,41 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_flags_go_after_subcommands_too() {
+        let cli = parse(&[
+            "trace",
+            "show",
+            "abc",
+            "--kubernetes",
+            "--control-plane-namespace",
+            "mesh",
+        ]);
+        let Command::Trace(t) = cli.command else {
+            panic!()
+        };
+        assert!(t.kube.kubernetes);
+        assert_eq!(t.kube.control_plane_namespace, "mesh");
+        let cli = parse(&["stat", "-n", "shop", "--kubernetes"]);
+        let Command::Stat(s) = cli.command else {
+            panic!()
+        };
+        assert!(s.kube.kubernetes);
+        assert_eq!(s.kube.control_plane_namespace, "trellis-system");
+        let cli = parse(&["top", "web", "--kubernetes"]);
+        let Command::Top(t) = cli.command else {
+            panic!()
+        };
+        assert!(t.tap.kube.kubernetes);
+        let cli = parse(&["dashboard", "--kubernetes", "--port", "8080"]);
+        let Command::Dashboard(d) = cli.command else {
+            panic!()
+        };
+        assert!(d.kube.kubernetes && d.port == 8080);
+        // --kubeconfig means a cluster.
+        assert!(Cli::try_parse_from(["trellis", "stat", "--kubeconfig", "f"]).is_err());
+    }
+
+    #[test]
     fn global_flags_go_anywhere() {
         let cli = parse(&[
             "get",

@@ -65,7 +65,12 @@ pub async fn run(global: &Global, args: &DashboardArgs) -> anyhow::Result<ExitCo
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
         .await
-        .with_context(|| format!("cannot listen on 127.0.0.1:{}: pick another --port", args.port))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on 127.0.0.1:{}: pick another --port",
+                args.port
+            )
+        })?;
     let port = listener.local_addr()?.port();
     let replicas = match &mesh {
         Mesh::Cluster(r) => format!("{} control-plane replicas", r.replicas.len()),

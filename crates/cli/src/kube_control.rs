@@ -83,14 +83,20 @@ const REVIEW_CACHE_ENTRIES: usize = 256;
 impl trellis_control::auth::ExternalCredentials for ApiReviewer {
     async fn review(&self, token: &str) -> Result<(String, Role), String> {
         let now = Instant::now();
-        if let Some((at, id, role)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(token) {
+        if let Some((at, id, role)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+        {
             if now.duration_since(*at) < REVIEW_CACHE {
                 return Ok((id.clone(), *role));
             }
         }
-        let (id, role) = trellis_k8s::identity::review_api(self.client.clone(), token, &self.namespace)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (id, role) =
+            trellis_k8s::identity::review_api(self.client.clone(), token, &self.namespace)
+                .await
+                .map_err(|e| e.to_string())?;
         let role = match role {
             trellis_k8s::identity::ApiRole::Viewer => Role::Viewer,
             trellis_k8s::identity::ApiRole::Tap => Role::Tap,

@@ -45,13 +45,14 @@ const TOKEN_SECONDS: i64 = 600;
 pub struct KubeArgs {
     /// Ask the control plane on the Kubernetes cluster of the kubeconfig
     /// (found as kubectl finds it): every replica, through port-forwards.
-    #[arg(long)]
+    // Global, so that `trace show ID --kubernetes` parses.
+    #[arg(long, global = true)]
     pub kubernetes: bool,
     /// The kubeconfig (default: as kubectl finds it).
-    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    #[arg(long, global = true, value_name = "FILE", requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
     /// The namespace `trellis install` put the control plane in.
-    #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
+    #[arg(long, global = true, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
     pub control_plane_namespace: String,
 }
 
@@ -66,7 +67,7 @@ pub enum Access {
 /// The control plane the command talks to: the one of `--server` (or the
 /// local mesh), or every replica on the cluster.
 pub enum Mesh {
-    One(Api),
+    One(Box<Api>),
     Cluster(Replicas),
 }
 
@@ -75,7 +76,7 @@ impl Mesh {
         if kube.kubernetes {
             Ok(Mesh::Cluster(Replicas::connect(kube, access).await?))
         } else {
-            Ok(Mesh::One(Api::discover(global)?))
+            Ok(Mesh::One(Box::new(Api::discover(global)?)))
         }
     }
 
@@ -161,6 +162,10 @@ impl Mesh {
                             }
                         }
                     });
+                }
+                // None of this replica's sidecars match: others may have some.
+                Err(e @ crate::client::ApiError::NotFound(_)) => {
+                    first_err.get_or_insert(e);
                 }
                 Err(e) => {
                     if let Mesh::Cluster(r) = self {
@@ -335,11 +340,7 @@ const SUMMED: [&str; 4] = ["requests", "rps", "failures", "tlsRequests"];
 /// computed again from the sums; identity lists are joined.
 pub fn merge_rows(answers: &[Value], field: &str, key: &[&str]) -> Vec<Value> {
     let mut merged: BTreeMap<Vec<String>, Value> = BTreeMap::new();
-    for row in answers
-        .iter()
-        .filter_map(|a| a[field].as_array())
-        .flatten()
-    {
+    for row in answers.iter().filter_map(|a| a[field].as_array()).flatten() {
         let k: Vec<String> = key.iter().map(|f| row[*f].to_string()).collect();
         match merged.get_mut(&k) {
             None => {
@@ -355,11 +356,21 @@ fn add_row(into: &mut Value, row: &Value) {
     for f in SUMMED {
         let sum = into[f].as_f64().unwrap_or(0.0) + row[f].as_f64().unwrap_or(0.0);
         // Counts stay integers in JSON.
-        into[f] = if f == "rps" { json!(sum) } else { json!(sum as u64) };
+        into[f] = if f == "rps" {
+            json!(sum)
+        } else {
+            json!(sum as u64)
+        };
     }
     let (a, b) = (
-        into["latencyBuckets"].as_array().cloned().unwrap_or_default(),
-        row["latencyBuckets"].as_array().cloned().unwrap_or_default(),
+        into["latencyBuckets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        row["latencyBuckets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
     );
     let buckets: Vec<u64> = (0..a.len().max(b.len()))
         .map(|i| {
@@ -368,9 +379,7 @@ fn add_row(into: &mut Value, row: &Value) {
         })
         .collect();
     let requests = into["requests"].as_f64().unwrap_or(0.0);
-    let share = |n: &str| {
-        (requests > 0.0).then(|| into[n].as_f64().unwrap_or(0.0) / requests)
-    };
+    let share = |n: &str| (requests > 0.0).then(|| into[n].as_f64().unwrap_or(0.0) / requests);
     let (failed, tls) = (share("failures"), share("tlsRequests"));
     into["successRate"] = json!(failed.map(|f| 1.0 - f));
     into["tlsShare"] = json!(tls);
@@ -519,7 +528,8 @@ mod tests {
         // Replica A saw 90 fast requests of `web`, replica B 10 slow ones
         // (and all of `db`): the p99 is the slow bucket's, which neither
         // replica's own p99 nor their mean would give.
-        let a = json!({"windowSeconds": 30, "rows": [stat_row("web", 90, 0, 90, buckets(&[(0, 90)]))]});
+        let a =
+            json!({"windowSeconds": 30, "rows": [stat_row("web", 90, 0, 90, buckets(&[(0, 90)]))]});
         let b = json!({"windowSeconds": 30, "rows": [
             stat_row("web", 10, 5, 0, buckets(&[(10, 10)])),
             stat_row("db", 4, 0, 4, buckets(&[(1, 4)])),
@@ -570,7 +580,10 @@ mod tests {
             e["sourceIdentities"],
             json!(["spiffe://t/ns/dev/sa/web", "spiffe://t/ns/dev/sa/web2"])
         );
-        assert_eq!(e["destinationIdentities"], json!(["spiffe://t/ns/prod/sa/api"]));
+        assert_eq!(
+            e["destinationIdentities"],
+            json!(["spiffe://t/ns/prod/sa/api"])
+        );
     }
 
     #[test]
@@ -595,7 +608,10 @@ mod tests {
         assert_eq!(t1["services"], json!(["api", "web"]));
         assert_eq!(t1["startUnixNanos"], 1_000_000);
         assert!((t1["durationMs"].as_f64().unwrap() - 3.0).abs() < 1e-9);
-        assert_eq!((list["spansReceived"].clone(), list["spansDropped"].clone()), (json!(4), json!(1)));
+        assert_eq!(
+            (list["spansReceived"].clone(), list["spansDropped"].clone()),
+            (json!(4), json!(1))
+        );
 
         let span = |id: &str, start: u64| json!({"spanId": id, "startUnixNanos": start});
         let shown = merge_trace(vec![

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::cli::{Global, Output, StatArgs};
 use crate::client::{Api, ApiError, ProxyInfo, StatAnswer, StatRow};
-use crate::kube_observe::{merge_stat, Access, Mesh};
 use crate::duration::format_duration;
+use crate::kube_observe::{merge_stat, Access, Mesh};
 use crate::local::state::{Role, RunState};
 use crate::resources::version;
 use crate::table::Table;

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cli::{Global, Output};
-use crate::kube_observe::{self, Access, KubeArgs, Mesh};
 use crate::duration::{format_duration, parse_duration};
+use crate::kube_observe::{self, Access, KubeArgs, Mesh};
 use crate::table::Table;
 
 #[derive(Debug, Args)]

@@ -96,8 +96,9 @@ pub async fn apply(global: &Global, args: &ApplyArgs) -> anyhow::Result<ExitCode
 pub async fn get(global: &Global, args: &GetArgs) -> anyhow::Result<ExitCode> {
     let kind = parse_kind(&args.kind)?;
     // On a cluster every replica holds the cluster's resources: one answers.
-    let mesh = crate::kube_observe::Mesh::open(global, &args.kube, crate::kube_observe::Access::View)
-        .await?;
+    let mesh =
+        crate::kube_observe::Mesh::open(global, &args.kube, crate::kube_observe::Access::View)
+            .await?;
     let api = mesh.first();
     let resources = match &args.name {
         Some(name) => {

@@ -807,9 +807,10 @@ fn kubernetes_suite() {
         grpc::grpc_route(c, rt)
     });
     s.case("AuthorizationPolicy dev → prod", |c, rt, _| authz(c, rt));
-    s.case("stat, edges, trace, tap, get, dashboard --kubernetes", |c, rt, _| {
-        observe::observe(c, rt)
-    });
+    s.case(
+        "stat, edges, trace, tap, get, dashboard --kubernetes",
+        |c, rt, _| observe::observe(c, rt),
+    );
     s.case("control-plane pod deleted under load", |c, rt, _| {
         control_plane_loss(c, rt)
     });

@@ -586,7 +586,10 @@ mod tests {
         assert!(e.to_string().contains("did not authenticate"), "{e}");
         // A Trellis API token, even a mangled one, never goes to the reviewer.
         let (token, _) = auth.create(Role::Viewer, None, "t").await.unwrap();
-        assert_eq!(auth.verify(Some(&bearer(&token))).await.unwrap().external, None);
+        assert_eq!(
+            auth.verify(Some(&bearer(&token))).await.unwrap().external,
+            None
+        );
         assert!(matches!(
             auth.verify(Some(&bearer("trellis-api.zz.zz"))).await,
             Err(AuthError::Malformed)

@@ -219,7 +219,10 @@ pub async fn ensure_roots_config_map(
         Some(cm) if cm.data.as_ref() == Some(&data) => Ok(false),
         Some(mut cm) => {
             cm.data = Some(data);
-            match api.replace(ROOTS_CONFIG_MAP, &PostParams::default(), &cm).await {
+            match api
+                .replace(ROOTS_CONFIG_MAP, &PostParams::default(), &cm)
+                .await
+            {
                 Err(e) if conflict(&e) => Ok(false),
                 r => r.map(|_| true),
             }
@@ -290,15 +293,45 @@ mod tests {
                    "data": {"roots.pem": roots}})
         };
         let (client, seen, task) = mock(vec![
-            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 404, status_error(404, "NotFound")),
+            step(
+                Method::GET,
+                &format!("{cms}/trellis-ca-roots"),
+                404,
+                status_error(404, "NotFound"),
+            ),
             step(Method::POST, cms, 201, cm("A")),
-            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 200, cm("A")),
-            step(Method::GET, &format!("{cms}/trellis-ca-roots"), 200, cm("A")),
-            step(Method::PUT, &format!("{cms}/trellis-ca-roots"), 200, cm("A\nB")),
+            step(
+                Method::GET,
+                &format!("{cms}/trellis-ca-roots"),
+                200,
+                cm("A"),
+            ),
+            step(
+                Method::GET,
+                &format!("{cms}/trellis-ca-roots"),
+                200,
+                cm("A"),
+            ),
+            step(
+                Method::PUT,
+                &format!("{cms}/trellis-ca-roots"),
+                200,
+                cm("A\nB"),
+            ),
         ]);
-        assert!(ensure_roots_config_map(client.clone(), "trellis-system", "A").await.unwrap());
-        assert!(!ensure_roots_config_map(client.clone(), "trellis-system", "A").await.unwrap());
-        assert!(ensure_roots_config_map(client, "trellis-system", "A\nB").await.unwrap());
+        assert!(
+            ensure_roots_config_map(client.clone(), "trellis-system", "A")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !ensure_roots_config_map(client.clone(), "trellis-system", "A")
+                .await
+                .unwrap()
+        );
+        assert!(ensure_roots_config_map(client, "trellis-system", "A\nB")
+            .await
+            .unwrap());
         task.await.unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen[1].body["data"], json!({"roots.pem": "A"}));

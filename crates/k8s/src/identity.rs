@@ -73,7 +73,11 @@ pub async fn review_api(
     api_role(ask(client, token, API_AUDIENCE).await?, namespace)
 }
 
-async fn ask(client: kube::Client, token: &str, audience: &str) -> Result<TokenReview, ReviewError> {
+async fn ask(
+    client: kube::Client,
+    token: &str,
+    audience: &str,
+) -> Result<TokenReview, ReviewError> {
     if token.trim().is_empty() {
         return Err(ReviewError::Empty);
     }
@@ -244,11 +248,17 @@ mod tests {
             Method::POST,
             PATH,
             201,
-            api_answer("system:serviceaccount:trellis-system:trellis-tap", "trellis-api"),
+            api_answer(
+                "system:serviceaccount:trellis-system:trellis-tap",
+                "trellis-api",
+            ),
         )]);
         let (id, role) = review_api(client, "tok", "trellis-system").await.unwrap();
         task.await.unwrap();
-        assert_eq!((id.as_str(), role), ("k8s:trellis-system/trellis-tap", ApiRole::Tap));
+        assert_eq!(
+            (id.as_str(), role),
+            ("k8s:trellis-system/trellis-tap", ApiRole::Tap)
+        );
         assert_eq!(
             seen.lock().unwrap()[0].body["spec"]["audiences"],
             json!(["trellis-api"])
@@ -260,17 +270,32 @@ mod tests {
             )
         };
         assert_eq!(
-            ok("system:serviceaccount:trellis-system:trellis-viewer", "trellis-api")
-                .unwrap()
-                .1,
+            ok(
+                "system:serviceaccount:trellis-system:trellis-viewer",
+                "trellis-api"
+            )
+            .unwrap()
+            .1,
             ApiRole::Viewer
         );
         for (user, audience, says) in [
             // A sidecar's token is not the CLI's.
-            ("system:serviceaccount:trellis-system:trellis-tap", "trellis", "audience"),
+            (
+                "system:serviceaccount:trellis-system:trellis-tap",
+                "trellis",
+                "audience",
+            ),
             // The same names in another namespace grant nothing.
-            ("system:serviceaccount:shop:trellis-tap", "trellis-api", "grants no role"),
-            ("system:serviceaccount:trellis-system:trellis-control", "trellis-api", "grants no role"),
+            (
+                "system:serviceaccount:shop:trellis-tap",
+                "trellis-api",
+                "grants no role",
+            ),
+            (
+                "system:serviceaccount:trellis-system:trellis-control",
+                "trellis-api",
+                "grants no role",
+            ),
             ("alice", "trellis-api", "not a service account"),
         ] {
             let err = ok(user, audience).unwrap_err();

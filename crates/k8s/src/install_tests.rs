@@ -238,13 +238,20 @@ fn observers_may_forward_to_the_replicas_and_make_only_their_own_tokens() {
         assert_eq!(sa["metadata"]["namespace"], "trellis-system");
         assert_eq!(sa["automountServiceAccountToken"], false);
         // The accounts hold no Kubernetes permission of their own.
-        assert!(!d.iter().any(|doc| doc["kind"].as_str().unwrap().ends_with("Binding")
-            && doc["subjects"].to_string().contains(account)));
+        assert!(!d
+            .iter()
+            .any(|doc| doc["kind"].as_str().unwrap().ends_with("Binding")
+                && doc["subjects"].to_string().contains(account)));
     }
     let tokens = |role: &str| {
         let rules = find(&d, "Role", role)["rules"].as_array().unwrap().clone();
-        assert!(!rules.iter().any(|r| r.to_string().contains('*')), "{rules:?}");
-        assert!(!rules.iter().any(|r| r["resources"].to_string().contains("secrets")));
+        assert!(
+            !rules.iter().any(|r| r.to_string().contains('*')),
+            "{rules:?}"
+        );
+        assert!(!rules
+            .iter()
+            .any(|r| r["resources"].to_string().contains("secrets")));
         rules
             .iter()
             .find(|r| r["resources"] == json!(["serviceaccounts/token"]))
@@ -252,7 +259,10 @@ fn observers_may_forward_to_the_replicas_and_make_only_their_own_tokens() {
             .clone()
     };
     assert_eq!(tokens("trellis-viewer"), json!(["trellis-viewer"]));
-    assert_eq!(tokens("trellis-tap"), json!(["trellis-viewer", "trellis-tap"]));
+    assert_eq!(
+        tokens("trellis-tap"),
+        json!(["trellis-viewer", "trellis-tap"])
+    );
 }
 
 #[test]

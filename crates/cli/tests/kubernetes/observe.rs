@@ -48,20 +48,31 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
 
     // stat: the rows of both replicas, merged; sidecars report every 10 s.
     let started = Instant::now();
-    let backend = until("stat --kubernetes counts the 300 calls", Duration::from_secs(60), || {
-        let v: Value = serde_json::from_str(&c.trellis(&[
-            "stat", "--kubernetes", "-n", "prod", "--window", "2m", "-o", "json",
-        ])?)?;
-        let row = v["rows"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["name"] == "backend"))
-            .cloned()
-            .ok_or_else(|| anyhow!("no backend row: {v}"))?;
-        if row["requests"].as_f64().unwrap_or(0.0) < 300.0 {
-            bail!("backend row {row}");
-        }
-        Ok(row)
-    })?;
+    let backend = until(
+        "stat --kubernetes counts the 300 calls",
+        Duration::from_secs(60),
+        || {
+            let v: Value = serde_json::from_str(&c.trellis(&[
+                "stat",
+                "--kubernetes",
+                "-n",
+                "prod",
+                "--window",
+                "2m",
+                "-o",
+                "json",
+            ])?)?;
+            let row = v["rows"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["name"] == "backend"))
+                .cloned()
+                .ok_or_else(|| anyhow!("no backend row: {v}"))?;
+            if row["requests"].as_f64().unwrap_or(0.0) < 300.0 {
+                bail!("backend row {row}");
+            }
+            Ok(row)
+        },
+    )?;
     let stat_after = started.elapsed();
     if backend["tlsShare"].as_f64() != Some(1.0) || backend["p99Ms"].as_f64().is_none() {
         bail!("backend row not all mTLS, or no p99: {backend}");
@@ -73,7 +84,12 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
 
     // edges: who calls whom, with identities.
     let edges: Value = serde_json::from_str(&c.trellis(&[
-        "edges", "--kubernetes", "--window", "2m", "-o", "json",
+        "edges",
+        "--kubernetes",
+        "--window",
+        "2m",
+        "-o",
+        "json",
     ])?)?;
     let edge = edges["edges"]
         .as_array()
@@ -95,27 +111,47 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     }
 
     // trace: our trace, its spans joined from the replicas that keep them.
-    let spans = until("trace show --kubernetes has our trace", Duration::from_secs(60), || {
-        let v: Value = serde_json::from_str(&c.trellis(&[
-            "trace", "show", &trace_id, "--kubernetes", "-o", "json",
-        ])?)?;
-        let spans = v["spans"].as_array().cloned().unwrap_or_default();
-        let services: std::collections::BTreeSet<&str> =
-            spans.iter().filter_map(|s| s["service"].as_str()).collect();
-        if spans.len() < 3 || services.len() < 2 {
-            bail!("spans of {services:?}: {}", spans.len());
-        }
-        Ok(spans.len())
-    })?;
+    let spans = until(
+        "trace show --kubernetes has our trace",
+        Duration::from_secs(60),
+        || {
+            let v: Value = serde_json::from_str(&c.trellis(&[
+                "trace",
+                "show",
+                &trace_id,
+                "--kubernetes",
+                "-o",
+                "json",
+            ])?)?;
+            let spans = v["spans"].as_array().cloned().unwrap_or_default();
+            let services: std::collections::BTreeSet<&str> =
+                spans.iter().filter_map(|s| s["service"].as_str()).collect();
+            // The frontend's and the backend's sidecars each send their spans
+            // to the replica they are connected to.
+            if services.len() < 2 {
+                bail!("spans of {services:?}: {}", spans.len());
+            }
+            Ok(spans.len())
+        },
+    )?;
     let listed = c.trellis(&["trace", "list", "--kubernetes", "--limit", "50"])?;
     if !listed.contains(&trace_id) {
         bail!("trace list --kubernetes does not list {trace_id}: {listed}");
     }
 
-    // tap: live events from the backend's sidecars while traffic flows.
+    // tap: live events from prod's sidecars while traffic flows (whichever
+    // replica each is connected to).
     let load = rt.spawn(steady(front.clone(), 20, Duration::from_secs(15)));
     let tapped = c.trellis(&[
-        "tap", "backend", "-n", "prod", "--kubernetes", "--max", "10", "--duration", "12s", "-o",
+        "tap",
+        "-n",
+        "prod",
+        "--kubernetes",
+        "--max",
+        "40",
+        "--duration",
+        "12s",
+        "-o",
         "json",
     ]);
     let _ = rt.block_on(load);
@@ -141,12 +177,12 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     let dashboard = dashboard(c, rt)?;
     let rbac = roles(c)?;
     Ok(format!(
-        "stat: prod/backend {} requests in 2m, mTLS {}, p99 {} ms, counted {:.1}s after the calls; \
+        "stat: prod/backend {:.0} requests in 2m, mTLS {:.0} %, p99 {:.2} ms, counted {:.1}s after the calls; \
          edge dev/frontend → prod/backend mtls from {FRONTEND_ID}; trace {trace_id}: {spans} spans; \
          tap: {} events, {inbound} inbound from dev/frontend; {dashboard}; {rbac}",
-        backend["requests"],
-        backend["tlsShare"],
-        backend["p99Ms"],
+        backend["requests"].as_f64().unwrap_or(0.0),
+        backend["tlsShare"].as_f64().unwrap_or(0.0) * 100.0,
+        backend["p99Ms"].as_f64().unwrap_or(0.0),
         stat_after.as_secs_f64(),
         events.len(),
     ))
@@ -176,7 +212,12 @@ fn dashboard(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String
         .lines()
         .map_while(Result::ok)
         .find(|l| l.contains("#token="))
-        .ok_or_else(|| anyhow!("trellis dashboard printed no link; exit {:?}", child.0.try_wait()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "trellis dashboard printed no link; exit {:?}",
+                child.0.try_wait()
+            )
+        })?;
     let (base, secret) = link
         .trim()
         .split_once("/#token=")
@@ -189,8 +230,14 @@ fn dashboard(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String
                 .as_deref()
                 .map(|b| vec![("authorization", b)])
                 .unwrap_or_default();
-            trellis_testkit::http_request(http::Method::GET, &url, &headers, bytes::Bytes::new(), None)
-                .await
+            trellis_testkit::http_request(
+                http::Method::GET,
+                &url,
+                &headers,
+                bytes::Bytes::new(),
+                None,
+            )
+            .await
         })
     };
     let page = get("/", None)?;
@@ -202,7 +249,10 @@ fn dashboard(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String
     let body: Value = serde_json::from_slice(stat.body())?;
     let backend = body["rows"]
         .as_array()
-        .and_then(|r| r.iter().find(|r| r["namespace"] == "prod" && r["name"] == "backend"))
+        .and_then(|r| {
+            r.iter()
+                .find(|r| r["namespace"] == "prod" && r["name"] == "backend")
+        })
         .cloned();
     if page.status() != 200 || refused.status() != 401 || stat.status() != 200 || backend.is_none()
     {
@@ -222,10 +272,32 @@ fn dashboard(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Result<String
 /// A user with no rights is told which Role to ask for; the Role
 /// `trellis-viewer` lets it stat but not tap.
 fn roles(c: &Cluster) -> anyhow::Result<String> {
-    let _ = c.kubectl(&["-n", "default", "delete", "serviceaccount", "observer", "--ignore-not-found"]);
-    let _ = c.kubectl(&["-n", "trellis-system", "delete", "rolebinding", "observer-viewer", "--ignore-not-found"]);
+    let _ = c.kubectl(&[
+        "-n",
+        "default",
+        "delete",
+        "serviceaccount",
+        "observer",
+        "--ignore-not-found",
+    ]);
+    let _ = c.kubectl(&[
+        "-n",
+        "trellis-system",
+        "delete",
+        "rolebinding",
+        "observer-viewer",
+        "--ignore-not-found",
+    ]);
     c.kubectl(&["-n", "default", "create", "serviceaccount", "observer"])?;
-    let token = c.kubectl(&["-n", "default", "create", "token", "observer", "--duration", "1h"])?;
+    let token = c.kubectl(&[
+        "-n",
+        "default",
+        "create",
+        "token",
+        "observer",
+        "--duration",
+        "1h",
+    ])?;
     let mut config: Value =
         serde_json::from_str(&c.kubectl(&["config", "view", "--raw", "--minify", "-o", "json"])?)?;
     config["users"][0]["user"] = serde_json::json!({"token": token.trim()});
@@ -256,14 +328,22 @@ fn roles(c: &Cluster) -> anyhow::Result<String> {
         "--serviceaccount",
         "default:observer",
     ])?;
-    until("the Role trellis-viewer grants stat", Duration::from_secs(30), || {
-        as_observer(&["stat", "-n", "prod", "--window", "2m"])
-    })?;
+    until(
+        "the Role trellis-viewer grants stat",
+        Duration::from_secs(30),
+        || as_observer(&["stat", "-n", "prod", "--window", "2m"]),
+    )?;
     let tap = match as_observer(&["tap", "-n", "prod", "--max", "1", "--duration", "3s"]) {
         Ok(out) => bail!("trellis-viewer alone got a tap: {out}"),
         Err(e) => format!("{e:#}"),
     };
-    c.kubectl(&["-n", "trellis-system", "delete", "rolebinding", "observer-viewer"])?;
+    c.kubectl(&[
+        "-n",
+        "trellis-system",
+        "delete",
+        "rolebinding",
+        "observer-viewer",
+    ])?;
     c.kubectl(&["-n", "default", "delete", "serviceaccount", "observer"])?;
     if !tap.contains("trellis-tap") {
         bail!("the tap refusal does not name the Role trellis-tap: {tap}");
