@@ -14,7 +14,9 @@ pub mod demo_app;
 pub mod duration;
 pub mod http;
 pub mod identity_cmd;
-pub mod init;
+/// `trellis init` (the pod's redirect rules) lives with the proxy, which
+/// the proxy-only binary shares.
+pub use trellis_proxy::cli::init;
 pub mod kube_cmd;
 pub mod kube_control;
 pub mod kube_observe;
@@ -68,13 +70,4 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only
 /// on a terminal, since the processes of `trellis up` log to files.
-pub fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
+pub use trellis_proxy::cli::init_logging;

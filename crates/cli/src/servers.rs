@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use trellis_control::{ControlConfig, ControlPlane};
-use trellis_proxy::{Proxy, ProxyConfig};
+use trellis_proxy::ProxyConfig;
 
 use crate::cli::{ControlArgs, Global, ProxyArgs, StoreArg};
 
@@ -68,47 +68,11 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
 }
 
 pub fn proxy_config(global: &Global, args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
-    let mut cfg = ProxyConfig::new(
-        args.control_plane.clone(),
-        args.workload.clone(),
-        args.app_port,
-    );
-    cfg.namespace = global
-        .namespace
-        .clone()
-        .unwrap_or_else(|| trellis_resource::DEFAULT_NAMESPACE.to_string());
-    cfg.labels = args.labels.clone().unwrap_or_default();
-    cfg.service_account = args.service_account.clone();
-    cfg.token_file = args.token_file.clone();
-    cfg.ca_pins = args.ca_pins.clone();
-    if let Some(json) = args.app_probes.as_deref().filter(|j| !j.trim().is_empty()) {
-        cfg.app_probes = trellis_proxy::app_health::parse(json)?;
-    }
-    cfg.inbound_addr = args.inbound_addr;
-    cfg.outbound_addr = args.outbound_addr;
-    cfg.admin_addr = args.admin_addr;
-    cfg.advertise_addr = args.advertise_addr;
-    cfg.cache_dir = args.cache_dir.clone();
-    cfg.upstreams = args.upstreams.clone();
-    cfg.instance = args.instance.clone();
-    cfg.drain_grace = args.drain_grace;
-    cfg.transparent = args.pods.settings();
-    args.limits.apply(&mut cfg.limits);
-    cfg.validate()?;
-    Ok(cfg)
+    trellis_proxy::cli::config(global.namespace.as_deref(), args)
 }
 
 pub async fn proxy(global: &Global, args: &ProxyArgs) -> anyhow::Result<ExitCode> {
-    let cfg = proxy_config(global, args)?;
-    let proxy = tokio::select! {
-        p = Proxy::start(cfg) => p?,
-        // A proxy still waiting for its first config stops at once.
-        _ = crate::signals::shutdown() => return Ok(ExitCode::SUCCESS),
-    };
-    crate::signals::shutdown().await;
-    tracing::info!("draining");
-    proxy.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    trellis_proxy::cli::run(proxy_config(global, args)?).await
 }
 
 #[cfg(test)]

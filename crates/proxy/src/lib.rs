@@ -19,6 +19,8 @@ pub mod admin;
 pub mod app_health;
 pub mod authz;
 pub mod balance;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod detect;

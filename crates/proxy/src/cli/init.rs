@@ -19,9 +19,9 @@
 use std::io::Write as _;
 use std::process::{Command, ExitCode, Stdio};
 
+use crate::{pod, transparent};
 use anyhow::Context as _;
 use clap::Args;
-use trellis_proxy::{pod, transparent};
 
 /// The nftables table `init` owns in the namespace.
 pub const TABLE: &str = "trellis";
