@@ -34,9 +34,14 @@ pub struct InstallArgs {
     /// that fails closed.
     #[arg(long)]
     pub ha: bool,
-    /// The image of the control plane, the sidecar and its init container.
+    /// The image of the control plane (and, without --proxy-image, of the
+    /// sidecar and its init container).
     #[arg(long, value_name = "REF")]
     pub image: Option<String>,
+    /// The image of the sidecar and its init container: the proxy-only
+    /// image of `scripts/image --proxy` (default: --image).
+    #[arg(long, value_name = "REF")]
+    pub proxy_image: Option<String>,
     /// With --crds: which Gateway API CRDs to print.
     #[arg(long, value_enum, default_value_t = GatewayApi::Auto, requires = "crds")]
     pub gateway_api: GatewayApi,
@@ -178,6 +183,7 @@ pub async fn install(g: &Global, a: &InstallArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
         image: a.image.clone().unwrap_or_else(install::default_image),
+        proxy_image: a.proxy_image.clone(),
         ha: a.ha,
     };
     print!("{}", install::manifests(&opts)?);

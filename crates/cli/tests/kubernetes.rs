@@ -68,8 +68,11 @@ impl Suite {
     }
 }
 
-fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
+/// Installs as the README says, with the proxy-only sidecar image
+/// (`trellis install --proxy-image`, as docs/kubernetes.md advises).
+fn install(c: &Cluster, image_tar: &Path, proxy: (&Path, &str)) -> anyhow::Result<String> {
     script("k8s-cluster", &["load", &image_tar.display().to_string()])?;
+    script("k8s-cluster", &["load", &proxy.0.display().to_string()])?;
     // Start from nothing: an earlier run's objects, then the README's steps.
     for ns in ["dev", "prod", "plain"] {
         let _ = c.kubectl(&[
@@ -96,7 +99,7 @@ fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
         "crd/httproutes.gateway.networking.k8s.io",
         "--timeout=60s",
     ])?;
-    let cp = c.trellis(&["install"])?;
+    let cp = c.trellis(&["install", "--proxy-image", proxy.1])?;
     c.kubectl_in(&["apply", "-f", "-"], &cp)?;
     c.rollout("trellis-system", "trellis-control")?;
     let ready = t.elapsed();
@@ -110,9 +113,10 @@ fn install(c: &Cluster, image_tar: &Path) -> anyhow::Result<String> {
         || c.trellis(&["check", "--kubernetes"]),
     )?;
     Ok(format!(
-        "CRDs established and control plane (2 replicas) ready {:.1}s after `trellis install --crds | kubectl apply -f -`; `trellis check --kubernetes` passing after {:.1}s",
+        "CRDs established and control plane (2 replicas) ready {:.1}s after `trellis install --crds | kubectl apply -f -`; `trellis check --kubernetes` passing after {:.1}s; sidecars from {}",
         ready.as_secs_f64(),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        proxy.1
     ))
 }
 
@@ -161,6 +165,13 @@ fn injection(c: &Cluster, image: &str) -> anyhow::Result<String> {
                 );
             }
             let proxy = &pod["spec"]["initContainers"][1];
+            // Both run the proxy-only image the install named.
+            for c in [proxy, &pod["spec"]["initContainers"][0]] {
+                let img = c["image"].as_str().unwrap_or_default();
+                if !img.starts_with("trellis.local/trellis-proxy:") {
+                    bail!("{ns}/{name}: {} runs {img}, not the proxy image", c["name"]);
+                }
+            }
             if proxy["restartPolicy"] != "Always" {
                 bail!(
                     "{ns}/{name}: trellis-proxy is not a native sidecar: {}",
@@ -783,6 +794,22 @@ fn kubernetes_suite() {
     .last()
     .unwrap_or_default()
     .to_string();
+    let proxy_tar = tmp.path().join("trellis-proxy-image.tar");
+    let proxy_image = script(
+        "image",
+        &[
+            "--proxy",
+            "--binary",
+            PROXY_BIN,
+            "--out",
+            &proxy_tar.display().to_string(),
+        ],
+    )
+    .expect("scripts/image --proxy")
+    .lines()
+    .last()
+    .unwrap_or_default()
+    .to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -794,7 +821,9 @@ fn kubernetes_suite() {
         rt,
         results: Vec::new(),
     };
-    s.case("install as the README says", |c, _, _| install(c, &tar));
+    s.case("install as the README says", |c, _, _| {
+        install(c, &tar, (&proxy_tar, &proxy_image))
+    });
     s.case("demo app in dev and prod", |c, _, image| {
         deploy_apps(c, image)
     });

@@ -206,10 +206,19 @@ pub async fn post(
                     format!("{ready}/{want} ready: see `kubectl -n {namespace} logs deploy/{CONTROL_PLANE}` and `kubectl -n {namespace} describe pods`")
                 },
             ));
+            // The image the webhook injects (`--proxy-image`), else the
+            // control plane's own.
             d.spec
                 .and_then(|s| s.template.spec)
                 .and_then(|s| s.containers.into_iter().next())
-                .and_then(|c| c.image)
+                .and_then(|c| {
+                    c.env
+                        .iter()
+                        .flatten()
+                        .find(|e| e.name == "TRELLIS_PROXY_IMAGE")
+                        .and_then(|e| e.value.clone())
+                        .or(c.image)
+                })
         }
         Ok(None) => {
             out.push(finding("control plane installed", false, format!("no Deployment {namespace}/{CONTROL_PLANE}: run `trellis install | kubectl apply -f -`")));
@@ -358,7 +367,7 @@ pub async fn post(
             }
             if let (Some(ci), Some(pi)) = (&control_image, &sidecar.image) {
                 if ci != pi {
-                    problems.push(format!("pod {ns}/{name}: its sidecar runs {pi}, the control plane {ci}: restart the pod to take the current proxy"));
+                    problems.push(format!("pod {ns}/{name}: its sidecar runs {pi}, the control plane injects {ci}: restart the pod to take the current proxy"));
                     continue;
                 }
             }

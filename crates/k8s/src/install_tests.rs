@@ -231,6 +231,55 @@ fn rbac_grants_only_what_each_part_uses() {
 }
 
 #[test]
+fn the_webhook_injects_the_proxy_image_when_given_and_the_control_planes_otherwise() {
+    let env = |docs: &[Value]| {
+        find(docs, "Deployment", "trellis-control")["spec"]["template"]["spec"]["containers"][0]
+            .clone()
+    };
+    let plain = env(&default_docs());
+    assert!(plain["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "TRELLIS_PROXY_IMAGE", "value": default_image()})));
+    let opts = InstallOptions {
+        proxy_image: Some("reg.example/trellis-proxy:1".into()),
+        ..Default::default()
+    };
+    let split = env(&docs(&manifests(&opts).unwrap()));
+    assert_eq!(
+        split["image"],
+        default_image(),
+        "the control plane keeps its image"
+    );
+    assert!(split["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "TRELLIS_PROXY_IMAGE", "value": "reg.example/trellis-proxy:1"})));
+    // The chart's value does the same.
+    let t = std::fs::read_to_string(chart_dir().join("templates/trellis.yaml")).unwrap();
+    let rendered = template::render(
+        &t,
+        &chart_values(&[
+            ("createNamespace", template::Value::Bool(true)),
+            (
+                "proxyImage",
+                template::Value::Str("reg.example/trellis-proxy:1".into()),
+            ),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(rendered, manifests(&opts).unwrap());
+    let bad = InstallOptions {
+        proxy_image: Some("no spaces".into()),
+        ..Default::default()
+    };
+    assert!(manifests(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("no spaces"));
+}
+
+#[test]
 fn observers_may_forward_to_the_replicas_and_make_only_their_own_tokens() {
     let d = default_docs();
     for account in ["trellis-viewer", "trellis-tap"] {

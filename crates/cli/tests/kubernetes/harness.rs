@@ -11,6 +11,8 @@ use serde_json::Value;
 use trellis_testkit::process::is_root;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+/// The proxy-only binary of the sidecar image (`scripts/image --proxy`).
+pub(crate) const PROXY_BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
 pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

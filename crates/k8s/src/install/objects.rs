@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{IMAGE, NAMESPACE};
+use super::{IMAGE, NAMESPACE, PROXY_IMAGE};
 use crate::names::*;
 
 fn labels() -> Value {
@@ -210,8 +210,9 @@ pub(super) fn deployment(ha: bool) -> Value {
             "env": [
                 { "name": "TRELLIS_POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
                 { "name": "TRELLIS_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
-                // What the webhook injects: the same image as the control plane.
-                { "name": "TRELLIS_PROXY_IMAGE", "value": IMAGE },
+                // What the webhook injects (`--proxy-image`; default: the
+                // control plane's own image).
+                { "name": "TRELLIS_PROXY_IMAGE", "value": PROXY_IMAGE },
             ],
             "ports": [
                 { "name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP" },
