@@ -349,12 +349,12 @@ fn roles(c: &Cluster) -> anyhow::Result<String> {
         bail!("the tap refusal does not name the Role trellis-tap: {tap}");
     }
     let line = |s: &str, pat: &str| {
-        s.lines()
-            .find(|l| l.contains(pat))
-            .unwrap_or_default()
+        let l = s.lines().find(|l| l.contains(pat)).unwrap_or_default();
+        // What the user reads: from `error:` on.
+        l[l.find("error:").unwrap_or(0)..]
             .trim()
             .chars()
-            .take(140)
+            .take(160)
             .collect::<String>()
     };
     Ok(format!(
