@@ -129,6 +129,10 @@ pub struct Api {
     /// Where the address came from, for error messages.
     found: String,
     token: Option<String>,
+    /// A credential renewed while the Api is in use (`--kubernetes`: the
+    /// ServiceAccount token, made again before it expires); sent instead
+    /// of `token`.
+    renewed: Option<Arc<std::sync::RwLock<String>>>,
     client: Client<Connector, Full<Bytes>>,
 }
 
@@ -234,6 +238,7 @@ impl Api {
             base,
             found: found.to_string(),
             token: None,
+            renewed: None,
             client: Client::builder(TokioExecutor::new()).build(Connector {
                 tls,
                 server_name: None,
@@ -258,6 +263,7 @@ impl Api {
             base: server.trim_end_matches('/').to_string(),
             found: found.to_string(),
             token: None,
+            renewed: None,
             client: Client::builder(TokioExecutor::new()).build(Connector {
                 tls: Some(tls),
                 server_name: Some(name),
@@ -268,6 +274,12 @@ impl Api {
     /// Sends `token` as the credential.
     pub fn with_token(mut self, token: impl Into<String>) -> Api {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Sends what `token` holds at each request as the credential.
+    pub fn with_renewed_token(mut self, token: Arc<std::sync::RwLock<String>>) -> Api {
+        self.renewed = Some(token);
         self
     }
 
@@ -291,7 +303,10 @@ impl Api {
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
-        if let Some(t) = &self.token {
+        if let Some(t) = &self.renewed {
+            let t = t.read().unwrap_or_else(|e| e.into_inner());
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        } else if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         req.body(Full::new(body.unwrap_or_default()))

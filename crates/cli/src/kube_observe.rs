@@ -9,13 +9,14 @@
 //! averaged), traces by id, tap streams line by line. A replica is
 //! reached through a port-forward of its HTTPS API (as kubectl's), checked
 //! against the mesh CA's public roots (ConfigMap `trellis-ca-roots`) under
-//! its Service's name. The credential is a ten-minute token the API server
+//! its Service's name. The credential is a one-hour token the API server
 //! makes for the ServiceAccount `trellis-viewer` (or `trellis-tap`), which
 //! the replicas check with a TokenReview: who may observe the mesh is
 //! Kubernetes RBAC (the Roles of the same names), and no secret is stored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -37,8 +38,11 @@ use trellis_k8s::names::{
 use crate::cli::Global;
 use crate::client::Api;
 
-/// How long the CLI's token lives (the API server's minimum).
-const TOKEN_SECONDS: i64 = 600;
+/// How long the CLI's token lives (as `kubectl create token`'s); a tap
+/// ends with its token. Long-running commands (`dashboard`) make a new one
+/// every `TOKEN_RENEW`.
+const TOKEN_SECONDS: i64 = 3600;
+const TOKEN_RENEW: Duration = Duration::from_secs(1800);
 
 /// `--kubernetes` and where to find the control plane on the cluster.
 #[derive(Clone, Debug, Default, Args)]
@@ -229,10 +233,15 @@ impl Replicas {
             .with_context(|| format!("cannot read the ConfigMap {ns}/{ROOTS_CONFIG_MAP} (the mesh CA's public roots): does your kubeconfig allow it (the Role trellis-viewer in {ns})?"))?
             .and_then(|cm| cm.data?.remove(ROOTS_KEY))
             .with_context(|| format!("the ConfigMap {ns}/{ROOTS_CONFIG_MAP} with the mesh CA's roots is missing: every replica writes it on start; is the control plane of this version running (`trellis check --kubernetes`)?"))?;
-        let token = token(client.clone(), ns, access).await?;
+        let token = Arc::new(RwLock::new(token(client.clone(), ns, access).await?));
         let server_name = format!("{CONTROL_SERVICE}.{ns}.svc");
         let mut replicas = Vec::new();
-        let mut forwards = Vec::new();
+        let mut forwards = vec![tokio::spawn(renew(
+            client.clone(),
+            ns.to_string(),
+            access,
+            token.clone(),
+        ))];
         for pod in ready {
             let listener = TcpListener::bind(("127.0.0.1", 0))
                 .await
@@ -245,7 +254,7 @@ impl Replicas {
                 &roots,
                 &server_name,
             )?
-            .with_token(token.clone());
+            .with_renewed_token(token.clone());
             replicas.push((pod, api));
         }
         Ok(Replicas { replicas, forwards })
@@ -300,6 +309,19 @@ async fn token(client: kube::Client, ns: &str, access: Access) -> anyhow::Result
         .and_then(|s| s.token)
         .filter(|t| !t.is_empty())
         .context("the API server made no token")
+}
+
+/// Makes a new token every `TOKEN_RENEW`, for commands that outlive one.
+async fn renew(client: kube::Client, ns: String, access: Access, into: Arc<RwLock<String>>) {
+    loop {
+        tokio::time::sleep(TOKEN_RENEW).await;
+        match token(client.clone(), &ns, access).await {
+            Ok(t) => *into.write().unwrap_or_else(|e| e.into_inner()) = t,
+            Err(e) => eprintln!(
+                "warning: cannot renew the token (the old one expires within 30 min): {e:#}"
+            ),
+        }
+    }
 }
 
 /// Serves `listener` as `kubectl port-forward` does: each connection gets

@@ -96,13 +96,34 @@ pub fn replica_count(resources: &[Resource]) -> usize {
 /// process may still take one before its user binds it, which then fails
 /// start-up with the port named.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((LOCALHOST, 0)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    free_ports_besides(n, &[])
+}
+
+/// `free_ports`, none of them in `taken`: ports an earlier call handed out
+/// are free again once its listeners close, and the kernel may offer them
+/// once more.
+pub fn free_ports_besides(n: usize, taken: &[u16]) -> std::io::Result<Vec<u16>> {
+    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    // Bounded: each offer of a taken port is one more try.
+    for _ in 0..n + taken.len() + 64 {
+        if ports.len() == n {
+            break;
+        }
+        let l = TcpListener::bind((LOCALHOST, 0))?;
+        let port = l.local_addr()?.port();
+        held.push(l);
+        if !taken.contains(&port) {
+            ports.push(port);
+        }
+    }
+    if ports.len() < n {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("found {} of {n} free ports on 127.0.0.1", ports.len()),
+        ));
+    }
+    Ok(ports)
 }
 
 /// Replaces every `${PORT}`.
@@ -346,6 +367,21 @@ spec:
         let me = Path::new("/opt/bin/trellis-dev");
         assert_eq!(program("trellis", me), me);
         assert_eq!(program("python3", me), PathBuf::from("python3"));
+    }
+
+    #[test]
+    fn free_ports_besides_never_hands_out_a_taken_port() {
+        let first = free_ports(16).unwrap();
+        // The first call's listeners are closed: the kernel may offer those
+        // ports again, but never to this call.
+        for _ in 0..20 {
+            let more = free_ports_besides(16, &first).unwrap();
+            assert_eq!(more.len(), 16);
+            assert!(
+                more.iter().all(|p| !first.contains(p)),
+                "{more:?} ∩ {first:?}"
+            );
+        }
     }
 
     #[test]

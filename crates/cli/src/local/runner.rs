@@ -180,7 +180,15 @@ impl<P: Placement> Runner<P> {
         // API where the placement put the first one's.
         let extra = opts.control_replicas.saturating_sub(1);
         let members = if opts.etcd { etcd::MEMBERS } else { 0 };
-        let ports = plan::free_ports(2 * extra + 2 * members)
+        // Not one the layout already gave a proxy or an app.
+        let taken: Vec<u16> = [layout.http.port(), layout.grpc.port()]
+            .into_iter()
+            .chain(layout.replicas.iter().flat_map(|r| {
+                let p = &r.ports;
+                [p.app, p.inbound, p.outbound, p.admin]
+            }))
+            .collect();
+        let ports = plan::free_ports_besides(2 * extra + 2 * members, &taken)
             .context("finding free ports for the control plane")?;
         let first = ControlInfo {
             pid: 0,
