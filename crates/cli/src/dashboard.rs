@@ -17,7 +17,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::http::{header, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,6 +25,7 @@ use axum::{Json, Router};
 use clap::Args;
 use rand::Rng;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use crate::cli::Global;
 use crate::client::ApiError;
@@ -115,21 +116,17 @@ fn upstream_error(e: anyhow::Error) -> Response {
     error(status, format!("{e:#}"))
 }
 
-/// Equal in time that does not depend on where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
-/// The Host check, the secret on API requests, and the control plane's
-/// own security headers.
+/// The Host check (as the control plane's: loopback names only, against
+/// DNS rebinding), the secret on API requests, and the control plane's
+/// security headers.
 async fn guard(State(dash): State<Arc<Dash>>, req: Request, next: Next) -> Response {
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
-    let mut resp = if !matches!(name, "localhost" | "127.0.0.1") {
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut resp = if !trellis_control::http::host_allowed(host, loopback, &[]) {
         error(
             StatusCode::FORBIDDEN,
             format!("host {host:?} is not allowed: open the link `trellis dashboard` printed"),
@@ -141,7 +138,8 @@ async fn guard(State(dash): State<Arc<Dash>>, req: Request, next: Next) -> Respo
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or("");
-        if same(given.trim().as_bytes(), dash.secret.as_bytes()) {
+        // Compared in constant time.
+        if bool::from(given.trim().as_bytes().ct_eq(dash.secret.as_bytes())) {
             next.run(req).await
         } else {
             error(
@@ -152,20 +150,7 @@ async fn guard(State(dash): State<Arc<Dash>>, req: Request, next: Next) -> Respo
     } else {
         next.run(req).await
     };
-    let h = resp.headers_mut();
-    for (k, v) in [
-        ("x-content-type-options", "nosniff"),
-        ("x-frame-options", "DENY"),
-        ("referrer-policy", "no-referrer"),
-        ("cache-control", "no-store"),
-        (
-            "content-security-policy",
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        ),
-    ] {
-        h.insert(k, HeaderValue::from_static(v));
-    }
+    trellis_control::http::security_headers(resp.headers_mut());
     resp
 }
 
@@ -201,18 +186,5 @@ async fn tap(State(dash): State<Arc<Dash>>, uri: Uri) -> Response {
                 .into_response()
         }
         Err(e) => upstream_error(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same(b"abc", b"abc"));
-        assert!(!same(b"abc", b"abd"));
-        assert!(!same(b"abc", b"ab"));
-        assert!(!same(b"", b"a"));
     }
 }

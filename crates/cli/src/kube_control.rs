@@ -240,7 +240,7 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
     ));
 
     // The webhook: HTTPS with a certificate for its Service's names.
-    let image = std::env::var("TRELLIS_PROXY_IMAGE").context(
+    let image = std::env::var(trellis_k8s::names::PROXY_IMAGE_ENV).context(
         "TRELLIS_PROXY_IMAGE is not set: the injected sidecar's image (`trellis install` sets it)",
     )?;
     let mut inject = InjectConfig::new(image, namespace.clone());

@@ -103,37 +103,9 @@ impl Mesh {
     /// reported on stderr, and the others' answers are used; when all fail,
     /// the first error is the command's.
     pub async fn get(&self, path: &str, merge: fn(Vec<Value>) -> Value) -> anyhow::Result<Value> {
-        if let Mesh::One(api) = self {
-            return Ok(api.get(path).await?);
-        }
-        Ok(merge(self.get_all(path).await?))
-    }
-
-    async fn get_all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
-        let Mesh::Cluster(r) = self else {
-            return Ok(vec![self.first().get(path).await?]);
-        };
-        let answers =
-            futures::future::join_all(r.replicas.iter().map(|(_, api)| api.get::<Value>(path)))
-                .await;
-        let mut ok = Vec::new();
-        let mut first_err = None;
-        for ((pod, _), a) in r.replicas.iter().zip(answers) {
-            match a {
-                Ok(v) => ok.push(v),
-                // Not kept by this replica (a trace): others may have it.
-                Err(e @ crate::client::ApiError::NotFound(_)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(e) => {
-                    eprintln!("warning: control-plane replica {pod} did not answer ({e}); its sidecars' figures are missing");
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match (ok.is_empty(), first_err) {
-            (true, Some(e)) => Err(e.into()),
-            _ => Ok(ok),
+        match self {
+            Mesh::One(api) => Ok(api.get(path).await?),
+            Mesh::Cluster(r) => Ok(merge(r.get_all(path).await?)),
         }
     }
 
@@ -206,6 +178,33 @@ impl Drop for Replicas {
 }
 
 impl Replicas {
+    /// GETs `path` from every replica: the answers of those that gave one
+    /// (a failure is named on stderr), or the first error when none did.
+    async fn get_all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        let answers =
+            futures::future::join_all(self.replicas.iter().map(|(_, api)| api.get::<Value>(path)))
+                .await;
+        let mut ok = Vec::new();
+        let mut first_err = None;
+        for ((pod, _), a) in self.replicas.iter().zip(answers) {
+            match a {
+                Ok(v) => ok.push(v),
+                // Not kept by this replica (a trace): others may have it.
+                Err(e @ crate::client::ApiError::NotFound(_)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    eprintln!("warning: control-plane replica {pod} did not answer ({e}); its sidecars' figures are missing");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (ok.is_empty(), first_err) {
+            (true, Some(e)) => Err(e.into()),
+            _ => Ok(ok),
+        }
+    }
+
     pub async fn connect(kube: &KubeArgs, access: Access) -> anyhow::Result<Replicas> {
         let ns = kube.control_plane_namespace.as_str();
         let client = trellis_k8s::client::client(kube.kubeconfig.as_deref()).await?;

@@ -47,9 +47,8 @@ fn trellis(server: &str, token: Option<&str>, args: &[&str]) -> (bool, String, S
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trace_edges_and_tap_commands() {
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane on loopback, its HTTP API's URL, and a viewer token.
+async fn control_with_viewer(dir: &tempfile::TempDir) -> (ControlPlane, String, String) {
     let mut cfg = ControlConfig::new(dir.path().join("control"));
     cfg.http_addr = ([127, 0, 0, 1], 0).into();
     cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
@@ -62,6 +61,13 @@ async fn trace_edges_and_tap_commands() {
         .create(trellis_control::auth::Role::Viewer, None, "test")
         .await
         .unwrap();
+    (control, server, viewer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_edges_and_tap_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (control, server, viewer) = control_with_viewer(&dir).await;
     // Leaked: the closures below run on blocking threads and need 'static.
     let viewer = &*Box::leak(viewer.into_boxed_str());
 
@@ -206,18 +212,7 @@ async fn trace_edges_and_tap_commands() {
 async fn the_dashboard_relays_with_the_clis_credential_behind_the_links_secret() {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ControlConfig::new(dir.path().join("control"));
-    cfg.http_addr = ([127, 0, 0, 1], 0).into();
-    cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
-    let control = ControlPlane::start(cfg)
-        .await
-        .expect("control plane starts");
-    let server = format!("http://{}", control.http_addr);
-    let (viewer, _) = control
-        .auth()
-        .create(trellis_control::auth::Role::Viewer, None, "test")
-        .await
-        .unwrap();
+    let (control, server, viewer) = control_with_viewer(&dir).await;
     let mut child = Command::new(BIN)
         .args(["dashboard", "--server", &server])
         .env("TRELLIS_TOKEN", &viewer)

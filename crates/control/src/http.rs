@@ -311,7 +311,15 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
             }
         }
     };
-    let h = resp.headers_mut();
+    security_headers(resp.headers_mut());
+    resp
+}
+
+/// The headers every answer of the API and the dashboard carries (also
+/// those of `trellis dashboard`'s local server): no sniffing, no framing,
+/// no referrer, no caching, and a CSP that allows the page's own script
+/// and style only.
+pub fn security_headers(h: &mut axum::http::HeaderMap) {
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
@@ -326,7 +334,6 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
              connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         ),
     );
-    resp
 }
 
 /// 401 with `WWW-Authenticate` for a missing or bad credential, 403 for a

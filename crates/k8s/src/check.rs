@@ -215,7 +215,7 @@ pub async fn post(
                     c.env
                         .iter()
                         .flatten()
-                        .find(|e| e.name == "TRELLIS_PROXY_IMAGE")
+                        .find(|e| e.name == crate::names::PROXY_IMAGE_ENV)
                         .and_then(|e| e.value.clone())
                         .or(c.image)
                 })

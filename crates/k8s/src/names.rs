@@ -32,6 +32,9 @@ pub const LEASE: &str = "trellis-control";
 pub const CONTROLLER_NAME: &str = "trellis.dev/control-plane";
 /// The audience of the projected ServiceAccount token a sidecar presents.
 pub const TOKEN_AUDIENCE: &str = "trellis";
+/// The control plane's environment variable naming the image the webhook
+/// injects (`trellis install --proxy-image`).
+pub const PROXY_IMAGE_ENV: &str = "TRELLIS_PROXY_IMAGE";
 /// The audience of the tokens the CLI asks for to use the HTTP API
 /// (`stat --kubernetes` and the others), never accepted from a sidecar.
 pub const API_AUDIENCE: &str = "trellis-api";

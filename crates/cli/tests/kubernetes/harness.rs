@@ -146,6 +146,13 @@ impl Cluster {
         self.command(Path::new(BIN), args, None)
     }
 
+    /// `trellis ARGS -o json`, parsed.
+    pub(crate) fn trellis_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.trellis(&all)?)?)
+    }
+
     pub(crate) fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);

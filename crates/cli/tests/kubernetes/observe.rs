@@ -52,16 +52,7 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
         "stat --kubernetes counts the 300 calls",
         Duration::from_secs(60),
         || {
-            let v: Value = serde_json::from_str(&c.trellis(&[
-                "stat",
-                "--kubernetes",
-                "-n",
-                "prod",
-                "--window",
-                "2m",
-                "-o",
-                "json",
-            ])?)?;
+            let v = c.trellis_json(&["stat", "--kubernetes", "-n", "prod", "--window", "2m"])?;
             let row = v["rows"]
                 .as_array()
                 .and_then(|r| r.iter().find(|r| r["name"] == "backend"))
@@ -83,14 +74,7 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
     }
 
     // edges: who calls whom, with identities.
-    let edges: Value = serde_json::from_str(&c.trellis(&[
-        "edges",
-        "--kubernetes",
-        "--window",
-        "2m",
-        "-o",
-        "json",
-    ])?)?;
+    let edges = c.trellis_json(&["edges", "--kubernetes", "--window", "2m"])?;
     let edge = edges["edges"]
         .as_array()
         .and_then(|e| {
@@ -115,14 +99,7 @@ pub(crate) fn observe(c: &Cluster, rt: &tokio::runtime::Runtime) -> anyhow::Resu
         "trace show --kubernetes has our trace",
         Duration::from_secs(60),
         || {
-            let v: Value = serde_json::from_str(&c.trellis(&[
-                "trace",
-                "show",
-                &trace_id,
-                "--kubernetes",
-                "-o",
-                "json",
-            ])?)?;
+            let v = c.trellis_json(&["trace", "show", &trace_id, "--kubernetes"])?;
             let spans = v["spans"].as_array().cloned().unwrap_or_default();
             let services: std::collections::BTreeSet<&str> =
                 spans.iter().filter_map(|s| s["service"].as_str()).collect();

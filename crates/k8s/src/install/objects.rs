@@ -212,7 +212,7 @@ pub(super) fn deployment(ha: bool) -> Value {
                 { "name": "TRELLIS_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
                 // What the webhook injects (`--proxy-image`; default: the
                 // control plane's own image).
-                { "name": "TRELLIS_PROXY_IMAGE", "value": PROXY_IMAGE },
+                { "name": PROXY_IMAGE_ENV, "value": PROXY_IMAGE },
             ],
             "ports": [
                 { "name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP" },
