@@ -313,6 +313,8 @@ impl TestMesh {
         cfg.admin_addr = ([127, 0, 0, 1], 0).into();
         cfg.cache_dir = Some(self.cache_dir(&format!("{namespace}-{workload}")));
         cfg.drain_grace = Duration::from_secs(2);
+        // The data path on worker threads, as `trellis proxy` runs it.
+        cfg.workers = 2;
         cfg
     }
 

@@ -17,6 +17,8 @@ pub enum ConfigError {
     Labels(String),
     #[error("--workload must not be empty")]
     NoWorkload,
+    #[error("--workers {0} is more than {max}: use at most one per CPU the proxy may use", max = crate::workers::MAX)]
+    Workers(usize),
     #[error(transparent)]
     Limits(#[from] crate::limits::LimitsError),
 }
@@ -65,6 +67,12 @@ pub struct ProxyConfig {
     /// (`/app-health/...`), which the admin server runs for the kubelet.
     #[serde(default)]
     pub app_probes: BTreeMap<String, crate::app_health::AppProbe>,
+    /// Worker threads of the data path, each serving the connections it
+    /// accepts to completion (see `workers`); 0: the data path runs on the
+    /// runtime `Proxy::start` runs on (for embedding; `trellis proxy`
+    /// defaults to `workers::default_count`).
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
@@ -135,12 +143,16 @@ impl ProxyConfig {
             transparent: None,
             limits: Default::default(),
             app_probes: BTreeMap::new(),
+            workers: 0,
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.workload.is_empty() {
             return Err(ConfigError::NoWorkload);
+        }
+        if self.workers > crate::workers::MAX {
+            return Err(ConfigError::Workers(self.workers));
         }
         self.limits.validate()?;
         Ok(())

@@ -1,13 +1,14 @@
 //! One endpoint of a service: a peer proxy's inbound listener, its load
-//! figures and the HTTP/2 connection this proxy keeps to it; and the
-//! warm-up that opens that connection ahead of the first request.
+//! figures and the HTTP/2 connections this proxy keeps to it, one per
+//! worker (see `workers`); and the warm-up that opens them ahead of the
+//! first request.
 //!
 //! Endpoints outlive config versions: a new config reuses the `Endpoint` of
 //! an address it still lists, so load figures and connections carry over.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use crate::error::ProxyError;
 use crate::inputs::Inputs;
 use crate::tls::Credentials;
 use crate::traffic::now_nanos;
+use crate::workers::PerWorker;
 use crate::Body;
 
 /// The default of `--connect-timeout` (see `limits`).
@@ -33,6 +35,23 @@ const WARM_UP_AT_ONCE: usize = 4;
 const WARM_UP_BACKOFF: Duration = Duration::from_secs(1);
 const WARM_UP_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// How many HTTP/2 connection slots each endpoint has: one per worker and
+/// one for every other thread (`workers::slots`) of the proxy in this
+/// process with the most workers (see `use_slots`).
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+
+/// Makes endpoints made from now on have room for a proxy with
+/// `slots` of them (`workers::slots(workers)`). A proxy calls it before it
+/// makes any endpoint. Several proxies in one process (tests, embedding)
+/// share the largest: each worker `i` uses slot `i` and every other thread
+/// the last, which every one of them may.
+pub fn use_slots(slots: usize) {
+    SLOTS.fetch_max(slots, Ordering::AcqRel);
+}
+
+/// One open HTTP/2 connection to the peer, and whether it is mutual TLS.
+type Conn = ArcSwapOption<(SendRequest<Body>, bool)>;
+
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub instance: String,
@@ -43,9 +62,12 @@ pub struct Endpoint {
     pub load: Arc<Load>,
     /// Outlier ejection and active health-check state.
     pub health: crate::traffic::EndpointHealth,
-    /// The shared HTTP/2 connection, and whether it is mutual TLS.
-    h2: ArcSwapOption<(SendRequest<Body>, bool)>,
-    // Serialises connection set-up so a burst opens one connection, not many.
+    /// The HTTP/2 connection each worker shares among its requests. Its
+    /// task runs on the worker that opened it, as the requests that use
+    /// it do.
+    h2: PerWorker<Conn>,
+    // Serialises connection set-up so a burst opens one connection per
+    // worker, not many.
     connecting: tokio::sync::Mutex<()>,
     /// Attempts to open the HTTP/2 connection that failed, so far.
     connect_failures: AtomicU64,
@@ -74,7 +96,7 @@ impl Endpoint {
             labels: ep.labels.clone().into_iter().collect(),
             load: Arc::new(Load::new(peers.clone())),
             health: Default::default(),
-            h2: ArcSwapOption::empty(),
+            h2: PerWorker::new(SLOTS.load(Ordering::Acquire), |_| ArcSwapOption::empty()),
             connecting: tokio::sync::Mutex::new(()),
             connect_failures: AtomicU64::new(0),
             warm_up: WarmUp::default(),
@@ -119,18 +141,15 @@ impl Endpoint {
         Ok(Box::new(tls))
     }
 
-    /// The shared HTTP/2 connection, when it is open (and mutual TLS iff
+    /// This thread's HTTP/2 connection, when it is open (and mutual TLS iff
     /// `tls`).
     fn ready_h2(&self, tls: bool) -> Option<SendRequest<Body>> {
-        self.h2
-            .load()
-            .as_deref()
-            .filter(|c| !c.0.is_closed() && c.1 == tls)
-            .map(|c| c.0.clone())
+        ready(self.h2.get(), tls)
     }
 
     /// A ready HTTP/2 connection to the peer, made on first use (or by the
-    /// warm-up) and shared by every request to this endpoint.
+    /// warm-up) and shared by every request to this endpoint on this
+    /// worker.
     pub async fn h2(&self, creds: Option<&Credentials>) -> Result<SendRequest<Body>, ProxyError> {
         let tls = creds.is_some();
         if let Some(c) = self.ready_h2(tls) {
@@ -182,9 +201,28 @@ impl Endpoint {
                 tracing::debug!(%addr, error = %e, "connection to peer closed");
             }
         });
-        self.h2.store(Some(Arc::new((tx.clone(), tls))));
+        self.h2.get().store(Some(Arc::new((tx.clone(), tls))));
         Ok(tx)
     }
+
+    /// Whether every worker's connection (with no workers: this thread's)
+    /// is open.
+    fn warm(&self, tls: bool, workers: usize) -> bool {
+        if workers == 0 {
+            return self.ready_h2(tls).is_some();
+        }
+        self.h2
+            .iter()
+            .take(workers)
+            .all(|c| ready(c, tls).is_some())
+    }
+}
+
+fn ready(conn: &Conn, tls: bool) -> Option<SendRequest<Body>> {
+    conn.load()
+        .as_deref()
+        .filter(|c| !c.0.is_closed() && c.1 == tls)
+        .map(|c| c.0.clone())
 }
 
 /// Opens the connection to every endpoint of the snapshot's services
@@ -241,7 +279,8 @@ async fn warm_up_due(
         .filter(http)
         .flat_map(|s| &s.endpoints)
     {
-        if ep.ready_h2(creds.is_some()).is_some() {
+        let workers = inputs.workers.len();
+        if ep.warm(creds.is_some(), workers) {
             continue;
         }
         let now = now_nanos();
@@ -264,8 +303,20 @@ async fn warm_up_due(
             return None;
         };
         let (ep, creds, failed) = (ep.clone(), creds.clone(), failed.clone());
+        let on = inputs.workers.clone();
         tokio::spawn(async move {
-            let result = ep.h2(creds.as_deref()).await;
+            // Each worker opens its own, so that its task runs there.
+            let mut result = Ok(());
+            for i in 0..workers.max(1) {
+                let (ep, creds) = (ep.clone(), creds.clone());
+                let opened = on
+                    .run_on(i, async move { ep.h2(creds.as_deref()).await.map(drop) })
+                    .await;
+                if let Some(Err(e)) = opened {
+                    result = Err(e);
+                    break;
+                }
+            }
             drop(permit);
             let w = &ep.warm_up;
             match result {
@@ -310,6 +361,72 @@ pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
+
+    /// A plaintext HTTP/2 server answering 200; counts the connections it
+    /// accepted.
+    async fn h2_server() -> (SocketAddr, Arc<AtomicU64>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(
+                            TokioIo::new(tcp),
+                            hyper::service::service_fn(|_| async {
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    crate::http::empty(),
+                                ))
+                            }),
+                        ),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A GET over the calling thread's connection to `ep`.
+    async fn get(ep: Arc<Endpoint>) -> http::StatusCode {
+        let mut conn = ep.h2(None).await.unwrap();
+        conn.ready().await.unwrap();
+        let req = http::Request::get("http://peer/")
+            .body(crate::http::empty())
+            .unwrap();
+        conn.send_request(req).await.unwrap().status()
+    }
+
+    #[test]
+    fn each_worker_opens_and_reuses_its_own_connection_to_a_peer() {
+        use crate::workers::{self, Workers};
+        use_slots(workers::slots(2));
+        let workers = Workers::start(2).unwrap();
+        let set = workers.set();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (addr, accepted) = h2_server().await;
+            let ep = endpoint(&addr.to_string());
+            // Two rounds of a request from each worker: each opens one
+            // connection, then reuses it.
+            for _ in 0..2 {
+                for i in 0..2 {
+                    let status = set.run_on(i, get(ep.clone())).await;
+                    assert_eq!(status, Some(http::StatusCode::OK));
+                }
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+            assert!(ep.warm(false, 2), "both workers' connections are open");
+            // This thread is no worker: it has a slot of its own.
+            assert!(ep.ready_h2(false).is_none());
+            assert_eq!(get(ep.clone()).await, http::StatusCode::OK);
+            assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        });
+    }
 
     pub fn endpoint(addr: &str) -> Arc<Endpoint> {
         endpoint_among(addr, &Arc::default())

@@ -84,21 +84,28 @@ impl Inbound {
             .expect("bound listener has an address")
     }
 
+    /// Serves the listener on every worker (see `workers`): a connection
+    /// runs on the worker that accepted it.
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let how = Listening {
-            kind: Kind::inbound,
-            cap: inputs.cfg.limits.max_connections,
-            metrics: inputs.metrics.conns.clone(),
-        };
-        let sd = shutdown.clone();
-        listener::serve(self.listener, how, shutdown, move |tcp, peer| {
-            // Pods mode: a redirected connection for a port the app
-            // does not serve is closed.
-            if crate::transparent::inbound_wanted(&inputs, tcp.get_ref(), peer) {
-                tokio::spawn(serve(inputs.clone(), tcp, peer, sd.clone()));
-            }
-        })
-        .await
+        let workers = inputs.workers.clone();
+        workers
+            .serve_listener(self.listener, move |l| {
+                let (inputs, shutdown) = (inputs.clone(), shutdown.clone());
+                let how = Listening {
+                    kind: Kind::inbound,
+                    cap: inputs.cfg.limits.max_connections,
+                    metrics: inputs.metrics.conns.clone(),
+                };
+                let sd = shutdown.clone();
+                listener::serve(l, how, shutdown, move |tcp, peer| {
+                    // Pods mode: a redirected connection for a port the
+                    // app does not serve is closed.
+                    if crate::transparent::inbound_wanted(&inputs, tcp.get_ref(), peer) {
+                        tokio::spawn(serve(inputs.clone(), tcp, peer, sd.clone()));
+                    }
+                })
+            })
+            .await
     }
 }
 
@@ -440,10 +447,10 @@ async fn forward_to_app(
     let client = if http1 {
         parts.version = Version::HTTP_11;
         parts.headers.remove(http::header::HOST);
-        &inputs.app_http1
+        inputs.app_http1.get()
     } else {
         parts.version = Version::HTTP_2;
-        &inputs.app_http2
+        inputs.app_http2.get()
     };
     let fault = BodyFault::default();
     client

@@ -13,6 +13,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::telemetry::Telemetry;
+use crate::workers::{PerWorker, WorkerSet};
 use crate::Body;
 
 pub struct Inputs {
@@ -21,12 +22,16 @@ pub struct Inputs {
     pub metrics: Arc<Metrics>,
     /// Spans, access logs and tap, beside the metrics.
     pub telemetry: Arc<Telemetry>,
-    /// To the local app over HTTP/1.1, pooled.
-    pub app_http1: Client<AppConnector, Body>,
-    /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2 callers.
-    pub app_http2: Client<AppConnector, Body>,
+    /// To the local app over HTTP/1.1, pooled; one pool per worker, so a
+    /// request's connection to the app is served on its own thread.
+    pub app_http1: PerWorker<Client<AppConnector, Body>>,
+    /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2
+    /// callers; one connection per worker.
+    pub app_http2: PerWorker<Client<AppConnector, Body>>,
     /// To addresses outside the mesh (never to this proxy's own listeners).
-    pub egress: Client<crate::loops::EgressConnector, Body>,
+    pub egress: PerWorker<Client<crate::loops::EgressConnector, Body>>,
+    /// The data path's worker threads (none: it runs on the proxy's runtime).
+    pub workers: WorkerSet,
     /// This proxy's listeners, which no request may be sent to.
     pub own: Arc<crate::loops::Own>,
     pub app_addr: SocketAddr,
@@ -41,32 +46,40 @@ impl Inputs {
         discovery: Arc<Discovery>,
         metrics: Arc<Metrics>,
         telemetry: Arc<Telemetry>,
+        workers: WorkerSet,
     ) -> Arc<Inputs> {
         let app_addr: SocketAddr = ([127, 0, 0, 1], cfg.app_port).into();
         let connector = AppConnector(app_addr);
-        let app_http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .set_host(true)
-            .build(connector.clone());
+        let slots = crate::workers::slots(workers.len());
+        let app_http1 = PerWorker::new(slots, |_| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_timer(TokioTimer::new())
+                .set_host(true)
+                .build(connector.clone())
+        });
         // One connection carries every HTTP/2 caller's streams to the app:
         // fixed, large windows (see `server::SHARED_CONN_WINDOW`).
-        let app_http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .http2_initial_stream_window_size(crate::server::SHARED_STREAM_WINDOW)
-            .http2_initial_connection_window_size(crate::server::SHARED_CONN_WINDOW)
-            .http2_max_header_list_size(crate::server::MAX_RESPONSE_HEADERS)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let app_http2 = PerWorker::new(slots, |_| {
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .http2_initial_stream_window_size(crate::server::SHARED_STREAM_WINDOW)
+                .http2_initial_connection_window_size(crate::server::SHARED_CONN_WINDOW)
+                .http2_max_header_list_size(crate::server::MAX_RESPONSE_HEADERS)
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .build(connector.clone())
+        });
         let own = Arc::new(crate::loops::Own::new(&cfg));
-        let egress = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(crate::loops::EgressConnector {
-                own: own.clone(),
-                timeout: cfg.limits.connect_timeout,
-            });
+        let egress = PerWorker::new(slots, |_| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(crate::loops::EgressConnector {
+                    own: own.clone(),
+                    timeout: cfg.limits.connect_timeout,
+                })
+        });
         let source_header =
             http::HeaderValue::try_from(format!("{}/{}", cfg.namespace, cfg.workload)).ok();
         Arc::new(Inputs {
@@ -78,6 +91,7 @@ impl Inputs {
             app_http1,
             app_http2,
             egress,
+            workers,
             own,
             app_addr,
         })

@@ -52,6 +52,7 @@ pub mod tls;
 pub mod trace;
 pub mod traffic;
 pub mod transparent;
+pub mod workers;
 
 pub use crate::http::Body;
 pub use config::{ProxyConfig, Upstream};
@@ -89,6 +90,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("cannot start the proxy's {0} worker threads: {1}; lower --workers or raise the process's thread limit")]
+    Workers(usize, std::io::Error),
     #[error(transparent)]
     Transparent(#[from] TransparentError),
     #[error(transparent)]
@@ -127,6 +130,8 @@ pub struct Proxy {
     metrics: Arc<metrics::Metrics>,
     discovery: Arc<Discovery>,
     drain_grace: Duration,
+    /// The data path's threads; dropping the proxy stops them.
+    _workers: workers::Workers,
 }
 
 /// Every listener of the proxy, bound; each is served once the proxy is
@@ -170,6 +175,9 @@ impl Proxy {
         cfg.instance = Some(instance.clone());
         tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting proxy");
         let token = read_token(&cfg)?;
+        let workers = workers::Workers::start(cfg.workers)
+            .map_err(|e| StartError::Workers(cfg.workers, e))?;
+        endpoint::use_slots(workers::slots(cfg.workers));
 
         // 1. Bind every listener.
         let Listeners {
@@ -219,8 +227,9 @@ impl Proxy {
             metrics: metrics.clone(),
             discovery: discovery.clone(),
             drain_grace: cfg.drain_grace,
+            _workers: workers,
         };
-        let inputs = Inputs::new(cfg, discovery, metrics, telemetry);
+        let inputs = Inputs::new(cfg, discovery, metrics, telemetry, proxy._workers.set());
         tokio::spawn(admin.run(inputs.clone(), shutdown_rx.clone()));
 
         // 3. The first config, then 4. the workload's certificate (its

@@ -100,59 +100,78 @@ impl Outbound {
             .collect()
     }
 
+    /// Serves the outbound listener and every `--upstream` one on every
+    /// worker (see `workers`): a connection runs on the worker that
+    /// accepted it.
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let listening = |kind| Listening {
-            kind,
-            cap: inputs.cfg.limits.max_connections,
-            metrics: inputs.metrics.conns.clone(),
-        };
+        let workers = inputs.workers.clone();
         for (l, target) in self.upstreams {
-            let inputs = inputs.clone();
-            let sd = shutdown.clone();
-            tokio::spawn(listener::serve(
-                l,
-                listening(Kind::upstream),
-                shutdown.clone(),
-                move |tcp, _| {
-                    tokio::spawn(serve_fixed(
-                        inputs.clone(),
-                        tcp,
-                        target.clone(),
-                        Kind::upstream,
-                        sd.clone(),
-                    ));
-                },
-            ));
-        }
-        let sd = shutdown.clone();
-        let how = listening(Kind::outbound);
-        listener::serve(self.listener, how, shutdown, move |tcp, _| {
-            let inputs = inputs.clone();
-            let sd = sd.clone();
-            // Pods mode: a redirected connection keeps its original
-            // destination.
-            let orig = inputs
-                .cfg
-                .transparent
-                .as_ref()
-                .and_then(|_| crate::transparent::original_dst(tcp.get_ref()));
-            match orig {
-                Some(orig) => {
-                    tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
-                }
-                None => {
-                    tokio::spawn(async move {
-                        let i = inputs.clone();
-                        let s = sd.clone();
-                        serve_connection(tcp, &i, Kind::outbound, Hop::App, s, move |req| {
-                            handle(inputs.clone(), req, None, sd.clone())
+            let (inputs, shutdown, workers) = (inputs.clone(), shutdown.clone(), workers.clone());
+            tokio::spawn(async move {
+                workers
+                    .serve_listener(l, move |l| {
+                        let (inputs, target, sd) =
+                            (inputs.clone(), target.clone(), shutdown.clone());
+                        let how = listening(&inputs, Kind::upstream);
+                        listener::serve(l, how, shutdown.clone(), move |tcp, _| {
+                            tokio::spawn(serve_fixed(
+                                inputs.clone(),
+                                tcp,
+                                target.clone(),
+                                Kind::upstream,
+                                sd.clone(),
+                            ));
                         })
-                        .await
-                    });
-                }
-            }
-        })
-        .await
+                    })
+                    .await
+            });
+        }
+        workers
+            .serve_listener(self.listener, move |l| {
+                let (inputs, sd) = (inputs.clone(), shutdown.clone());
+                let how = listening(&inputs, Kind::outbound);
+                listener::serve(l, how, shutdown.clone(), move |tcp, _| {
+                    accept_outbound(inputs.clone(), tcp, sd.clone())
+                })
+            })
+            .await
+    }
+}
+
+fn listening(inputs: &Inputs, kind: Kind) -> Listening {
+    Listening {
+        kind,
+        cap: inputs.cfg.limits.max_connections,
+        metrics: inputs.metrics.conns.clone(),
+    }
+}
+
+/// Spawns the task of a connection the outbound listener accepted.
+fn accept_outbound(
+    inputs: Arc<Inputs>,
+    tcp: crate::listener::Counted<tokio::net::TcpStream>,
+    sd: watch::Receiver<bool>,
+) {
+    // Pods mode: a redirected connection keeps its original destination.
+    let orig = inputs
+        .cfg
+        .transparent
+        .as_ref()
+        .and_then(|_| crate::transparent::original_dst(tcp.get_ref()));
+    match orig {
+        Some(orig) => {
+            tokio::spawn(crate::transparent::serve_outbound(inputs, tcp, orig, sd));
+        }
+        None => {
+            tokio::spawn(async move {
+                let i = inputs.clone();
+                let s = sd.clone();
+                serve_connection(tcp, &i, Kind::outbound, Hop::App, s, move |req| {
+                    handle(inputs.clone(), req, None, sd.clone())
+                })
+                .await
+            });
+        }
     }
 }
 
@@ -600,6 +619,7 @@ async fn egress(
                 let fault = BodyFault::default();
                 let sent = inputs
                     .egress
+                    .get()
                     .request(Request::from_parts(parts, request_body(body, &fault)));
                 match tokio::time::timeout(limits.egress_request_timeout, sent).await {
                     Ok(Ok(r)) => Ok(r.map(boxed)),

@@ -45,10 +45,7 @@ fn main() -> ExitCode {
         Command::Init(a) => init::run(a),
         Command::Proxy(a) => {
             trellis_proxy::cli::config(cli.namespace.as_deref(), a).and_then(|cfg| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(trellis_proxy::cli::run(cfg))
+                trellis_proxy::cli::runtime(&cfg)?.block_on(trellis_proxy::cli::run(cfg))
             })
         }
     };

@@ -72,6 +72,13 @@ pub struct ProxyArgs {
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_grace: std::time::Duration,
+    /// Worker threads of the data path; each serves the connections it
+    /// accepts to completion, with its own connections to peers and the
+    /// app (default: one per CPU the proxy may use, at most 2). 0: no
+    /// workers; the data path runs on one work-stealing runtime with the
+    /// control tasks (the layout before issue 13, to compare with).
+    #[arg(long, env = "TRELLIS_PROXY_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
     /// Pods mode (transparent interception).
     #[command(flatten)]
     pub pods: init::TransparentArgs,
@@ -196,10 +203,24 @@ pub fn config(namespace: Option<&str>, args: &ProxyArgs) -> anyhow::Result<Proxy
     cfg.upstreams = args.upstreams.clone();
     cfg.instance = args.instance.clone();
     cfg.drain_grace = args.drain_grace;
+    cfg.workers = args.workers.unwrap_or_else(crate::workers::default_count);
     cfg.transparent = args.pods.settings();
     args.limits.apply(&mut cfg.limits);
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The runtime `run` runs on: with workers, one thread for the control
+/// tasks (the data path has its own); without, a work-stealing runtime
+/// for everything (`TOKIO_WORKER_THREADS` sets its size).
+pub fn runtime(cfg: &ProxyConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    if cfg.workers == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
 }
 
 /// Runs the proxy until SIGINT or SIGTERM, then drains it.
