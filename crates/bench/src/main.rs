@@ -159,7 +159,7 @@ pub struct SetupStep {
 }
 
 /// One apply and who acked it when.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Propagation {
     pub n: usize,
     /// `mesh` (every proxy sees it) or `route` (one Service's subscribers).

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +48,15 @@ const SHED_PER_ROUND: usize = 4096;
 /// bind): with every other one in use, it is what lets the loop accept a
 /// queued connection only to reset it. One for the whole process.
 static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Every accept holds this shared while it takes a connection off a queue;
+/// shedding holds it alone. With several accept loops on one listener (the
+/// proxy's workers), the descriptor that shedding frees would otherwise
+/// be taken by another loop's accept, and the reserve could not be opened
+/// again: the loops would stop shedding for good. The guard is held only
+/// for the `accept` system call, never across an await, and accepts share
+/// it: it is never contended but while shedding.
+static ACCEPTING: RwLock<()> = RwLock::new(());
 
 fn keep_reserve() {
     let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,12 +160,18 @@ impl Accept for TcpListener {
     type Conn = TcpStream;
 
     async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (tcp, peer) = TcpListener::accept(self).await?;
+        let (tcp, peer) = std::future::poll_fn(|cx| {
+            let _accepting = ACCEPTING.read().unwrap_or_else(|e| e.into_inner());
+            self.poll_accept(cx)
+        })
+        .await?;
         let _ = tcp.set_nodelay(true);
         Ok((tcp, peer))
     }
 
     fn shed_queued(&mut self) -> usize {
+        // No other loop accepts until the reserve is back (see `ACCEPTING`).
+        let _alone = ACCEPTING.write().unwrap_or_else(|e| e.into_inner());
         let mut reserve = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
         // Freeing the reserve gives the next accept a descriptor; each
         // connection reset returns it for the next.
