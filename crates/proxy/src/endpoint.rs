@@ -398,34 +398,28 @@ pub mod tests {
         conn.send_request(req).await.unwrap().status()
     }
 
-    #[test]
-    fn each_worker_opens_and_reuses_its_own_connection_to_a_peer() {
+    #[tokio::test]
+    async fn each_worker_opens_and_reuses_its_own_connection_to_a_peer() {
         use crate::workers::{self, Workers};
         use_slots(workers::slots(2));
         let workers = Workers::start(2).unwrap();
         let set = workers.set();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (addr, accepted) = h2_server().await;
-            let ep = endpoint(&addr.to_string());
-            // Two rounds of a request from each worker: each opens one
-            // connection, then reuses it.
-            for _ in 0..2 {
-                for i in 0..2 {
-                    let status = set.run_on(i, get(ep.clone())).await;
-                    assert_eq!(status, Some(http::StatusCode::OK));
-                }
+        let (addr, accepted) = h2_server().await;
+        let ep = endpoint(&addr.to_string());
+        // Two rounds of a request from each worker: each opens one
+        // connection, then reuses it.
+        for _ in 0..2 {
+            for i in 0..2 {
+                let status = set.run_on(i, get(ep.clone())).await;
+                assert_eq!(status, Some(http::StatusCode::OK));
             }
-            assert_eq!(accepted.load(Ordering::SeqCst), 2);
-            assert!(ep.warm(false, 2), "both workers' connections are open");
-            // This thread is no worker: it has a slot of its own.
-            assert!(ep.ready_h2(false).is_none());
-            assert_eq!(get(ep.clone()).await, http::StatusCode::OK);
-            assert_eq!(accepted.load(Ordering::SeqCst), 3);
-        });
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert!(ep.warm(false, 2), "both workers' connections are open");
+        // This thread is no worker: it has a slot of its own.
+        assert!(ep.ready_h2(false).is_none());
+        assert_eq!(get(ep.clone()).await, http::StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     pub fn endpoint(addr: &str) -> Arc<Endpoint> {

@@ -226,74 +226,61 @@ pub fn slots(workers: usize) -> usize {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_worker_and_every_other_thread_has_its_own_slot() {
+    #[tokio::test]
+    async fn each_worker_and_every_other_thread_has_its_own_slot() {
         let workers = Workers::start(2).unwrap();
         let set = workers.set();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let per = Arc::new(PerWorker::new(slots(2), |i| i));
-        let seen = rt.block_on(async {
-            let mut seen = Vec::new();
-            for i in 0..2 {
-                let per = per.clone();
-                let got = set.run_on(i, async move { (current(), *per.get()) }).await;
-                seen.push(got.unwrap());
-            }
-            seen
-        });
+        let mut seen = Vec::new();
+        for i in 0..2 {
+            let per = per.clone();
+            let got = set.run_on(i, async move { (current(), *per.get()) }).await;
+            seen.push(got.unwrap());
+        }
         assert_eq!(seen, vec![(Some(0), 0), (Some(1), 1)]);
         // This thread is no worker: the last slot.
         assert_eq!((current(), *per.get()), (None, 2));
     }
 
-    #[test]
-    fn a_listener_is_served_on_every_worker_until_shutdown() {
+    #[tokio::test]
+    async fn a_listener_is_served_on_every_worker_until_shutdown() {
         let workers = Workers::start(2).unwrap();
         let set = workers.set();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let serving = tokio::spawn({
-                let set = set.clone();
-                async move {
-                    set.serve_listener(l, move |l| {
-                        let (tx, mut stopped) = (tx.clone(), stopped.clone());
-                        async move {
-                            loop {
-                                tokio::select! {
-                                    a = l.accept() => {
-                                        let _ = tx.send((current(), a.is_ok()));
-                                    }
-                                    _ = stopped.changed() => return,
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let serving = tokio::spawn({
+            let set = set.clone();
+            async move {
+                set.serve_listener(l, move |l| {
+                    let (tx, mut stopped) = (tx.clone(), stopped.clone());
+                    async move {
+                        loop {
+                            tokio::select! {
+                                a = l.accept() => {
+                                    let _ = tx.send((current(), a.is_ok()));
                                 }
+                                _ = stopped.changed() => return,
                             }
                         }
-                    })
-                    .await
-                }
-            });
-            // Every connection is accepted, on a worker.
-            let mut conns = Vec::new();
-            for _ in 0..20 {
-                conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
-                let (worker, ok) = rx.recv().await.unwrap();
-                assert!(ok && worker.is_some_and(|w| w < 2), "{worker:?}");
-            }
-            stop.send(true).unwrap();
-            tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+                    }
+                })
                 .await
-                .expect("the loops end at shutdown")
-                .unwrap();
+            }
         });
+        // Every connection is accepted, on a worker.
+        let mut conns = Vec::new();
+        for _ in 0..20 {
+            conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            let (worker, ok) = rx.recv().await.unwrap();
+            assert!(ok && worker.is_some_and(|w| w < 2), "{worker:?}");
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("the loops end at shutdown")
+            .unwrap();
     }
 
     #[test]
