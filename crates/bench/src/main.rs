@@ -60,6 +60,11 @@ pub struct Args {
     /// Measurements of each kind of change at each N.
     #[arg(long)]
     pub repeats: Option<usize>,
+    /// Kinds of change measured: `mesh` (every proxy sees it), `route` (one
+    /// Service's subscribers). Only `route` makes a profile of a route change
+    /// alone.
+    #[arg(long, value_delimiter = ',', default_values_t = [Change::Mesh, Change::Route])]
+    pub changes: Vec<Change>,
     /// Mesh sizes M for the proxy-RSS part (default 10,100,1000; smoke 10,100).
     #[arg(long, value_delimiter = ',')]
     pub rss_services: Vec<usize>,
@@ -93,6 +98,29 @@ pub struct Args {
     /// File name stem (default `<UTC date>-scale[-smoke]`).
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// A kind of change `measure` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Mesh,
+    Route,
+}
+
+impl Change {
+    fn name(self) -> &'static str {
+        match self {
+            Change::Mesh => "mesh",
+            Change::Route => "route",
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The sizes in force, after defaults.
@@ -675,8 +703,8 @@ async fn propagation(
         let step = p1.add_clients(n, plan, args).await?;
         res.setup.push(step);
         for run in 1..=plan.repeats {
-            for change in ["mesh", "route"] {
-                let m = p1.measure(change, run, plan, args).await?;
+            for change in &args.changes {
+                let m = p1.measure(change.name(), run, plan, args).await?;
                 res.propagation.push(m);
                 p1.cp.proc.check_alive()?;
             }

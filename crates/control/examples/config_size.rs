@@ -83,9 +83,7 @@ fn register_workloads(registry: &mut Registry, resources: &[Resource]) {
                 ..Default::default()
             };
             let proxy = Proxy::from_register(conn, &register);
-            registry
-                .endpoints
-                .insert(proxy.instance.clone(), proxy.record("example"));
+            registry.endpoints.insert(proxy.record("example"));
             registry.proxies.insert(conn, proxy);
         }
     }

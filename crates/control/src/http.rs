@@ -518,7 +518,7 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
             .map_err(|e| ApiError::invalid("apply", e))
     })
     .await??;
-    check_budget(s, &resources, &sources, &existing).await?;
+    check_budget(s, &resources, &sources).await?;
 
     if dry_run {
         let results: Vec<Value> = resources
@@ -569,17 +569,8 @@ async fn check_budget(
     s: &Inner,
     resources: &[Resource],
     sources: &[trellis_resource::Source],
-    existing: &[Resource],
 ) -> ApiResult<()> {
-    let applied: std::collections::BTreeSet<ResourceKey> =
-        resources.iter().map(|r| r.key()).collect();
-    let mut proposed: Vec<Resource> = existing
-        .iter()
-        .filter(|r| !applied.contains(&r.key()))
-        .cloned()
-        .collect();
-    proposed.extend(resources.iter().cloned());
-    let breaches = s.deps.xds.check_budget(proposed, applied).await;
+    let breaches = s.deps.xds.check_budget(resources.to_vec()).await;
     let mut errors: Vec<ResourceError> = Vec::new();
     let mut named = std::collections::BTreeSet::new();
     for b in &breaches {

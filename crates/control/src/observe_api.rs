@@ -154,7 +154,7 @@ pub async fn edges(
     // Identities of the workloads and of each service's endpoints, as the
     // connected proxies say.
     let mut workload_ids: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    for p in &snap.proxies {
+    for p in snap.proxies.iter() {
         workload_ids
             .entry((p.namespace.clone(), p.workload.clone()))
             .or_default()

@@ -21,10 +21,12 @@ mod budget;
 mod config;
 mod endpoints;
 mod index;
+mod records;
 
 pub use budget::{Breach, Part};
 pub use endpoints::{EndpointCache, SelectionMemo};
 pub use index::ResourceIndex;
+pub use records::EndpointRecords;
 
 /// Identifies one stream; an instance that reconnects gets a new one.
 pub type ConnId = u64;
@@ -332,12 +334,12 @@ pub enum EndpointSource {
 pub struct Registry {
     pub proxies: BTreeMap<ConnId, Proxy>,
     /// Every proxy of the mesh as an endpoint, by instance.
-    pub endpoints: BTreeMap<String, EndpointRecord>,
+    pub endpoints: EndpointRecords,
     pub resources: ResourceIndex,
     /// The roots every proxy must trust, current first.
     pub trust_bundle: Vec<String>,
     /// Each Service's stable virtual IP (pods mode).
-    pub vips: crate::vips::Vips,
+    pub vips: std::sync::Arc<crate::vips::Vips>,
     pub endpoint_source: EndpointSource,
 }
 

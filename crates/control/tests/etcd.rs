@@ -75,7 +75,7 @@ async fn resources_state_and_watches_on_etcd() {
         .await
         .unwrap();
     assert!(out.results.iter().all(|r| r.action == Action::Created));
-    let ev = next_change(&mut watch, |c| matches!(c, Change::Put(_))).await;
+    let ev = next_change(&mut watch, |c| matches!(c, Change::Put(..))).await;
     assert_eq!(ev.revision, out.revision, "the apply is one revision");
     assert_eq!(ev.changes.len(), 2);
 

@@ -7,6 +7,7 @@
 //! JSON, and equal Configs equal `Config::content_hash`es.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use trellis_api::v1::{Config, ServiceConfig};
 use trellis_resource::{Resource, Spec};
@@ -38,7 +39,7 @@ impl Registry {
                 },
                 _ => false,
             })
-            .map(to_json)
+            .map(|r| to_json(r))
             .collect();
         config.trust_bundle_pem = self.trust_bundle.clone();
     }
@@ -103,12 +104,13 @@ impl Registry {
 
     /// The HTTPRoutes, then the GRPCRoutes, attached to a Service.
     fn routes<'a>(&'a self, name: &ServiceName) -> impl Iterator<Item = &'a Resource> {
-        let of = |by_parent: &'a BTreeMap<ServiceName, Vec<Resource>>| {
+        let of = |by_parent: &'a BTreeMap<ServiceName, Vec<Arc<Resource>>>| {
             by_parent.get(name).map(Vec::as_slice).unwrap_or_default()
         };
         of(&self.resources.routes_by_parent)
             .iter()
             .chain(of(&self.resources.grpc_routes_by_parent))
+            .map(|r| &**r)
     }
 
     /// One Service's part of a Config. Its TrafficPolicy always comes along:
@@ -122,9 +124,9 @@ impl Registry {
         with_routes: bool,
         cache: &mut EndpointCache,
     ) -> ServiceConfig {
-        let routes_json = |by_parent: &BTreeMap<ServiceName, Vec<Resource>>| -> Vec<String> {
+        let routes_json = |by_parent: &BTreeMap<ServiceName, Vec<Arc<Resource>>>| -> Vec<String> {
             match by_parent.get(name) {
-                Some(routes) if with_routes => routes.iter().map(to_json).collect(),
+                Some(routes) if with_routes => routes.iter().map(|r| to_json(r)).collect(),
                 _ => Vec::new(),
             }
         };
@@ -143,7 +145,7 @@ impl Registry {
                 .resources
                 .policy_by_target
                 .get(name)
-                .map(to_json)
+                .map(|r| to_json(r))
                 .unwrap_or_default(),
             grpc_routes_json: routes_json(&self.resources.grpc_routes_by_parent),
         }

@@ -146,9 +146,9 @@ impl Registry {
         let mut eps: Vec<Endpoint> = match self.resources.services.get(name) {
             Some(r) => {
                 let selector = r.as_service().map(|s| &s.selector);
-                self.endpoints
-                    .values()
-                    .filter(|p| selector.is_some_and(|sel| p.selected_by(&name.namespace, sel)))
+                selector
+                    .into_iter()
+                    .flat_map(|sel| self.endpoints.selected(&name.namespace, sel))
                     .map(|p| endpoint_of(p, &td))
                     .collect()
             }

@@ -1,65 +1,186 @@
 //! The stored resources, indexed for building configs: Services by name,
 //! routes by the Service they are attached to, TrafficPolicies by target,
-//! and the Mesh.
+//! and the Mesh. The index follows the store change by change (`put`,
+//! `delete`), and says which Services' part of a Config each change
+//! touches, so a route change costs the proxies that hold that Service, not
+//! a rebuild of the index and a look at every proxy.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use trellis_resource::{MeshSpec, Resource, Spec};
+use trellis_resource::{Kind, MeshSpec, Resource, ResourceKey, Spec};
 
 use super::ServiceName;
 
-/// The stored resources, indexed for building configs.
+/// The stored resources, indexed for building configs. Resources are
+/// shared (`Arc`) between the index and its copies (an apply's budget
+/// check works on a copy).
 #[derive(Clone, Debug, Default)]
 pub struct ResourceIndex {
     pub mesh: Option<MeshSpec>,
-    pub services: BTreeMap<ServiceName, Resource>,
+    pub services: BTreeMap<ServiceName, Arc<Resource>>,
     /// Routes by the Service their parentRefs name, sorted by key.
-    pub routes_by_parent: BTreeMap<ServiceName, Vec<Resource>>,
+    pub routes_by_parent: BTreeMap<ServiceName, Vec<Arc<Resource>>>,
     /// GRPCRoutes by the Service their parentRefs name, sorted by key.
-    pub grpc_routes_by_parent: BTreeMap<ServiceName, Vec<Resource>>,
+    pub grpc_routes_by_parent: BTreeMap<ServiceName, Vec<Arc<Resource>>>,
     /// The TrafficPolicy of each Service that has one (apply refuses a
     /// second; should the store hold two, the first by name wins).
-    pub policy_by_target: BTreeMap<ServiceName, Resource>,
+    pub policy_by_target: BTreeMap<ServiceName, Arc<Resource>>,
     /// Every AuthorizationPolicy, sorted by key.
-    pub authorization_policies: Vec<Resource>,
+    pub authorization_policies: Vec<Arc<Resource>>,
+    /// Every resource, by key: what `put` and `delete` find the old
+    /// version of a resource in.
+    all: BTreeMap<ResourceKey, Arc<Resource>>,
+    /// Every TrafficPolicy by the Service it targets, by key (the first
+    /// is the one in force).
+    policies: BTreeMap<ServiceName, BTreeSet<ResourceKey>>,
 }
 
 impl ResourceIndex {
     pub fn new(resources: &[Resource]) -> Self {
         let mut idx = ResourceIndex::default();
         for r in resources {
-            match &r.spec {
-                Spec::Mesh(mesh) if r.metadata.name == "default" => idx.mesh = Some(mesh.clone()),
-                Spec::Service(_) => {
-                    idx.services.insert(
-                        ServiceName::new(&r.metadata.namespace, &r.metadata.name),
-                        r.clone(),
-                    );
+            idx.put(r.clone());
+        }
+        idx
+    }
+
+    /// How many resources the index holds.
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// Creates or replaces a resource. Which Services' part of a Config
+    /// that changes, as `changed_services` says it (`None`: every proxy's).
+    pub fn put(&mut self, r: Resource) -> Option<BTreeSet<ServiceName>> {
+        let key = r.key();
+        let new = Arc::new(r);
+        let old = self.all.insert(key.clone(), new.clone());
+        if old.as_deref() == Some(&*new) {
+            return Some(BTreeSet::new());
+        }
+        self.reindex(&key, old.as_deref(), Some(&new))
+    }
+
+    /// Removes a resource, if the index holds it; what that changes, as for
+    /// `put`.
+    pub fn delete(&mut self, key: &ResourceKey) -> Option<BTreeSet<ServiceName>> {
+        match self.all.remove(key) {
+            Some(old) => self.reindex(key, Some(&old), None),
+            None => Some(BTreeSet::new()),
+        }
+    }
+
+    /// Moves `key` in the index from `old` to `new` (either may be absent).
+    fn reindex(
+        &mut self,
+        key: &ResourceKey,
+        old: Option<&Resource>,
+        new: Option<&Arc<Resource>>,
+    ) -> Option<BTreeSet<ServiceName>> {
+        let mut changed = BTreeSet::new();
+        match key.kind {
+            Kind::Mesh => {
+                if key.name != "default" {
+                    return Some(changed);
                 }
-                Spec::HttpRoute(_) => attach(&mut idx.routes_by_parent, r),
-                Spec::GrpcRoute(_) => attach(&mut idx.grpc_routes_by_parent, r),
-                Spec::TrafficPolicy(tp) => {
-                    let target = ServiceName::new(&r.metadata.namespace, &tp.target_ref.name);
-                    let first = idx
-                        .policy_by_target
-                        .get(&target)
-                        .is_none_or(|old| r.key() < old.key());
-                    if first {
-                        idx.policy_by_target.insert(target, r.clone());
+                let mesh = new.and_then(|r| match &r.spec {
+                    Spec::Mesh(m) => Some(m.clone()),
+                    _ => None,
+                });
+                if mesh == self.mesh {
+                    return Some(changed);
+                }
+                self.mesh = mesh;
+                return None;
+            }
+            Kind::Service => {
+                let name = ServiceName::new(&key.namespace, &key.name);
+                match new {
+                    Some(r) => self.services.insert(name, r.clone()),
+                    None => self.services.remove(&name),
+                };
+                return None;
+            }
+            Kind::AuthorizationPolicy => {
+                let list = &mut self.authorization_policies;
+                list.retain(|r| !is(r, key));
+                if let Some(r) = new {
+                    let at = list.partition_point(|x| x.key() < *key);
+                    list.insert(at, r.clone());
+                }
+                return None;
+            }
+            Kind::HttpRoute | Kind::GrpcRoute => {
+                let by_parent = if key.kind == Kind::HttpRoute {
+                    &mut self.routes_by_parent
+                } else {
+                    &mut self.grpc_routes_by_parent
+                };
+                if let Some(old) = old {
+                    for (ns, name) in old.parent_services() {
+                        let parent = ServiceName::new(ns, name);
+                        if let Some(routes) = by_parent.get_mut(&parent) {
+                            routes.retain(|r| !is(r, key));
+                            if routes.is_empty() {
+                                by_parent.remove(&parent);
+                            }
+                        }
+                        changed.insert(parent);
                     }
                 }
-                Spec::AuthorizationPolicy(_) => idx.authorization_policies.push(r.clone()),
-                Spec::Mesh(_) | Spec::Workload(_) => {}
+                if let Some(new) = new {
+                    for (ns, name) in new.parent_services() {
+                        let parent = ServiceName::new(ns, name);
+                        let routes = by_parent.entry(parent.clone()).or_default();
+                        let at = routes.partition_point(|x| x.key() < *key);
+                        routes.insert(at, new.clone());
+                        changed.insert(parent);
+                    }
+                }
             }
+            Kind::TrafficPolicy => {
+                let target = |r: &Resource| match &r.spec {
+                    Spec::TrafficPolicy(tp) => {
+                        Some(ServiceName::new(&r.metadata.namespace, &tp.target_ref.name))
+                    }
+                    _ => None,
+                };
+                if let Some(t) = old.and_then(target) {
+                    if let Some(keys) = self.policies.get_mut(&t) {
+                        keys.remove(key);
+                        if keys.is_empty() {
+                            self.policies.remove(&t);
+                        }
+                    }
+                    changed.insert(t);
+                }
+                if let Some(t) = new.and_then(|r| target(r)) {
+                    self.policies
+                        .entry(t.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    changed.insert(t);
+                }
+                for t in &changed {
+                    let first = self
+                        .policies
+                        .get(t)
+                        .and_then(|keys| keys.first())
+                        .and_then(|k| self.all.get(k));
+                    match first {
+                        Some(r) => self.policy_by_target.insert(t.clone(), r.clone()),
+                        None => self.policy_by_target.remove(t),
+                    };
+                }
+            }
+            Kind::Workload => {}
         }
-        for routes in idx.routes_by_parent.values_mut() {
-            routes.sort_by_key(|r| r.key());
-        }
-        for routes in idx.grpc_routes_by_parent.values_mut() {
-            routes.sort_by_key(|r| r.key());
-        }
-        idx.authorization_policies.sort_by_key(|r| r.key());
-        idx
+        Some(changed)
     }
 
     /// The Services whose part of a Config differs between `self` and
@@ -82,6 +203,9 @@ impl ResourceIndex {
             grpc_routes_by_parent,
             policy_by_target,
             authorization_policies,
+            // What the fields above are made of.
+            all: _,
+            policies: _,
         } = self;
         if *mesh != next.mesh
             || *services != next.services
@@ -144,12 +268,7 @@ fn differing_keys<V: PartialEq>(
     }
 }
 
-/// Files a route under each Service its parentRefs name.
-fn attach(by_parent: &mut BTreeMap<ServiceName, Vec<Resource>>, route: &Resource) {
-    for (ns, name) in route.parent_services() {
-        by_parent
-            .entry(ServiceName::new(ns, name))
-            .or_default()
-            .push(route.clone());
-    }
+/// Whether `r` is the resource `key` names.
+fn is(r: &Resource, key: &ResourceKey) -> bool {
+    r.metadata.name == key.name && r.key() == *key
 }

@@ -83,7 +83,7 @@ fn proxy(conn: ConnId, ns: &str, labels: &[(&str, &str)], addr: &str) -> Proxy {
 
 /// A connected proxy and its endpoint record, as the store would feed it.
 fn add(reg: &mut Registry, p: Proxy) {
-    reg.endpoints.insert(p.instance.clone(), p.record("r"));
+    reg.endpoints.insert(p.record("r"));
     reg.proxies.insert(p.conn, p);
 }
 
@@ -153,8 +153,7 @@ fn config_has_routes_backends_endpoints_and_missing() {
         &[("app", "catalog"), ("version", "v2")],
         "10.0.0.2:15006",
     );
-    reg.endpoints
-        .insert(other.instance.clone(), other.record("r2"));
+    reg.endpoints.insert(other.record("r2"));
     let mut cache = EndpointCache::new();
     let (cfg, deps) = reg.config_for(&subs(&["default/catalog", "default/nope"]), &mut cache);
     assert_eq!(cfg.mesh_json, "{}");
@@ -440,4 +439,132 @@ fn external_endpoints_replace_registrations() {
     // The Config of a proxy that calls catalog carries the pod.
     let (cfg, _) = reg.config_for(&subs(&["default/catalog"]), &mut EndpointCache::new());
     assert_eq!(cfg.services[0].endpoints, [pod]);
+}
+
+/// One of a small universe of resources, in one of two versions, for the
+/// index's property test: names and targets collide on purpose.
+fn candidate(i: usize, v: usize) -> Resource {
+    let svc = |k: usize| format!("s{}", k % 3);
+    let yaml = match i {
+        0 => format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec: {{trustDomain: td{v}.org}}\n"),
+        1 => format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: other}}\nspec: {{trustDomain: td{v}.org}}\n"),
+        2..=4 => format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}}}\nspec: {{selector: {{app: a{v}}}}}\n", svc(i)),
+        5..=8 => format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{}}}\nspec:\n  parentRefs: [{{kind: Service, name: {}}}{}]\n  rules: [{{backendRefs: [{{name: s2}}]}}]\n",
+            i % 3,
+            svc(i + v),
+            if v == 1 { format!(", {{kind: Service, name: {}}}", svc(i + 2)) } else { String::new() },
+        ),
+        9 | 10 => format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g{i}}}\nspec:\n  parentRefs: [{{kind: Service, name: {}}}]\n  rules: [{{backendRefs: [{{name: s1, port: 50051}}]}}]\n",
+            svc(i + v)
+        ),
+        11..=13 => format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p{i}}}\nspec:\n  targetRef: {{kind: Service, name: {}}}\n  loadBalancer: {{type: {}}}\n",
+            svc(i / 2 + v),
+            if v == 0 { "round-robin" } else { "least-request" }
+        ),
+        14 | 15 => format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{i}}}\nspec:\n  action: {}\n  rules: [{{from: [{{namespaces: [default]}}]}}]\n",
+            if v == 0 { "ALLOW" } else { "DENY" }
+        ),
+        _ => format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{command: [\"app{}\"]}}\n", v),
+    };
+    let mut parsed = trellis_resource::parse_documents("t.yaml", &yaml)
+        .unwrap_or_else(|e| panic!("{yaml}: {e}"));
+    parsed.remove(0)
+}
+
+proptest::proptest! {
+    /// The index kept change by change holds what an index built from the
+    /// final resources would (each part computed here the plain way), and
+    /// each change names at least the Services `changed_services` does
+    /// (`None`, every proxy, exactly when it does).
+    #[test]
+    fn the_index_follows_puts_and_deletes(
+        ops in proptest::collection::vec((0..17usize, 0..2usize, proptest::bool::weighted(0.3)), 1..40),
+    ) {
+        let mut idx = ResourceIndex::default();
+        let mut stored: BTreeMap<trellis_resource::ResourceKey, Resource> = BTreeMap::new();
+        for (i, v, delete) in ops {
+            let r = candidate(i, v);
+            let before = idx.clone();
+            let said = if delete {
+                stored.remove(&r.key());
+                idx.delete(&r.key())
+            } else {
+                stored.insert(r.key(), r.clone());
+                idx.put(r)
+            };
+            match (before.changed_services(&idx), said) {
+                (None, None) => {}
+                (Some(needed), Some(said)) => proptest::prop_assert!(
+                    needed.is_subset(&said),
+                    "the change named {said:?}, but {needed:?} changed"
+                ),
+                (needed, said) => proptest::prop_assert!(false, "changed {needed:?}, said {said:?}"),
+            }
+        }
+        let all: Vec<&Resource> = stored.values().collect();
+        proptest::prop_assert_eq!(idx.len(), all.len());
+        let mesh = all.iter().find_map(|r| match &r.spec {
+            Spec::Mesh(m) if r.metadata.name == "default" => Some(m.clone()),
+            _ => None,
+        });
+        proptest::prop_assert_eq!(&idx.mesh, &mesh);
+        let services: BTreeMap<ServiceName, Resource> = all
+            .iter()
+            .filter(|r| r.as_service().is_some())
+            .map(|r| (ServiceName::new(&r.metadata.namespace, &r.metadata.name), (*r).clone()))
+            .collect();
+        let indexed: BTreeMap<ServiceName, Resource> = idx
+            .services
+            .iter()
+            .map(|(k, v)| (k.clone(), (**v).clone()))
+            .collect();
+        proptest::prop_assert_eq!(indexed, services);
+        for (kind, by_parent) in [
+            (trellis_resource::Kind::HttpRoute, &idx.routes_by_parent),
+            (trellis_resource::Kind::GrpcRoute, &idx.grpc_routes_by_parent),
+        ] {
+            let mut want: BTreeMap<ServiceName, Vec<String>> = BTreeMap::new();
+            for r in all.iter().filter(|r| r.kind() == kind) {
+                for (ns, name) in r.parent_services() {
+                    want.entry(ServiceName::new(ns, name))
+                        .or_default()
+                        .push(r.metadata.name.clone());
+                }
+            }
+            let got: BTreeMap<ServiceName, Vec<String>> = by_parent
+                .iter()
+                .map(|(k, rs)| (k.clone(), rs.iter().map(|r| r.metadata.name.clone()).collect()))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+        let mut policies: BTreeMap<ServiceName, String> = BTreeMap::new();
+        for r in &all {
+            if let Spec::TrafficPolicy(tp) = &r.spec {
+                policies
+                    .entry(ServiceName::new(&r.metadata.namespace, &tp.target_ref.name))
+                    .or_insert_with(|| r.metadata.name.clone());
+            }
+        }
+        let got: BTreeMap<ServiceName, String> = idx
+            .policy_by_target
+            .iter()
+            .map(|(k, r)| (k.clone(), r.metadata.name.clone()))
+            .collect();
+        proptest::prop_assert_eq!(got, policies);
+        let aps: Vec<&str> = all
+            .iter()
+            .filter(|r| r.kind() == trellis_resource::Kind::AuthorizationPolicy)
+            .map(|r| r.metadata.name.as_str())
+            .collect();
+        let got: Vec<&str> = idx
+            .authorization_policies
+            .iter()
+            .map(|r| r.metadata.name.as_str())
+            .collect();
+        proptest::prop_assert_eq!(got, aps);
+    }
 }

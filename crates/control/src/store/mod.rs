@@ -100,7 +100,8 @@ pub struct ApplyOutcome {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Put(ResourceKey),
+    /// A resource was created or changed; its stored JSON.
+    Put(ResourceKey, Vec<u8>),
     Delete(ResourceKey),
     /// A proxy's endpoint record was published (`Some`) or withdrawn
     /// (`None`), by this control plane or another replica.

@@ -165,7 +165,7 @@ impl Store for RedbStore {
                         .map_err(redb::Error::from)?;
                     let action = action(old.as_ref().map(|o| o.value()), json);
                     if action != super::Action::Unchanged {
-                        changes.push(Change::Put(key.clone()));
+                        changes.push(Change::Put(key.clone(), json.clone()));
                     }
                     results.push(ApplyResult {
                         key: key.clone(),

@@ -47,16 +47,20 @@ const RETRY: Duration = Duration::from_secs(1);
 enum Scope {
     All,
     One(ConnId),
-    /// Proxies whose config holds endpoints of these services.
+    /// Proxies whose config holds these services (`Actor::dependents`).
     Affected(BTreeSet<ServiceName>),
 }
 
 impl Scope {
-    fn reaches(&self, p: &Proxy) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::One(c) => *c == p.conn,
-            Scope::Affected(services) => !p.depends_on.is_disjoint(services),
+    /// Adds what `piece` reaches (`None`: every proxy).
+    fn add(&mut self, piece: Option<BTreeSet<ServiceName>>) {
+        match (&mut *self, piece) {
+            (Scope::All, _) => {}
+            (_, None) => *self = Scope::All,
+            (Scope::Affected(services), Some(more)) => services.extend(more),
+            // Changes start from `Affected`; should one meet `One`, every
+            // proxy is the safe superset.
+            (Scope::One(_), Some(_)) => *self = Scope::All,
         }
     }
 }
@@ -97,7 +101,9 @@ pub async fn start(
         views: BTreeMap::new(),
         dirty: HashSet::new(),
         published_trust_domain: String::new(),
+        published_proxies: Arc::default(),
         endpoint_bytes: HashMap::new(),
+        dependents: HashMap::new(),
     };
     let _ = actor.install(first);
     actor.publish();
@@ -145,11 +151,17 @@ struct Actor {
     views: BTreeMap<ConnId, Arc<ProxyView>>,
     dirty: HashSet<ConnId>,
     published_trust_domain: String,
+    /// `views` as last published: rebuilt only when one changed.
+    published_proxies: Arc<Vec<Arc<ProxyView>>>,
     /// The stored bytes of each record in `registry.endpoints`: a read of
     /// the whole store (after any resource change) parses and compares only
     /// the records whose bytes changed, not all of them (10,000 at the
     /// scale benchmark's size, none of which a route change touches).
     endpoint_bytes: HashMap<String, Vec<u8>>,
+    /// The proxies whose Config holds each Service (the inverse of
+    /// `Proxy::depends_on`): a change to one Service's part of a Config
+    /// recomputes these, without a look at any other proxy.
+    dependents: HashMap<ServiceName, HashSet<ConnId>>,
 }
 
 impl Actor {
@@ -266,41 +278,38 @@ impl Actor {
         self.registry.resources = next;
         let mut all = changed.is_none();
         let mut affected = changed.unwrap_or_default();
-        let mut old = std::mem::take(&mut self.registry.endpoints);
-        let old_bytes = std::mem::take(&mut self.endpoint_bytes);
-        let mut endpoints = BTreeMap::new();
+        let mut present = HashSet::with_capacity(snap.endpoints.len());
         for (instance, bytes) in snap.endpoints {
-            let prev = old.remove(&instance);
-            let record = match prev {
-                // The same bytes: the same record, kept as it is.
-                Some(p) if old_bytes.get(&instance) == Some(&bytes) => Some(p),
-                prev => {
-                    let record = parse_record(&instance, &bytes);
-                    if !all && prev != record {
-                        for r in prev.iter().chain(record.iter()) {
-                            affected.extend(self.registry.services_of(r));
-                        }
-                    }
-                    record
+            // The same bytes: the same record, kept as it is.
+            if self.endpoint_bytes.get(&instance) != Some(&bytes) {
+                let scope = self.put_record(&instance, bytes);
+                if !all {
+                    affected.extend(scope);
                 }
-            };
-            if let Some(r) = record {
-                endpoints.insert(instance.clone(), r);
-                self.endpoint_bytes.insert(instance, bytes);
             }
+            present.insert(instance);
         }
         // Withdrawn since.
-        if !all {
-            for r in old.values() {
-                affected.extend(self.registry.services_of(r));
+        let gone: Vec<String> = self
+            .registry
+            .endpoints
+            .instances()
+            .filter(|i| !present.contains(*i))
+            .map(str::to_string)
+            .collect();
+        for instance in gone {
+            let scope = self.remove_record(&instance);
+            if !all {
+                affected.extend(scope);
             }
         }
-        self.registry.endpoints = endpoints;
         let external = matches!(self.registry.endpoint_source, EndpointSource::External(_));
         if let (Some(v), false) = (&snap.vips, external) {
             let vips = Vips::from_json(v);
-            all |= vips != self.registry.vips;
-            self.registry.vips = vips;
+            if vips != *self.registry.vips {
+                all = true;
+                self.registry.vips = Arc::new(vips);
+            }
         }
         self.applied = self.applied.max(snap.revision);
         if all {
@@ -351,23 +360,33 @@ impl Actor {
             // A read of the whole store saw it already.
             return;
         }
-        let mut affected = BTreeSet::new();
+        let mut scope = Scope::Affected(BTreeSet::new());
         let mut load = false;
+        let mut services = false;
         for change in ev.changes {
             match change {
-                Change::Put(_) | Change::Delete(_) => load = true,
-                Change::Endpoint { instance, record } => {
-                    if let Some(old) = self.registry.endpoints.remove(&instance) {
-                        affected.extend(self.registry.services_of(&old));
-                    }
-                    self.endpoint_bytes.remove(&instance);
-                    if let Some(bytes) = record {
-                        if let Some(r) = parse_record(&instance, &bytes) {
-                            affected.extend(self.registry.services_of(&r));
-                            self.registry.endpoints.insert(instance.clone(), r);
-                            self.endpoint_bytes.insert(instance, bytes);
+                Change::Put(key, bytes) => {
+                    match serde_json::from_slice::<trellis_resource::Resource>(&bytes) {
+                        Ok(r) if r.key() == key => {
+                            services |= key.kind == trellis_resource::Kind::Service;
+                            scope.add(self.registry.resources.put(r));
+                        }
+                        Ok(_) | Err(_) => {
+                            warn!(%key, "a stored resource cannot be read; reading the whole store");
+                            load = true;
                         }
                     }
+                }
+                Change::Delete(key) => {
+                    services |= key.kind == trellis_resource::Kind::Service;
+                    scope.add(self.registry.resources.delete(&key));
+                }
+                Change::Endpoint { instance, record } => {
+                    let reached = match record {
+                        Some(bytes) => self.put_record(&instance, bytes),
+                        None => self.remove_record(&instance),
+                    };
+                    scope.add(Some(reached));
                 }
                 Change::State(key) if key == crate::vips::STATE_KEY => load = true,
                 Change::State(key) if MeshIdentity::is_ca_key(&key) => self.reload_ca(),
@@ -380,8 +399,39 @@ impl Actor {
             return;
         }
         self.applied = ev.revision;
-        self.update(Scope::Affected(affected));
+        self.update(scope);
         self.release_waiting(None);
+        if services {
+            self.allocate_vips();
+        }
+    }
+
+    /// Takes the stored bytes of an endpoint record; the Services whose
+    /// endpoints that changes.
+    fn put_record(&mut self, instance: &str, bytes: Vec<u8>) -> BTreeSet<ServiceName> {
+        let Some(record) = parse_record(instance, &bytes) else {
+            return self.remove_record(instance);
+        };
+        let mut reached = self.registry.services_of(&record);
+        let before = self.registry.endpoints.insert(record);
+        if let Some(before) = before {
+            if Some(&*before) == self.registry.endpoints.get(instance) {
+                reached.clear();
+            } else {
+                reached.extend(self.registry.services_of(&before));
+            }
+        }
+        self.endpoint_bytes.insert(instance.to_string(), bytes);
+        reached
+    }
+
+    /// Drops an endpoint record; the Services whose endpoints that changes.
+    fn remove_record(&mut self, instance: &str) -> BTreeSet<ServiceName> {
+        self.endpoint_bytes.remove(instance);
+        match self.registry.endpoints.remove(instance) {
+            Some(old) => self.registry.services_of(&old),
+            None => BTreeSet::new(),
+        }
     }
 
     /// Another replica rotated the CA: sign with it, and send the bundle.
@@ -412,8 +462,8 @@ impl Actor {
             // Services without a ClusterIP (headless) get one of the
             // mesh's own; not stored: the source is the truth.
             vips.assign(self.registry.resources.services.keys());
-            if vips != self.registry.vips {
-                self.registry.vips = vips;
+            if vips != *self.registry.vips {
+                self.registry.vips = Arc::new(vips);
                 all = true;
             }
         }
@@ -543,20 +593,16 @@ impl Actor {
             Event::Allocated(result) => {
                 self.allocating = false;
                 match result {
-                    Ok(vips) if vips != self.registry.vips => {
-                        self.registry.vips = vips;
+                    Ok(vips) if vips != *self.registry.vips => {
+                        self.registry.vips = Arc::new(vips);
                         self.update(Scope::All);
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "cannot store the service VIP table; trying again"),
                 }
             }
-            Event::CheckBudget {
-                proposed,
-                applied,
-                reply,
-            } => {
-                let _ = reply.send(self.check_budget(&proposed, &applied));
+            Event::CheckBudget { applied, reply } => {
+                let _ = reply.send(self.check_budget(applied));
             }
             Event::Shutdown => {}
         }
@@ -626,6 +672,7 @@ impl Actor {
         self.waiting.remove(&conn);
         let p = self.registry.proxies.remove(&conn);
         if let Some(p) = &p {
+            depend(&mut self.dependents, conn, &p.depends_on, &BTreeSet::new());
             self.store
                 .withdraw_endpoint(&p.instance, p.published.clone());
         }
@@ -635,15 +682,31 @@ impl Actor {
         p
     }
 
+    /// The connected proxies in `scope`, in order.
+    fn targets(&self, scope: &Scope) -> Vec<ConnId> {
+        match scope {
+            Scope::All => self.registry.proxies.keys().copied().collect(),
+            Scope::One(conn) => vec![*conn],
+            Scope::Affected(services) => {
+                let reached: BTreeSet<ConnId> = services
+                    .iter()
+                    .filter_map(|s| self.dependents.get(s))
+                    .flatten()
+                    .copied()
+                    .collect();
+                reached.into_iter().collect()
+            }
+        }
+    }
+
     /// The Config size of each proxy in `scope` under the current resources.
     fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
         use prost::Message as _;
         let mut memo = SelectionMemo::default();
         let mut cache = self.endpoint_cache(scope, &mut memo);
-        self.registry
-            .proxies
-            .values()
-            .filter(|p| scope.reaches(p))
+        self.targets(scope)
+            .into_iter()
+            .filter_map(|conn| self.registry.proxies.get(&conn))
             .map(|p| {
                 let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
                 (p.conn, config.encoded_len())
@@ -660,25 +723,26 @@ impl Actor {
         }
     }
 
-    /// See `XdsHandle::check_budget`. Builds the Configs that `proposed`
-    /// would change twice (now, and with `proposed`), as a reload does once.
-    fn check_budget(
-        &mut self,
-        proposed: &[trellis_resource::Resource],
-        applied: &BTreeSet<trellis_resource::ResourceKey>,
-    ) -> Vec<Breach> {
+    /// See `XdsHandle::check_budget`. Builds the Configs that `applied`
+    /// would change twice (now, and with `applied`), as an update does once.
+    fn check_budget(&mut self, applied: Vec<trellis_resource::Resource>) -> Vec<Breach> {
         use prost::Message as _;
-        let next = ResourceIndex::new(proposed);
-        let scope = match self.registry.resources.changed_services(&next) {
-            Some(services) => Scope::Affected(services),
-            None => Scope::All,
-        };
+        let keys: BTreeSet<trellis_resource::ResourceKey> =
+            applied.iter().map(|r| r.key()).collect();
+        let mut next = self.registry.resources.clone();
+        let mut scope = Scope::Affected(BTreeSet::new());
+        for r in applied {
+            scope.add(next.put(r));
+        }
         let before = self.config_sizes(&scope);
         let current = std::mem::replace(&mut self.registry.resources, next);
         let mut breaches = Vec::new();
         let mut memo = SelectionMemo::default();
         let mut cache = self.endpoint_cache(&scope, &mut memo);
-        for p in self.registry.proxies.values().filter(|p| scope.reaches(p)) {
+        for conn in self.targets(&scope) {
+            let Some(p) = self.registry.proxies.get(&conn) else {
+                continue;
+            };
             let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
             let bytes = config.encoded_len();
             let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
@@ -688,7 +752,7 @@ impl Actor {
                     namespace: p.namespace.clone(),
                     workload: p.workload.clone(),
                     bytes,
-                    part: self.registry.blame(&config, applied),
+                    part: self.registry.blame(&config, &keys),
                 });
             }
         }
@@ -701,8 +765,11 @@ impl Actor {
         let mut memo = SelectionMemo::default();
         let mut cache = self.endpoint_cache(&scope, &mut memo);
         let mut changed = Vec::new();
-        for p in self.registry.proxies.values() {
-            if !scope.reaches(p) || p.waiting_for.is_some() {
+        for conn in self.targets(&scope) {
+            let Some(p) = self.registry.proxies.get(&conn) else {
+                continue;
+            };
+            if p.waiting_for.is_some() {
                 continue;
             }
             let (config, deps) = self.registry.full_config(p, &mut cache, &mut memo);
@@ -731,6 +798,7 @@ impl Actor {
                 let Some(p) = self.registry.proxies.get_mut(&conn) else {
                     continue;
                 };
+                depend(&mut self.dependents, conn, &p.depends_on, &deps);
                 p.depends_on = deps;
                 if p.withheld_hash != Some(hash) {
                     p.withheld_hash = Some(hash);
@@ -772,6 +840,7 @@ impl Actor {
             }
             p.withheld_hash = None;
             p.sent_hash = Some(hash);
+            depend(&mut self.dependents, conn, &p.depends_on, &deps);
             p.depends_on = deps;
             self.metrics.configs_sent.inc();
         }
@@ -785,20 +854,23 @@ impl Actor {
             self.views.clear();
             self.dirty.extend(self.registry.proxies.keys().copied());
         }
-        for conn in self.dirty.drain() {
-            match self.registry.proxies.get(&conn) {
-                Some(p) => {
-                    self.views
-                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
-                }
-                None => {
-                    self.views.remove(&conn);
+        if !self.dirty.is_empty() {
+            for conn in self.dirty.drain() {
+                match self.registry.proxies.get(&conn) {
+                    Some(p) => {
+                        self.views
+                            .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
+                    }
+                    None => {
+                        self.views.remove(&conn);
+                    }
                 }
             }
+            self.published_proxies = Arc::new(self.views.values().cloned().collect());
         }
         self.snapshot.store(Arc::new(Snapshot {
-            proxies: self.views.values().cloned().collect(),
-            endpoints: self.registry.endpoints.values().cloned().collect(),
+            proxies: self.published_proxies.clone(),
+            endpoints: self.registry.endpoints.shared(),
             revision: self.applied,
             trust_domain: self.published_trust_domain.clone(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
@@ -824,5 +896,26 @@ fn parse_record(instance: &str, bytes: &[u8]) -> Option<EndpointRecord> {
             warn!(instance, "ignoring an endpoint record that cannot be read");
             None
         }
+    }
+}
+
+/// Moves `conn` in `dependents` from the Services of `old` to those of
+/// `new`.
+fn depend(
+    dependents: &mut HashMap<ServiceName, HashSet<ConnId>>,
+    conn: ConnId,
+    old: &BTreeSet<ServiceName>,
+    new: &BTreeSet<ServiceName>,
+) {
+    for s in old.difference(new) {
+        if let Some(conns) = dependents.get_mut(s) {
+            conns.remove(&conn);
+            if conns.is_empty() {
+                dependents.remove(s);
+            }
+        }
+    }
+    for s in new.difference(old) {
+        dependents.entry(s.clone()).or_default().insert(conn);
     }
 }

@@ -7,7 +7,6 @@
 //! proxy never blocks the actor and never gets stale configs queued. The
 //! HTTP API reads an arc-swapped snapshot that the actor publishes.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,17 +43,18 @@ pub enum XdsError {
 pub struct Snapshot {
     /// The proxies connected to this control plane; shared with earlier
     /// snapshots: a publish rebuilds only the views of the proxies that
-    /// changed since the last one.
-    pub proxies: Vec<Arc<ProxyView>>,
-    /// Every proxy of the mesh as an endpoint (from every replica).
-    pub endpoints: Vec<EndpointRecord>,
+    /// changed since the last one, and the list only when one did.
+    pub proxies: Arc<Vec<Arc<ProxyView>>>,
+    /// Every proxy of the mesh as an endpoint (from every replica), shared
+    /// until one changes.
+    pub endpoints: Arc<Vec<Arc<EndpointRecord>>>,
     /// The store revision the registry reflects.
     pub revision: u64,
     pub trust_domain: String,
     /// `Mesh.certificateTTL`.
     pub certificate_ttl: std::time::Duration,
-    /// Each Service's VIP (pods mode).
-    pub vips: crate::vips::Vips,
+    /// Each Service's VIP (pods mode), shared until one changes.
+    pub vips: Arc<crate::vips::Vips>,
 }
 
 /// Shared by the gRPC server, the HTTP API and `ControlPlane`.
@@ -86,21 +86,13 @@ impl XdsHandle {
         let _ = self.events.send(Event::Endpoints(endpoints, vips)).await;
     }
 
-    /// The connected proxies whose Config `proposed` (the whole set of
-    /// resources an apply would leave) would push over the Config budget,
-    /// or grow while over it; `applied` are the apply's own resources, the
-    /// ones to blame first.
-    pub async fn check_budget(
-        &self,
-        proposed: Vec<trellis_resource::Resource>,
-        applied: BTreeSet<trellis_resource::ResourceKey>,
-    ) -> Vec<Breach> {
+    /// The connected proxies whose Config `applied` (an apply's resources,
+    /// put over the ones this control plane's configs are made of) would
+    /// push over the Config budget, or grow while over it. The apply's own
+    /// resources are the ones to blame first.
+    pub async fn check_budget(&self, applied: Vec<trellis_resource::Resource>) -> Vec<Breach> {
         let (reply, rx) = oneshot::channel();
-        let ev = Event::CheckBudget {
-            proposed,
-            applied,
-            reply,
-        };
+        let ev = Event::CheckBudget { applied, reply };
         if self.events.send(ev).await.is_err() {
             return Vec::new();
         }
@@ -163,8 +155,7 @@ enum Event {
         Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
     ),
     CheckBudget {
-        proposed: Vec<trellis_resource::Resource>,
-        applied: BTreeSet<trellis_resource::ResourceKey>,
+        applied: Vec<trellis_resource::Resource>,
         reply: oneshot::Sender<Vec<Breach>>,
     },
     Shutdown,

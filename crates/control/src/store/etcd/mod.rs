@@ -657,7 +657,7 @@ fn events_of(inner: &Inner, resp: &pb::WatchResponse) -> Vec<StoreEvent> {
         let change = if let Some(k) = rest.strip_prefix(RESOURCES) {
             let Some(key) = parse_key(k) else { continue };
             if put {
-                Change::Put(key)
+                Change::Put(key, kv.value.clone())
             } else {
                 Change::Delete(key)
             }
