@@ -31,7 +31,11 @@ fn every_traffic_example_is_a_valid_mesh_with_a_readme() {
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
             .into_iter()
             .unzip();
-        if let Err(e) = trellis_resource::validate_apply(&resources, &sources, &[]) {
+        if let Err(e) = trellis_resource::validate_apply::<trellis_resource::Resource>(
+            &resources,
+            &sources,
+            &[],
+        ) {
             panic!("{}: {e}", dir.display());
         }
         assert!(

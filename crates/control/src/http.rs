@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use trellis_resource::{Kind, LoadError, Resource, ResourceError, ResourceKey};
 
 use crate::auth::{self, Auth, AuthError};
@@ -511,7 +511,7 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
     }
 
     let _write = s.write_lock.lock().await;
-    let (existing, revision) = s.deps.store.list(None).await?;
+    let (existing, revision) = stored_resources(s).await?;
     let (resources, sources, existing) = blocking(move || {
         trellis_resource::validate_apply(&resources, &sources, &existing)
             .map(|()| (resources, sources, existing))
@@ -560,6 +560,30 @@ async fn apply_inner(s: &Inner, dry_run: bool, body: Bytes) -> ApiResult<Json<Va
     Ok(Json(
         json!({"revision": outcome.revision, "results": results}),
     ))
+}
+
+/// How long a write waits for the xds actor to see every change committed
+/// before it (`stored_resources`); it reads the store itself after that.
+const ACTOR_CATCH_UP: Duration = Duration::from_secs(1);
+
+/// The stored resources a write validates against, and the revision they
+/// are at. They are the xds actor's, once it has seen every change
+/// committed so far (the store's revision now), as Kubernetes' API server
+/// serves a consistent list from its watch cache: the same as reading the
+/// store, without fetching and decoding every resource on each write. When
+/// the actor lags (it is reading the whole store, or stopped), the store
+/// is read.
+async fn stored_resources(s: &Inner) -> ApiResult<(Arc<Vec<Arc<Resource>>>, u64)> {
+    let now = s.deps.store.revision().await?;
+    if let Some(found) = s.deps.xds.resources_at(now, ACTOR_CATCH_UP).await {
+        return Ok(found);
+    }
+    debug!(
+        revision = now,
+        "the xds actor lags the store; reading the resources from the store"
+    );
+    let (list, revision) = s.deps.store.list(None).await?;
+    Ok((Arc::new(list.into_iter().map(Arc::new).collect()), revision))
 }
 
 /// Refuses an apply that would push a connected proxy's Config over the
@@ -689,11 +713,15 @@ async fn delete_resource(
     let s = &state.inner;
     let key = key_from_path(&kind, &namespace, &name)?;
     let _write = s.write_lock.lock().await;
-    let (all, seen) = s.deps.store.list(None).await?;
+    let (all, seen) = stored_resources(s).await?;
     if !all.iter().any(|r| r.key() == key) {
         return Err(ApiError::NotFound(format!("{key} not found")));
     }
-    let remaining: Vec<Resource> = all.into_iter().filter(|r| r.key() != key).collect();
+    let remaining: Vec<&Resource> = all
+        .iter()
+        .map(|r| &**r)
+        .filter(|r| r.key() != key)
+        .collect();
     trellis_resource::validate_delete(&key, &remaining)
         .map_err(|e| ApiError::invalid("delete", e))?;
     let revision = s

@@ -450,3 +450,52 @@ async fn configs_stay_within_the_budget() {
     let (_, proxies) = http(&cp, "GET", "/api/v1/proxies", "", String::new()).await;
     assert!(proxies[0]["configWithheld"].is_null(), "{}", proxies[0]);
 }
+
+/// Writes validate against the resources the xds actor holds once it has
+/// seen every earlier write (not a fresh read of the store): each write
+/// here depends on the one just before it, sent at once, and must see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_write_is_validated_against_every_write_before_it() {
+    let (_dir, cp) = start().await;
+    for i in 0..20 {
+        let svc = format!("svc-{i}");
+        let (status, body) = apply(&cp, &json!([service(&svc, json!({}))])).await;
+        assert_eq!(status, 200, "{body}");
+        // A route may only name a Service that exists: the one just applied.
+        let (status, body) = apply(&cp, &json!([route(&format!("r-{i}"), &svc, 1)])).await;
+        assert_eq!(
+            status, 200,
+            "round {i}: the route's Service is not seen: {body}"
+        );
+        // A Service takes one TrafficPolicy: the second sees the first.
+        let policy = |name: &str| {
+            json!({
+                "apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": name},
+                "spec": {"targetRef": {"kind": "Service", "name": svc}},
+            })
+        };
+        let (status, body) = apply(&cp, &json!([policy(&format!("a-{i}"))])).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = apply(&cp, &json!([policy(&format!("b-{i}"))])).await;
+        assert_ne!(
+            status, 200,
+            "round {i}: a second TrafficPolicy was accepted"
+        );
+        assert!(
+            body.to_string().contains("already has a TrafficPolicy"),
+            "{body}"
+        );
+        // A Service that a route names cannot be deleted.
+        let (status, body) = http(
+            &cp,
+            "DELETE",
+            &format!("/api/v1/resources/Service/default/{svc}"),
+            "",
+            String::new(),
+        )
+        .await;
+        assert_ne!(status, 200, "round {i}: deleted a Service a route names");
+        assert!(body.to_string().contains("still used by"), "{body}");
+    }
+}

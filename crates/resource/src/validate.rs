@@ -6,6 +6,7 @@
 //! may only name Services that exist, no resource twice). Messages say what
 //! to change, since they go straight to the person running `trellis apply`.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use regex::Regex;
@@ -26,16 +27,17 @@ const METHODS: [&str; 9] = [
 ];
 
 /// Validates a whole apply. `sources` runs parallel to `resources` (it may
-/// be empty or short); `existing` is what the store holds now.
-pub fn validate_apply(
+/// be empty or short); `existing` is what the store holds now (resources,
+/// or shared ones).
+pub fn validate_apply<R: Borrow<Resource>>(
     resources: &[Resource],
     sources: &[Source],
-    existing: &[Resource],
+    existing: &[R],
 ) -> Result<(), LoadError> {
     // What this apply writes wins over what the store holds, so a route
     // may name a Service whose new ports arrive in the same apply.
     let mut services: HashMap<(&str, &str), &ServiceSpec> = HashMap::new();
-    for r in existing.iter().chain(resources) {
+    for r in existing.iter().map(Borrow::borrow).chain(resources) {
         if let Some(spec) = r.as_service() {
             services.insert(
                 (r.metadata.namespace.as_str(), r.metadata.name.as_str()),
@@ -74,12 +76,15 @@ pub fn validate_apply(
 
 /// Refuses to delete a Service that a remaining route still names, since
 /// the route would start failing at once.
-pub fn validate_delete(key: &ResourceKey, remaining: &[Resource]) -> Result<(), LoadError> {
+pub fn validate_delete<R: Borrow<Resource>>(
+    key: &ResourceKey,
+    remaining: &[R],
+) -> Result<(), LoadError> {
     if key.kind != Kind::Service {
         return Ok(());
     }
     let mut errors = Vec::new();
-    for r in remaining {
+    for r in remaining.iter().map(Borrow::borrow) {
         let fields: Vec<String> = r
             .route_refs()
             .into_iter()

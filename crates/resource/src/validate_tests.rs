@@ -402,8 +402,8 @@ fn backend_namespace_defaults_to_the_routes() {
 fn services_in_the_same_apply_count() {
     let mut all = base();
     all.extend(existing());
-    assert_eq!(validate_apply(&all, &[], &[]), Ok(()));
-    assert!(validate_apply(&base(), &[], &[]).is_err());
+    assert_eq!(validate_apply::<Resource>(&all, &[], &[]), Ok(()));
+    assert!(validate_apply::<Resource>(&base(), &[], &[]).is_err());
 }
 
 #[test]
@@ -751,7 +751,7 @@ fn mesh_access_log_and_otlp_endpoint_are_checked() {
             return true;
         };
         let (res, src): (Vec<_>, Vec<_>) = docs.into_iter().unzip();
-        crate::validate_apply(&res, &src, &[]).is_err()
+        crate::validate_apply::<Resource>(&res, &src, &[]).is_err()
     };
     let mesh = |spec: &str| {
         format!("apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec: {spec}\n")
@@ -780,7 +780,7 @@ fn metadata_and_size_limits_name_the_field_and_the_limit() {
     };
     let errors = |yaml: &str| -> Vec<ResourceError> {
         let rs = parse_documents("limits.yaml", yaml).unwrap();
-        validate_apply(&rs, &[], &[]).map_or_else(|e| e.errors, |_| Vec::new())
+        validate_apply::<Resource>(&rs, &[], &[]).map_or_else(|e| e.errors, |_| Vec::new())
     };
     let long = "a".repeat(64);
     let huge = "x".repeat(300 << 10);

@@ -632,10 +632,10 @@ pub(super) fn check_traffic_policy(
 /// no Service that is the parent of both an HTTPRoute and a GRPCRoute
 /// (GEP-1426: the HTTPRoute would be ignored). What this apply writes
 /// replaces what the store holds under the same key.
-pub(super) fn check_conflicts(
+pub(super) fn check_conflicts<R: std::borrow::Borrow<Resource>>(
     resources: &[Resource],
     sources: &[Source],
-    existing: &[Resource],
+    existing: &[R],
     mut located: impl FnMut(usize, Problems) -> Vec<ResourceError>,
 ) -> Vec<ResourceError> {
     let applied: HashMap<ResourceKey, usize> = resources
@@ -649,6 +649,7 @@ pub(super) fn check_conflicts(
     let mut grpc_parents = ByService::new();
     let stored = existing
         .iter()
+        .map(std::borrow::Borrow::borrow)
         .filter(|r| !applied.contains_key(&r.key()))
         .map(|r| (r, None));
     let new = resources.iter().enumerate().map(|(i, r)| (r, Some(i)));

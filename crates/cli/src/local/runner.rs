@@ -164,7 +164,11 @@ impl<P: Placement> Runner<P> {
     ) -> anyhow::Result<Runner<P>> {
         P::check_host()?;
         let (resources, sources): (Vec<Resource>, Vec<Source>) = loaded.into_iter().unzip();
-        if let Err(e) = trellis_resource::validate_apply(&resources, &sources, &[]) {
+        if let Err(e) = trellis_resource::validate_apply::<trellis_resource::Resource>(
+            &resources,
+            &sources,
+            &[],
+        ) {
             anyhow::bail!(
                 "nothing was started:\n{}",
                 crate::resources::indent(&e.to_string())

@@ -34,6 +34,9 @@ pub struct ResourceIndex {
     /// Every TrafficPolicy by the Service it targets, by key (the first
     /// is the one in force).
     policies: BTreeMap<ServiceName, BTreeSet<ResourceKey>>,
+    /// Every resource in key order, as last handed out by `shared`; `None`
+    /// once one changed since.
+    shared: Option<Arc<Vec<Arc<Resource>>>>,
 }
 
 impl ResourceIndex {
@@ -43,6 +46,14 @@ impl ResourceIndex {
             idx.put(r.clone());
         }
         idx
+    }
+
+    /// Every resource in key order, shared until one changes: what an
+    /// apply validates against (`XdsHandle::resources_at`).
+    pub fn shared(&mut self) -> Arc<Vec<Arc<Resource>>> {
+        self.shared
+            .get_or_insert_with(|| Arc::new(self.all.values().cloned().collect()))
+            .clone()
     }
 
     /// How many resources the index holds.
@@ -60,6 +71,7 @@ impl ResourceIndex {
         let key = r.key();
         let new = Arc::new(r);
         let old = self.all.insert(key.clone(), new.clone());
+        self.shared = None;
         if old.as_deref() == Some(&*new) {
             return Some(BTreeSet::new());
         }
@@ -70,7 +82,10 @@ impl ResourceIndex {
     /// `put`.
     pub fn delete(&mut self, key: &ResourceKey) -> Option<BTreeSet<ServiceName>> {
         match self.all.remove(key) {
-            Some(old) => self.reindex(key, Some(&old), None),
+            Some(old) => {
+                self.shared = None;
+                self.reindex(key, Some(&old), None)
+            }
             None => Some(BTreeSet::new()),
         }
     }
@@ -206,6 +221,7 @@ impl ResourceIndex {
             // What the fields above are made of.
             all: _,
             policies: _,
+            shared: _,
         } = self;
         if *mesh != next.mesh
             || *services != next.services

@@ -263,6 +263,15 @@ impl Store for RedbStore {
         self.events.subscribe()
     }
 
+    async fn revision(&self) -> Result<u64> {
+        self.db()?;
+        Ok(self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .revision)
+    }
+
     async fn snapshot(&self) -> Result<StoreSnapshot> {
         let mem = self.write_lock.clone();
         self.blocking(move |db| {

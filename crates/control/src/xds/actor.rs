@@ -27,7 +27,7 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 use trellis_api::v1::Register;
 
-use super::{Event, Link, Out, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
+use super::{Event, Link, Out, ProxyViews, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
 use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::registry::{
@@ -77,6 +77,7 @@ pub async fn start(
     let store_events = store.watch();
     let first = store.snapshot().await?;
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let (revision_tx, revision_rx) = watch::channel(0);
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let mut actor = Actor {
         registry: Registry {
@@ -91,6 +92,7 @@ pub async fn start(
         replica,
         metrics,
         snapshot: snapshot.clone(),
+        revision: revision_tx,
         events: tx.clone(),
         loading: false,
         load_again: false,
@@ -101,7 +103,7 @@ pub async fn start(
         views: BTreeMap::new(),
         dirty: HashSet::new(),
         published_trust_domain: String::new(),
-        published_proxies: Arc::default(),
+        published_proxies: ProxyViews::default(),
         endpoint_bytes: HashMap::new(),
         dependents: HashMap::new(),
     };
@@ -112,6 +114,7 @@ pub async fn start(
         XdsHandle {
             events: tx,
             snapshot,
+            revision: revision_rx,
         },
         task,
     ))
@@ -129,6 +132,8 @@ struct Actor {
     replica: String,
     metrics: Arc<Metrics>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// The revision of `snapshot`, sent once it is published.
+    revision: watch::Sender<u64>,
     /// Where the tasks the actor starts send their results.
     events: mpsc::Sender<Event>,
     /// A read of the whole store is under way.
@@ -151,8 +156,8 @@ struct Actor {
     views: BTreeMap<ConnId, Arc<ProxyView>>,
     dirty: HashSet<ConnId>,
     published_trust_domain: String,
-    /// `views` as last published: rebuilt only when one changed.
-    published_proxies: Arc<Vec<Arc<ProxyView>>>,
+    /// `views` as last published.
+    published_proxies: ProxyViews,
     /// The stored bytes of each record in `registry.endpoints`: a read of
     /// the whole store (after any resource change) parses and compares only
     /// the records whose bytes changed, not all of them (10,000 at the
@@ -854,20 +859,19 @@ impl Actor {
             self.views.clear();
             self.dirty.extend(self.registry.proxies.keys().copied());
         }
-        if !self.dirty.is_empty() {
-            for conn in self.dirty.drain() {
-                match self.registry.proxies.get(&conn) {
-                    Some(p) => {
-                        self.views
-                            .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
-                    }
-                    None => {
-                        self.views.remove(&conn);
-                    }
+        for &conn in &self.dirty {
+            match self.registry.proxies.get(&conn) {
+                Some(p) => {
+                    self.views
+                        .insert(conn, Arc::new(p.view(&self.published_trust_domain)));
+                }
+                None => {
+                    self.views.remove(&conn);
                 }
             }
-            self.published_proxies = Arc::new(self.views.values().cloned().collect());
         }
+        self.published_proxies
+            .refresh(&self.views, self.dirty.drain());
         self.snapshot.store(Arc::new(Snapshot {
             proxies: self.published_proxies.clone(),
             endpoints: self.registry.endpoints.shared(),
@@ -875,15 +879,22 @@ impl Actor {
             trust_domain: self.published_trust_domain.clone(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
             vips: self.registry.vips.clone(),
+            resources: self.registry.resources.shared(),
         }));
+        self.revision.send_if_modified(|r| {
+            let newer = *r != self.applied;
+            *r = self.applied;
+            newer
+        });
     }
 
-    fn publish_empty(&self) {
+    fn publish_empty(&mut self) {
         self.snapshot.store(Arc::new(Snapshot {
             trust_domain: self.registry.trust_domain().to_string(),
             certificate_ttl: self.registry.resources.certificate_ttl(),
             vips: self.registry.vips.clone(),
             revision: self.applied,
+            resources: self.registry.resources.shared(),
             ..Snapshot::default()
         }));
     }

@@ -43,8 +43,8 @@ pub enum XdsError {
 pub struct Snapshot {
     /// The proxies connected to this control plane; shared with earlier
     /// snapshots: a publish rebuilds only the views of the proxies that
-    /// changed since the last one, and the list only when one did.
-    pub proxies: Arc<Vec<Arc<ProxyView>>>,
+    /// changed since the last one, and only the chunks that hold them.
+    pub proxies: ProxyViews,
     /// Every proxy of the mesh as an endpoint (from every replica), shared
     /// until one changes.
     pub endpoints: Arc<Vec<Arc<EndpointRecord>>>,
@@ -55,6 +55,51 @@ pub struct Snapshot {
     pub certificate_ttl: std::time::Duration,
     /// Each Service's VIP (pods mode), shared until one changes.
     pub vips: Arc<crate::vips::Vips>,
+    /// The stored resources at `revision`, in key order, shared until one
+    /// changes.
+    pub resources: Arc<Vec<Arc<trellis_resource::Resource>>>,
+}
+
+/// How many proxies (by `ConnId`) share one chunk of `ProxyViews`.
+const VIEW_CHUNK_BITS: u32 = 8;
+
+/// The views of the connected proxies in `ConnId` order, in chunks that
+/// snapshots share: with 12,000 proxies, copying the whole list after each
+/// ack cost more than the route change the acks were for.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyViews {
+    chunks: Arc<std::collections::BTreeMap<ConnId, Arc<[Arc<ProxyView>]>>>,
+}
+
+impl ProxyViews {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ProxyView>> {
+        self.chunks.values().flat_map(|c| c.iter())
+    }
+
+    /// Rebuilds the chunks that hold `changed` from `views`.
+    fn refresh(
+        &mut self,
+        views: &std::collections::BTreeMap<ConnId, Arc<ProxyView>>,
+        changed: impl IntoIterator<Item = ConnId>,
+    ) {
+        let chunks: std::collections::BTreeSet<ConnId> =
+            changed.into_iter().map(|c| c >> VIEW_CHUNK_BITS).collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let all = Arc::make_mut(&mut self.chunks);
+        for chunk in chunks {
+            let start = chunk << VIEW_CHUNK_BITS;
+            let end = start.saturating_add(1 << VIEW_CHUNK_BITS);
+            let members: Arc<[Arc<ProxyView>]> =
+                views.range(start..end).map(|(_, v)| v.clone()).collect();
+            if members.is_empty() {
+                all.remove(&chunk);
+            } else {
+                all.insert(chunk, members);
+            }
+        }
+    }
 }
 
 /// Shared by the gRPC server, the HTTP API and `ControlPlane`.
@@ -62,11 +107,32 @@ pub struct Snapshot {
 pub struct XdsHandle {
     events: mpsc::Sender<Event>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// The revision of the published snapshot, sent after it is published.
+    revision: watch::Receiver<u64>,
 }
 
 impl XdsHandle {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The stored resources as the actor holds them, once it has seen every
+    /// change up to `revision` (the store's revision now, for a consistent
+    /// read): the same as a read of the store, without decoding every
+    /// resource. `None` when the actor has not got there within `wait`
+    /// (it is reading the whole store, or stopped): read the store then.
+    pub async fn resources_at(
+        &self,
+        revision: u64,
+        wait: Duration,
+    ) -> Option<(Arc<Vec<Arc<trellis_resource::Resource>>>, u64)> {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(wait, rx.wait_for(|&r| r >= revision))
+            .await
+            .ok()?
+            .ok()?;
+        let snap = self.snapshot();
+        (snap.revision >= revision).then(|| (snap.resources.clone(), snap.revision))
     }
 
     /// Sends every proxy a new trust bundle.
@@ -497,6 +563,90 @@ fn out_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(instance: &str) -> Arc<ProxyView> {
+        Arc::new(ProxyView {
+            instance: instance.into(),
+            workload: String::new(),
+            namespace: String::new(),
+            labels: Default::default(),
+            service_account: String::new(),
+            identity: String::new(),
+            inbound_addr: String::new(),
+            admin_addr: String::new(),
+            connected_at: std::time::Instant::now(),
+            sent_version: 0,
+            acked_version: 0,
+            last_error: None,
+            config_withheld: None,
+            subscriptions: Vec::new(),
+        })
+    }
+
+    /// A write reads the actor's resources only once the actor has seen
+    /// the revision asked for; before that it waits, and then gives up.
+    #[tokio::test]
+    async fn resources_are_read_only_at_the_revision_asked_for() {
+        let (events, _rx) = mpsc::channel(1);
+        let at = |revision: u64, names: &[&str]| {
+            let resources = names
+                .iter()
+                .map(|n| {
+                    let yaml = format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{selector: {{app: {n}}}}}\n");
+                    Arc::new(trellis_resource::parse_documents("t.yaml", &yaml).unwrap().remove(0))
+                })
+                .collect();
+            Snapshot {
+                revision,
+                resources: Arc::new(resources),
+                ..Snapshot::default()
+            }
+        };
+        let snapshot = Arc::new(ArcSwap::from_pointee(at(5, &["a"])));
+        let (revision_tx, revision) = watch::channel(5);
+        let xds = XdsHandle {
+            events,
+            snapshot: snapshot.clone(),
+            revision,
+        };
+        let short = Duration::from_millis(50);
+        let (found, rev) = xds.resources_at(5, short).await.unwrap();
+        assert_eq!((found.len(), rev), (1, 5));
+        // Not there yet: no answer rather than an older one.
+        assert!(xds.resources_at(6, short).await.is_none());
+        // Published while the write waits: it gets the new resources.
+        let waiting = tokio::spawn({
+            let xds = xds.clone();
+            async move { xds.resources_at(6, Duration::from_secs(30)).await }
+        });
+        snapshot.store(Arc::new(at(6, &["a", "b"])));
+        revision_tx.send_replace(6);
+        let (found, rev) = waiting.await.unwrap().unwrap();
+        assert_eq!((found.len(), rev), (2, 6));
+    }
+
+    #[test]
+    fn proxy_views_rebuild_only_the_chunks_that_changed() {
+        let far = 5 << VIEW_CHUNK_BITS;
+        let mut views: std::collections::BTreeMap<ConnId, Arc<ProxyView>> =
+            [(1, view("a")), (2, view("b")), (far, view("c"))].into();
+        let mut published = ProxyViews::default();
+        published.refresh(&views, [1, 2, far]);
+        let names =
+            |p: &ProxyViews| -> Vec<String> { p.iter().map(|v| v.instance.clone()).collect() };
+        assert_eq!(names(&published), ["a", "b", "c"]);
+        let before = published.clone();
+        views.insert(2, view("b2"));
+        views.remove(&far);
+        published.refresh(&views, [2, far]);
+        assert_eq!(names(&published), ["a", "b2"]);
+        // An earlier snapshot keeps what it saw.
+        assert_eq!(names(&before), ["a", "b", "c"]);
+        // Nothing changed: nothing rebuilt, the chunks stay shared.
+        let same = published.clone();
+        published.refresh(&views, []);
+        assert!(Arc::ptr_eq(&same.chunks, &published.chunks));
+    }
 
     fn claims(labels: &[(&str, &str)], addr: Option<&str>) -> Claims {
         Claims {

@@ -414,6 +414,21 @@ impl Store for EtcdStore {
             .transpose()
     }
 
+    async fn revision(&self) -> Result<u64> {
+        self.check_open()?;
+        // One key at most, and only its count: the header's revision is the
+        // point.
+        let resp = self
+            .inner
+            .client
+            .range(pb::RangeRequest {
+                count_only: true,
+                ..range(self.inner.key(RESOURCES), true)
+            })
+            .await?;
+        Ok(revision(&resp.header))
+    }
+
     async fn list(&self, kind: Option<Kind>) -> Result<(Vec<Resource>, u64)> {
         self.check_open()?;
         let sub = match kind {
