@@ -50,7 +50,24 @@ pub fn raise_fd_limit() -> u64 {
 }
 
 /// User + system CPU seconds of a process (0 when it is gone).
+///
+/// Read from the process's CPU-time clock (`clock_getcpuclockid`), which
+/// counts in nanoseconds: `/proc/<pid>/stat` counts in clock ticks (10 ms),
+/// too coarse for a change that costs a few ms. Falls back to the ticks.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: both calls only write the values passed by pointer.
+    let ok = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+            && libc::clock_gettime(clock, &mut ts) == 0
+    };
+    if ok {
+        return ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+    }
     procfs::process::Process::new(pid as i32)
         .and_then(|p| p.stat())
         .map(|s| (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64)
@@ -272,6 +289,43 @@ pub async fn wait_http_ok(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_counted_finer_than_clock_ticks() {
+        let me = std::process::id();
+        let before = cpu_seconds(me);
+        // About 3 ms of work: less than one clock tick.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(3) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = cpu_seconds(me) - before;
+        assert!(used > 0.0005 && used < 1.0, "{used} s for 3 ms of work");
+        // Another process's clock, in finer steps than the ticks of
+        // /proc/<pid>/stat (a multiple of 10 ms there).
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 30",
+            ])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut used = 0.0;
+        while used < 0.05 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            used = cpu_seconds(child.id());
+        }
+        child.kill().ok();
+        child.wait().ok();
+        assert!(used >= 0.05, "the busy child used {used} s");
+        let ticks = used * 100.0;
+        assert!(
+            (ticks - ticks.round()).abs() > 1e-9,
+            "{used} s is a whole number of clock ticks"
+        );
+    }
 
     #[test]
     fn reads_this_process_and_nothing_of_a_gone_one() {

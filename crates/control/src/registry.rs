@@ -143,6 +143,9 @@ pub struct Proxy {
     pub withheld_hash: Option<u64>,
     /// Hash of the content of the last Config sent (version excluded).
     pub sent_hash: Option<u64>,
+    /// The encoded size of the last Config computed for it (sent or
+    /// withheld): what an apply's budget check compares against.
+    pub config_bytes: Option<usize>,
     /// Services whose endpoints the last Config holds: a proxy joining or
     /// leaving one of them changes this proxy's Config.
     pub depends_on: BTreeSet<ServiceName>,
@@ -202,6 +205,7 @@ impl Proxy {
             config_withheld: None,
             withheld_hash: None,
             sent_hash: None,
+            config_bytes: None,
             depends_on: BTreeSet::new(),
         }
     }

@@ -68,14 +68,23 @@ impl ResourceIndex {
     /// Creates or replaces a resource. Which Services' part of a Config
     /// that changes, as `changed_services` says it (`None`: every proxy's).
     pub fn put(&mut self, r: Resource) -> Option<BTreeSet<ServiceName>> {
-        let key = r.key();
-        let new = Arc::new(r);
+        self.put_shared(Arc::new(r))
+    }
+
+    /// `put`, of a shared resource.
+    pub fn put_shared(&mut self, new: Arc<Resource>) -> Option<BTreeSet<ServiceName>> {
+        let key = new.key();
         let old = self.all.insert(key.clone(), new.clone());
         self.shared = None;
         if old.as_deref() == Some(&*new) {
             return Some(BTreeSet::new());
         }
         self.reindex(&key, old.as_deref(), Some(&new))
+    }
+
+    /// The resource stored under `key`.
+    pub fn get(&self, key: &ResourceKey) -> Option<Arc<Resource>> {
+        self.all.get(key).cloned()
     }
 
     /// Removes a resource, if the index holds it; what that changes, as for

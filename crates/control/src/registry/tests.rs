@@ -489,6 +489,16 @@ proptest::proptest! {
         for (i, v, delete) in ops {
             let r = candidate(i, v);
             let before = idx.clone();
+            // A trial put taken back (the budget check's) leaves the index
+            // as it was.
+            let trial = candidate(16 - i, 1 - v);
+            let old = idx.get(&trial.key());
+            idx.put(trial.clone());
+            match old {
+                Some(o) => idx.put_shared(o),
+                None => idx.delete(&trial.key()),
+            };
+            proptest::prop_assert_eq!(format!("{idx:?}"), format!("{before:?}"));
             let said = if delete {
                 stored.remove(&r.key());
                 idx.delete(&r.key())

@@ -704,21 +704,6 @@ impl Actor {
         }
     }
 
-    /// The Config size of each proxy in `scope` under the current resources.
-    fn config_sizes(&self, scope: &Scope) -> HashMap<ConnId, usize> {
-        use prost::Message as _;
-        let mut memo = SelectionMemo::default();
-        let mut cache = self.endpoint_cache(scope, &mut memo);
-        self.targets(scope)
-            .into_iter()
-            .filter_map(|conn| self.registry.proxies.get(&conn))
-            .map(|p| {
-                let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
-                (p.conn, config.encoded_len())
-            })
-            .collect()
-    }
-
     /// Every Service's endpoints in one pass when every proxy is computed;
     /// otherwise filled per Service as needed.
     fn endpoint_cache(&self, scope: &Scope, memo: &mut SelectionMemo) -> EndpointCache {
@@ -728,19 +713,20 @@ impl Actor {
         }
     }
 
-    /// See `XdsHandle::check_budget`. Builds the Configs that `applied`
-    /// would change twice (now, and with `applied`), as an update does once.
+    /// See `XdsHandle::check_budget`. Puts `applied` in the index, builds
+    /// the Configs that changes, and takes it out again; what each proxy's
+    /// Config was is the size `update` recorded (`Proxy::config_bytes`).
     fn check_budget(&mut self, applied: Vec<trellis_resource::Resource>) -> Vec<Breach> {
         use prost::Message as _;
         let keys: BTreeSet<trellis_resource::ResourceKey> =
             applied.iter().map(|r| r.key()).collect();
-        let mut next = self.registry.resources.clone();
         let mut scope = Scope::Affected(BTreeSet::new());
+        let mut undo = Vec::with_capacity(applied.len());
         for r in applied {
-            scope.add(next.put(r));
+            let key = r.key();
+            undo.push((self.registry.resources.get(&key), key));
+            scope.add(self.registry.resources.put(r));
         }
-        let before = self.config_sizes(&scope);
-        let current = std::mem::replace(&mut self.registry.resources, next);
         let mut breaches = Vec::new();
         let mut memo = SelectionMemo::default();
         let mut cache = self.endpoint_cache(&scope, &mut memo);
@@ -750,7 +736,7 @@ impl Actor {
             };
             let (config, _) = self.registry.full_config(p, &mut cache, &mut memo);
             let bytes = config.encoded_len();
-            let grew = before.get(&p.conn).is_none_or(|&b| bytes > b);
+            let grew = p.config_bytes.is_none_or(|b| bytes > b);
             if bytes > trellis_api::CONFIG_BUDGET_BYTES && grew {
                 breaches.push(Breach {
                     instance: p.instance.clone(),
@@ -761,7 +747,14 @@ impl Actor {
                 });
             }
         }
-        self.registry.resources = current;
+        // Back to what the store holds: put and delete are exact inverses
+        // (the index depends only on the set of resources).
+        for (old, key) in undo.into_iter().rev() {
+            match old {
+                Some(r) => self.registry.resources.put_shared(r),
+                None => self.registry.resources.delete(&key),
+            };
+        }
         breaches
     }
 
@@ -790,6 +783,9 @@ impl Actor {
             // Over the budget, a Config would fail the proxy's decoding and
             // make it reconnect in a loop: it keeps its last one instead.
             let bytes = prost::Message::encoded_len(&config);
+            if let Some(p) = self.registry.proxies.get_mut(&conn) {
+                p.config_bytes = Some(bytes);
+            }
             let withheld = (bytes > trellis_api::CONFIG_BUDGET_BYTES).then(|| {
                 self.registry.proxies.get(&conn).map(|p| Breach {
                     instance: p.instance.clone(),
