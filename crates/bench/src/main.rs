@@ -210,7 +210,13 @@ pub struct Propagation {
     pub endpoint_config_bytes: Option<usize>,
     /// From the apply until the control plane's CPU went idle again.
     pub cp_busy_s: f64,
+    /// The control plane's CPU from the apply until it was idle again.
     pub cp_cpu_s: f64,
+    /// Its CPU per second while idle, just before the apply (timers and
+    /// keepalives of 12,000 streams): what it would have used anyway.
+    pub cp_idle_cpu_per_s: f64,
+    /// `cp_cpu_s` less the idle rate over the same time: the change's own.
+    pub cp_change_cpu_s: f64,
     pub timed_out: bool,
 }
 
@@ -545,6 +551,11 @@ impl Part1 {
         };
         let shared = self.fleet.shared.clone();
         shared.set_needle(mark, needle);
+        // What the control plane uses while idle, to tell the change's own
+        // CPU from the rest of the window.
+        let (i0, idle_t0) = (cpu_seconds(self.cp.pid()), Instant::now());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rate = (cpu_seconds(self.cp.pid()) - i0) / idle_t0.elapsed().as_secs_f64();
         let c0 = cpu_seconds(self.cp.pid());
         let t0 = Instant::now();
         self.cp.apply(&resources).await?;
@@ -567,6 +578,7 @@ impl Part1 {
         }
         let busy = settle(self.cp.pid(), t0, Duration::from_secs(args.deadline)).await;
         let cpu = cpu_seconds(self.cp.pid()) - c0;
+        let window = t0.elapsed().as_secs_f64();
         shared.clear_needle();
         let hits = shared.take_hits(mark);
         let mut client_ms: Vec<f64> = hits
@@ -598,11 +610,13 @@ impl Part1 {
             endpoint_config_bytes: bytes(Role::Endpoint),
             cp_busy_s: busy,
             cp_cpu_s: cpu,
+            cp_idle_cpu_per_s: idle_rate,
+            cp_change_cpu_s: (cpu - idle_rate * window).max(0.0),
             timed_out,
         };
         let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
         progress!(
-            "  N={} {change} #{run}: {}/{} clients acked, p50 {} ms, last {} ms (all streams {} ms), cp busy {:.2}s, cpu {:.2}s",
+            "  N={} {change} #{run}: {}/{} clients acked, p50 {} ms, last {} ms (all streams {} ms), cp busy {:.2}s, cpu {:.1} ms ({:.1} ms of it the change's, {:.1} ms/s idle)",
             self.clients,
             p.acked_clients,
             expected_clients,
@@ -610,7 +624,9 @@ impl Part1 {
             f(p.last_ms),
             f(p.all_last_ms),
             busy,
-            cpu
+            cpu * 1000.0,
+            p.cp_change_cpu_s * 1000.0,
+            idle_rate * 1000.0,
         );
         Ok(p)
     }

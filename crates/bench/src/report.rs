@@ -43,13 +43,14 @@ pub fn largest_mesh_last(res: &Results) -> Option<(usize, f64, f64, bool)> {
 }
 
 /// The control plane's CPU for the change of one Service's route at the
-/// largest N: the median over the runs in ms, and how many proxies it
-/// reached.
+/// largest N: the median over the runs in ms of the change's own CPU (the
+/// window's, less what the control plane used while idle), and how many
+/// proxies it reached.
 pub fn largest_route_cpu(res: &Results) -> Option<(usize, f64, usize)> {
     let route = || res.propagation.iter().filter(|p| p.change == "route");
     let n = route().map(|p| p.n).max()?;
     let runs: Vec<&Propagation> = route().filter(|p| p.n == n).collect();
-    let cpu_ms = median(runs.iter().map(|p| p.cp_cpu_s * 1000.0).collect())?;
+    let cpu_ms = median(runs.iter().map(|p| p.cp_change_cpu_s * 1000.0).collect())?;
     let reached = runs
         .iter()
         .map(|p| p.expected_clients + p.expected_endpoints)
@@ -63,7 +64,7 @@ fn route_cpu_row(res: &Results) -> String {
     const TARGET: &str = "a route change seen by a few proxies <= 5 ms of control-plane CPU";
     match largest_route_cpu(res) {
         Some((n, cpu_ms, reached)) => format!(
-            "| {TARGET} | N = {n}: {cpu_ms:.1} ms for a change {reached} proxies see (median; a debug build's figure is not Trellis's speed) | {} |\n",
+            "| {TARGET} | N = {n}: {cpu_ms:.1} ms for a change {reached} proxies see (median of the change's own CPU: the window's less the idle rate; a debug build's figure is not Trellis's speed) | {} |\n",
             if cpu_ms <= 5.0 { "**met**" } else { "**not met**" }
         ),
         None => format!("| {TARGET} | not measured | |\n"),
@@ -132,8 +133,8 @@ pub fn markdown(plan: &Plan, res: &Results) -> String {
              *cp busy*: from the apply until the control plane's CPU was idle again (it still handles acks after the last one is sent).\n",
             plan.repeats
         );
-        s.push_str("| N | change | proxies to ack | apply ms | first ms | p50 ms | p99 ms | last ms | last max ms | all E+N last ms | config bytes (client / endpoint) | cp busy s | cp CPU s | complete |\n");
-        s.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        s.push_str("| N | change | proxies to ack | apply ms | first ms | p50 ms | p99 ms | last ms | last max ms | all E+N last ms | config bytes (client / endpoint) | cp busy s | cp CPU s | the change's own cp CPU ms | complete |\n");
+        s.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
         let mut groups: BTreeMap<(usize, &str), Vec<&Propagation>> = BTreeMap::new();
         for p in &res.propagation {
             groups.entry((p.n, p.change)).or_default().push(p);
@@ -168,7 +169,7 @@ pub fn markdown(plan: &Plan, res: &Results) -> String {
                 .count();
             let _ = writeln!(
                 s,
-                "| {n} | {change} | {expected} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {complete}/{} |",
+                "| {n} | {change} | {expected} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {complete}/{} |",
                 f1(median(col(&|p| Some(p.apply_ms)))),
                 f1(median(col(&|p| p.first_ms))),
                 f1(median(col(&|p| p.p50_ms))),
@@ -184,6 +185,7 @@ pub fn markdown(plan: &Plan, res: &Results) -> String {
                 bytes(&|p| p.endpoint_config_bytes),
                 f2(median(col(&|p| Some(p.cp_busy_s)))),
                 f2(median(col(&|p| Some(p.cp_cpu_s)))),
+                f1(median(col(&|p| Some(p.cp_change_cpu_s * 1000.0)))),
                 runs.len(),
             );
         }
@@ -325,7 +327,8 @@ mod tests {
             n,
             change,
             expected_clients: 6,
-            cp_cpu_s,
+            cp_cpu_s: cp_cpu_s + 0.002,
+            cp_change_cpu_s: cp_cpu_s,
             ..Default::default()
         }
     }
