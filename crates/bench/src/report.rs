@@ -43,19 +43,22 @@ pub fn largest_mesh_last(res: &Results) -> Option<(usize, f64, f64, bool)> {
 }
 
 /// The control plane's CPU for the change of one Service's route at the
-/// largest N: the median over the runs in ms of the change's own CPU (the
-/// window's, less what the control plane used while idle), and how many
-/// proxies it reached.
-pub fn largest_route_cpu(res: &Results) -> Option<(usize, f64, usize)> {
+/// largest N: the median over the runs in ms of all its CPU from the apply
+/// until it was idle again (what the target is judged on: it includes
+/// what the control plane does anyway), the median of the change's own
+/// (that, less the idle rate measured before), and how many proxies it
+/// reached.
+pub fn largest_route_cpu(res: &Results) -> Option<(usize, f64, f64, usize)> {
     let route = || res.propagation.iter().filter(|p| p.change == "route");
     let n = route().map(|p| p.n).max()?;
     let runs: Vec<&Propagation> = route().filter(|p| p.n == n).collect();
-    let cpu_ms = median(runs.iter().map(|p| p.cp_change_cpu_s * 1000.0).collect())?;
+    let cpu_ms = median(runs.iter().map(|p| p.cp_cpu_s * 1000.0).collect())?;
+    let own_ms = median(runs.iter().map(|p| p.cp_change_cpu_s * 1000.0).collect())?;
     let reached = runs
         .iter()
         .map(|p| p.expected_clients + p.expected_endpoints)
         .max()?;
-    Some((n, cpu_ms, reached))
+    Some((n, cpu_ms, own_ms, reached))
 }
 
 /// The report's row for issue 13's target on a route change's
@@ -63,8 +66,8 @@ pub fn largest_route_cpu(res: &Results) -> Option<(usize, f64, usize)> {
 fn route_cpu_row(res: &Results) -> String {
     const TARGET: &str = "a route change seen by a few proxies <= 5 ms of control-plane CPU";
     match largest_route_cpu(res) {
-        Some((n, cpu_ms, reached)) => format!(
-            "| {TARGET} | N = {n}: {cpu_ms:.1} ms for a change {reached} proxies see (median of the change's own CPU: the window's less the idle rate; a debug build's figure is not Trellis's speed) | {} |\n",
+        Some((n, cpu_ms, own_ms, reached)) => format!(
+            "| {TARGET} | N = {n}: {cpu_ms:.1} ms for a change {reached} proxies see, from the apply until the control plane was idle again ({own_ms:.1} ms less its idle rate); medians; a debug build's figure is not Trellis's speed | {} |\n",
             if cpu_ms <= 5.0 { "**met**" } else { "**not met**" }
         ),
         None => format!("| {TARGET} | not measured | |\n"),
@@ -327,8 +330,8 @@ mod tests {
             n,
             change,
             expected_clients: 6,
-            cp_cpu_s: cp_cpu_s + 0.002,
-            cp_change_cpu_s: cp_cpu_s,
+            cp_cpu_s,
+            cp_change_cpu_s: cp_cpu_s - 0.002,
             ..Default::default()
         }
     }
@@ -345,9 +348,10 @@ mod tests {
             ],
             ..Default::default()
         };
-        let (n, cpu_ms, reached) = largest_route_cpu(&res).unwrap();
+        let (n, cpu_ms, own_ms, reached) = largest_route_cpu(&res).unwrap();
         assert_eq!((n, reached), (2000, 6));
         assert!((cpu_ms - 4.0).abs() < 1e-9, "{cpu_ms}");
+        assert!((own_ms - 2.0).abs() < 1e-9, "{own_ms}");
         let row = route_cpu_row(&res);
         assert!(
             row.contains("N = 2000: 4.0 ms for a change 6 proxies see") && row.contains("**met**"),
