@@ -107,7 +107,11 @@ async fn resources_state_and_watches_on_etcd() {
     let key = services(&[("b", 1)])[0].key();
     assert!(store.delete_since(&key, seen).await.is_err());
     let (_, seen) = store.list(None).await.unwrap();
-    assert!(store.delete_since(&key, seen).await.unwrap().is_some());
+    let deleted = store.delete_since(&key, seen).await.unwrap().unwrap();
+    // The revision of the last resource change, a delete included, as
+    // either replica reads it.
+    assert_eq!(store.revision().await.unwrap(), deleted);
+    assert_eq!(other.revision().await.unwrap(), deleted);
     let ev = next_change(&mut watch, |c| matches!(c, Change::Delete(_))).await;
     assert_eq!(ev.changes, vec![Change::Delete(key.clone())]);
     assert_eq!(store.delete(&key).await.unwrap(), None);
@@ -143,9 +147,15 @@ async fn resources_state_and_watches_on_etcd() {
     assert_eq!(snap.resources.len(), 2);
     assert_eq!(snap.vips.as_deref(), Some(&b"2"[..]));
 
-    // Another prefix is another mesh.
+    // Another prefix is another mesh. Its writes, and the state values
+    // written above, move etcd's revision but not this mesh's resource
+    // revision: a watch of these resources could never reach theirs.
     let elsewhere = open(&cluster, "/t1-other", "c").await;
     assert!(elsewhere.list(None).await.unwrap().0.is_empty());
+    let theirs = elsewhere.apply(services(&[("x", 80)])).await.unwrap();
+    assert!(theirs.revision > deleted);
+    assert_eq!(store.revision().await.unwrap(), deleted);
+    assert_eq!(elsewhere.revision().await.unwrap(), theirs.revision);
     for s in [store, other, elsewhere] {
         s.close().await.unwrap();
     }

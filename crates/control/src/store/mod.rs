@@ -162,8 +162,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, kind: Option<Kind>) -> Result<(Vec<Resource>, u64)>;
     /// Resources, endpoint records and the VIP table at one revision.
     async fn snapshot(&self) -> Result<StoreSnapshot>;
-    /// The store's revision now: every change up to it is committed, and
-    /// its events sent (a consistent read of the store at this moment).
+    /// A revision at or after the last change to the resources committed
+    /// before this call: a watcher that has seen it has every such change
+    /// (a consistent read of the resources at this moment).
     async fn revision(&self) -> Result<u64>;
     /// Events of every change committed after this call.
     fn watch(&self) -> broadcast::Receiver<StoreEvent>;

@@ -417,16 +417,18 @@ impl Actor {
         let Some(record) = parse_record(instance, &bytes) else {
             return self.remove_record(instance);
         };
-        let mut reached = self.registry.services_of(&record);
-        let before = self.registry.endpoints.insert(record);
-        if let Some(before) = before {
-            if Some(&*before) == self.registry.endpoints.get(instance) {
-                reached.clear();
-            } else {
-                reached.extend(self.registry.services_of(&before));
-            }
-        }
         self.endpoint_bytes.insert(instance.to_string(), bytes);
+        let before = self.registry.endpoints.insert(record);
+        let Some(now) = self.registry.endpoints.get(instance) else {
+            return BTreeSet::new();
+        };
+        if before.as_deref() == Some(now) {
+            return BTreeSet::new();
+        }
+        let mut reached = self.registry.services_of(now);
+        if let Some(before) = before {
+            reached.extend(self.registry.services_of(&before));
+        }
         reached
     }
 

@@ -416,17 +416,16 @@ impl Store for EtcdStore {
 
     async fn revision(&self) -> Result<u64> {
         self.check_open()?;
-        // One key at most, and only its count: the header's revision is the
-        // point.
+        // Every resource write (apply or delete) rewrites the meta key in
+        // its transaction, so its mod revision is that of the last resource
+        // change. Not the header's revision: etcd counts every key of the
+        // cluster, and a watch of this prefix never sees the others'.
         let resp = self
             .inner
             .client
-            .range(pb::RangeRequest {
-                count_only: true,
-                ..range(self.inner.key(RESOURCES), true)
-            })
+            .range(range(self.inner.key(META), false))
             .await?;
-        Ok(revision(&resp.header))
+        Ok(resp.kvs.first().map_or(0, |kv| kv.mod_revision as u64))
     }
 
     async fn list(&self, kind: Option<Kind>) -> Result<(Vec<Resource>, u64)> {
