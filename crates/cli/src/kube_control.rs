@@ -142,11 +142,22 @@ async fn sync_store(
 
 /// Follows the source: endpoints and VIPs first (so a new Service never
 /// gets a VIP of the mesh's own before its ClusterIP), then resources.
+/// Each state taken is sent on `applied`, which the replica's readiness
+/// follows.
+///
+/// The channel's first value is an empty state, not the cluster's: it is
+/// skipped. Taken, it deleted every resource from the store a restarted
+/// container keeps (its data dir outlives it), and a proxy that came to
+/// this replica before the first real state got a Config without them.
 async fn follow(
     xds: trellis_control::xds::XdsHandle,
     store: Arc<dyn trellis_control::Store>,
     mut rx: watch::Receiver<Arc<MeshState>>,
+    applied: watch::Sender<Arc<MeshState>>,
 ) {
+    if rx.changed().await.is_err() {
+        return;
+    }
     loop {
         let state = rx.borrow_and_update().clone();
         let endpoints = state
@@ -161,8 +172,18 @@ async fn follow(
             .collect();
         xds.set_external_endpoints(Arc::new(endpoints), Some(vips))
             .await;
-        if let Err(e) = sync_store(store.as_ref(), &state.resources).await {
-            warn!(error = %e, "cannot take the cluster's resources; retrying on the next change");
+        let synced = match sync_store(store.as_ref(), &state.resources).await {
+            Ok(()) => store.revision().await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        match synced {
+            Ok(revision) => {
+                xds.source_synced(revision).await;
+                applied.send_replace(state);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot take the cluster's resources; retrying on the next change")
+            }
         }
         if rx.changed().await.is_err() {
             return;
@@ -202,6 +223,8 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
     info!(?made, "mesh CA from Secret");
 
     let mut cfg = crate::servers::control_config(global, args)?;
+    // Proxies get Configs once the cluster's state is in (`follow`).
+    cfg.external_source = true;
     for host in [
         format!("{}.{namespace}.svc", trellis_k8s::names::CONTROL_SERVICE),
         format!(
@@ -225,7 +248,10 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
         cache: Default::default(),
     }));
     let source = tokio::spawn(trellis_k8s::source::run(client.clone(), tx));
-    tokio::spawn(follow(cp.xds(), cp.store(), rx.clone()));
+    // Ready (the webhook's /ready) once the replica took the cluster's
+    // state: before, a proxy sent here would get a Config without it.
+    let (applied_tx, applied_rx) = watch::channel(Arc::new(MeshState::default()));
+    tokio::spawn(follow(cp.xds(), cp.store(), rx.clone(), applied_tx));
 
     let (lead_tx, lead_rx) = watch::channel(false);
     tokio::spawn(trellis_k8s::lease::run(
@@ -259,7 +285,7 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
         .with_context(|| format!("cannot listen on --webhook-addr {}", args.webhook_addr))?;
     let listener = trellis_control::https::TlsListener::new(listener, tls)?;
     let app =
-        trellis_k8s::webhook::router(Arc::new(inject), Arc::new(rx.clone()), Some(client.clone()));
+        trellis_k8s::webhook::router(Arc::new(inject), Arc::new(applied_rx), Some(client.clone()));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "the injection webhook stopped");

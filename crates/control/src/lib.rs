@@ -68,6 +68,12 @@ pub struct ControlConfig {
     /// store. Replicas on etcd must all be given the same one.
     #[serde(default)]
     pub kek_file: Option<PathBuf>,
+    /// The mesh's state comes from an external source (Kubernetes) that
+    /// says when it is in (`XdsHandle::source_synced`): until then proxies
+    /// are registered but sent no Config, so none gets one made without
+    /// the source's Services and endpoints.
+    #[serde(default)]
+    pub external_source: bool,
 }
 
 /// Which store backs the control plane.
@@ -105,6 +111,7 @@ impl ControlConfig {
             http_hosts: Vec::new(),
             store: StoreKind::Embedded,
             kek_file: None,
+            external_source: false,
         }
     }
 }
@@ -341,6 +348,7 @@ impl ControlPlane {
             metrics.clone(),
             identity.clone(),
             replica.clone(),
+            cfg.external_source,
         )
         .await?;
         let (server_chain, server_key) = identity.server_tls(&[])?;

@@ -851,3 +851,58 @@ async fn a_route_change_recomputes_only_the_proxies_it_reaches() {
     .await;
     cp.shutdown().await;
 }
+
+/// With an external source (Kubernetes), a proxy that comes before the
+/// source is in gets nothing; its first Config holds the source's
+/// endpoints. Before, a replica restarted in its pod sent one made of what
+/// its store kept and no endpoints, and the proxy's calls failed with 503.
+#[tokio::test]
+async fn an_external_source_holds_proxies_until_it_is_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.external_source = true;
+    let cp = ControlPlane::start(cfg).await.unwrap();
+    // What the store kept from the replica's last run.
+    let (status, body) = apply(&cp, &json!([service("catalog", json!({"app": "catalog"}))])).await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut caller = FakeProxy::connect(
+        &cp,
+        register("web-0", "web", &[("app", "web")], "127.0.0.1:23001"),
+    )
+    .await;
+    caller
+        .send(proxy_message::Msg::Subscribe(Subscribe {
+            services: vec!["default/catalog".into()],
+        }))
+        .await;
+    eventually("the caller registered", WAIT, || async {
+        let (_, v) = get(&cp, "/api/v1/proxies").await;
+        let n = v.as_array()?.len();
+        (n == 1).then_some(n)
+    })
+    .await;
+
+    let endpoint = trellis_api::v1::Endpoint {
+        address: "10.9.0.7:8080".into(),
+        instance: "catalog-7".into(),
+        workload: "catalog".into(),
+        namespace: "default".into(),
+        identity: "spiffe://trellis.local/ns/default/sa/catalog".into(),
+        ..Default::default()
+    };
+    let xds = cp.xds();
+    let catalog = trellis_control::registry::ServiceName::new("default", "catalog");
+    xds.set_external_endpoints(
+        std::sync::Arc::new([(catalog.clone(), vec![endpoint])].into()),
+        Some([(catalog, "10.96.0.10".parse().unwrap())].into()),
+    )
+    .await;
+    xds.source_synced(cp.store().revision().await.unwrap())
+        .await;
+
+    // The first Config it gets, not a later one.
+    let first = caller.config_where("the first Config", |_| true).await;
+    assert_eq!(endpoint_addrs(&first, "catalog"), ["10.9.0.7:8080"]);
+    cp.shutdown().await;
+}

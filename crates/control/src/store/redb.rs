@@ -23,6 +23,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 /// The control plane's own state values (see `Store::get_state`).
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+/// How long `close` waits for reads under way to drop their handle.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The embedded store: one redb file. redb commits are durable and
 /// crash-safe, so a control plane that dies restarts with every resource.
@@ -388,14 +390,37 @@ impl Store for RedbStore {
     async fn close(&self) -> Result<()> {
         let db = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
         // redb commits are durable already; dropping the last handle
-        // releases the file lock. Wait for in-flight writers first.
+        // releases the file lock. Wait for in-flight writers first, then
+        // for reads under way (a task of the actor's may hold a handle):
+        // until the last is dropped, a control plane started next on this
+        // data dir finds the store in use.
         let write_lock = self.write_lock.clone();
         tokio::task::spawn_blocking(move || {
             let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
-            drop(db);
+            let Some(mut db) = db else {
+                return Ok(());
+            };
+            let deadline = std::time::Instant::now() + CLOSE_WAIT;
+            loop {
+                match Arc::try_unwrap(db) {
+                    Ok(last) => {
+                        drop(last);
+                        return Ok(());
+                    }
+                    Err(_) if std::time::Instant::now() >= deadline => {
+                        return Err(StoreError::Task(format!(
+                            "a read of the store did not end within {CLOSE_WAIT:?}; the file stays locked until it does"
+                        )));
+                    }
+                    Err(shared) => {
+                        db = shared;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
         })
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 

@@ -65,13 +65,26 @@ impl Scope {
     }
 }
 
+/// Whether proxies are held back until an external source is in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hold {
+    Free,
+    /// The source has not said it is in.
+    UntilSource,
+    /// It is, in the store up to this revision.
+    UntilRevision(u64),
+}
+
 /// Starts the actor on the store's current state. `replica` names this
-/// control plane in the endpoint records it publishes.
+/// control plane in the endpoint records it publishes; with
+/// `external_source`, proxies get no Config before the source is in
+/// (`XdsHandle::source_synced`).
 pub async fn start(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     identity: Arc<MeshIdentity>,
     replica: String,
+    external_source: bool,
 ) -> Result<(XdsHandle, JoinHandle<()>), XdsError> {
     // Watch before reading, so no change falls between the two.
     let store_events = store.watch();
@@ -106,6 +119,11 @@ pub async fn start(
         published_proxies: ProxyViews::default(),
         endpoint_bytes: HashMap::new(),
         dependents: HashMap::new(),
+        hold: if external_source {
+            Hold::UntilSource
+        } else {
+            Hold::Free
+        },
     };
     let _ = actor.install(first);
     actor.publish();
@@ -167,6 +185,10 @@ struct Actor {
     /// `Proxy::depends_on`): a change to one Service's part of a Config
     /// recomputes these, without a look at any other proxy.
     dependents: HashMap<ServiceName, HashSet<ConnId>>,
+    /// Until an external source is in, no proxy is sent a Config: one
+    /// made of what a restarted replica's store kept, without the source's
+    /// endpoints, would send its traffic nowhere.
+    hold: Hold,
 }
 
 impl Actor {
@@ -524,6 +546,7 @@ impl Actor {
 
     /// Sends the proxies that waited for this replica to catch up.
     fn release_waiting(&mut self, load: Option<u64>) {
+        self.release_hold();
         let ready: Vec<ConnId> = self
             .waiting
             .iter()
@@ -539,6 +562,20 @@ impl Actor {
                 p.waiting_for = None;
             }
             self.update(Scope::One(conn));
+        }
+    }
+
+    /// Ends the hold once the source's state is applied.
+    fn release_hold(&mut self) {
+        if let Hold::UntilRevision(revision) = self.hold {
+            if self.applied >= revision {
+                self.hold = Hold::Free;
+                info!(
+                    proxies = self.registry.proxies.len(),
+                    revision, "the source's state is in; sending proxies their Configs"
+                );
+                self.update(Scope::All);
+            }
         }
     }
 
@@ -606,6 +643,12 @@ impl Actor {
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "cannot store the service VIP table; trying again"),
+                }
+            }
+            Event::SourceSynced(revision) => {
+                if self.hold != Hold::Free {
+                    self.hold = Hold::UntilRevision(revision);
+                    self.release_hold();
                 }
             }
             Event::CheckBudget { applied, reply } => {
@@ -762,6 +805,10 @@ impl Actor {
 
     /// Recomputes the configs in `scope` and sends those that changed.
     fn update(&mut self, scope: Scope) {
+        if self.hold != Hold::Free {
+            // Released with `Scope::All`.
+            return;
+        }
         let mut memo = SelectionMemo::default();
         let mut cache = self.endpoint_cache(&scope, &mut memo);
         let mut changed = Vec::new();

@@ -152,6 +152,13 @@ impl XdsHandle {
         let _ = self.events.send(Event::Endpoints(endpoints, vips)).await;
     }
 
+    /// The external source's state is in the store up to `revision` (see
+    /// `ControlConfig::external_source`): once this replica has applied
+    /// it, the proxies it held get their Configs.
+    pub async fn source_synced(&self, revision: u64) {
+        let _ = self.events.send(Event::SourceSynced(revision)).await;
+    }
+
     /// The connected proxies whose Config `applied` (an apply's resources,
     /// put over the ones this control plane's configs are made of) would
     /// push over the Config budget, or grow while over it. The apply's own
@@ -220,6 +227,8 @@ enum Event {
         Arc<std::collections::BTreeMap<ServiceName, Vec<trellis_api::v1::Endpoint>>>,
         Option<std::collections::BTreeMap<ServiceName, std::net::Ipv4Addr>>,
     ),
+    /// The external source's state is in the store up to this revision.
+    SourceSynced(u64),
     CheckBudget {
         applied: Vec<trellis_resource::Resource>,
         reply: oneshot::Sender<Vec<Breach>>,
