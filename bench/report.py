@@ -144,7 +144,7 @@ lines = []
 lines.append(f"# Trellis benchmark, {env['date']} ({env['mode']})")
 lines.append("")
 lines.append(
-    f"Loopback, {env['nproc']} cores ({env['cpu']}), kernel {env['kernel']}; Trellis {env['trellis_commit']} ({env.get('trellis_build', 'release')} build, proxy --workers: {env.get('proxy_workers', 'n/a')}, runtime threads: {env.get('proxy_threads', 'cores')}, proxies: {env.get('proxy_binary', 'trellis proxy')}), "
+    f"Loopback, {env['nproc']} cores ({env['cpu']}), kernel {env['kernel']}; Trellis {env['trellis_commit']} ({env.get('trellis_build', 'release')} build, proxy --workers: {env.get('proxy_workers', 'n/a')}, --peer-http1: {env.get('peer_http1', 'default')}, runtime threads: {env.get('proxy_threads', 'cores')}, proxies: {env.get('proxy_binary', 'trellis proxy')}), "
     f"HAProxy {env['haproxy']}, nginx {env['nginx']}, {env['oha']}, {env['h2load']}"
     f"{', ghz ' + env['ghz'] if env.get('ghz') else ''}. "
     f"Fixed rate: {env['rate']} rps over {env['fixed_conns']} connections"

@@ -416,3 +416,108 @@ async fn a_malformed_request_fails_alone() {
     let (status, _) = client.get("http://catalog:8080/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// With `--peer-http1`, an HTTP/1 caller's requests go to the peer proxy
+/// over HTTP/1.1 connections that are pooled per worker: sequential
+/// requests reuse one, concurrent ones get one each, and one the peer
+/// closed while idle is replaced without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_callers_reach_peers_over_pooled_http1_connections() {
+    let mesh = TestMesh::start().await;
+    mesh.apply(&service("catalog")).await.expect("apply");
+    let (port, _app) = demo_app("catalog", "v1", "catalog-v1-0").await;
+    let mut cfg = mesh.proxy_config("catalog-v1-0", &[("app", "catalog")], port);
+    cfg.limits.http1_idle_timeout = Duration::from_millis(500);
+    let catalog = trellis_proxy::Proxy::start(cfg)
+        .await
+        .expect("proxy starts");
+    let (fport, _f) = demo_app("frontend", "v1", "frontend-0").await;
+    let mut cfg = mesh.proxy_config("frontend", &[("app", "frontend")], fport);
+    cfg.peer_http1 = true;
+    let frontend = trellis_proxy::Proxy::start(cfg)
+        .await
+        .expect("proxy starts");
+    mesh.wait_endpoints("catalog", 1).await;
+
+    let open = || async {
+        metric_sum(
+            catalog.admin_addr,
+            "trellis_connections_open",
+            &[("listener", "inbound")],
+        )
+        .await
+    };
+    let mut client = ProxyClient::new(frontend.outbound_addr);
+    let mut call = async |i: usize| {
+        let (status, body) = client.get("http://catalog:8080/items").await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let headers = &answer["headers"];
+        assert_eq!(headers["host"], "catalog:8080");
+        assert_eq!(
+            headers["x-trellis-peer-identity"],
+            "spiffe://trellis.local/ns/default/sa/frontend"
+        );
+    };
+    call(0).await;
+    // The first request's connection, and the HTTP/2 connection the
+    // warm-up opens on each of the frontend's two workers once it knows
+    // the Service (HTTP/2 callers use those).
+    let settled = || async {
+        trellis_testkit::eventually(
+            "the warm-up's connections",
+            Duration::from_secs(10),
+            || async { (open().await == 3.0).then_some(()) },
+        )
+        .await
+    };
+    settled().await;
+    for i in 1..20 {
+        call(i).await;
+    }
+    assert_eq!(
+        open().await,
+        3.0,
+        "20 sequential requests over one connection"
+    );
+
+    // Four callers at once: a connection each, at most.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = frontend.outbound_addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = ProxyClient::new(addr);
+            for _ in 0..10 {
+                let (status, _) = c.get("http://catalog:8080/").await.unwrap();
+                assert_eq!(status, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = open().await;
+    assert!((3.0..=6.0).contains(&after), "{after} open");
+
+    // The peer closes the idle ones (--http1-idle-timeout): the next
+    // request opens a new connection and does not fail.
+    trellis_testkit::eventually(
+        "idle connections closed",
+        Duration::from_secs(10),
+        || async { (open().await == 2.0).then_some(()) },
+    )
+    .await;
+    call(20).await;
+    let failed = metric_sum(
+        frontend.admin_addr,
+        "trellis_requests_total",
+        &[("direction", "outbound"), ("status_code", "502")],
+    )
+    .await;
+    assert_eq!(failed, 0.0);
+}

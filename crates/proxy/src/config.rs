@@ -73,7 +73,20 @@ pub struct ProxyConfig {
     /// defaults to `workers::default_count`).
     #[serde(default)]
     pub workers: usize,
+    /// HTTP/1 callers' requests go to peer proxies over HTTP/1.1, a pooled
+    /// mutual-TLS connection per request in flight (as HAProxy and Envoy
+    /// do), instead of over the worker's one HTTP/2 connection to the peer
+    /// (`--peer-http1`).
+    #[serde(default = "default_peer_http1")]
+    pub peer_http1: bool,
 }
+
+fn default_peer_http1() -> bool {
+    PEER_HTTP1
+}
+
+/// The default of `--peer-http1`.
+pub const PEER_HTTP1: bool = false;
 
 /// `--upstream SERVICE:PORT=LOCAL_ADDR`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,6 +157,7 @@ impl ProxyConfig {
             limits: Default::default(),
             app_probes: BTreeMap::new(),
             workers: 0,
+            peer_http1: PEER_HTTP1,
         }
     }
 

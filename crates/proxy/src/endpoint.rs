@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use hyper::client::conn::http1;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -52,6 +53,27 @@ pub fn use_slots(slots: usize) {
 /// One open HTTP/2 connection to the peer, and whether it is mutual TLS.
 type Conn = ArcSwapOption<(SendRequest<Body>, bool)>;
 
+/// Idle HTTP/1.1 connections kept per endpoint and worker; one given back
+/// past this many is closed.
+const IDLE_H1: usize = 64;
+
+/// An HTTP/1.1 connection to the peer that carries one request at a time,
+/// and whether it is mutual TLS.
+pub struct H1 {
+    pub tx: http1::SendRequest<Body>,
+    tls: bool,
+    /// Taken from the idle ones (it may have been closed by the peer
+    /// meanwhile), not just opened.
+    pub reused: bool,
+}
+
+/// A connection to a peer proxy for one request: the worker's HTTP/2
+/// connection, or an HTTP/1.1 one of its own.
+pub enum PeerConn {
+    H2(SendRequest<Body>),
+    H1(H1),
+}
+
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub instance: String,
@@ -66,6 +88,11 @@ pub struct Endpoint {
     /// task runs on the worker that opened it, as the requests that use
     /// it do.
     h2: PerWorker<Conn>,
+    /// Each worker's idle HTTP/1.1 connections (`--peer-http1`), most
+    /// recently used last. Only the worker itself takes and gives back
+    /// (threads that are no worker share the last slot): the lock is
+    /// never contended on the data path.
+    h1: PerWorker<std::sync::Mutex<Vec<H1>>>,
     // Serialises connection set-up so a burst opens one connection per
     // worker, not many.
     connecting: tokio::sync::Mutex<()>,
@@ -97,6 +124,7 @@ impl Endpoint {
             load: Arc::new(Load::new(peers.clone())),
             health: Default::default(),
             h2: PerWorker::new(SLOTS.load(Ordering::Acquire), |_| ArcSwapOption::empty()),
+            h1: PerWorker::new(SLOTS.load(Ordering::Acquire), |_| Default::default()),
             connecting: tokio::sync::Mutex::new(()),
             connect_failures: AtomicU64::new(0),
             warm_up: WarmUp::default(),
@@ -203,6 +231,83 @@ impl Endpoint {
         });
         self.h2.get().store(Some(Arc::new((tx.clone(), tls))));
         Ok(tx)
+    }
+
+    /// The connection a request goes over: with `http1`, an HTTP/1.1
+    /// connection of this worker's (see `h1`), else its HTTP/2 one.
+    pub async fn conn(
+        &self,
+        creds: Option<&Credentials>,
+        http1: bool,
+    ) -> Result<PeerConn, ProxyError> {
+        if http1 {
+            self.h1(creds).await.map(PeerConn::H1)
+        } else {
+            self.h2(creds).await.map(PeerConn::H2)
+        }
+    }
+
+    /// An HTTP/1.1 connection for one request: an idle one of this
+    /// worker's that is ready, else a new one. Give it back with
+    /// `give_back` once its response has ended.
+    pub async fn h1(&self, creds: Option<&Credentials>) -> Result<H1, ProxyError> {
+        let tls = creds.is_some();
+        if let Some(c) = self.idle_h1(tls) {
+            return Ok(c);
+        }
+        self.connect_h1(creds).await
+    }
+
+    /// A new HTTP/1.1 connection (TLS sessions resume: see `tls::peer`).
+    pub async fn connect_h1(&self, creds: Option<&Credentials>) -> Result<H1, ProxyError> {
+        let io = self.open(creds, trellis_identity::ALPN_HTTP1).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection to peer closed");
+            }
+        });
+        Ok(H1 {
+            tx,
+            tls: creds.is_some(),
+            reused: false,
+        })
+    }
+
+    /// The most recently used idle connection of this worker's that is
+    /// ready; closed ones are dropped on the way.
+    fn idle_h1(&self, tls: bool) -> Option<H1> {
+        let mut idle = self.h1.get().lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.tx.is_closed() || c.tls != tls {
+                // What moves here was looked at already.
+                idle.swap_remove(i);
+            } else if c.tx.is_ready() {
+                let c = idle.remove(i);
+                return Some(H1 { reused: true, ..c });
+            }
+            // Else still finishing its last exchange: kept for later.
+        }
+        None
+    }
+
+    /// Keeps a connection whose response has ended for the next request
+    /// of this worker's.
+    pub fn give_back(&self, c: H1) {
+        if c.tx.is_closed() {
+            return;
+        }
+        let mut idle = self.h1.get().lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_H1 {
+            idle.push(c);
+        }
     }
 
     /// Whether every worker's connection (with no workers: this thread's)

@@ -574,6 +574,7 @@ async fn forward(
         uri,
         body,
         creds,
+        http1: inputs.cfg.peer_http1 && orig_version < Version::HTTP_2,
     };
     crate::traffic::forward::forward(inputs, to, req).await
 }

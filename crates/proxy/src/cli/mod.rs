@@ -79,6 +79,13 @@ pub struct ProxyArgs {
     /// control tasks (the layout before issue 13, to compare with).
     #[arg(long, env = "TRELLIS_PROXY_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+    /// How HTTP/1 callers' requests travel to peer proxies: `true`, over
+    /// HTTP/1.1 on pooled mutual-TLS connections, one per request in
+    /// flight; `false`, over the worker's one HTTP/2 connection to each
+    /// peer (HTTP/2 callers always use that).
+    #[arg(long, env = "TRELLIS_PROXY_PEER_HTTP1", value_name = "BOOL",
+          default_value_t = crate::config::PEER_HTTP1, action = clap::ArgAction::Set)]
+    pub peer_http1: bool,
     /// Pods mode (transparent interception).
     #[command(flatten)]
     pub pods: init::TransparentArgs,
@@ -204,6 +211,7 @@ pub fn config(namespace: Option<&str>, args: &ProxyArgs) -> anyhow::Result<Proxy
     cfg.instance = args.instance.clone();
     cfg.drain_grace = args.drain_grace;
     cfg.workers = args.workers.unwrap_or_else(crate::workers::default_count);
+    cfg.peer_http1 = args.peer_http1;
     cfg.transparent = args.pods.settings();
     args.limits.apply(&mut cfg.limits);
     cfg.validate()?;

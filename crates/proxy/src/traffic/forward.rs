@@ -28,7 +28,6 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http2::SendRequest;
 use trellis_resource::ZONE_LABEL;
 
 use super::metrics::{RetryReason, TrafficMetrics};
@@ -36,7 +35,7 @@ use super::outlier::Outcome;
 use super::policy::{HashKey, Limit, Permit};
 use super::{add_flag, is_idempotent, mirror, now_nanos, stable_hash};
 use crate::balance::PickCtx;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, PeerConn, H1};
 use crate::error::{ProxyError, Source};
 use crate::http::{boxed, empty, full, request_body, BodyFault};
 use crate::inputs::Inputs;
@@ -225,6 +224,9 @@ pub struct Outgoing {
     pub uri: Uri,
     pub body: Incoming,
     pub creds: Option<Arc<Credentials>>,
+    /// Sent to the peer over HTTP/1.1 (a connection per request in
+    /// flight, pooled per worker), not over the worker's HTTP/2 one.
+    pub http1: bool,
 }
 
 /// Sends a request to its destination's backend: one try after another
@@ -267,6 +269,7 @@ struct Exchange<'a> {
     parts: Parts,
     uri: Uri,
     creds: Option<Arc<Credentials>>,
+    http1: bool,
     payload: Payload,
     /// The ring-hash key of the request, if the backend hashes.
     hash: Option<u64>,
@@ -322,6 +325,7 @@ impl<'a> Exchange<'a> {
             uri,
             body,
             creds,
+            http1,
         } = req;
         let plan = Plan::new(to.rule, to.svc);
         let resendable =
@@ -352,6 +356,7 @@ impl<'a> Exchange<'a> {
             parts,
             uri,
             creds,
+            http1,
             payload,
             hash,
             zone: inputs.cfg.labels.get(ZONE_LABEL).map(String::as_str),
@@ -366,7 +371,7 @@ impl<'a> Exchange<'a> {
         };
         state.tried.push(ep.addr);
         let mut load = ep.load.start();
-        let mut conn = match self.connect(&ep, state).await {
+        let conn = match self.connect(&ep, state).await {
             Ok(c) => c,
             Err(end) => return end,
         };
@@ -374,7 +379,7 @@ impl<'a> Exchange<'a> {
         let Some(body) = self.payload.for_try() else {
             return Try::Stop;
         };
-        let result = self.send(&mut conn, body).await;
+        let result = self.send(&ep, conn, body).await;
         if result.is_err() && self.payload.broke() {
             // The client's fault, not the endpoint's: not counted against
             // it, not retried.
@@ -405,7 +410,7 @@ impl<'a> Exchange<'a> {
                     && state.connect_retries > 0 =>
             {
                 state.connect_retries -= 1;
-                state.last = (Ok(resp.map(boxed)), Some(ep));
+                state.last = (Ok(resp), Some(ep));
                 self.inputs
                     .metrics
                     .traffic
@@ -413,8 +418,7 @@ impl<'a> Exchange<'a> {
                 drop(load);
                 Try::Again
             }
-            Ok(resp) => {
-                let mut resp = resp.map(boxed);
+            Ok(mut resp) => {
                 if !can_retry {
                     load.finish(outcome);
                     return Try::Answer(resp, ep);
@@ -433,11 +437,7 @@ impl<'a> Exchange<'a> {
 
     /// The endpoint's connection, within the backend's
     /// `maxPendingRequests`; else how the try ends.
-    async fn connect(
-        &self,
-        ep: &Arc<Endpoint>,
-        state: &mut RetryState,
-    ) -> Result<SendRequest<Body>, Try> {
+    async fn connect(&self, ep: &Arc<Endpoint>, state: &mut RetryState) -> Result<PeerConn, Try> {
         let backend = self.to.backend;
         let conn = {
             let Some(_pending) = backend
@@ -447,7 +447,7 @@ impl<'a> Exchange<'a> {
                 let metrics = &self.inputs.metrics.traffic;
                 return Err(Try::Refused(overflow(metrics, backend, Limit::Pending)));
             };
-            ep.h2(self.creds.as_deref()).await
+            ep.conn(self.creds.as_deref(), self.http1).await
         };
         conn.map_err(|e| {
             self.record(ep, Outcome::Failed);
@@ -490,21 +490,42 @@ impl<'a> Exchange<'a> {
     /// per-try timeout.
     async fn send(
         &self,
-        conn: &mut SendRequest<Body>,
+        ep: &Arc<Endpoint>,
+        conn: PeerConn,
         body: Body,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = Version::HTTP_2;
         *req.headers_mut() = self.parts.headers.clone();
-        let send = conn.send_request(req);
+        let send = async {
+            match conn {
+                PeerConn::H2(mut tx) => {
+                    *req.uri_mut() = self.uri.clone();
+                    *req.version_mut() = Version::HTTP_2;
+                    let resp = tx.send_request(req).await;
+                    resp.map(|r| r.map(boxed)).map_err(ProxyError::upstream)
+                }
+                PeerConn::H1(c) => {
+                    // Origin-form, with the authority in Host.
+                    if let Some(pq) = self.uri.path_and_query() {
+                        *req.uri_mut() = Uri::from(pq.clone());
+                    }
+                    if let Some(a) = self.uri.authority() {
+                        if let Ok(host) = http::HeaderValue::from_str(a.as_str()) {
+                            req.headers_mut().insert(http::header::HOST, host);
+                        }
+                    }
+                    *req.version_mut() = Version::HTTP_11;
+                    send_h1(ep, c, req, self.creds.as_deref()).await
+                }
+            }
+        };
         match self.plan.per_try {
             Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r.map_err(ProxyError::upstream),
+                Ok(r) => r,
                 Err(_) => Err(ProxyError::timeout("backend request")),
             },
-            None => send.await.map_err(ProxyError::upstream),
+            None => send.await,
         }
     }
 
@@ -662,6 +683,88 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeldIo<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// Sends one request over an HTTP/1.1 connection to a peer; the
+/// connection goes back to the worker's idle ones when the response has
+/// ended. A reused connection the peer closed while it was idle (its
+/// keep-alive ran out) takes nothing: the request goes once more, over a
+/// new connection, as if it had been the first.
+async fn send_h1(
+    ep: &Arc<Endpoint>,
+    mut c: H1,
+    mut req: Request<Body>,
+    creds: Option<&Credentials>,
+) -> Result<Response<Body>, ProxyError> {
+    loop {
+        match c.tx.try_send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                let mut body = GiveBack {
+                    inner: body,
+                    back: Some((ep.clone(), c)),
+                };
+                if body.inner.is_end_stream() {
+                    // Nobody may poll a body that has nothing to send.
+                    body.give_back();
+                }
+                let body = crate::http::Coalesce::new(body)
+                    .map_err(crate::http::BoxError::from)
+                    .boxed_unsync();
+                return Ok(Response::from_parts(parts, body));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if c.reused => {
+                    req = unsent;
+                    c = ep.connect_h1(creds).await?;
+                }
+                _ => return Err(ProxyError::upstream(e.into_error())),
+            },
+        }
+    }
+}
+
+/// A response body from an HTTP/1.1 connection to a peer, which goes back
+/// to the idle ones once the body has ended (and is closed with it if the
+/// body breaks off or is dropped before its end).
+struct GiveBack {
+    inner: Incoming,
+    back: Option<(Arc<Endpoint>, H1)>,
+}
+
+impl GiveBack {
+    fn give_back(&mut self) {
+        if let Some((ep, c)) = self.back.take() {
+            ep.give_back(c);
+        }
+    }
+}
+
+impl http_body::Body for GiveBack {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.give_back(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => self.back = None,
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
