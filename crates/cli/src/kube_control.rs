@@ -278,8 +278,9 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
         format!("{WEBHOOK_SERVICE}.{namespace}.svc.cluster.local"),
     ]
     .into();
-    let (chain, key) = identity.server_tls(&names)?;
-    let tls = trellis_control::https::server_config(&chain, &key, ("mesh CA", "mesh CA"))?;
+    // Follows the mesh CA (rotation, retire), as the proxy API's does.
+    let tls =
+        trellis_control::https::mesh_ca_config(identity.clone(), names, &[b"h2", b"http/1.1"])?;
     let listener = tokio::net::TcpListener::bind(args.webhook_addr)
         .await
         .with_context(|| format!("cannot listen on --webhook-addr {}", args.webhook_addr))?;

@@ -35,7 +35,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 use trellis_api::v1::proxy_api_server::ProxyApiServer;
 
@@ -148,7 +147,7 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
 /// The HTTP API's TLS config, if it serves TLS.
 fn http_tls_config(
     cfg: &ControlConfig,
-    identity: &mesh_identity::MeshIdentity,
+    identity: &Arc<mesh_identity::MeshIdentity>,
 ) -> Result<Option<Arc<rustls::ServerConfig>>, anyhow::Error> {
     match &cfg.http_tls {
         HttpTls::Off => Ok(None),
@@ -157,11 +156,10 @@ fn http_tls_config(
             if !cfg.http_addr.ip().is_unspecified() {
                 names.push(cfg.http_addr.ip().to_string());
             }
-            let (chain, key) = identity.server_tls(&names)?;
-            Ok(Some(https::server_config(
-                &chain,
-                &key,
-                ("mesh CA", "mesh CA"),
+            Ok(Some(https::mesh_ca_config(
+                identity.clone(),
+                names,
+                &[b"h2", b"http/1.1"],
             )?))
         }
         HttpTls::Files { cert, key } => {
@@ -351,7 +349,8 @@ impl ControlPlane {
             cfg.external_source,
         )
         .await?;
-        let (server_chain, server_key) = identity.server_tls(&[])?;
+        // The proxy API's certificate follows the CA (rotation, retire).
+        let grpc_tls = https::mesh_ca_config(identity.clone(), Vec::new(), &[b"h2"])?;
         let auth = Arc::new(auth::Auth::new(store.clone(), metrics.clone()));
         let admin_token = auth.bootstrap(&cfg.data_dir).await?;
         let duties = tokio::spawn(singleton_duties(
@@ -371,11 +370,10 @@ impl ControlPlane {
         );
         // The proxy API is served over TLS only; proxies verify this chain
         // against the root their join token pins.
-        let tls = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(server_chain, server_key),
-        );
+        let grpc_incoming = https::TlsListener::new(grpc_listener, grpc_tls)
+            .map_err(|e| anyhow::anyhow!("cannot serve the proxy API: {e}"))?
+            .into_stream();
         let grpc = tonic::transport::Server::builder()
-            .tls_config(tls)?
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(service)
@@ -384,7 +382,7 @@ impl ControlPlane {
                     traces::Receiver::new(observers.traces.clone(), auth.clone()),
                 ),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+            .serve_with_incoming_shutdown(grpc_incoming, async {
                 let _ = rx.await;
             });
         let task = tokio::spawn(async move {

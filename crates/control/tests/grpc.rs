@@ -906,3 +906,29 @@ async fn an_external_source_holds_proxies_until_it_is_in() {
     assert_eq!(endpoint_addrs(&first, "catalog"), ["10.9.0.7:8080"]);
     cp.shutdown().await;
 }
+
+/// After a CA rotation, a proxy whose join token pins the new root joins
+/// without a restart of the control plane; and after the old root is
+/// retired, so does one whose token pins the new root.
+#[tokio::test]
+async fn proxies_join_after_a_ca_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    let old = cp.identity().pin();
+    cp.identity().rotate("trellis.local").await.unwrap();
+    assert_ne!(cp.identity().pin(), old);
+    let mut p = FakeProxy::connect(
+        &cp,
+        register("web-0", "web", &[("app", "web")], "127.0.0.1:24001"),
+    )
+    .await;
+    p.config_where("a first Config", |_| true).await;
+    cp.identity().retire().await.unwrap();
+    let mut q = FakeProxy::connect(
+        &cp,
+        register("web-1", "web", &[("app", "web")], "127.0.0.1:24002"),
+    )
+    .await;
+    q.config_where("a first Config", |_| true).await;
+    cp.shutdown().await;
+}
