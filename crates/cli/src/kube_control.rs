@@ -36,6 +36,8 @@ use crate::cli::{ControlArgs, Global};
 
 /// How often every replica checks the webhook's caBundle.
 const CA_BUNDLE_EVERY: Duration = Duration::from_secs(30);
+/// How often every replica looks for a change of the CA's roots.
+const CA_BUNDLE_CHANGED: Duration = Duration::from_secs(1);
 
 /// Reviews sidecars' tokens with the API server.
 struct Reviewer {
@@ -313,7 +315,13 @@ pub async fn control(global: &Global, args: &ControlArgs) -> anyhow::Result<Exit
             {
                 warn!(error = %e, "cannot keep the ConfigMap of the CA's roots");
             }
-            tokio::time::sleep(CA_BUNDLE_EVERY).await;
+            // Sooner when the roots change: the webhook's certificate
+            // follows a rotation at its next handshake, and the API
+            // server must trust the new root by then.
+            let until = tokio::time::Instant::now() + CA_BUNDLE_EVERY;
+            while tokio::time::Instant::now() < until && ca.bundle().concat() == bundle {
+                tokio::time::sleep(CA_BUNDLE_CHANGED).await;
+            }
         }
     });
 

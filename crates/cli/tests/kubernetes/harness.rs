@@ -64,8 +64,12 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) fn up() -> anyhow::Result<Cluster> {
+        // Every component running, not only a node object that still says
+        // Ready: a cluster half stopped (its API server and etcd left, no
+        // kubelet) passed for running, and the suite waited on it forever.
+        // `up` cleans such a cluster up before it starts one.
         let running = script("k8s-cluster", &["status"])
-            .map(|s| s.contains(": Ready"))
+            .map(|s| s.contains(": Ready") && !s.contains("not running"))
             .unwrap_or(false);
         let started = !running;
         if started {
