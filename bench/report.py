@@ -88,6 +88,18 @@ PARSERS = {
     "ghz": lambda base, env: parse_ghz(base + ".out"),
 }
 
+def read_counts(path):
+    """perf stat -x, output (bench/run --counts): {event: count}."""
+    if not os.path.exists(path):
+        return None
+    counts = {}
+    for line in open(path):
+        parts = line.strip().split(",")
+        if len(parts) > 2 and parts[0].isdigit():
+            counts[parts[2]] = int(parts[0])
+    return counts or None
+
+
 results = []
 for sid, label, scen, tool, pids, url, extra in scenarios:
     row = {"id": sid, "label": label, "scenario": scen, "tool": tool, "proxies": len(pids.split())}
@@ -106,6 +118,9 @@ for sid, label, scen, tool, pids, url, extra in scenarios:
         r["wall_s"] = meta["wall"]
         r["load1"] = meta["load1"]
         r["rate"] = meta.get("rate", env["rate"])
+        counts = read_counts(base + ".stat")
+        if counts:
+            r["counts"] = counts
         row[load] = r
     results.append(row)
 
@@ -205,6 +220,19 @@ if gu is not None:
     at = "" if rate == 1000 else f"; measured at {rate} calls/s, not 1,000"
     targets.append(("gRPC unary through the mesh: p99 added <= 0.5 ms at 1,000 calls/s",
                     f"{gu:.3f} ms{vs}{at}", gu <= 0.5 and rate == 1000))
+
+counted = [r for r in results if r.get("max", {}).get("counts") and r["max"].get("ok")]
+if counted:
+    lines.append("")
+    lines.append("System calls and context switches of the proxies (all of a row's proxy processes) per request "
+                 "during the max run (`bench/run --counts`, perf stat):")
+    lines.append("")
+    lines.append("| path | requests | syscalls / request | context switches / request |")
+    lines.append("| --- | ---: | ---: | ---: |")
+    for r in counted:
+        c, n = r["max"]["counts"], r["max"]["ok"]
+        sc, cs = c.get("raw_syscalls:sys_enter"), c.get("context-switches")
+        lines.append(f"| {r['label']} | {n} | {f(sc / n, 2) if sc is not None else '–'} | {f(cs / n, 2) if cs is not None else '–'} |")
 
 lines.append("")
 lines.append("## Targets (issue 13)")

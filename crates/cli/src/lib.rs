@@ -21,6 +21,7 @@ pub mod kube_cmd;
 pub mod kube_control;
 pub mod kube_observe;
 pub mod local;
+pub mod memory;
 pub mod observe;
 pub mod observe_live;
 pub mod resources;

@@ -10,8 +10,23 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Memory a large change freed goes back to the kernel when the
+        // threads run out of work, not at the next change (`memory`).
+        .on_thread_park(trellis::memory::on_park)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = trellis::cli::Cli::parse();
     if cli.command.prints_for_a_pipe() {
         restore_sigpipe();

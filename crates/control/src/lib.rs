@@ -15,6 +15,7 @@ pub mod auth;
 pub mod http;
 pub mod https;
 pub mod identity_api;
+pub mod idle;
 pub mod kek;
 pub mod mesh_identity;
 pub mod metrics;

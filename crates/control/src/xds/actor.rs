@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use trellis_api::v1::Register;
 
 use super::{Event, Link, Out, ProxyViews, Snapshot, XdsError, XdsHandle, EVENT_QUEUE};
+use crate::idle::Tidy;
 use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::registry::{
@@ -124,6 +125,7 @@ pub async fn start(
         } else {
             Hold::Free
         },
+        tidy: Tidy::default(),
     };
     let _ = actor.install(first);
     actor.publish();
@@ -189,6 +191,8 @@ struct Actor {
     /// made of what a restarted replica's store kept, without the source's
     /// endpoints, would send its traffic nowhere.
     hold: Hold,
+    /// Returning the memory of a large round once the actor is idle.
+    tidy: Tidy,
 }
 
 impl Actor {
@@ -264,8 +268,13 @@ impl Actor {
                     }
                     self.allocate_vips();
                 }
+                _ = sleep_until_due(self.tidy.due()), if self.tidy.due().is_some() => {
+                    self.tidy.fire();
+                    continue;
+                }
             }
-            self.publish();
+            let changed = self.publish();
+            self.tidy.round(changed, tokio::time::Instant::now());
         }
         info!(
             proxies = self.links.len(),
@@ -896,7 +905,8 @@ impl Actor {
         }
     }
 
-    fn publish(&mut self) {
+    /// Publishes the snapshot; how many proxies changed since the last.
+    fn publish(&mut self) -> usize {
         let td = self.registry.trust_domain();
         if td != self.published_trust_domain {
             // Every identity in the views names the trust domain.
@@ -904,6 +914,7 @@ impl Actor {
             self.views.clear();
             self.dirty.extend(self.registry.proxies.keys().copied());
         }
+        let changed = self.dirty.len();
         for &conn in &self.dirty {
             match self.registry.proxies.get(&conn) {
                 Some(p) => {
@@ -931,6 +942,7 @@ impl Actor {
             *r = self.applied;
             newer
         });
+        changed
     }
 
     fn publish_empty(&mut self) {
@@ -942,6 +954,12 @@ impl Actor {
             resources: self.registry.resources.shared(),
             ..Snapshot::default()
         }));
+    }
+}
+
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due).await;
     }
 }
 
