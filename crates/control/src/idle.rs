@@ -4,8 +4,8 @@
 //! A mesh-wide change replaces the Config and the published view of every
 //! connected proxy (12,000 at the scale benchmark's size). The allocator
 //! keeps the freed pages and gives them back to the kernel lazily, at a
-//! later allocation on the same thread; in a quiet control plane that is
-//! the next change, which then pays for the last one (a route change seen
+//! later allocation or free once its purge delay has passed; in a quiet
+//! control plane that is the next change, which then pays for the last one (a route change seen
 //! by 6 proxies took twice its own CPU right after a mesh-wide change,
 //! `docs/performance.md`, "Control plane, round 3"). So the actor says when
 //! it has been idle for `TIDY_IDLE` after a large round ([`Tidy`]), and the
@@ -92,8 +92,9 @@ mod tests {
         assert_eq!(tidy.due(), None);
     }
 
-    #[test]
-    fn a_large_round_asks_once_the_actor_is_idle() {
+    // `fire` spawns tasks to wake the workers: a runtime is needed.
+    #[tokio::test]
+    async fn a_large_round_asks_once_the_actor_is_idle() {
         let mut tidy = Tidy::default();
         let t = Instant::now();
         tidy.round(12_000, t);
