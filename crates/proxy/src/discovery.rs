@@ -200,6 +200,13 @@ impl Discovery {
 
     /// Finds a service, subscribing to it on first use.
     pub async fn resolve(&self, key: &SvcKey) -> Lookup {
+        // The common case first, without subscribing (the subscription's
+        // count is shared by every worker).
+        if let Some(found) = self.lookup_now(key) {
+            return found;
+        }
+        // Subscribed before looking again, so that a config applied in
+        // between is not missed.
         let mut rx = self.applied.subscribe();
         if let Some(found) = self.lookup_now(key) {
             return found;

@@ -197,7 +197,9 @@ impl Endpoint {
                 "connecting to the endpoint failed just now",
             ));
         }
-        let conn = self.connect_h2(creds).await;
+        // Boxed: opening a connection is rare and its future is large;
+        // held inline it would grow the state of every request's future.
+        let conn = Box::pin(self.connect_h2(creds)).await;
         if conn.is_err() {
             self.connect_failures.fetch_add(1, Ordering::Release);
         }
@@ -255,7 +257,8 @@ impl Endpoint {
         if let Some(c) = self.idle_h1(tls) {
             return Ok(c);
         }
-        self.connect_h1(creds).await
+        // Boxed, as in `h2`.
+        Box::pin(self.connect_h1(creds)).await
     }
 
     /// A new HTTP/1.1 connection (TLS sessions resume: see `tls::peer`).

@@ -174,8 +174,39 @@ pub fn text_response(status: http::StatusCode, s: impl Into<Bytes>) -> Response<
     r
 }
 
+/// Awaits `fut`, for at most `limit` when there is one; None when it ran
+/// out. The future is pinned by the caller, so that it is laid out once in
+/// the caller's state whether or not a limit applies.
+pub async fn within<F: std::future::Future>(
+    limit: Option<std::time::Duration>,
+    fut: Pin<&mut F>,
+) -> Option<F::Output> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that are hop-by-hop whatever `connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::UPGRADE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+}
+
 /// Removes the headers that belong to one connection, not to the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests carry none: one pass over the names, no lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(conn) = conn.to_str() {
             for name in conn.split(',').map(str::trim) {
@@ -187,10 +218,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for h in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "transfer-encoding",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
     ] {
         headers.remove(h);
     }
@@ -272,5 +303,71 @@ pub async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
         if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-conn-only"),
+            ("x-conn-only", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic eA=="),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("accept", "*/*"),
+            ("x-app", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "x-app"]);
+    }
+
+    #[test]
+    fn te_trailers_and_an_upgrade_that_is_asked_for_are_kept() {
+        let mut h = headers(&[
+            ("te", "trailers"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn a_request_without_hop_by_hop_headers_is_left_as_it_is() {
+        let mut h = headers(&[("accept", "*/*"), ("user-agent", "oha"), ("x-b3", "1")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+    }
+
+    #[tokio::test]
+    async fn within_ends_a_future_at_its_limit_and_not_without_one() {
+        let slow = std::pin::pin!(tokio::time::sleep(std::time::Duration::from_secs(60)));
+        let limit = Some(std::time::Duration::from_millis(10));
+        assert_eq!(within(limit, slow).await, None);
+        let quick = std::pin::pin!(async { 7 });
+        assert_eq!(within(None, quick).await, Some(7));
     }
 }

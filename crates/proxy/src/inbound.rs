@@ -358,7 +358,15 @@ async fn handle(
         Ok(()) => match authorize(&inputs, &mut req, &info) {
             Some(refusal) => Ok(refusal),
             None if is_upgrade(&req) => match connect(inputs.app_addr).await {
-                Ok(app) => forward_upgrade(req, app, inputs.cfg.limits.tcp_idle_timeout).await,
+                // Boxed: large, and rare (see `Endpoint::h2`).
+                Ok(app) => {
+                    Box::pin(forward_upgrade(
+                        req,
+                        app,
+                        inputs.cfg.limits.tcp_idle_timeout,
+                    ))
+                    .await
+                }
                 Err(e) => Err(e),
             },
             None => forward_to_app(&inputs, req, http1).await,

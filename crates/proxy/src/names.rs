@@ -23,17 +23,20 @@ pub fn classify(host: &str, namespace: &str, trust_domain: &str) -> Name {
         return Name::External;
     }
     let host = host.trim_end_matches('.');
-    let labels: Vec<&str> = host.split('.').collect();
-    match labels.as_slice() {
-        [name] => Name::Mesh(SvcKey::new(namespace, name)),
-        [name, ns] => Name::Maybe(SvcKey::new(ns, name)),
-        [name, ns, "svc"] => Name::Mesh(SvcKey::new(ns, name)),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == trust_domain => {
-            Name::Mesh(SvcKey::new(ns, name))
-        }
+    // Label by label, without collecting them: this runs for every request.
+    let Some((name, rest)) = host.split_once('.') else {
+        return Name::Mesh(SvcKey::new(namespace, host));
+    };
+    let Some((ns, rest)) = rest.split_once('.') else {
+        return Name::Maybe(SvcKey::new(rest, name));
+    };
+    let (svc, domain) = rest.split_once('.').unwrap_or((rest, ""));
+    match (svc, domain) {
+        ("svc", "") => Name::Mesh(SvcKey::new(ns, name)),
+        ("svc", d) if d == trust_domain => Name::Mesh(SvcKey::new(ns, name)),
         // Kubernetes' cluster domain: a Service of the cluster, which the
         // mesh may not know (then the cluster's DNS answers).
-        [name, ns, "svc", "cluster", "local"] => Name::Maybe(SvcKey::new(ns, name)),
+        ("svc", "cluster.local") => Name::Maybe(SvcKey::new(ns, name)),
         _ => Name::External,
     }
 }
@@ -71,5 +74,18 @@ mod tests {
         );
         assert_eq!(classify("127.0.0.1", "shop", td), Name::External);
         assert_eq!(classify("www.example.com", "shop", td), Name::External);
+        assert_eq!(
+            classify("catalog.prod.svc.trellis.local.x", "shop", td),
+            Name::External
+        );
+        assert_eq!(classify("catalog.prod.svcx", "shop", td), Name::External);
+        assert_eq!(
+            classify("catalog.", "shop", td),
+            Name::Mesh(SvcKey::new("shop", "catalog"))
+        );
+        assert_eq!(
+            classify("catalog.prod.svc.cluster.local", "shop", "cluster.local"),
+            Name::Mesh(SvcKey::new("prod", "catalog"))
+        );
     }
 }

@@ -265,13 +265,14 @@ async fn handle_request(
     let snap = inputs.discovery.snapshot();
     let name = classify(&target.host, &inputs.cfg.namespace, &snap.mesh.trust_domain);
     drop(snap);
-    let key = match &name {
-        Name::Mesh(k) | Name::Maybe(k) => k.clone(),
+    let (key, maybe) = match name {
+        Name::Mesh(k) => (k, false),
+        Name::Maybe(k) => (k, true),
         Name::External => return egress(inputs, req, &target).await,
     };
     match inputs.discovery.resolve(&key).await {
         Lookup::Found(svc) => to_service(inputs, req, &target, svc).await,
-        Lookup::Missing if matches!(name, Name::Maybe(_)) => egress(inputs, req, &target).await,
+        Lookup::Missing if maybe => egress(inputs, req, &target).await,
         // `localhost:<own port>` with no such Service: a loop.
         Lookup::Missing => match own_target(&inputs, &target) {
             Some(e) => e.to_proxy_error().into_response(),
@@ -383,8 +384,7 @@ async fn to_service(
     if let Err(e) = crate::normalize::normalize_uri(&mut req) {
         return e.into_response();
     }
-    let path = req.uri().path().to_string();
-    let matched = svc.routes.find_match(&req, &path);
+    let matched = svc.routes.find_match(&req, req.uri().path());
     let rule = matched.map(|m| m.rule);
     let route_name = rule.map(|r| r.route.clone()).unwrap_or_default();
     // Rate limit, faults, redirect and rewrite (see traffic::admit).
@@ -446,13 +446,13 @@ async fn to_service(
         backend: &backend,
         rule,
     };
-    let forward = forward(&inputs, req, target, to);
-    let result = match request_timeout {
-        Some(t) => tokio::time::timeout(t, forward)
-            .await
-            .unwrap_or_else(|_| (Err(ProxyError::timeout("request")), None)),
-        None => forward.await,
-    };
+    // Pinned in place, once: a future held by value in two arms (or moved
+    // into a timeout) is laid out more than once in this one's state,
+    // which every request then copies as hyper moves it.
+    let forward = std::pin::pin!(forward(&inputs, req, target, to));
+    let result = crate::http::within(request_timeout, forward)
+        .await
+        .unwrap_or_else(|| (Err(ProxyError::timeout("request")), None));
     let (result, ep) = result;
     let mut resp = result.unwrap_or_else(|e| {
         tracing::debug!(service = %backend.key, error = %e, "request failed");
@@ -524,15 +524,14 @@ async fn forward(
             Ok(c) => c,
             Err(e) => return (Err(e), Some(ep)),
         };
-        let io = match ep
-            .open(creds.as_deref(), trellis_identity::ALPN_HTTP1)
-            .await
-        {
+        // The upgrade's futures are boxed: they are large, and held
+        // inline they would grow every request's (see `Endpoint::h2`).
+        let io = match Box::pin(ep.open(creds.as_deref(), trellis_identity::ALPN_HTTP1)).await {
             Ok(io) => crate::traffic::forward::HeldIo::new(io, permit),
             Err(e) => return (Err(e), Some(ep)),
         };
         let idle = inputs.cfg.limits.tcp_idle_timeout;
-        return (forward_upgrade(req, io, idle).await, Some(ep));
+        return (Box::pin(forward_upgrade(req, io, idle)).await, Some(ep));
     }
     let creds = match peer_credentials(inputs) {
         Ok(c) => c,
@@ -552,8 +551,15 @@ async fn forward(
     let orig_version = parts.version;
     strip_hop_by_hop(&mut parts.headers, false);
     parts.headers.remove(HOST);
-    for h in crate::http::INTERNAL {
-        parts.headers.remove(h);
+    // The app's request rarely carries one: one pass over the names first.
+    if parts
+        .headers
+        .keys()
+        .any(|k| crate::http::INTERNAL.contains(k))
+    {
+        for h in crate::http::INTERNAL {
+            parts.headers.remove(h);
+        }
     }
     if orig_version < Version::HTTP_2 {
         parts

@@ -106,8 +106,12 @@ impl SpanContext {
     /// Replaces every trace header on `headers` with this span's context.
     pub fn inject(&self, headers: &mut HeaderMap) {
         remove_all(headers);
+        // Ids are new on every request: marked so that HTTP/2's header
+        // compression sends them as literals and does not add each one to
+        // its table (where it would only push out values that do repeat).
         let put = |h: &mut HeaderMap, name: HeaderName, v: String| {
-            if let Ok(v) = HeaderValue::try_from(v) {
+            if let Ok(mut v) = HeaderValue::try_from(v) {
+                v.set_sensitive(true);
                 h.insert(name, v);
             }
         };
@@ -138,8 +142,28 @@ impl SpanContext {
     }
 }
 
+/// Whether `name` is one of the trace headers this module reads or writes.
+fn is_trace_header(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    match s.as_bytes().first() {
+        Some(b't') => s == "traceparent" || s == "tracestate",
+        Some(b'b') => s == "b3",
+        Some(b'x') => s.starts_with("x-b3-"),
+        _ => false,
+    }
+}
+
+/// Whether the headers carry any trace header: one pass over the names,
+/// so that a request without any (most of them) costs no lookups.
+fn carries_any(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_trace_header)
+}
+
 /// Removes every trace header this module reads or writes.
 pub fn remove_all(headers: &mut HeaderMap) {
+    if !carries_any(headers) {
+        return;
+    }
     for h in [
         TRACEPARENT,
         TRACESTATE,
@@ -157,6 +181,9 @@ pub fn remove_all(headers: &mut HeaderMap) {
 /// The caller's context: W3C first, then B3 single, then B3 multi. None
 /// when there is none or it does not parse.
 pub fn extract(headers: &HeaderMap) -> Option<Parent> {
+    if !carries_any(headers) {
+        return None;
+    }
     let one = |name: &HeaderName| -> Option<&str> {
         let mut values = headers.get_all(name).iter();
         let v = values.next()?;
@@ -371,6 +398,31 @@ fn random_span_id() -> SpanId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quick_scan_sees_every_trace_header_and_only_those() {
+        for h in [
+            TRACEPARENT,
+            TRACESTATE,
+            B3,
+            B3_TRACE_ID,
+            B3_SPAN_ID,
+            B3_PARENT_SPAN_ID,
+            B3_SAMPLED,
+            B3_FLAGS,
+        ] {
+            assert!(is_trace_header(&h), "{h}");
+            let mut m = HeaderMap::new();
+            m.insert(h.clone(), HeaderValue::from_static("1"));
+            m.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+            remove_all(&mut m);
+            assert!(!m.contains_key(&h), "{h} removed");
+            assert!(m.contains_key(http::header::ACCEPT));
+        }
+        for h in ["accept", "x-b3", "tracer", "b3x", "x-trellis-source"] {
+            assert!(!is_trace_header(&HeaderName::from_static(h)), "{h}");
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

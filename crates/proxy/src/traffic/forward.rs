@@ -279,7 +279,8 @@ struct Exchange<'a> {
 /// Where the tries of a request stand.
 struct RetryState {
     /// Endpoints tried; the next pick avoids them while others are left.
-    tried: Vec<SocketAddr>,
+    /// Inline for the first two: most requests take one try.
+    tried: smallvec::SmallVec<[SocketAddr; 2]>,
     /// Retries made for a status, a reset or a timeout.
     retries: u32,
     /// Moves to another endpoint still allowed after failed connections.
@@ -303,7 +304,7 @@ enum Try {
 impl RetryState {
     fn new(plan: &Plan) -> RetryState {
         RetryState {
-            tried: Vec::new(),
+            tried: smallvec::SmallVec::new(),
             retries: 0,
             connect_retries: plan.attempts.max(2),
             last: (Err(ProxyError::upstream("no attempt made")), None),
@@ -497,7 +498,7 @@ impl<'a> Exchange<'a> {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.headers_mut() = self.parts.headers.clone();
-        let send = async {
+        let send = std::pin::pin!(async {
             match conn {
                 PeerConn::H2(mut tx) => {
                     *req.uri_mut() = self.uri.clone();
@@ -516,17 +517,16 @@ impl<'a> Exchange<'a> {
                         }
                     }
                     *req.version_mut() = Version::HTTP_11;
-                    send_h1(ep, c, req, self.creds.as_deref()).await
+                    // Boxed: the HTTP/1.1 path (`--peer-http1`) is not the
+                    // default, and held inline its future would grow every
+                    // request's.
+                    Box::pin(send_h1(ep, c, req, self.creds.as_deref())).await
                 }
             }
-        };
-        match self.plan.per_try {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r,
-                Err(_) => Err(ProxyError::timeout("backend request")),
-            },
-            None => send.await,
-        }
+        });
+        crate::http::within(self.plan.per_try, send)
+            .await
+            .unwrap_or_else(|| Err(ProxyError::timeout("backend request")))
     }
 
     /// Whether this outcome is retried, budget aside: a listed status, or
@@ -717,7 +717,8 @@ async fn send_h1(
             Err(mut e) => match e.take_message() {
                 Some(unsent) if c.reused => {
                     req = unsent;
-                    c = ep.connect_h1(creds).await?;
+                    // Boxed: rare, and large (see `Endpoint::h2`).
+                    c = Box::pin(ep.connect_h1(creds)).await?;
                 }
                 _ => return Err(ProxyError::upstream(e.into_error())),
             },
