@@ -15,6 +15,17 @@ pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
 pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+/// Every trace header this module reads or writes.
+const ALL: [HeaderName; 8] = [
+    TRACEPARENT,
+    TRACESTATE,
+    B3,
+    B3_TRACE_ID,
+    B3_SPAN_ID,
+    B3_PARENT_SPAN_ID,
+    B3_SAMPLED,
+    B3_FLAGS,
+];
 
 /// `tracestate` longer than this, or with more members, is dropped (W3C).
 const MAX_TRACESTATE: usize = 512;
@@ -116,8 +127,9 @@ impl SpanContext {
             }
         };
         put(headers, TRACEPARENT, self.traceparent());
-        if let Some(ts) = &self.tracestate {
-            put(headers, TRACESTATE, ts.clone());
+        // The caller's tracestate repeats from request to request: indexed.
+        if let Some(Ok(ts)) = self.tracestate.as_deref().map(HeaderValue::from_str) {
+            headers.insert(TRACESTATE, ts);
         }
         let sampled = if self.sampled { "1" } else { "0" };
         match self.b3 {
@@ -144,13 +156,7 @@ impl SpanContext {
 
 /// Whether `name` is one of the trace headers this module reads or writes.
 fn is_trace_header(name: &HeaderName) -> bool {
-    let s = name.as_str();
-    match s.as_bytes().first() {
-        Some(b't') => s == "traceparent" || s == "tracestate",
-        Some(b'b') => s == "b3",
-        Some(b'x') => s.starts_with("x-b3-"),
-        _ => false,
-    }
+    ALL.contains(name)
 }
 
 /// Whether the headers carry any trace header: one pass over the names,
@@ -164,16 +170,7 @@ pub fn remove_all(headers: &mut HeaderMap) {
     if !carries_any(headers) {
         return;
     }
-    for h in [
-        TRACEPARENT,
-        TRACESTATE,
-        B3,
-        B3_TRACE_ID,
-        B3_SPAN_ID,
-        B3_PARENT_SPAN_ID,
-        B3_SAMPLED,
-        B3_FLAGS,
-    ] {
+    for h in ALL {
         headers.remove(h);
     }
 }
@@ -401,16 +398,7 @@ mod tests {
 
     #[test]
     fn the_quick_scan_sees_every_trace_header_and_only_those() {
-        for h in [
-            TRACEPARENT,
-            TRACESTATE,
-            B3,
-            B3_TRACE_ID,
-            B3_SPAN_ID,
-            B3_PARENT_SPAN_ID,
-            B3_SAMPLED,
-            B3_FLAGS,
-        ] {
+        for h in ALL {
             assert!(is_trace_header(&h), "{h}");
             let mut m = HeaderMap::new();
             m.insert(h.clone(), HeaderValue::from_static("1"));
