@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http1;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -21,6 +20,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::balance::{Load, Peers};
 use crate::error::ProxyError;
+use crate::h1pool::{Idle, H1};
 use crate::inputs::Inputs;
 use crate::tls::Credentials;
 use crate::traffic::now_nanos;
@@ -57,16 +57,6 @@ type Conn = ArcSwapOption<(SendRequest<Body>, bool)>;
 /// past this many is closed.
 const IDLE_H1: usize = 64;
 
-/// An HTTP/1.1 connection to the peer that carries one request at a time,
-/// and whether it is mutual TLS.
-pub struct H1 {
-    pub tx: http1::SendRequest<Body>,
-    tls: bool,
-    /// Taken from the idle ones (it may have been closed by the peer
-    /// meanwhile), not just opened.
-    pub reused: bool,
-}
-
 /// A connection to a peer proxy for one request: the worker's HTTP/2
 /// connection, or an HTTP/1.1 one of its own.
 pub enum PeerConn {
@@ -88,11 +78,10 @@ pub struct Endpoint {
     /// task runs on the worker that opened it, as the requests that use
     /// it do.
     h2: PerWorker<Conn>,
-    /// Each worker's idle HTTP/1.1 connections (`--peer-http1`), most
-    /// recently used last. Only the worker itself takes and gives back
-    /// (threads that are no worker share the last slot): the lock is
-    /// never contended on the data path.
-    h1: PerWorker<std::sync::Mutex<Vec<H1>>>,
+    /// Each worker's idle HTTP/1.1 connections (`--peer-http1`). Only the
+    /// worker itself takes and gives back (threads that are no worker
+    /// share the last slot): the lock is never contended on the data path.
+    pub idle_h1: Arc<Idle>,
     // Serialises connection set-up so a burst opens one connection per
     // worker, not many.
     connecting: tokio::sync::Mutex<()>,
@@ -124,7 +113,7 @@ impl Endpoint {
             load: Arc::new(Load::new(peers.clone())),
             health: Default::default(),
             h2: PerWorker::new(SLOTS.load(Ordering::Acquire), |_| ArcSwapOption::empty()),
-            h1: PerWorker::new(SLOTS.load(Ordering::Acquire), |_| Default::default()),
+            idle_h1: Arc::new(Idle::new(SLOTS.load(Ordering::Acquire), IDLE_H1)),
             connecting: tokio::sync::Mutex::new(()),
             connect_failures: AtomicU64::new(0),
             warm_up: WarmUp::default(),
@@ -254,7 +243,7 @@ impl Endpoint {
     /// `give_back` once its response has ended.
     pub async fn h1(&self, creds: Option<&Credentials>) -> Result<H1, ProxyError> {
         let tls = creds.is_some();
-        if let Some(c) = self.idle_h1(tls) {
+        if let Some(c) = self.idle_h1.take(tls) {
             return Ok(c);
         }
         // Boxed, as in `h2`.
@@ -264,53 +253,9 @@ impl Endpoint {
     /// A new HTTP/1.1 connection (TLS sessions resume: see `tls::peer`).
     pub async fn connect_h1(&self, creds: Option<&Credentials>) -> Result<H1, ProxyError> {
         let io = self.open(creds, trellis_identity::ALPN_HTTP1).await?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake::<_, Body>(TokioIo::new(io))
+        crate::h1pool::handshake(TokioIo::new(io), self.addr, creds.is_some())
             .await
-            .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection to peer closed");
-            }
-        });
-        Ok(H1 {
-            tx,
-            tls: creds.is_some(),
-            reused: false,
-        })
-    }
-
-    /// The most recently used idle connection of this worker's that is
-    /// ready; closed ones are dropped on the way.
-    fn idle_h1(&self, tls: bool) -> Option<H1> {
-        let mut idle = self.h1.get().lock().unwrap_or_else(|e| e.into_inner());
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let c = &idle[i];
-            if c.tx.is_closed() || c.tls != tls {
-                // What moves here was looked at already.
-                idle.swap_remove(i);
-            } else if c.tx.is_ready() {
-                let c = idle.remove(i);
-                return Some(H1 { reused: true, ..c });
-            }
-            // Else still finishing its last exchange: kept for later.
-        }
-        None
-    }
-
-    /// Keeps a connection whose response has ended for the next request
-    /// of this worker's.
-    pub fn give_back(&self, c: H1) {
-        if c.tx.is_closed() {
-            return;
-        }
-        let mut idle = self.h1.get().lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_H1 {
-            idle.push(c);
-        }
+            .map_err(|e| ProxyError::upstream_connect(self.addr, e))
     }
 
     /// Whether every worker's connection (with no workers: this thread's)

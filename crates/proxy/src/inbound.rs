@@ -433,6 +433,64 @@ async fn forward_to_app(
     http1: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let fault = BodyFault::default();
+    if !http1 {
+        return forward_to_app_h2(inputs, parts, body, &fault, idempotent).await;
+    }
+    if parts.uri.authority().is_none() && !parts.headers.contains_key(http::header::HOST) {
+        if let Ok(host) = http::HeaderValue::from_str(&inputs.app_addr.to_string()) {
+            parts.headers.insert(http::header::HOST, host);
+        }
+    }
+    let mut req = Request::from_parts(parts, request_body(body, &fault));
+    crate::h1pool::origin_form(&mut req);
+    let app = inputs.app_addr;
+    let connect = || async move {
+        crate::h1pool::connect_plain(app).await.map_err(|e| {
+            tracing::debug!(%app, error = %e, "cannot connect to the app");
+            ProxyError::upstream_connect(app, "the app is not accepting connections")
+        })
+    };
+    let idle = &inputs.app_http1;
+    let c = match idle.take(false) {
+        Some(c) => c,
+        // Boxed: rare, and large (see `Endpoint::h2`).
+        None => Box::pin(connect()).await?,
+    };
+    match crate::h1pool::send(idle, c, req, connect).await {
+        Ok(mut r) => {
+            // Only this proxy says that a request reached no app.
+            r.headers_mut().remove(crate::error::NOT_SENT);
+            Ok(r)
+        }
+        Err(crate::h1pool::Failed::Connect(e)) => Err(e),
+        Err(crate::h1pool::Failed::Send(_)) if fault.broke() => Err(ProxyError::bad_body()),
+        Err(crate::h1pool::Failed::Send(e)) => {
+            let unanswered = e.is_incomplete_message() || e.is_canceled();
+            let mut err = ProxyError::upstream(e);
+            // The app closed a kept-alive connection as the request went
+            // out on it (an app shutting down closes idle ones): it did
+            // not answer, and an idempotent request may go to another
+            // endpoint.
+            err.retry_safe = idempotent && unanswered;
+            Err(err)
+        }
+    }
+}
+
+/// To the app over HTTP/2, for HTTP/2 callers: one connection per worker.
+async fn forward_to_app_h2(
+    inputs: &Inputs,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    fault: &BodyFault,
+    idempotent: bool,
+) -> Result<Response<Body>, ProxyError> {
     let authority = parts
         .uri
         .authority()
@@ -447,25 +505,13 @@ async fn forward_to_app(
         })
         .unwrap_or_else(|| inputs.app_addr.to_string());
     parts.uri = absolute_uri(&authority, &parts.uri)?;
-    strip_hop_by_hop(&mut parts.headers, false);
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    );
-    let client = if http1 {
-        parts.version = Version::HTTP_11;
-        parts.headers.remove(http::header::HOST);
-        inputs.app_http1.get()
-    } else {
-        parts.version = Version::HTTP_2;
-        inputs.app_http2.get()
-    };
-    let fault = BodyFault::default();
-    client
-        .request(Request::from_parts(parts, request_body(body, &fault)))
+    parts.version = Version::HTTP_2;
+    inputs
+        .app_http2
+        .get()
+        .request(Request::from_parts(parts, request_body(body, fault)))
         .await
         .map(|mut r| {
-            // Only this proxy says that a request reached no app.
             r.headers_mut().remove(crate::error::NOT_SENT);
             r.map(boxed)
         })
@@ -477,16 +523,12 @@ async fn forward_to_app(
                     inputs.app_addr,
                     "the app is not accepting connections",
                 )
-            } else if idempotent && closed_before_answer(&e) {
-                // The app closed a kept-alive connection as the request
-                // went out on it (an app shutting down closes idle ones):
-                // it did not answer, and an idempotent request may go to
-                // another endpoint.
-                let mut err = ProxyError::upstream(e);
-                err.retry_safe = true;
-                err
             } else {
-                ProxyError::upstream(e)
+                // As over HTTP/1.1 (see `forward_to_app`).
+                let unanswered = closed_before_answer(&e);
+                let mut err = ProxyError::upstream(e);
+                err.retry_safe = idempotent && unanswered;
+                err
             }
         })
 }

@@ -16,15 +16,19 @@ use crate::telemetry::Telemetry;
 use crate::workers::{PerWorker, WorkerSet};
 use crate::Body;
 
+/// Idle HTTP/1.1 connections to the app kept per worker; one given back
+/// past this many is closed.
+const APP_IDLE_H1: usize = 256;
+
 pub struct Inputs {
     pub cfg: ProxyConfig,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
     /// Spans, access logs and tap, beside the metrics.
     pub telemetry: Arc<Telemetry>,
-    /// To the local app over HTTP/1.1, pooled; one pool per worker, so a
+    /// Idle connections to the local app over HTTP/1.1, per worker, so a
     /// request's connection to the app is served on its own thread.
-    pub app_http1: PerWorker<Client<AppConnector, Body>>,
+    pub app_http1: Arc<crate::h1pool::Idle>,
     /// To the local app over HTTP/2 (h2c prior knowledge), for HTTP/2
     /// callers; one connection per worker.
     pub app_http2: PerWorker<Client<AppConnector, Body>>,
@@ -51,13 +55,7 @@ impl Inputs {
         let app_addr: SocketAddr = ([127, 0, 0, 1], cfg.app_port).into();
         let connector = AppConnector(app_addr);
         let slots = crate::workers::slots(workers.len());
-        let app_http1 = PerWorker::new(slots, |_| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_timer(TokioTimer::new())
-                .set_host(true)
-                .build(connector.clone())
-        });
+        let app_http1 = Arc::new(crate::h1pool::Idle::new(slots, APP_IDLE_H1));
         // One connection carries every HTTP/2 caller's streams to the app:
         // fixed, large windows (see `server::SHARED_CONN_WINDOW`).
         let app_http2 = PerWorker::new(slots, |_| {

@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod dns;
 pub mod endpoint;
 pub mod error;
+pub mod h1pool;
 pub mod http;
 pub mod inbound;
 pub mod inputs;
@@ -251,6 +252,11 @@ impl Proxy {
         tokio::spawn(inbound.run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(endpoint::warm_up(inputs.clone(), shutdown_rx.clone()));
+        tokio::spawn(h1pool::sweep_every(
+            h1pool::IDLE_TIMEOUT / 2,
+            inputs.app_http1.clone(),
+            shutdown_rx.clone(),
+        ));
         if let Some(dns) = dns {
             tokio::spawn(dns.run(inputs.clone(), shutdown_rx.clone()));
         }

@@ -35,7 +35,7 @@ use super::outlier::Outcome;
 use super::policy::{HashKey, Limit, Permit};
 use super::{add_flag, is_idempotent, mirror, now_nanos, stable_hash};
 use crate::balance::PickCtx;
-use crate::endpoint::{Endpoint, PeerConn, H1};
+use crate::endpoint::{Endpoint, PeerConn};
 use crate::error::{ProxyError, Source};
 use crate::http::{boxed, empty, full, request_body, BodyFault};
 use crate::inputs::Inputs;
@@ -507,20 +507,20 @@ impl<'a> Exchange<'a> {
                     resp.map(|r| r.map(boxed)).map_err(ProxyError::upstream)
                 }
                 PeerConn::H1(c) => {
-                    // Origin-form, with the authority in Host.
-                    if let Some(pq) = self.uri.path_and_query() {
-                        *req.uri_mut() = Uri::from(pq.clone());
-                    }
-                    if let Some(a) = self.uri.authority() {
-                        if let Ok(host) = http::HeaderValue::from_str(a.as_str()) {
-                            req.headers_mut().insert(http::header::HOST, host);
-                        }
-                    }
-                    *req.version_mut() = Version::HTTP_11;
+                    *req.uri_mut() = self.uri.clone();
+                    crate::h1pool::origin_form(&mut req);
+                    let creds = self.creds.as_deref();
                     // Boxed: the HTTP/1.1 path (`--peer-http1`) is not the
                     // default, and held inline its future would grow every
                     // request's.
-                    Box::pin(send_h1(ep, c, req, self.creds.as_deref())).await
+                    Box::pin(crate::h1pool::send(&ep.idle_h1, c, req, || {
+                        ep.connect_h1(creds)
+                    }))
+                    .await
+                    .map_err(|e| match e {
+                        crate::h1pool::Failed::Connect(e) => e,
+                        crate::h1pool::Failed::Send(e) => ProxyError::upstream(e),
+                    })
                 }
             }
         });
@@ -683,89 +683,6 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeldIo<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-/// Sends one request over an HTTP/1.1 connection to a peer; the
-/// connection goes back to the worker's idle ones when the response has
-/// ended. A reused connection the peer closed while it was idle (its
-/// keep-alive ran out) takes nothing: the request goes once more, over a
-/// new connection, as if it had been the first.
-async fn send_h1(
-    ep: &Arc<Endpoint>,
-    mut c: H1,
-    mut req: Request<Body>,
-    creds: Option<&Credentials>,
-) -> Result<Response<Body>, ProxyError> {
-    loop {
-        match c.tx.try_send_request(req).await {
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
-                let mut body = GiveBack {
-                    inner: body,
-                    back: Some((ep.clone(), c)),
-                };
-                if body.inner.is_end_stream() {
-                    // Nobody may poll a body that has nothing to send.
-                    body.give_back();
-                }
-                let body = crate::http::Coalesce::new(body)
-                    .map_err(crate::http::BoxError::from)
-                    .boxed_unsync();
-                return Ok(Response::from_parts(parts, body));
-            }
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if c.reused => {
-                    req = unsent;
-                    // Boxed: rare, and large (see `Endpoint::h2`).
-                    c = Box::pin(ep.connect_h1(creds)).await?;
-                }
-                _ => return Err(ProxyError::upstream(e.into_error())),
-            },
-        }
-    }
-}
-
-/// A response body from an HTTP/1.1 connection to a peer, which goes back
-/// to the idle ones once the body has ended (and is closed with it if the
-/// body breaks off or is dropped before its end).
-struct GiveBack {
-    inner: Incoming,
-    back: Option<(Arc<Endpoint>, H1)>,
-}
-
-impl GiveBack {
-    fn give_back(&mut self) {
-        if let Some((ep, c)) = self.back.take() {
-            ep.give_back(c);
-        }
-    }
-}
-
-impl http_body::Body for GiveBack {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
-            Some(Ok(_)) => {}
-            Some(Err(_)) => self.back = None,
-        }
-        std::task::Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
