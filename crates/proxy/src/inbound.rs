@@ -223,8 +223,12 @@ async fn serve_tls(
         return tcp_to_app(inputs, tls, peer, &info).await;
     }
     let i = inputs.clone();
+    // Boxed: a peer's requests come over HTTP/2, where each stream is a
+    // task of its own, whose whole state tokio copies when it is spawned
+    // and twice more when it ends; this keeps that state small (measured:
+    // docs/performance.md, "Boxing the request's future").
     serve_connection(tls, &i, Kind::inbound, Hop::Peer, shutdown, move |req| {
-        handle(inputs.clone(), req, info.clone())
+        Box::pin(handle(inputs.clone(), req, info.clone()))
     })
     .await;
 }
