@@ -239,8 +239,8 @@ impl Endpoint {
     }
 
     /// An HTTP/1.1 connection for one request: an idle one of this
-    /// worker's that is ready, else a new one. Give it back with
-    /// `give_back` once its response has ended.
+    /// worker's that is ready, else a new one. `h1pool::send` puts it
+    /// back in `idle_h1` once its response has ended.
     pub async fn h1(&self, creds: Option<&Credentials>) -> Result<H1, ProxyError> {
         let tls = creds.is_some();
         if let Some(c) = self.idle_h1.take(tls) {

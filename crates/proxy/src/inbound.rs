@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -438,10 +438,7 @@ async fn forward_to_app(
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    );
+    let idempotent = crate::traffic::is_idempotent(&parts.method);
     let fault = BodyFault::default();
     if !http1 {
         return forward_to_app_h2(inputs, parts, body, &fault, idempotent).await;
