@@ -28,7 +28,9 @@ use serde_json::{json, Value};
 use trellis_api::v1::Register;
 
 use fake::{Fleet, Role};
-use sys::{cpu_seconds, free_port, http, http_as, memory_kb, wait_http_ok, Proc};
+use sys::{
+    cpu_seconds, free_port, http, http_as, memory_kb, monotonic_seconds, wait_http_ok, Proc,
+};
 
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(
@@ -558,6 +560,7 @@ impl Part1 {
         let idle_rate = (cpu_seconds(self.cp.pid()) - i0) / idle_t0.elapsed().as_secs_f64();
         let c0 = cpu_seconds(self.cp.pid());
         let t0 = Instant::now();
+        let mono0 = monotonic_seconds();
         self.cp.apply(&resources).await?;
         let apply = t0.elapsed();
         let deadline = t0 + Duration::from_secs(args.deadline);
@@ -579,6 +582,7 @@ impl Part1 {
         let busy = settle(self.cp.pid(), t0, Duration::from_secs(args.deadline)).await;
         let cpu = cpu_seconds(self.cp.pid()) - c0;
         let window = t0.elapsed().as_secs_f64();
+        let mono1 = monotonic_seconds();
         shared.clear_needle();
         let hits = shared.take_hits(mark);
         let mut client_ms: Vec<f64> = hits
@@ -616,7 +620,7 @@ impl Part1 {
         };
         let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
         progress!(
-            "  N={} {change} #{run}: {}/{} clients acked, p50 {} ms, last {} ms (all streams {} ms), cp busy {:.2}s, cpu {:.1} ms ({:.1} ms of it the change's, {:.1} ms/s idle)",
+            "  N={} {change} #{run}: {}/{} clients acked, p50 {} ms, last {} ms (all streams {} ms), cp busy {:.2}s, cpu {:.1} ms ({:.1} ms of it the change's, {:.1} ms/s idle; perf window {mono0:.6},{mono1:.6})",
             self.clients,
             p.acked_clients,
             expected_clients,

@@ -49,6 +49,19 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// Seconds on `CLOCK_MONOTONIC`: the clock `perf record -k CLOCK_MONOTONIC`
+/// stamps its samples with, so a change's window can be cut out of a
+/// profile of the control plane (`perf report --time START,END`).
+pub fn monotonic_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the call only writes the value passed by pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// User + system CPU seconds of a process (0 when it is gone).
 ///
 /// Read from the process's CPU-time clock (`clock_getcpuclockid`), which

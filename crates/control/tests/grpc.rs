@@ -404,6 +404,48 @@ async fn first_message_must_be_register() {
     cp.shutdown().await;
 }
 
+/// The VIP of each Service, from the API.
+async fn vips(cp: &ControlPlane) -> Vec<(String, String)> {
+    let (_, v) = get(cp, "/api/v1/services").await;
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or("").to_string(),
+                        s["vip"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn services_applied_one_after_another_each_get_a_vip() {
+    // The actor checks for Services without a VIP only when the Services
+    // change or an allocation ends: applies that land while an allocation
+    // is under way must still get theirs.
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(config(dir.path())).await.unwrap();
+    for i in 0..6 {
+        let (status, body) = apply(
+            &cp,
+            &json!([service(&format!("s{i}"), json!({"app": "s"}))]),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let all = eventually("all 6 Services have a VIP", WAIT, || async {
+        let v = vips(&cp).await;
+        (v.len() == 6 && v.iter().all(|(_, ip)| ip.starts_with("240.240."))).then_some(v)
+    })
+    .await;
+    let distinct: std::collections::HashSet<_> = all.iter().map(|(_, ip)| ip).collect();
+    assert_eq!(distinct.len(), 6, "{all:?}");
+    cp.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_apply_is_refused_whole_and_restart_keeps_resources() {
     let dir = tempfile::tempdir().unwrap();

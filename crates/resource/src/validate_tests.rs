@@ -407,6 +407,41 @@ fn services_in_the_same_apply_count() {
 }
 
 #[test]
+fn the_applied_service_wins_over_the_stored_one_in_any_order() {
+    let catalog = |port: u16| {
+        let mut r = base()[index(Kind::Service)].clone();
+        svc(&mut r).ports[0].port = port;
+        r
+    };
+    // The route names port 80 of catalog.
+    let route_only = || -> Vec<Resource> {
+        base()
+            .into_iter()
+            .filter(|r| r.key().kind == Kind::HttpRoute)
+            .collect()
+    };
+    // The route's backends, stored out of key order around catalog's
+    // copies, of which the last is the one in force.
+    let stored = |first: u16, last: u16| {
+        let mut v = vec![catalog(first)];
+        v.extend(existing().into_iter().rev());
+        v.push(catalog(last));
+        v
+    };
+    assert_eq!(validate_apply(&route_only(), &[], &stored(81, 80)), Ok(()));
+    assert!(validate_apply(&route_only(), &[], &stored(80, 81)).is_err());
+    // The apply's own copy of the Service is what the route is checked
+    // against, whatever the store holds.
+    let with = |port: u16| {
+        let mut v = route_only();
+        v.push(catalog(port));
+        v
+    };
+    assert_eq!(validate_apply(&with(80), &[], &stored(81, 81)), Ok(()));
+    assert!(validate_apply(&with(81), &[], &stored(80, 80)).is_err());
+}
+
+#[test]
 fn ref_ports_must_exist_on_the_service() {
     rejects(
         Kind::HttpRoute,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{
     check_duration, check_match_headers, check_service_ref, check_target, compiles,
-    describe_source, header_name, Problems, MAX_WEIGHT,
+    describe_source, header_name, Problems, ServiceTable, MAX_WEIGHT,
 };
 use crate::load::{ResourceError, Source};
 use crate::traffic::*;
@@ -281,7 +281,7 @@ pub(super) fn check_rule_filters(field: &str, rule: &RouteRule, p: &mut Problems
 pub(super) fn check_grpc_route(
     namespace: &str,
     spec: &GrpcRouteSpec,
-    services: &HashMap<(&str, &str), &ServiceSpec>,
+    services: &ServiceTable<'_>,
     p: &mut Problems,
 ) {
     if spec.parent_refs.is_empty() {
@@ -396,7 +396,7 @@ fn share(p: &mut Problems, field: &str, value: f64, max: f64, what: &str) {
 pub(super) fn check_traffic_policy(
     namespace: &str,
     spec: &TrafficPolicySpec,
-    services: &HashMap<(&str, &str), &ServiceSpec>,
+    services: &ServiceTable<'_>,
     p: &mut Problems,
 ) {
     check_target(namespace, "spec.targetRef", &spec.target_ref, services, p);
@@ -647,9 +647,17 @@ pub(super) fn check_conflicts<R: std::borrow::Borrow<Resource>>(
     let mut policies = ByService::new();
     let mut http_parents = ByService::new();
     let mut grpc_parents = ByService::new();
+    // Only these kinds can conflict: the others are passed over before
+    // their keys are built (a thousand Services in a mesh).
     let stored = existing
         .iter()
         .map(std::borrow::Borrow::borrow)
+        .filter(|r| {
+            matches!(
+                r.spec,
+                Spec::TrafficPolicy(_) | Spec::HttpRoute(_) | Spec::GrpcRoute(_)
+            )
+        })
         .filter(|r| !applied.contains_key(&r.key()))
         .map(|r| (r, None));
     let new = resources.iter().enumerate().map(|(i, r)| (r, Some(i)));

@@ -114,6 +114,7 @@ pub async fn start(
         buffered: Vec::new(),
         waiting: HashMap::new(),
         allocating: false,
+        vips_unchecked: true,
         views: BTreeMap::new(),
         dirty: HashSet::new(),
         published_trust_domain: String::new(),
@@ -169,6 +170,11 @@ struct Actor {
     /// shows the store does not have it: (revision, reads started by then).
     waiting: HashMap<ConnId, (u64, u64)>,
     allocating: bool,
+    /// A Service may lack a VIP: set when the Services or the VIP table
+    /// change and when an allocation ends, cleared by the check. The
+    /// retry tick checks only then: testing every Service each second
+    /// was most of an idle control plane's CPU with 1,000 Services.
+    vips_unchecked: bool,
     /// The published view of each proxy, and the proxies changed since
     /// (every site that changes a proxy marks it: `self.dirty.insert`).
     /// With 12,000 proxies, rebuilding every view after each ack cost more
@@ -267,6 +273,9 @@ impl Actor {
                         self.start_load();
                     }
                     self.allocate_vips();
+                    // Both only start tasks, which report back as events:
+                    // nothing to publish, and no round for `tidy`.
+                    continue;
                 }
                 _ = sleep_until_due(self.tidy.due()), if self.tidy.due().is_some() => {
                     self.tidy.fire();
@@ -366,6 +375,7 @@ impl Actor {
                     self.store_event(ev);
                 }
                 self.release_waiting(Some(seq));
+                self.vips_unchecked = true;
                 self.allocate_vips();
             }
             Err(e) => {
@@ -438,6 +448,7 @@ impl Actor {
         self.update(scope);
         self.release_waiting(None);
         if services {
+            self.vips_unchecked = true;
             self.allocate_vips();
         }
     }
@@ -528,12 +539,14 @@ impl Actor {
     /// Gives Services without a VIP one, through the store (on Kubernetes
     /// the ClusterIPs are the VIPs: nothing to allocate).
     fn allocate_vips(&mut self) {
-        if self.allocating
+        if !self.vips_unchecked
+            || self.allocating
             || self.loading
             || matches!(self.registry.endpoint_source, EndpointSource::External(_))
         {
             return;
         }
+        self.vips_unchecked = false;
         let missing: Vec<ServiceName> = self
             .registry
             .resources
@@ -645,6 +658,8 @@ impl Actor {
             Event::Endpoints(endpoints, vips) => self.external_endpoints(endpoints, vips),
             Event::Allocated(result) => {
                 self.allocating = false;
+                // Services added while it ran, or a failure to retry.
+                self.vips_unchecked = true;
                 match result {
                     Ok(vips) if vips != *self.registry.vips => {
                         self.registry.vips = Arc::new(vips);
