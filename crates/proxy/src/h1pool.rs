@@ -117,8 +117,10 @@ impl Idle {
     fn sweep_at(&self, now: Instant) {
         for list in self.lists.iter() {
             if let Ok(mut idle) = list.try_lock() {
-                idle.retain(|p| !p.c.tx.is_closed());
-                expire(&mut idle, now);
+                // By age, not only from the front: a list is kept in the
+                // order of use only roughly (a closed connection's place
+                // goes to the newest one in `take`).
+                idle.retain(|p| !p.c.tx.is_closed() && now.duration_since(p.since) <= IDLE_TIMEOUT);
             }
         }
     }
@@ -457,6 +459,22 @@ mod tests {
         assert_eq!(idle.len(), 2, "recently used ones stay");
         idle.sweep_at(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1));
         assert!(idle.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_old_connections_behind_newer_ones() {
+        let (addr, _) = server(None).await;
+        let idle = Arc::new(Idle::new(1, 8));
+        idle.give_back(connect_plain(addr).await.unwrap());
+        idle.give_back(connect_plain(addr).await.unwrap());
+        // Out of the order of use, as `take`'s swap leaves a list: the
+        // newer connection first.
+        let now = Instant::now();
+        idle.lists.get().lock().unwrap()[1].since = now - IDLE_TIMEOUT * 2;
+        idle.sweep_at(now);
+        assert_eq!(idle.len(), 1, "the old one is closed, the new one stays");
+        let kept = idle.lists.get().lock().unwrap()[0].since;
+        assert!(now.duration_since(kept) < IDLE_TIMEOUT);
     }
 
     #[test]
