@@ -94,7 +94,7 @@ impl Idle {
     }
 
     /// Keeps a connection whose response has ended for this worker's next
-    /// request; drops those idle past `IDLE_TIMEOUT`.
+    /// request; drops those at the front idle past `IDLE_TIMEOUT`.
     pub fn give_back(&self, c: H1) {
         if c.tx.is_closed() {
             return;
@@ -154,7 +154,10 @@ pub async fn sweep_every(
     }
 }
 
-/// Drops the connections idle past `IDLE_TIMEOUT` (the oldest come first).
+/// Drops the connections idle past `IDLE_TIMEOUT` at the front of the
+/// list, where the oldest mostly are: a pass that stops at the first
+/// recent one, for `give_back` on the data path. One behind a newer
+/// connection (after `take`'s swap) waits for the sweep.
 fn expire(idle: &mut Vec<Parked>, now: Instant) {
     let old = idle
         .iter()
