@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, Semaphore};
 
@@ -22,13 +21,16 @@ use crate::balance::{Load, Peers};
 use crate::error::ProxyError;
 use crate::h1pool::{Idle, H1};
 use crate::inputs::Inputs;
+use crate::peer_h2::H2;
 use crate::tls::Credentials;
 use crate::traffic::now_nanos;
 use crate::workers::PerWorker;
-use crate::Body;
 
 /// The default of `--connect-timeout` (see `limits`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a peer connection is pinged, and how long its answer may
+/// take before the connection is closed.
+const PEER_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Connections the warm-up opens at once.
 const WARM_UP_AT_ONCE: usize = 4;
 /// The wait before warming up an endpoint again after a failure, doubling
@@ -51,7 +53,7 @@ pub fn use_slots(slots: usize) {
 }
 
 /// One open HTTP/2 connection to the peer, and whether it is mutual TLS.
-type Conn = ArcSwapOption<(SendRequest<Body>, bool)>;
+type Conn = ArcSwapOption<(H2, bool)>;
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; one given back
 /// past this many is closed.
@@ -60,7 +62,7 @@ const IDLE_H1: usize = 64;
 /// A connection to a peer proxy for one request: the worker's HTTP/2
 /// connection, or an HTTP/1.1 one of its own.
 pub enum PeerConn {
-    H2(SendRequest<Body>),
+    H2(H2),
     H1(H1),
 }
 
@@ -160,14 +162,14 @@ impl Endpoint {
 
     /// This thread's HTTP/2 connection, when it is open (and mutual TLS iff
     /// `tls`).
-    fn ready_h2(&self, tls: bool) -> Option<SendRequest<Body>> {
+    fn ready_h2(&self, tls: bool) -> Option<H2> {
         ready(self.h2.get(), tls)
     }
 
     /// A ready HTTP/2 connection to the peer, made on first use (or by the
     /// warm-up) and shared by every request to this endpoint on this
     /// worker.
-    pub async fn h2(&self, creds: Option<&Credentials>) -> Result<SendRequest<Body>, ProxyError> {
+    pub async fn h2(&self, creds: Option<&Credentials>) -> Result<H2, ProxyError> {
         let tls = creds.is_some();
         if let Some(c) = self.ready_h2(tls) {
             return Ok(c);
@@ -195,31 +197,21 @@ impl Endpoint {
         conn
     }
 
-    async fn connect_h2(
-        &self,
-        creds: Option<&Credentials>,
-    ) -> Result<SendRequest<Body>, ProxyError> {
+    async fn connect_h2(&self, creds: Option<&Credentials>) -> Result<H2, ProxyError> {
         let tls = creds.is_some();
         let io = self.open(creds, trellis_identity::ALPN_H2).await?;
-        let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+        let settings = crate::peer_h2::Settings {
             // Fixed, large windows, not adaptive ones (see
             // `server::SHARED_CONN_WINDOW`): this connection carries every
             // call to the peer.
-            .initial_stream_window_size(crate::server::SHARED_STREAM_WINDOW)
-            .initial_connection_window_size(crate::server::SHARED_CONN_WINDOW)
-            .max_header_list_size(crate::server::MAX_RESPONSE_HEADERS)
-            .handshake::<_, Body>(TokioIo::new(io))
+            stream_window: crate::server::SHARED_STREAM_WINDOW,
+            conn_window: crate::server::SHARED_CONN_WINDOW,
+            max_header_list: crate::server::MAX_RESPONSE_HEADERS,
+            keep_alive: PEER_KEEP_ALIVE,
+        };
+        let tx = H2::handshake(io, &settings, self.addr.to_string())
             .await
             .map_err(|e| ProxyError::upstream_connect(self.addr, e))?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "connection to peer closed");
-            }
-        });
         self.h2.get().store(Some(Arc::new((tx.clone(), tls))));
         Ok(tx)
     }
@@ -271,7 +263,7 @@ impl Endpoint {
     }
 }
 
-fn ready(conn: &Conn, tls: bool) -> Option<SendRequest<Body>> {
+fn ready(conn: &Conn, tls: bool) -> Option<H2> {
     conn.load()
         .as_deref()
         .filter(|c| !c.0.is_closed() && c.1 == tls)
@@ -414,6 +406,7 @@ pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use hyper_util::rt::TokioExecutor;
 
     /// A plaintext HTTP/2 server answering 200; counts the connections it
     /// accepted.
@@ -444,11 +437,10 @@ pub mod tests {
     /// A GET over the calling thread's connection to `ep`.
     async fn get(ep: Arc<Endpoint>) -> http::StatusCode {
         let mut conn = ep.h2(None).await.unwrap();
-        conn.ready().await.unwrap();
         let req = http::Request::get("http://peer/")
             .body(crate::http::empty())
             .unwrap();
-        conn.send_request(req).await.unwrap().status()
+        conn.send(req).await.unwrap().status()
     }
 
     #[tokio::test]

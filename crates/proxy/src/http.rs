@@ -72,14 +72,14 @@ const COALESCE_BELOW: usize = 16 * 1024;
 /// peer holds too many small frames unread (see `server`), so a stream of
 /// small gRPC messages is best sent in as few frames as it can. Nothing
 /// waits for more: only frames already there are merged.
-pub struct Coalesce<B> {
+pub struct Coalesce<B: http_body::Body> {
     inner: B,
     /// What came after merged data: trailers or an error, sent next.
-    held: Option<Result<Frame<Bytes>, hyper::Error>>,
+    held: Option<Result<Frame<Bytes>, B::Error>>,
     done: bool,
 }
 
-impl<B> Coalesce<B> {
+impl<B: http_body::Body> Coalesce<B> {
     pub fn new(inner: B) -> Self {
         Coalesce {
             inner,
@@ -91,15 +91,16 @@ impl<B> Coalesce<B> {
 
 impl<B> http_body::Body for Coalesce<B>
 where
-    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
 {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         if let Some(held) = self.held.take() {
             return Poll::Ready(Some(held));
         }

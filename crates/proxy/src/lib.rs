@@ -40,6 +40,7 @@ pub mod names;
 pub mod normalize;
 pub mod otlp;
 pub mod outbound;
+pub mod peer_h2;
 pub mod pod;
 pub mod process;
 pub mod route;

@@ -37,7 +37,7 @@ use super::{add_flag, is_idempotent, mirror, now_nanos, stable_hash};
 use crate::balance::PickCtx;
 use crate::endpoint::{Endpoint, PeerConn};
 use crate::error::{ProxyError, Source};
-use crate::http::{boxed, empty, full, request_body, BodyFault};
+use crate::http::{empty, full, request_body, BodyFault};
 use crate::inputs::Inputs;
 use crate::route::{modify_headers, Backend, Rule};
 use crate::snapshot::ServiceState;
@@ -503,8 +503,7 @@ impl<'a> Exchange<'a> {
                 PeerConn::H2(mut tx) => {
                     *req.uri_mut() = self.uri.clone();
                     *req.version_mut() = Version::HTTP_2;
-                    let resp = tx.send_request(req).await;
-                    resp.map(|r| r.map(boxed)).map_err(ProxyError::upstream)
+                    tx.send(req).await.map_err(ProxyError::upstream)
                 }
                 PeerConn::H1(c) => {
                     *req.uri_mut() = self.uri.clone();

@@ -69,7 +69,7 @@ async fn check(inputs: Arc<Inputs>, svc: Arc<ServiceState>, ep: Arc<Endpoint>) {
         if let Ok(v) = HeaderValue::try_from(svc.key.to_string()) {
             h.insert(DESTINATION, v);
         }
-        let resp = conn.send_request(req).await.ok()?;
+        let resp = conn.send(req).await.ok()?;
         Some(resp.status().is_success())
     };
     let passed = tokio::time::timeout(hc.timeout, exchange)

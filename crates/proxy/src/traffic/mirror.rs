@@ -94,7 +94,7 @@ pub fn send(
             *req.uri_mut() = uri;
             *req.version_mut() = Version::HTTP_2;
             *req.headers_mut() = headers;
-            let resp = conn.send_request(req).await.ok()?;
+            let resp = conn.send(req).await.ok()?;
             // Read the answer to the end so the stream closes cleanly.
             resp.into_body().collect().await.ok()
         };
