@@ -113,10 +113,12 @@ impl H2 {
     }
 
     /// Sends a request (its URI absolute, its hop-by-hop headers removed)
-    /// and waits for the response's head. A request body is piped by a
-    /// task of its own, which goes on after the response's head has come
-    /// (a gRPC stream sends while it receives) and stops when the stream
-    /// is reset; if this future is dropped first, the stream is reset.
+    /// and waits for the response's head. A request body is sent at once
+    /// as far as it is there; the rest goes on in a task of its own (see
+    /// `Pipe::start`), after the response's head has come too (a gRPC
+    /// stream sends while it receives), until the stream is reset. If this
+    /// future is dropped before the head comes, that task is aborted and
+    /// the stream reset.
     pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
