@@ -148,7 +148,7 @@ impl H2 {
         };
         // Drops the body's pipe if the response never comes (this future
         // was dropped: a timeout, the caller gone), which resets the stream.
-        let mut guard = AbortOnDrop(pipe.as_ref().map(|p| p.abort_handle()));
+        let mut guard = AbortOnDrop(pipe);
         let resp = response.await;
         if resp.is_ok() {
             // The head came: the body goes on being sent as the stream lasts.
@@ -214,7 +214,7 @@ impl Pipe {
     /// (a stream, or a large one waiting for the window) goes on in a task
     /// of its own. A unary call's body is usually all there at once: no
     /// task (as hyper does it).
-    async fn start(mut self) -> Option<tokio::task::JoinHandle<()>> {
+    async fn start(mut self) -> Option<tokio::task::AbortHandle> {
         let first = poll_fn(|cx| Poll::Ready(self.poll(cx))).await;
         match first {
             Poll::Ready(Ok(())) => None,
@@ -222,11 +222,14 @@ impl Pipe {
                 tracing::debug!(error = %e, "sending a request body to a peer failed");
                 None
             }
-            Poll::Pending => Some(tokio::spawn(async move {
-                if let Err(e) = poll_fn(|cx| self.poll(cx)).await {
-                    tracing::debug!(error = %e, "sending a request body to a peer failed");
-                }
-            })),
+            Poll::Pending => Some(
+                tokio::spawn(async move {
+                    if let Err(e) = poll_fn(|cx| self.poll(cx)).await {
+                        tracing::debug!(error = %e, "sending a request body to a peer failed");
+                    }
+                })
+                .abort_handle(),
+            ),
         }
     }
 
