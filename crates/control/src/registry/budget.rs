@@ -102,7 +102,7 @@ impl Registry {
             .map(String::as_str)
             .collect();
         for ap in &self.resources.authorization_policies {
-            let json = serde_json::to_string(&**ap).unwrap_or_default();
+            let json = self.resources.json(ap);
             if sent.contains(json.as_str()) {
                 parts.push(resource(ap, json.len()));
             }

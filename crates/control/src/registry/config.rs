@@ -14,12 +14,6 @@ use trellis_resource::{Resource, Spec};
 
 use super::{EndpointCache, Proxy, Registry, ServiceName};
 
-/// A resource as the JSON a Config carries.
-fn to_json(r: &Resource) -> String {
-    // Serialising a typed resource to JSON cannot fail (string keys only).
-    serde_json::to_string(r).unwrap_or_default()
-}
-
 impl Registry {
     /// What a proxy needs about itself: the Services that select it (`own`),
     /// the AuthorizationPolicies that apply to it (namespace-wide ones of
@@ -39,7 +33,7 @@ impl Registry {
                 },
                 _ => false,
             })
-            .map(|r| to_json(r))
+            .map(|r| self.resources.json(r))
             .collect();
         config.trust_bundle_pem = self.trust_bundle.clone();
     }
@@ -126,14 +120,16 @@ impl Registry {
     ) -> ServiceConfig {
         let routes_json = |by_parent: &BTreeMap<ServiceName, Vec<Arc<Resource>>>| -> Vec<String> {
             match by_parent.get(name) {
-                Some(routes) if with_routes => routes.iter().map(|r| to_json(r)).collect(),
+                Some(routes) if with_routes => {
+                    routes.iter().map(|r| self.resources.json(r)).collect()
+                }
                 _ => Vec::new(),
             }
         };
         ServiceConfig {
             namespace: name.namespace.clone(),
             name: name.name.clone(),
-            service_json: to_json(svc),
+            service_json: self.resources.json(svc),
             routes_json: routes_json(&self.resources.routes_by_parent),
             endpoints: self.endpoints(name, cache),
             vip: self
@@ -145,7 +141,7 @@ impl Registry {
                 .resources
                 .policy_by_target
                 .get(name)
-                .map(|r| to_json(r))
+                .map(|r| self.resources.json(r))
                 .unwrap_or_default(),
             grpc_routes_json: routes_json(&self.resources.grpc_routes_by_parent),
         }

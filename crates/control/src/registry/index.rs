@@ -37,6 +37,24 @@ pub struct ResourceIndex {
     /// Every resource in key order, as last handed out by `shared`; `None`
     /// once one changed since.
     shared: Option<Arc<Vec<Arc<Resource>>>>,
+    /// Each resource of `all` as the JSON a Config carries, by the address
+    /// of its `Arc`, made once when it is put: a Config then copies a
+    /// string where it serialized the resource, once per proxy. Each entry
+    /// holds its `Arc`, so no other resource can have its address while
+    /// it is here; it leaves with the resource.
+    json: BTreeMap<usize, (Arc<Resource>, Arc<str>)>,
+    /// The Mesh's spec as JSON, when there is one.
+    mesh_json: Option<Arc<str>>,
+}
+
+/// A resource as the JSON a Config carries.
+fn to_json(r: &Resource) -> String {
+    // Serialising a typed resource to JSON cannot fail (string keys only).
+    serde_json::to_string(r).unwrap_or_default()
+}
+
+fn address(r: &Resource) -> usize {
+    r as *const Resource as usize
 }
 
 impl ResourceIndex {
@@ -74,11 +92,19 @@ impl ResourceIndex {
     /// `put`, of a shared resource.
     pub fn put_shared(&mut self, new: Arc<Resource>) -> Option<BTreeSet<ServiceName>> {
         let key = new.key();
+        if let Some(old) = self.all.get(&key) {
+            if **old == *new {
+                // The same resource: the index keeps the copy it holds.
+                return Some(BTreeSet::new());
+            }
+        }
         let old = self.all.insert(key.clone(), new.clone());
         self.shared = None;
-        if old.as_deref() == Some(&*new) {
-            return Some(BTreeSet::new());
+        if let Some(old) = &old {
+            self.json.remove(&address(old));
         }
+        self.json
+            .insert(address(&new), (new.clone(), to_json(&new).into()));
         self.reindex(&key, old.as_deref(), Some(&new))
     }
 
@@ -93,6 +119,7 @@ impl ResourceIndex {
         match self.all.remove(key) {
             Some(old) => {
                 self.shared = None;
+                self.json.remove(&address(&old));
                 self.reindex(key, Some(&old), None)
             }
             None => Some(BTreeSet::new()),
@@ -119,6 +146,11 @@ impl ResourceIndex {
                 if mesh == self.mesh {
                     return Some(changed);
                 }
+                self.mesh_json = mesh.as_ref().map(|m| {
+                    serde_json::to_string(m)
+                        .unwrap_or_else(|_| "{}".into())
+                        .into()
+                });
                 self.mesh = mesh;
                 return None;
             }
@@ -231,6 +263,8 @@ impl ResourceIndex {
             all: _,
             policies: _,
             shared: _,
+            json: _,
+            mesh_json: _,
         } = self;
         if *mesh != next.mesh
             || *services != next.services
@@ -267,9 +301,21 @@ impl ResourceIndex {
 
     /// The Mesh's spec as JSON, `{}` when there is none.
     pub(super) fn mesh_json(&self) -> String {
-        match &self.mesh {
-            Some(m) => serde_json::to_string(m).unwrap_or_else(|_| "{}".into()),
-            None => "{}".into(),
+        self.mesh_json.as_deref().unwrap_or("{}").to_string()
+    }
+
+    /// How many resources' JSON the index keeps (every one it holds).
+    #[cfg(test)]
+    pub fn json_kept(&self) -> usize {
+        self.json.len()
+    }
+
+    /// A resource of the index as the JSON a Config carries (made when it
+    /// was put; made now for one the index does not hold).
+    pub fn json(&self, r: &Resource) -> String {
+        match self.json.get(&address(r)) {
+            Some((_, json)) => json.to_string(),
+            None => to_json(r),
         }
     }
 }

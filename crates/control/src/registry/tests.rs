@@ -517,6 +517,12 @@ proptest::proptest! {
         }
         let all: Vec<&Resource> = stored.values().collect();
         proptest::prop_assert_eq!(idx.len(), all.len());
+        // The JSON kept for each is what it serializes to, and nothing
+        // more is kept.
+        proptest::prop_assert_eq!(idx.json_kept(), all.len());
+        for r in idx.shared().iter() {
+            proptest::prop_assert_eq!(idx.json(r), serde_json::to_string(&**r).unwrap());
+        }
         let mesh = all.iter().find_map(|r| match &r.spec {
             Spec::Mesh(m) if r.metadata.name == "default" => Some(m.clone()),
             _ => None,
