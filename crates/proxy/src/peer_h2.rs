@@ -7,11 +7,12 @@
 //! oneshot: per request a task allocated and scheduled and three
 //! hand-offs, 2–4% of the client-side proxy's CPU in the profiles of
 //! docs/performance.md. Here the request's own task opens the stream and
-//! awaits the response. What hyper did besides is done here too: the
-//! request body is piped to the stream by a task of its own (only when
-//! there is a body: a GET has none), received data is given back to the
-//! flow-control window as it is read, and the connection is pinged to
-//! find a peer that went away without closing it.
+//! awaits the response. What hyper did besides is done here too: a
+//! request body goes out at once as far as it is there, and only the rest
+//! (a stream, or a body waiting for the window) is piped by a task of its
+//! own; received data is given back to the flow-control window as it is
+//! read; and the connection is pinged to find a peer that went away
+//! without closing it.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -131,6 +132,10 @@ impl H2 {
         }
         // A CONNECT's stream stays open both ways (as hyper's).
         let eos = body.is_end_stream() && head.method() != Method::CONNECT;
+        // No `poll_ready` first: each request sends on its own clone of the
+        // worker's handle (`Endpoint::h2`), and `h2` lets a handle with no
+        // stream of its own waiting queue one past the peer's stream limit,
+        // where it waits for a slot as hyper's would.
         let (response, stream) = match self.tx.send_request(head, eos) {
             Ok(sent) => sent,
             Err(e) => {
