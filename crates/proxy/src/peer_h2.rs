@@ -495,6 +495,83 @@ mod tests {
         assert!(!conn.is_closed());
     }
 
+    /// More requests than the peer takes streams at once: those over its
+    /// limit wait for a slot, none fails.
+    #[tokio::test]
+    async fn requests_past_the_peers_stream_limit_wait_for_a_slot() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut released = released.clone();
+                let first = req.uri().path() == "/first";
+                if !first {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                async move {
+                    if !first {
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty()))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let mut conn = connect(addr, Duration::from_secs(10)).await;
+        // Answered at once: once it is, the peer's SETTINGS (its limit)
+        // have come. Before them the client may open up to 100 streams,
+        // and a peer with a lower limit refuses those past it (as with
+        // hyper's client).
+        let first = Request::get(format!("http://{addr}/first"))
+            .body(crate::http::empty())
+            .unwrap();
+        assert_eq!(
+            conn.send(first).await.unwrap().status(),
+            http::StatusCode::OK
+        );
+        let sends: Vec<_> = (0..3)
+            .map(|i| {
+                let mut conn = conn.clone();
+                tokio::spawn(async move {
+                    let req = Request::get(format!("http://{addr}/{i}"))
+                        .body(crate::http::empty())
+                        .unwrap();
+                    conn.send(req).await.map(|r| r.status())
+                })
+            })
+            .collect();
+        // The first is at the server; the limit holds the others back.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while seen.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first request reaches the server");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "the peer's limit is one stream"
+        );
+        release.send(true).unwrap();
+        for s in sends {
+            let status = tokio::time::timeout(Duration::from_secs(5), s)
+                .await
+                .expect("a request over the limit is answered once a slot frees")
+                .unwrap()
+                .expect("a request over the limit waits instead of failing");
+            assert_eq!(status, http::StatusCode::OK);
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
     #[tokio::test]
     async fn a_request_dropped_before_its_answer_resets_its_stream() {
         // The server reads the whole body before it answers, and says how
