@@ -120,7 +120,7 @@ impl H2 {
     /// stream sends while it receives), until the stream is reset. If this
     /// future is dropped before the head comes, that task is aborted and
     /// the stream reset.
-    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
+    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Body>, SendError> {
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
         if let Some(len) = body.size_hint().exact() {
@@ -139,11 +139,15 @@ impl H2 {
         let (response, stream) = match self.tx.send_request(head, eos) {
             Ok(sent) => sent,
             Err(e) => {
-                if e.is_go_away() || e.is_io() {
-                    // The connection is going or gone.
+                // The connection is going or gone: the stream never opened.
+                let gone = e.is_go_away() || e.is_io();
+                if gone {
                     self.closed.store(true, Ordering::Release);
                 }
-                return Err(e);
+                return Err(SendError {
+                    error: e,
+                    unprocessed: gone,
+                });
             }
         };
         let pipe = if eos {
@@ -159,7 +163,17 @@ impl H2 {
             // The head came: the body goes on being sent as the stream lasts.
             guard.0 = None;
         }
-        let resp = resp?;
+        let resp = resp.map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                self.closed.store(true, Ordering::Release);
+            }
+            SendError {
+                unprocessed: e.is_reset()
+                    && e.is_remote()
+                    && e.reason() == Some(Reason::REFUSED_STREAM),
+                error: e,
+            }
+        })?;
         let length = content_length(resp.headers());
         Ok(resp.map(|recv| {
             Coalesce::new(Received {
@@ -172,6 +186,28 @@ impl H2 {
         }))
     }
 }
+
+/// A request the peer did not answer, and whether it may have seen it.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: h2::Error,
+    /// The peer's app cannot have seen the request, so any request, even
+    /// a POST, may be sent again: it never went out (the connection was
+    /// gone), or the peer refused its stream (REFUSED_STREAM, which
+    /// RFC 9113 section 8.7 says is sent only before any processing; a
+    /// peer over its stream limit does so for streams opened before its
+    /// SETTINGS came). A GOAWAY's reset is not counted: `h2` gives streams
+    /// the peer did process the same error when the connection then ends.
+    pub unprocessed: bool,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SendError {}
 
 struct AbortOnDrop(Option<tokio::task::AbortHandle>);
 
@@ -570,6 +606,102 @@ mod tests {
             assert_eq!(status, http::StatusCode::OK);
         }
         assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    /// Streams opened before the peer's SETTINGS, past its limit of one:
+    /// the peer refuses them, and each such failure says that the peer
+    /// did not process the request (so the forwarder may send it again).
+    /// The one stream the peer took is answered.
+    #[tokio::test]
+    async fn streams_the_peer_refuses_are_reported_unprocessed() {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty())) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let conn = connect(addr, Duration::from_secs(10)).await;
+        // One thread, and the three streams opened in one poll before
+        // anything else runs: the connection has not read the peer's
+        // SETTINGS yet, so it sends all three at once.
+        let send = |i: usize| {
+            let mut conn = conn.clone();
+            async move {
+                let req = Request::get(format!("http://{addr}/{i}"))
+                    .body(crate::http::empty())
+                    .unwrap();
+                conn.send(req).await.map(|r| r.status())
+            }
+        };
+        let (a, b, c) = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::future::join3(send(0), send(1), send(2)),
+        )
+        .await
+        .expect("every request is answered or refused");
+        let mut answered = 0;
+        let mut refused = 0;
+        for r in [a, b, c] {
+            match r {
+                Ok(status) => {
+                    assert_eq!(status, http::StatusCode::OK);
+                    answered += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.error.reason(), Some(Reason::REFUSED_STREAM), "{e}");
+                    assert!(e.unprocessed, "a refused stream was not processed: {e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), answered);
+        assert!(answered >= 1, "the peer takes one stream");
+        assert!(
+            refused >= 1,
+            "the streams past the limit were sent before the peer's SETTINGS came"
+        );
+        assert!(
+            !conn.is_closed(),
+            "a refused stream leaves the connection open"
+        );
+    }
+
+    /// A stream the peer took and then reset is not reported unprocessed:
+    /// its app may have seen the request.
+    #[tokio::test]
+    async fn a_stream_reset_after_the_peer_took_it_is_not_unprocessed() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            // A service that fails: hyper resets the stream (INTERNAL_ERROR).
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Err::<Response<Body>, std::io::Error>(std::io::Error::other("the app broke"))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let mut conn = connect(addr, Duration::from_secs(10)).await;
+        let req = Request::get(format!("http://{addr}/"))
+            .body(crate::http::empty())
+            .unwrap();
+        let e = conn
+            .send(req)
+            .await
+            .expect_err("the peer resets the stream");
+        assert!(e.error.is_reset() && e.error.is_remote(), "{e}");
+        assert_eq!(e.error.reason(), Some(Reason::INTERNAL_ERROR));
+        assert!(!e.unprocessed, "{e}");
     }
 
     #[tokio::test]

@@ -5,7 +5,9 @@
 //!   either the answer is 503 at once, flagged `UO`.
 //! - Endpoints come from the backend's balancer, never one already tried
 //!   for this request while another is left.
-//! - A failed connection moves to another endpoint (nothing was sent).
+//! - A failed connection moves to another endpoint (nothing was sent), as
+//!   does a request whose stream the peer refused (REFUSED_STREAM: not
+//!   processed) if its body can be sent again.
 //!   Listed statuses, and resets and per-try timeouts, are retried when the
 //!   request can be sent again: its body is empty or was small enough to
 //!   keep (64 KiB, when retries or mirrors need a copy), and its method is
@@ -289,6 +291,23 @@ struct RetryState {
     last: Forwarded,
 }
 
+/// A try that got no answer.
+struct Failed {
+    error: ProxyError,
+    /// The peer did not process the request (see `peer_h2::SendError`).
+    unprocessed: bool,
+}
+
+impl Failed {
+    /// A failure after which the peer may have processed the request.
+    fn seen(error: ProxyError) -> Failed {
+        Failed {
+            error,
+            unprocessed: false,
+        }
+    }
+}
+
 /// What one try came to.
 enum Try {
     /// The answer the caller gets, from this endpoint.
@@ -380,12 +399,28 @@ impl<'a> Exchange<'a> {
         let Some(body) = self.payload.for_try() else {
             return Try::Stop;
         };
-        let result = self.send(&ep, conn, body).await;
+        let (result, unprocessed) = match self.send(&ep, conn, body).await {
+            Ok(resp) => (Ok(resp), false),
+            Err(f) => (Err(f.error), f.unprocessed),
+        };
         if result.is_err() && self.payload.broke() {
             // The client's fault, not the endpoint's: not counted against
             // it, not retried.
             state.last = (Err(ProxyError::bad_body()), Some(ep));
             return Try::Stop;
+        }
+        if unprocessed && self.payload.replayable() && state.connect_retries > 0 {
+            // As a failed connection: the peer did not process it (it
+            // refused the stream), so any request may go again, and the
+            // endpoint is not to blame (a peer over its stream limit).
+            state.connect_retries -= 1;
+            state.last = (result, Some(ep));
+            self.inputs
+                .metrics
+                .traffic
+                .retry(&self.to.svc.key, RetryReason::connect);
+            drop(load);
+            return Try::Again;
         }
         let outcome = match &result {
             Ok(resp) => Outcome::Status(resp.status().as_u16()),
@@ -494,7 +529,7 @@ impl<'a> Exchange<'a> {
         ep: &Arc<Endpoint>,
         conn: PeerConn,
         body: Body,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, Failed> {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.headers_mut() = self.parts.headers.clone();
@@ -503,7 +538,10 @@ impl<'a> Exchange<'a> {
                 PeerConn::H2(mut tx) => {
                     *req.uri_mut() = self.uri.clone();
                     *req.version_mut() = Version::HTTP_2;
-                    tx.send(req).await.map_err(ProxyError::upstream)
+                    tx.send(req).await.map_err(|e| Failed {
+                        unprocessed: e.unprocessed,
+                        error: ProxyError::upstream(e),
+                    })
                 }
                 PeerConn::H1(c) => {
                     *req.uri_mut() = self.uri.clone();
@@ -520,12 +558,13 @@ impl<'a> Exchange<'a> {
                         crate::h1pool::Failed::Connect(e) => e,
                         crate::h1pool::Failed::Send(e) => ProxyError::upstream(e),
                     })
+                    .map_err(Failed::seen)
                 }
             }
         });
         crate::http::within(self.plan.per_try, send)
             .await
-            .unwrap_or_else(|| Err(ProxyError::timeout("backend request")))
+            .unwrap_or_else(|| Err(Failed::seen(ProxyError::timeout("backend request"))))
     }
 
     /// Whether this outcome is retried, budget aside: a listed status, or
