@@ -411,8 +411,9 @@ impl<'a> Exchange<'a> {
         }
         if unprocessed && self.payload.replayable() && state.connect_retries > 0 {
             // As a failed connection: the peer did not process it (it
-            // refused the stream), so any request may go again, and the
-            // endpoint is not to blame (a peer over its stream limit).
+            // refused the stream), so any request may go again. Outlier
+            // detection does not count it (a peer over its stream limit is
+            // busy, not broken); the balancer sees a try without answer.
             state.connect_retries -= 1;
             state.last = (result, Some(ep));
             self.inputs
