@@ -460,6 +460,27 @@ mod tests {
         addr
     }
 
+    /// An HTTP/2 server for one connection, served by `svc`, that takes
+    /// at most `streams` streams at once (hyper's default when None).
+    async fn serve_one<S>(svc: S, streams: Option<u32>) -> std::net::SocketAddr
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Body> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut server = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            if let Some(n) = streams {
+                server.max_concurrent_streams(n);
+            }
+            let _ = server.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+        addr
+    }
+
     async fn connect(addr: std::net::SocketAddr, keep_alive: Duration) -> H2 {
         let tcp = TcpStream::connect(addr).await.unwrap();
         H2::handshake(tcp, &settings(keep_alive), addr.to_string())
@@ -537,29 +558,21 @@ mod tests {
     async fn requests_past_the_peers_stream_limit_wait_for_a_slot() {
         let (release, released) = tokio::sync::watch::channel(false);
         let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let counted = seen.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut released = released.clone();
-                let first = req.uri().path() == "/first";
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let mut released = released.clone();
+            let first = req.uri().path() == "/first";
+            if !first {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
                 if !first {
-                    counted.fetch_add(1, Ordering::SeqCst);
+                    let _ = released.wait_for(|r| *r).await;
                 }
-                async move {
-                    if !first {
-                        let _ = released.wait_for(|r| *r).await;
-                    }
-                    Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty()))
-                }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(1)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+                Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty()))
+            }
         });
+        let addr = serve_one(svc, Some(1)).await;
         let mut conn = connect(addr, Duration::from_secs(10)).await;
         // Answered at once: once it is, the peer's SETTINGS (its limit)
         // have come. Before them the client may open up to 100 streams,
@@ -615,20 +628,12 @@ mod tests {
     #[tokio::test]
     async fn streams_the_peer_refuses_are_reported_unprocessed() {
         let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let counted = seen.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                counted.fetch_add(1, Ordering::SeqCst);
-                async { Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty())) }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(1)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+        let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty())) }
         });
+        let addr = serve_one(svc, Some(1)).await;
         let conn = connect(addr, Duration::from_secs(10)).await;
         // One thread, and the three streams opened in one poll before
         // anything else runs: the connection has not read the peer's
@@ -679,18 +684,11 @@ mod tests {
     /// its app may have seen the request.
     #[tokio::test]
     async fn a_stream_reset_after_the_peer_took_it_is_not_unprocessed() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            // A service that fails: hyper resets the stream (INTERNAL_ERROR).
-            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                Err::<Response<Body>, std::io::Error>(std::io::Error::other("the app broke"))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+        // A service that fails: hyper resets the stream (INTERNAL_ERROR).
+        let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+            Err::<Response<Body>, std::io::Error>(std::io::Error::other("the app broke"))
         });
+        let addr = serve_one(svc, None).await;
         let mut conn = connect(addr, Duration::from_secs(10)).await;
         let req = Request::get(format!("http://{addr}/"))
             .body(crate::http::empty())
