@@ -414,14 +414,9 @@ impl<'a> Exchange<'a> {
             // refused the stream), so any request may go again. Outlier
             // detection does not count it (a peer over its stream limit is
             // busy, not broken); the balancer sees a try without answer.
-            state.connect_retries -= 1;
             state.last = (result, Some(ep));
-            self.inputs
-                .metrics
-                .traffic
-                .retry(&self.to.svc.key, RetryReason::connect);
             drop(load);
-            return Try::Again;
+            return self.resend_unprocessed(state);
         }
         let outcome = match &result {
             Ok(resp) => Outcome::Status(resp.status().as_u16()),
@@ -446,14 +441,9 @@ impl<'a> Exchange<'a> {
                 if resp.headers().contains_key(crate::error::NOT_SENT)
                     && state.connect_retries > 0 =>
             {
-                state.connect_retries -= 1;
                 state.last = (Ok(resp), Some(ep));
-                self.inputs
-                    .metrics
-                    .traffic
-                    .retry(&self.to.svc.key, RetryReason::connect);
                 drop(load);
-                Try::Again
+                self.resend_unprocessed(state)
             }
             Ok(mut resp) => {
                 if !can_retry {
@@ -493,13 +483,21 @@ impl<'a> Exchange<'a> {
             if state.connect_retries == 0 {
                 return Try::Stop;
             }
-            state.connect_retries -= 1;
-            self.inputs
-                .metrics
-                .traffic
-                .retry(&self.to.svc.key, RetryReason::connect);
-            Try::Again
+            self.resend_unprocessed(state)
         })
+    }
+
+    /// Another try after one the peer never processed (a failed
+    /// connection, a refused stream, a peer that could not reach its app):
+    /// takes one of `connect_retries` (the caller checked one is left) and
+    /// counts it; no budget, no backoff.
+    fn resend_unprocessed(&self, state: &mut RetryState) -> Try {
+        state.connect_retries -= 1;
+        self.inputs
+            .metrics
+            .traffic
+            .retry(&self.to.svc.key, RetryReason::connect);
+        Try::Again
     }
 
     /// An endpoint of the backend not tried yet (if one is left).
