@@ -66,7 +66,7 @@ async fn connect(addr: std::net::SocketAddr, direct: bool) -> Client {
             stream_window: 4 << 20,
             conn_window: 16 << 20,
             max_header_list: 64 << 10,
-            keep_alive: Duration::from_secs(10),
+            keep_alive: Some(Duration::from_secs(10)),
         };
         Client::Direct(
             H2::handshake(tcp, &settings, addr.to_string())

@@ -207,7 +207,7 @@ impl Endpoint {
             stream_window: crate::server::SHARED_STREAM_WINDOW,
             conn_window: crate::server::SHARED_CONN_WINDOW,
             max_header_list: crate::server::MAX_RESPONSE_HEADERS,
-            keep_alive: PEER_KEEP_ALIVE,
+            keep_alive: Some(PEER_KEEP_ALIVE),
         };
         let tx = H2::handshake(io, &settings, self.addr.to_string())
             .await

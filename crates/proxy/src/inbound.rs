@@ -23,7 +23,7 @@ use crate::detect::{detect, Protocol, Rewind};
 use crate::endpoint::connect;
 use crate::error::ProxyError;
 use crate::http::{
-    absolute_uri, boxed, forward_upgrade, is_upgrade, request_body, strip_hop_by_hop, BodyFault,
+    absolute_uri, forward_upgrade, is_upgrade, request_body, strip_hop_by_hop, BodyFault,
     DESTINATION, ORIG_PROTO, SOURCE,
 };
 use crate::inputs::Inputs;
@@ -507,42 +507,33 @@ async fn forward_to_app_h2(
         .unwrap_or_else(|| inputs.app_addr.to_string());
     parts.uri = absolute_uri(&authority, &parts.uri)?;
     parts.version = Version::HTTP_2;
-    inputs
-        .app_http2
-        .get()
-        .request(Request::from_parts(parts, request_body(body, fault)))
+    let app = inputs.app_http2.get();
+    let mut conn = match app.ready() {
+        Some(c) => c,
+        // Boxed: rare, and large (see `Endpoint::h2`).
+        None => Box::pin(app.connect()).await.map_err(|e| {
+            ProxyError::upstream_connect(
+                inputs.app_addr,
+                format!("the app is not accepting connections: {e}"),
+            )
+        })?,
+    };
+    match conn
+        .send(Request::from_parts(parts, request_body(body, fault)))
         .await
-        .map(|mut r| {
+    {
+        Ok(mut r) => {
             r.headers_mut().remove(crate::error::NOT_SENT);
-            r.map(boxed)
-        })
-        .map_err(|e| {
-            if fault.broke() {
-                ProxyError::bad_body()
-            } else if e.is_connect() {
-                ProxyError::upstream_connect(
-                    inputs.app_addr,
-                    "the app is not accepting connections",
-                )
-            } else {
-                // As over HTTP/1.1 (see `forward_to_app`).
-                let unanswered = closed_before_answer(&e);
-                let mut err = ProxyError::upstream(e);
-                err.retry_safe = idempotent && unanswered;
-                err
-            }
-        })
-}
-
-/// Whether the app's connection closed before any answer to the request
-/// (hyper's `IncompleteMessage` or a request canceled unsent).
-fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message() || h.is_canceled();
+            Ok(r)
         }
-        source = s.source();
+        Err(_) if fault.broke() => Err(ProxyError::bad_body()),
+        Err(e) => {
+            // As over HTTP/1.1 (see `forward_to_app`); and a request the app
+            // cannot have seen (see `peer_h2::SendError`) may go anywhere.
+            let closed = e.error.is_go_away() || e.error.is_io();
+            let mut err = ProxyError::upstream(&e);
+            err.retry_safe = e.unprocessed || (idempotent && closed);
+            Err(err)
+        }
     }
-    false
 }

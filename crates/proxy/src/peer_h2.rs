@@ -1,5 +1,6 @@
-//! The HTTP/2 connection to a peer proxy, driven with the `h2` crate
-//! directly rather than through hyper's client.
+//! The HTTP/2 connection to a peer proxy (and to the local app, see
+//! `inputs::AppH2`), driven with the `h2` crate directly rather than
+//! through hyper's client.
 //!
 //! Why: hyper's HTTP/2 client hands each request to the connection's
 //! dispatch task over a channel, and that task spawns one more task per
@@ -8,8 +9,10 @@
 //! hand-offs, 2–4% of the client-side proxy's CPU in the profiles of
 //! docs/performance.md. Here the request's own task opens the stream and
 //! awaits the response. What hyper did besides is done here too: a
-//! request body goes out at once as far as it is there, and only the rest
-//! (a stream, or a body waiting for the window) is piped by a task of its
+//! request body goes out at once as far as it is there (its last chunk
+//! with the request's head, in one write, where hyper waited for the new
+//! stream's window and sent it in a second), and only the rest (a
+//! stream, or a body waiting for the window) is piped by a task of its
 //! own; received data is given back to the flow-control window as it is
 //! read; and the connection is pinged to find a peer that went away
 //! without closing it.
@@ -39,8 +42,8 @@ pub struct Settings {
     pub conn_window: u32,
     pub max_header_list: u32,
     /// A ping goes out this often, and the connection is closed when its
-    /// answer takes longer than this again.
-    pub keep_alive: Duration,
+    /// answer takes longer than this again (None: no pings).
+    pub keep_alive: Option<Duration>,
 }
 
 /// Streams opened before the peer's SETTINGS say how many it allows
@@ -83,7 +86,7 @@ impl H2 {
         let done = closed.clone();
         tokio::spawn(async move {
             let pings = async {
-                let Some(mut ping) = ping else {
+                let (Some(mut ping), Some(keep_alive)) = (ping, keep_alive) else {
                     return std::future::pending().await;
                 };
                 loop {
@@ -331,7 +334,14 @@ fn poll_pipe(
         match frame.into_data() {
             Ok(data) => {
                 let eos = body.is_end_stream();
-                if data.is_empty() {
+                if data.is_empty() || eos {
+                    // The last chunk goes at once, whatever the window:
+                    // it is in memory already, and `h2` sends it as the
+                    // window allows. Waiting for capacity would split it
+                    // from the request's head: `h2` gives none to a stream
+                    // until its connection task has opened it, so the body
+                    // would follow in a write (a TLS record, a wake-up of
+                    // the peer) and a task of its own.
                     tx.send_data(data, eos)?;
                     if eos {
                         return Poll::Ready(Ok(()));
@@ -432,7 +442,7 @@ mod tests {
             stream_window: 65_535,
             conn_window: 1 << 20,
             max_header_list: 16 << 10,
-            keep_alive,
+            keep_alive: Some(keep_alive),
         }
     }
 
@@ -780,6 +790,79 @@ mod tests {
         assert!(!conn.is_closed());
         close.send(()).unwrap();
         assert!(until(|| conn.is_closed()).await);
+    }
+
+    /// A connection that counts its writes.
+    struct CountWrites(TcpStream, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl AsyncRead for CountWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = std::task::ready!(Pin::new(&mut self.0).poll_write(cx, buf))?;
+            self.1.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_goes_out_with_the_request_head_in_one_write() {
+        // The peer echoes the body.
+        let addr = serve(|req: Request<hyper::body::Incoming>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(crate::http::full(body))
+        })
+        .await;
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let io = CountWrites(tcp, writes.clone());
+        let mut conn = H2::handshake(io, &settings(Duration::from_secs(60)), addr.to_string())
+            .await
+            .unwrap();
+        let post = |body: &'static str| {
+            Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://{addr}/bench.Echo/Call"))
+                .body(crate::http::full(body))
+                .unwrap()
+        };
+        // The first call settles the connection (both sides' SETTINGS and
+        // their acknowledgements).
+        let first = conn.send(post("settle")).await.unwrap().into_body();
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "settle");
+        for msg in ["one", "two", "three"] {
+            let before = writes.load(Ordering::Relaxed);
+            let body = conn.send(post(msg)).await.unwrap().into_body();
+            assert_eq!(body.collect().await.unwrap().to_bytes(), msg);
+            // HEADERS and DATA in one write: before, the body waited for
+            // the new stream's window and followed in a second one.
+            assert_eq!(
+                writes.load(Ordering::Relaxed) - before,
+                1,
+                "writes for {msg}"
+            );
+        }
     }
 
     #[tokio::test]
