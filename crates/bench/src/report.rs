@@ -105,10 +105,14 @@ pub fn markdown(plan: &Plan, res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Commit {}, {} cores ({}), kernel {}; load average {} at start, {} at end; \
+        "Commit {}, binary `{}`, {} cores ({}), kernel {}; load average {} at start, {} at end; \
          wall time {:.0} s; the benchmark process itself used {:.1} CPU-s. \
          Everything on 127.0.0.1; the simulated proxies, the control plane and the real proxies share the cores.\n",
         env("trellis_commit"),
+        std::path::Path::new(&env("trellis"))
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         env("nproc"),
         env("cpu"),
         env("kernel"),
