@@ -221,18 +221,31 @@ if gu is not None:
     targets.append(("gRPC unary through the mesh: p99 added <= 0.5 ms at 1,000 calls/s",
                     f"{gu:.3f} ms{vs}{at}", gu <= 0.5 and rate == 1000))
 
-counted = [r for r in results if r.get("max", {}).get("counts") and r["max"].get("ok")]
+def per_request(r, load):
+    """(syscalls, context switches) per request of a row's proxies in one load, or None."""
+    v = r.get(load, {})
+    c, n = v.get("counts"), v.get("ok")
+    if not c or not n:
+        return None
+    sc, cs = c.get("raw_syscalls:sys_enter"), c.get("context-switches")
+    return (sc / n if sc is not None else None, cs / n if cs is not None else None)
+
+
+counted = [r for r in results if per_request(r, "fixed") or per_request(r, "max")]
 if counted:
     lines.append("")
     lines.append("System calls and context switches of the proxies (all of a row's proxy processes) per request "
-                 "during the max run (`bench/run --counts`, perf stat):")
+                 "during the fixed-rate and the max runs (`bench/run --counts`, perf stat):")
     lines.append("")
-    lines.append("| path | requests | syscalls / request | context switches / request |")
-    lines.append("| --- | ---: | ---: | ---: |")
+    lines.append("| path | syscalls / request @fixed | context switches / request @fixed "
+                 "| syscalls / request @max | context switches / request @max |")
+    lines.append("| --- | ---: | ---: | ---: | ---: |")
     for r in counted:
-        c, n = r["max"]["counts"], r["max"]["ok"]
-        sc, cs = c.get("raw_syscalls:sys_enter"), c.get("context-switches")
-        lines.append(f"| {r['label']} | {n} | {f(sc / n, 2) if sc is not None else '–'} | {f(cs / n, 2) if cs is not None else '–'} |")
+        cells = []
+        for load in ("fixed", "max"):
+            pr = per_request(r, load) or (None, None)
+            cells += [f(x, 2) if x is not None else "–" for x in pr]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
 
 lines.append("")
 lines.append("## Targets (issue 13)")
