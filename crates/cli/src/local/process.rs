@@ -171,8 +171,15 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// How long a SIGKILLed process may take to be gone: the kernel tears
+/// down its threads and memory after `kill` returns, and a process blocked
+/// on disk I/O (etcd's fsync) dies only when that finishes.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 /// Stops each `(pid, start_time)` that still runs: SIGTERM to its group,
-/// up to `grace` to exit, then SIGKILL. Returns how many were running.
+/// up to `grace` to exit, then SIGKILL, and waits until each is gone (up
+/// to `KILL_WAIT` more), so that a caller that returns has stopped them.
+/// Returns how many were running.
 pub fn stop_all(procs: &[(u32, u64)], grace: Duration) -> usize {
     let running: Vec<(u32, u64)> = procs
         .iter()
@@ -182,15 +189,19 @@ pub fn stop_all(procs: &[(u32, u64)], grace: Duration) -> usize {
     for &(pid, _) in &running {
         signal(pid, libc::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && running.iter().any(|&(p, s)| is_running(p, s)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let any_running = || running.iter().any(|&(p, s)| is_running(p, s));
+    let wait_until = |deadline: Instant| {
+        while Instant::now() < deadline && any_running() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_until(Instant::now() + grace);
     for &(pid, st) in &running {
         if is_running(pid, st) {
             signal(pid, libc::SIGKILL);
         }
     }
+    wait_until(Instant::now() + KILL_WAIT);
     running.len()
 }
 
@@ -247,6 +258,48 @@ mod tests {
             stop_all(&[(running.pid, running.start_time)], Duration::from_secs(1)),
             0
         );
+    }
+
+    #[test]
+    fn a_process_that_ignores_sigterm_is_killed_and_gone_on_return() {
+        let dir = tempfile::tempdir().unwrap();
+        // An ignored signal stays ignored across exec: sleep ignores TERM.
+        let spec = Spec {
+            name: "stubborn".into(),
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                "trap '' TERM; echo ready; exec sleep 30".into(),
+            ],
+            env: vec![],
+            log: dir.path().join("logs/stubborn.log"),
+            die_with_parent: true,
+        };
+        let mut running = spawn(&spec).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !log_tail(&running.log, 1).contains("ready") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = Instant::now();
+        assert_eq!(
+            stop_all(
+                &[(running.pid, running.start_time)],
+                Duration::from_millis(300)
+            ),
+            1
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "it waited out the grace for SIGTERM"
+        );
+        // Checked before reaping: a zombie is gone, a dying process is not.
+        assert!(
+            !is_running(running.pid, running.start_time),
+            "still running when stop_all returned"
+        );
+        let status = running.child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     }
 
     #[test]

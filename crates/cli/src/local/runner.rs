@@ -631,6 +631,10 @@ impl<P: Placement> Runner<P> {
 /// Stops the processes `state` records that still run: workloads, then
 /// the control plane, so proxies do not spend their drain reconnecting,
 /// then etcd, which the control plane's replicas use until they stop.
+/// etcd's members stop one after another: a leader that is stopped hands
+/// its leadership to a follower it still reaches, and waits out its
+/// request timeout (7 s) if that follower stops at the same moment; one
+/// at a time, each hands over at once, and the last has no one to reach.
 /// Returns how many were running.
 pub fn stop_state(state: &RunState) -> usize {
     let pids = |roles: &[Role]| -> Vec<(u32, u64)> {
@@ -643,7 +647,10 @@ pub fn stop_state(state: &RunState) -> usize {
     };
     process::stop_all(&pids(&[Role::App, Role::Proxy]), STOP_GRACE)
         + process::stop_all(&pids(&[Role::Control]), STOP_GRACE)
-        + process::stop_all(&pids(&[Role::Etcd]), STOP_GRACE)
+        + pids(&[Role::Etcd])
+            .into_iter()
+            .map(|member| process::stop_all(&[member], STOP_GRACE))
+            .sum::<usize>()
 }
 
 /// Refuses to start over a running mesh; clears what a previous one left.
