@@ -87,9 +87,9 @@ impl Inbound {
     /// Serves the listener on every worker (see `workers`): a connection
     /// runs on the worker that accepted it.
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
-        let workers = inputs.workers.clone();
+        let (workers, metrics) = (inputs.workers.clone(), inputs.metrics.conns.clone());
         workers
-            .serve_listener(self.listener, move |l| {
+            .serve_listener(self.listener, Kind::inbound, &metrics, move |l| {
                 let (inputs, shutdown) = (inputs.clone(), shutdown.clone());
                 let how = Listening {
                     kind: Kind::inbound,

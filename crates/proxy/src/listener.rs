@@ -154,6 +154,14 @@ pub trait Accept: Send + 'static {
     fn refuse(conn: Self::Conn) {
         drop(conn);
     }
+
+    /// The count of connections served by this loop's worker, if the
+    /// listener places connections on workers (`workers::Balanced`): it has
+    /// counted each connection it returns there, and the connection's
+    /// `Counted` takes it off when it ends.
+    fn worker_load(&self) -> Option<Gauge> {
+        None
+    }
 }
 
 impl Accept for TcpListener {
@@ -288,6 +296,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub listener: Kind,
+    pub worker: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
     pub listener: Kind,
     pub reason: Shed,
@@ -312,6 +326,7 @@ pub struct ErrorLabels {
 pub struct ConnMetrics {
     pub accept_errors: AcceptErrors,
     open: Family<ListenerLabels, Gauge>,
+    per_worker: Family<WorkerLabels, Gauge>,
     shed: Family<ShedLabels, Counter>,
     closed: Family<ClosedLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
@@ -324,6 +339,11 @@ impl ConnMetrics {
             "trellis_connections_open",
             "Connections each listener holds now",
             self.open.clone(),
+        );
+        registry.register(
+            "trellis_worker_connections_open",
+            "Connections each listener holds now, by the worker thread that serves them",
+            self.per_worker.clone(),
         );
         registry.register(
             "trellis_connections_shed",
@@ -344,6 +364,13 @@ impl ConnMetrics {
 
     pub fn open(&self, listener: Kind) -> i64 {
         self.open.get_or_create(&ListenerLabels { listener }).get()
+    }
+
+    /// The count of `listener`'s connections that `worker` serves.
+    pub fn worker_open(&self, listener: Kind, worker: usize) -> Gauge {
+        self.per_worker
+            .get_or_create(&WorkerLabels { listener, worker })
+            .clone()
     }
 
     pub fn shed(&self, listener: Kind, reason: Shed) -> u64 {
@@ -374,6 +401,8 @@ impl ConnMetrics {
 pub struct Counted<C> {
     conn: C,
     open: Gauge,
+    /// Its worker's count, if the listener places connections on workers.
+    on_worker: Option<Gauge>,
 }
 
 impl<C> Counted<C> {
@@ -385,6 +414,9 @@ impl<C> Counted<C> {
 impl<C> Drop for Counted<C> {
     fn drop(&mut self) {
         self.open.dec();
+        if let Some(w) = &self.on_worker {
+            w.dec();
+        }
     }
 }
 
@@ -566,6 +598,7 @@ pub async fn serve<L, F>(
     };
     let (shed_cap, shed_descriptors) = (shed(Shed::cap), shed(Shed::descriptors));
     let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+    let on_worker = listener.worker_load();
     let mut failing = Failing::new(kind);
     let mut last_cap_log: Option<Instant> = None;
     loop {
@@ -578,6 +611,9 @@ pub async fn serve<L, F>(
                 failing.accepted();
                 if open.get() >= cap {
                     L::refuse(conn);
+                    if let Some(w) = &on_worker {
+                        w.dec();
+                    }
                     shed_cap.inc();
                     if last_cap_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                         tracing::warn!(listener = %kind, cap, "the {kind} listener holds its cap of {cap} connections: new ones are closed until some end; raise --max-connections if this is normal load");
@@ -590,6 +626,7 @@ pub async fn serve<L, F>(
                     Counted {
                         conn,
                         open: open.clone(),
+                        on_worker: on_worker.clone(),
                     },
                     peer,
                 );

@@ -108,8 +108,9 @@ impl Outbound {
         for (l, target) in self.upstreams {
             let (inputs, shutdown, workers) = (inputs.clone(), shutdown.clone(), workers.clone());
             tokio::spawn(async move {
+                let metrics = inputs.metrics.conns.clone();
                 workers
-                    .serve_listener(l, move |l| {
+                    .serve_listener(l, Kind::upstream, &metrics, move |l| {
                         let (inputs, target, sd) =
                             (inputs.clone(), target.clone(), shutdown.clone());
                         let how = listening(&inputs, Kind::upstream);
@@ -126,8 +127,9 @@ impl Outbound {
                     .await
             });
         }
+        let metrics = inputs.metrics.conns.clone();
         workers
-            .serve_listener(self.listener, move |l| {
+            .serve_listener(self.listener, Kind::outbound, &metrics, move |l| {
                 let (inputs, sd) = (inputs.clone(), shutdown.clone());
                 let how = listening(&inputs, Kind::outbound);
                 listener::serve(l, how, shutdown.clone(), move |tcp, _| {

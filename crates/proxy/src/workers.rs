@@ -1,7 +1,7 @@
 //! The data path's threads. Each worker is an OS thread running its own
 //! single-threaded tokio runtime, with its own accept loop on every data
 //! listener (inbound, outbound, `--upstream`): a connection is served to
-//! completion on the worker that accepted it, and so are the tasks it
+//! completion on the worker it is placed on (below), and so are the tasks it
 //! spawns (hyper's per-stream tasks, the HTTP/2 connection to a peer proxy,
 //! the pooled connection to the app). Each worker keeps its own
 //! connections to peers and to the app (`PerWorker`), so that a request,
@@ -16,16 +16,26 @@
 //! data path runs there too, as tasks of that runtime.
 //!
 //! Workers share listeners by duplicated descriptors: the kernel hands
-//! each new connection to one of the workers waiting in `accept`.
+//! each new connection to one of the workers waiting in `accept`, and the
+//! first to wake takes whatever is queued. So each accept loop then places
+//! the connection on the worker serving the fewest of that listener's
+//! connections (`Balanced`), as HAProxy does: it keeps it when it serves no
+//! more than any other, else hands it over. The second of two connections
+//! from a peer proxy (one per worker there) always goes to the other
+//! worker, and a burst of clients is spread evenly.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::listener::{Accept, ConnMetrics, Kind};
 
 /// The most workers a proxy may have.
 pub const MAX: usize = 64;
@@ -149,15 +159,22 @@ impl WorkerSet {
     }
 
     /// Serves `listener` on every worker, each with its own accept loop
-    /// (`serve` of a duplicate of it), until every loop ends; with no
-    /// workers, on the calling task.
-    pub async fn serve_listener<F, Fut>(&self, listener: TcpListener, serve: F)
-    where
-        F: Fn(TcpListener) -> Fut + Send + Clone + 'static,
+    /// (`serve` of a duplicate of it, placing connections on the
+    /// least-loaded worker), until every loop ends; with no workers, on the
+    /// calling task. `kind` and `metrics` say where the per-worker counts
+    /// of connections go (`trellis_worker_connections_open`).
+    pub async fn serve_listener<F, Fut>(
+        &self,
+        listener: TcpListener,
+        kind: Kind,
+        metrics: &ConnMetrics,
+        serve: F,
+    ) where
+        F: Fn(Balanced) -> Fut + Send + Clone + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         if self.0.is_empty() {
-            return serve(listener).await;
+            return serve(Balanced::alone(listener)).await;
         }
         let addr = listener.local_addr().ok();
         let std = match listener.into_std() {
@@ -167,8 +184,16 @@ impl WorkerSet {
                 return;
             }
         };
-        let mut loops = Vec::with_capacity(self.0.len());
-        for h in self.0.iter() {
+        let n = self.0.len();
+        let (inboxes, mut receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let placement = Arc::new(Placement {
+            loads: (0..n).map(|i| metrics.worker_open(kind, i)).collect(),
+            inboxes: inboxes.into(),
+        });
+        let mut loops = Vec::with_capacity(n);
+        for (me, h) in self.0.iter().enumerate() {
+            let inbox = std::mem::replace(&mut receivers[me], mpsc::unbounded_channel().1);
             let dup = match std.try_clone() {
                 Ok(d) => d,
                 Err(e) => {
@@ -176,11 +201,19 @@ impl WorkerSet {
                     continue;
                 }
             };
-            let serve = serve.clone();
+            let (serve, placement) = (serve.clone(), placement.clone());
             loops.push(h.spawn(async move {
                 // Registered with this worker's own reactor.
                 match TcpListener::from_std(dup) {
-                    Ok(l) => serve(l).await,
+                    Ok(listener) => {
+                        serve(Balanced {
+                            listener,
+                            me,
+                            placement,
+                            inbox: Some(inbox),
+                        })
+                        .await
+                    }
                     Err(e) => {
                         tracing::error!(?addr, error = %e, "a worker cannot take the listener")
                     }
@@ -191,6 +224,130 @@ impl WorkerSet {
         for l in loops {
             let _ = l.await;
         }
+    }
+}
+
+/// A connection one worker's accept loop hands to another's: deregistered
+/// from the first worker's reactor, to register with the second's.
+struct Handed(std::net::TcpStream, SocketAddr);
+
+/// One listener's workers: how many of its connections each serves, and
+/// where to hand one a worker is to serve.
+struct Placement {
+    loads: Box<[Gauge]>,
+    inboxes: Box<[mpsc::UnboundedSender<Handed>]>,
+}
+
+impl Placement {
+    /// The worker to serve the next connection `me` accepts: `me` unless
+    /// another serves fewer connections (the first of the fewest).
+    fn place(&self, me: usize) -> usize {
+        let mine = self.loads[me].get();
+        let (least, load) = self
+            .loads
+            .iter()
+            .map(Gauge::get)
+            .enumerate()
+            .min_by_key(|&(_, l)| l)
+            .unwrap_or((me, mine));
+        if load < mine {
+            least
+        } else {
+            me
+        }
+    }
+}
+
+/// One worker's accept loop on a listener shared by the workers: it takes
+/// connections from the listener and from the other loops, and serves each
+/// on its worker or hands it to a worker that serves fewer (see the
+/// module's doc). A connection it returns is counted on its worker until
+/// its `Counted` ends.
+pub struct Balanced {
+    listener: TcpListener,
+    me: usize,
+    placement: Arc<Placement>,
+    /// What other loops hand this one; none when it is the only loop.
+    inbox: Option<mpsc::UnboundedReceiver<Handed>>,
+}
+
+impl Balanced {
+    /// The only loop on `listener`: it keeps every connection.
+    pub fn alone(listener: TcpListener) -> Balanced {
+        Balanced {
+            listener,
+            me: 0,
+            placement: Arc::new(Placement {
+                loads: Box::new([Gauge::default()]),
+                inboxes: Box::new([]),
+            }),
+            inbox: None,
+        }
+    }
+
+    /// Hands `tcp` to worker `to`, counted there at once, so that the
+    /// rest of a burst sees it. False if it could not (the connection is
+    /// closed: the worker is stopping, or the descriptor could not leave
+    /// this reactor).
+    fn hand(&self, to: usize, tcp: TcpStream, peer: SocketAddr) -> bool {
+        let load = &self.placement.loads[to];
+        load.inc();
+        let handed = tcp
+            .into_std()
+            .map_err(|e| tracing::debug!(%peer, error = %e, "cannot hand a connection to another worker"))
+            .ok()
+            .is_some_and(|std| self.placement.inboxes[to].send(Handed(std, peer)).is_ok());
+        if !handed {
+            load.dec();
+        }
+        handed
+    }
+}
+
+impl Accept for Balanced {
+    type Conn = TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        loop {
+            let inbox = &mut self.inbox;
+            let handed = async {
+                match inbox.as_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (tcp, peer) = tokio::select! {
+                biased;
+                Some(Handed(std, peer)) = handed => match TcpStream::from_std(std) {
+                    // Counted here by the loop that handed it.
+                    Ok(tcp) => return Ok((tcp, peer)),
+                    Err(e) => {
+                        self.placement.loads[self.me].dec();
+                        tracing::debug!(%peer, error = %e, "a worker cannot take a connection handed to it");
+                        continue;
+                    }
+                },
+                accepted = Accept::accept(&mut self.listener) => accepted?,
+            };
+            let to = self.placement.place(self.me);
+            if to == self.me {
+                self.placement.loads[self.me].inc();
+                return Ok((tcp, peer));
+            }
+            self.hand(to, tcp, peer);
+        }
+    }
+
+    fn shed_queued(&mut self) -> usize {
+        self.listener.shed_queued()
+    }
+
+    fn refuse(tcp: TcpStream) {
+        TcpListener::refuse(tcp)
+    }
+
+    fn worker_load(&self) -> Option<Gauge> {
+        Some(self.placement.loads[self.me].clone())
     }
 }
 
@@ -253,7 +410,8 @@ mod tests {
         let serving = tokio::spawn({
             let set = set.clone();
             async move {
-                set.serve_listener(l, move |l| {
+                let metrics = ConnMetrics::default();
+                set.serve_listener(l, Kind::inbound, &metrics, move |mut l| {
                     let (tx, mut stopped) = (tx.clone(), stopped.clone());
                     async move {
                         loop {
@@ -281,6 +439,140 @@ mod tests {
             .await
             .expect("the loops end at shutdown")
             .unwrap();
+    }
+
+    /// Serves `l` on `set` with `listener::serve`: each connection echoes
+    /// what it reads, and reports the worker that serves it.
+    fn serve_echo(
+        set: &WorkerSet,
+        l: TcpListener,
+        metrics: ConnMetrics,
+        served_on: mpsc::UnboundedSender<Option<usize>>,
+    ) -> tokio::sync::watch::Sender<bool> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let set = set.clone();
+        tokio::spawn(async move {
+            let m = metrics.clone();
+            set.serve_listener(l, Kind::inbound, &m, move |l| {
+                let how = crate::listener::Listening {
+                    kind: Kind::inbound,
+                    cap: 1000,
+                    metrics: metrics.clone(),
+                };
+                let served_on = served_on.clone();
+                crate::listener::serve(l, how, stopped.clone(), move |mut tcp, _| {
+                    let _ = served_on.send(current());
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = [0u8; 64];
+                        while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                            if tcp.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                })
+            })
+            .await
+        });
+        stop
+    }
+
+    async fn echoes(c: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut got = [0u8; 4];
+        c.write_all(b"ping").await.is_ok()
+            && c.read_exact(&mut got).await.is_ok()
+            && &got == b"ping"
+    }
+
+    #[tokio::test]
+    async fn two_connections_at_once_are_served_by_two_workers() {
+        // A peer proxy with two workers opens one connection from each, at
+        // the same moment: whichever worker wakes first, one serves each.
+        let workers = Workers::start(2).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let metrics = ConnMetrics::default();
+        let (tx, mut served_on) = mpsc::unbounded_channel();
+        let _stop = serve_echo(&workers.set(), l, metrics.clone(), tx);
+        for round in 0..20 {
+            let (mut a, mut b) = tokio::try_join!(
+                tokio::net::TcpStream::connect(addr),
+                tokio::net::TcpStream::connect(addr)
+            )
+            .unwrap();
+            let on = [
+                served_on.recv().await.unwrap(),
+                served_on.recv().await.unwrap(),
+            ];
+            assert!(on[0].is_some() && on[1].is_some(), "{on:?}");
+            assert_ne!(on[0], on[1], "round {round}: both on one worker");
+            assert!(
+                echoes(&mut a).await && echoes(&mut b).await,
+                "round {round}"
+            );
+            assert_eq!(
+                (0..2)
+                    .map(|w| metrics.worker_open(Kind::inbound, w).get())
+                    .collect::<Vec<_>>(),
+                vec![1, 1]
+            );
+            drop((a, b));
+            // Each worker's count falls back as its connection ends.
+            trellis_testkit::assert_eventually!(
+                metrics.worker_open(Kind::inbound, 0).get() == 0
+                    && metrics.worker_open(Kind::inbound, 1).get() == 0
+            );
+        }
+        assert_eq!(metrics.open(Kind::inbound), 0);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_connections_is_spread_evenly_and_served() {
+        let workers = Workers::start(2).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let metrics = ConnMetrics::default();
+        let (tx, mut served_on) = mpsc::unbounded_channel();
+        let _stop = serve_echo(&workers.set(), l, metrics.clone(), tx);
+        let mut conns =
+            futures::future::try_join_all((0..64).map(|_| tokio::net::TcpStream::connect(addr)))
+                .await
+                .unwrap();
+        let mut per_worker = [0; 2];
+        for _ in 0..64 {
+            per_worker[served_on.recv().await.unwrap().unwrap()] += 1;
+        }
+        assert!(
+            per_worker.iter().all(|&n| (31..=33).contains(&n)),
+            "{per_worker:?}"
+        );
+        for c in &mut conns {
+            assert!(echoes(c).await, "a handed-over connection is served");
+        }
+        assert_eq!(metrics.open(Kind::inbound), 64);
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_first_of_the_least_loaded_workers() {
+        let placement = |loads: &[i64]| Placement {
+            loads: loads
+                .iter()
+                .map(|&l| {
+                    let g = Gauge::default();
+                    g.set(l);
+                    g
+                })
+                .collect(),
+            inboxes: Box::new([]),
+        };
+        // Kept while no worker serves fewer: no hand-over for a tie.
+        assert_eq!(placement(&[0, 0]).place(0), 0);
+        assert_eq!(placement(&[3, 3, 3]).place(1), 1);
+        assert_eq!(placement(&[1, 0]).place(0), 1);
+        assert_eq!(placement(&[2, 5, 1, 1]).place(1), 2);
+        assert_eq!(placement(&[4]).place(0), 0);
     }
 
     #[test]
