@@ -478,6 +478,24 @@ mod tests {
         stop
     }
 
+    /// An echo server on a listener served by two workers: its address,
+    /// its metrics, the worker of each connection as it is served, and
+    /// what keeps it running.
+    async fn echo_on_two_workers() -> (
+        SocketAddr,
+        ConnMetrics,
+        mpsc::UnboundedReceiver<Option<usize>>,
+        (Workers, tokio::sync::watch::Sender<bool>),
+    ) {
+        let workers = Workers::start(2).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let metrics = ConnMetrics::default();
+        let (tx, served_on) = mpsc::unbounded_channel();
+        let stop = serve_echo(&workers.set(), l, metrics.clone(), tx);
+        (addr, metrics, served_on, (workers, stop))
+    }
+
     async fn echoes(c: &mut tokio::net::TcpStream) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut got = [0u8; 4];
@@ -490,12 +508,7 @@ mod tests {
     async fn two_connections_at_once_are_served_by_two_workers() {
         // A peer proxy with two workers opens one connection from each, at
         // the same moment: whichever worker wakes first, one serves each.
-        let workers = Workers::start(2).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let metrics = ConnMetrics::default();
-        let (tx, mut served_on) = mpsc::unbounded_channel();
-        let _stop = serve_echo(&workers.set(), l, metrics.clone(), tx);
+        let (addr, metrics, mut served_on, _serving) = echo_on_two_workers().await;
         for round in 0..20 {
             let (mut a, mut b) = tokio::try_join!(
                 tokio::net::TcpStream::connect(addr),
@@ -530,12 +543,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_of_connections_is_spread_evenly_and_served() {
-        let workers = Workers::start(2).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let metrics = ConnMetrics::default();
-        let (tx, mut served_on) = mpsc::unbounded_channel();
-        let _stop = serve_echo(&workers.set(), l, metrics.clone(), tx);
+        let (addr, metrics, mut served_on, _serving) = echo_on_two_workers().await;
         let mut conns =
             futures::future::try_join_all((0..64).map(|_| tokio::net::TcpStream::connect(addr)))
                 .await
