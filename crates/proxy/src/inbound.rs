@@ -85,7 +85,7 @@ impl Inbound {
     }
 
     /// Serves the listener on every worker (see `workers`): a connection
-    /// runs on the worker that accepted it.
+    /// runs on the worker it is placed on.
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
         let (workers, metrics) = (inputs.workers.clone(), inputs.metrics.conns.clone());
         workers

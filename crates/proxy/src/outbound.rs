@@ -101,8 +101,8 @@ impl Outbound {
     }
 
     /// Serves the outbound listener and every `--upstream` one on every
-    /// worker (see `workers`): a connection runs on the worker that
-    /// accepted it.
+    /// worker (see `workers`): a connection runs on the worker it is
+    /// placed on.
     pub async fn run(self, inputs: Arc<Inputs>, shutdown: watch::Receiver<bool>) {
         let workers = inputs.workers.clone();
         for (l, target) in self.upstreams {

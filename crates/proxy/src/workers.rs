@@ -185,15 +185,14 @@ impl WorkerSet {
             }
         };
         let n = self.0.len();
-        let (inboxes, mut receivers): (Vec<_>, Vec<_>) =
+        let (inboxes, receivers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let placement = Arc::new(Placement {
             loads: (0..n).map(|i| metrics.worker_open(kind, i)).collect(),
             inboxes: inboxes.into(),
         });
         let mut loops = Vec::with_capacity(n);
-        for (me, h) in self.0.iter().enumerate() {
-            let inbox = std::mem::replace(&mut receivers[me], mpsc::unbounded_channel().1);
+        for (me, (h, inbox)) in self.0.iter().zip(receivers).enumerate() {
             let dup = match std.try_clone() {
                 Ok(d) => d,
                 Err(e) => {
@@ -286,21 +285,24 @@ impl Balanced {
     }
 
     /// Hands `tcp` to worker `to`, counted there at once, so that the
-    /// rest of a burst sees it. False if it could not (the connection is
-    /// closed: the worker is stopping, or the descriptor could not leave
-    /// this reactor).
-    fn hand(&self, to: usize, tcp: TcpStream, peer: SocketAddr) -> bool {
+    /// rest of a burst sees it. When that worker's loop has ended (it
+    /// stops, or never started), the connection comes back, to be served
+    /// here; when its descriptor cannot leave this reactor, it is closed.
+    fn hand(&self, to: usize, tcp: TcpStream, peer: SocketAddr) -> Option<std::net::TcpStream> {
         let load = &self.placement.loads[to];
         load.inc();
-        let handed = tcp
-            .into_std()
-            .map_err(|e| tracing::debug!(%peer, error = %e, "cannot hand a connection to another worker"))
-            .ok()
-            .is_some_and(|std| self.placement.inboxes[to].send(Handed(std, peer)).is_ok());
-        if !handed {
-            load.dec();
-        }
-        handed
+        let back = match tcp.into_std() {
+            Ok(std) => match self.placement.inboxes[to].send(Handed(std, peer)) {
+                Ok(()) => return None,
+                Err(mpsc::error::SendError(Handed(std, _))) => Some(std),
+            },
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand a connection to another worker");
+                None
+            }
+        };
+        load.dec();
+        back
     }
 }
 
@@ -330,11 +332,16 @@ impl Accept for Balanced {
                 accepted = Accept::accept(&mut self.listener) => accepted?,
             };
             let to = self.placement.place(self.me);
-            if to == self.me {
-                self.placement.loads[self.me].inc();
-                return Ok((tcp, peer));
-            }
-            self.hand(to, tcp, peer);
+            let tcp = if to == self.me {
+                tcp
+            } else {
+                match self.hand(to, tcp, peer).map(TcpStream::from_std) {
+                    Some(Ok(tcp)) => tcp,
+                    Some(Err(_)) | None => continue,
+                }
+            };
+            self.placement.loads[self.me].inc();
+            return Ok((tcp, peer));
         }
     }
 
@@ -560,6 +567,41 @@ mod tests {
             assert!(echoes(c).await, "a handed-over connection is served");
         }
         assert_eq!(metrics.open(Kind::inbound), 64);
+    }
+
+    #[tokio::test]
+    async fn a_connection_for_a_worker_whose_loop_ended_is_served_where_it_came() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (to_0, inbox_0) = mpsc::unbounded_channel();
+        let (to_1, inbox_1) = mpsc::unbounded_channel();
+        drop(inbox_1);
+        let placement = Arc::new(Placement {
+            loads: Box::new([Gauge::default(), Gauge::default()]),
+            inboxes: Box::new([to_0, to_1]),
+        });
+        // Worker 1 serves fewer, but its loop is gone.
+        placement.loads[0].set(1);
+        let mut first = Balanced {
+            listener: l,
+            me: 0,
+            placement: placement.clone(),
+            inbox: Some(inbox_0),
+        };
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tcp, _) = tokio::time::timeout(std::time::Duration::from_secs(5), first.accept())
+            .await
+            .expect("served by the loop that accepted it")
+            .unwrap();
+        assert_eq!(
+            placement.loads.iter().map(Gauge::get).collect::<Vec<_>>(),
+            vec![2, 0]
+        );
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tcp.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping", "the connection still works");
     }
 
     #[test]
