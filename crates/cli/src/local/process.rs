@@ -224,17 +224,35 @@ mod tests {
         assert_eq!(parse_stat("garbage"), None);
     }
 
+    /// `sh -c SCRIPT` with `env`, logging to DIR/logs/NAME.log.
+    fn sh(dir: &Path, name: &str, script: &str, env: &[(&str, &str)]) -> Spec {
+        Spec {
+            name: name.into(),
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: env.iter().map(|&(k, v)| (k.into(), v.into())).collect(),
+            log: dir.join(format!("logs/{name}.log")),
+            die_with_parent: true,
+        }
+    }
+
+    /// Waits up to 5 s for the last line of `running`'s log to hold `text`.
+    fn wait_for_log(running: &Running, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !log_tail(&running.log, 1).contains(text) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn spawns_in_own_group_and_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = Spec {
-            name: "sleeper".into(),
-            program: "sh".into(),
-            args: vec!["-c".into(), "echo started $GREETING; exec sleep 30".into()],
-            env: vec![("GREETING".into(), "hi".into())],
-            log: dir.path().join("logs/sleeper.log"),
-            die_with_parent: true,
-        };
+        let spec = sh(
+            dir.path(),
+            "sleeper",
+            "echo started $GREETING; exec sleep 30",
+            &[("GREETING", "hi")],
+        );
         let mut running = spawn(&spec).unwrap();
         assert!(is_running(running.pid, running.start_time));
         assert!(
@@ -242,10 +260,7 @@ mod tests {
             "another start time is another process"
         );
         assert_eq!(stat(running.pid).unwrap().pgrp as u32, running.pid);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !log_tail(&running.log, 1).contains("started hi") && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_log(&running, "started hi");
         assert_eq!(log_tail(&running.log, 5), "started hi");
 
         assert_eq!(
@@ -264,22 +279,14 @@ mod tests {
     fn a_process_that_ignores_sigterm_is_killed_and_gone_on_return() {
         let dir = tempfile::tempdir().unwrap();
         // An ignored signal stays ignored across exec: sleep ignores TERM.
-        let spec = Spec {
-            name: "stubborn".into(),
-            program: "sh".into(),
-            args: vec![
-                "-c".into(),
-                "trap '' TERM; echo ready; exec sleep 30".into(),
-            ],
-            env: vec![],
-            log: dir.path().join("logs/stubborn.log"),
-            die_with_parent: true,
-        };
+        let spec = sh(
+            dir.path(),
+            "stubborn",
+            "trap '' TERM; echo ready; exec sleep 30",
+            &[],
+        );
         let mut running = spawn(&spec).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !log_tail(&running.log, 1).contains("ready") && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_log(&running, "ready");
         let started = Instant::now();
         assert_eq!(
             stop_all(
