@@ -278,14 +278,18 @@ fn ready(conn: &Conn, tls: bool) -> Option<H2> {
 /// is tried again after a backoff (1 s doubling to 60 s). Requests never
 /// wait for the warm-up: one that needs a connection being opened shares
 /// the attempt (or its failure, then moves to another endpoint).
-pub async fn warm_up(inputs: Arc<Inputs>, mut shutdown: watch::Receiver<bool>) {
+///
+/// (Named `open_ahead`, not `warm_up…`: LLVM BOLT 19, which `scripts/pgo
+/// --bolt` runs, reads `.warm` and `.cold` in a symbol as a split-off part
+/// of another function and stops; generic types make `endpoint..warm_up`.)
+pub async fn open_ahead(inputs: Arc<Inputs>, mut shutdown: watch::Receiver<bool>) {
     let mut configs = inputs.discovery.watch_applied();
     let at_once = Arc::new(Semaphore::new(WARM_UP_AT_ONCE));
     // Told when a warm-up failed, so its retry gets scheduled.
     let failed = Arc::new(Notify::new());
     loop {
         let next = match crate::outbound::peer_credentials(&inputs) {
-            Ok(creds) => warm_up_due(&inputs, &creds, &at_once, &failed).await,
+            Ok(creds) => open_due_connections(&inputs, &creds, &at_once, &failed).await,
             Err(_) => Some(now_nanos() + WARM_UP_BACKOFF.as_nanos() as u64),
         };
         let wait = next.map(|at| Duration::from_nanos(at.saturating_sub(now_nanos())));
@@ -299,7 +303,7 @@ pub async fn warm_up(inputs: Arc<Inputs>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Starts the warm-ups that are due; the earliest time one is due later.
-async fn warm_up_due(
+async fn open_due_connections(
     inputs: &Inputs,
     creds: &Option<Arc<Credentials>>,
     at_once: &Arc<Semaphore>,

@@ -252,7 +252,7 @@ impl Proxy {
         tokio::spawn(tls.run(control, shutdown_rx.clone()));
         tokio::spawn(inbound.run(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(traffic::health::run(inputs.clone(), shutdown_rx.clone()));
-        tokio::spawn(endpoint::warm_up(inputs.clone(), shutdown_rx.clone()));
+        tokio::spawn(endpoint::open_ahead(inputs.clone(), shutdown_rx.clone()));
         tokio::spawn(h1pool::sweep_every(
             h1pool::IDLE_TIMEOUT / 2,
             inputs.app_http1.clone(),
