@@ -216,9 +216,8 @@ gu = by_id.get("trellis-mesh-grpc-unary", {}).get("added_ms", {}).get("p99")
 if gu is not None:
     hu = by_id.get("haproxy-mesh-grpc-unary", {}).get("added_ms", {}).get("p99")
     fl = by_id.get("relays-grpc-unary", {}).get("added_ms", {}).get("p99")
-    vs = ", ".join(x for x in (f"HAProxy mesh: {hu:.3f} ms" if hu is not None else "",
-                               f"two plain TCP relays: {fl:.3f} ms" if fl is not None else "") if x)
-    vs = f" ({vs})" if vs else ""
+    beside = [f"{name}: {v:.3f} ms" for name, v in (("HAProxy mesh", hu), ("two plain TCP relays", fl)) if v is not None]
+    vs = f" ({', '.join(beside)})" if beside else ""
     rate = g("trellis-mesh-grpc-unary", "fixed", "rate")
     at = "" if rate == 1000 else f"; measured at {rate} calls/s, not 1,000"
     targets.append(("gRPC unary through the mesh: p99 added <= 0.5 ms at 1,000 calls/s",
